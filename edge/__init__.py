@@ -1,0 +1,6 @@
+"""splitinfer.edge: the SDK that apps embed (EdgeClient)."""
+
+from splitinfer.edge._client import EdgeClient, Trace
+from splitinfer.edge._transport import HttpTransport, Transport, TransportResponse
+
+__all__ = ["EdgeClient", "HttpTransport", "Trace", "Transport", "TransportResponse"]

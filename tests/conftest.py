@@ -1,0 +1,60 @@
+"""Shared fixtures: a real compiled bundle and a real server on 127.0.0.1 (ephemeral port)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+import splitinfer as si
+from splitinfer._demo import demo_model
+from splitinfer.cloud import ServerConfig, create_app
+
+
+@pytest.fixture(scope="session")
+def cnn() -> torch.nn.Sequential:
+    return demo_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def cnn_bundle(cnn: torch.nn.Sequential) -> si.Bundle:
+    return si.compile(cnn, (torch.rand(1, 3, 32, 32),), name="democnn")
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory: pytest.TempPathFactory, cnn_bundle: si.Bundle) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    cnn_bundle.save(root / "democnn")
+    return root
+
+
+@dataclass
+class RunningServer:
+    url: str
+    registry: CollectorRegistry
+    app: web.Application
+
+
+async def start_server(config: ServerConfig) -> tuple[web.AppRunner, RunningServer]:
+    registry = CollectorRegistry()
+    app = create_app(config, registry=registry)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, RunningServer(f"http://127.0.0.1:{port}", registry, app)
+
+
+@pytest.fixture
+async def server(repository: Path) -> AsyncIterator[RunningServer]:
+    runner, running = await start_server(ServerConfig(repository=repository, max_body_bytes=1 << 20))
+    try:
+        yield running
+    finally:
+        await runner.cleanup()
