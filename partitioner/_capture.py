@@ -1,111 +1,179 @@
-"""Capture a model with torch.export and cut it into a chain of segments.
-
-This first version cuts an ``nn.Sequential`` between its children: the simplest correct means.
-"""
+"""``compile``: capture any model with torch.export and cut it into a chain of segments."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from splitinfer.bundle import Bundle, Cut, frontier_nbytes
+from splitinfer.bundle import Bundle, Cut, fast_module, frontier_nbytes
 from splitinfer.errors import CaptureError, ConfigError
+from splitinfer.partitioner._graph import Cuttable, SegmentError, batch_symbol
 from splitinfer.protocol import valid_model_name
 from splitinfer.tensors import TensorSpec
 
 __all__ = ["compile"]
 
-#: Batch size the programs are exported at: 1 would let torch specialize the batch dim.
+#: Batch size the programs are exported at: at 1, torch would specialize the batch dim.
 _EXPORT_BATCH = 2
 
-
-class _Step(nn.Module):
-    """One child of a Sequential as a segment: a tuple of tensors in, a tuple out."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (self.layer(*xs),)
+_HINT = (
+    "torch.export (non-strict) must trace the model with a symbolic batch size. Common fixes: "
+    "replace Python control flow on tensor values with torch.where or torch.cond; avoid .item(), "
+    ".tolist() and .numpy() in forward; do not branch on the batch size; compute shapes with "
+    "tensor.shape rather than constants. See https://pytorch.org/docs/stable/export.html"
+)
 
 
-def _batched(t: torch.Tensor, batch: int) -> torch.Tensor:
+def _batched(t: torch.Tensor) -> torch.Tensor:
     if t.dim() == 0:
-        raise ConfigError("example inputs need a batch dimension first; got a 0-d tensor")
-    return t[:1].expand(batch, *t.shape[1:]).contiguous()
+        raise ConfigError("example inputs need a leading batch dimension; got a 0-d tensor")
+    reps = -(-_EXPORT_BATCH // t.shape[0])
+    return t.repeat(reps, *([1] * (t.dim() - 1)))[:_EXPORT_BATCH].contiguous()
 
 
-def _dynamic_spec(t: torch.Tensor) -> TensorSpec:
+def _spec(t: torch.Tensor) -> TensorSpec:
     spec = TensorSpec.of(t)
     return TensorSpec((None, *spec.shape[1:]), spec.dtype)
 
 
-def compile(
+def _export(module: nn.Module, args: tuple[torch.Tensor, ...], what: str) -> torch.export.ExportedProgram:
+    batch = Dim("batch", min=1)
+    try:
+        program = torch.export.export(
+            module, args, dynamic_shapes=tuple({0: batch} for _ in args), strict=False
+        )
+        # torch.export keeps the example inputs and saves them with the program: activations
+        # that would make every segment file megabytes larger than its weights.
+        program.example_inputs = None
+        return program
+    except Exception as exc:  # torch raises many types; name the construct and the fix
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(
+            f"torch.export cannot capture {what}: {type(exc).__name__}: {first}. {_HINT}"
+        ) from exc
+
+
+def compile(  # the public name the API promises
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor],
     *,
     name: str,
     version: str = "1",
+    max_frontier_bytes: int | None = None,
+    verbose: bool = False,
 ) -> Bundle:
-    """Capture ``model`` and return a :class:`Bundle` that can be split at every offered cut."""
+    """Capture ``model`` and return a :class:`~splitinfer.Bundle` that can be split at every cut.
+
+    ``example_inputs`` is a tuple of tensors whose first dim is the batch. Every exact cut is
+    offered except those pruned as docs/partitioning.md describes; ``max_frontier_bytes``
+    also prunes cuts whose frontier (float32, batch 1) is larger. The model is put in eval mode.
+    """
     if not valid_model_name(name):
         raise ConfigError(f"name {name!r} must be 1-128 characters of [A-Za-z0-9._-]")
-    if not isinstance(example_inputs, tuple | list) or not all(
-        isinstance(t, torch.Tensor) for t in example_inputs
-    ):
-        raise ConfigError("example_inputs must be a tuple of tensors, e.g. (torch.randn(1, 3, 224, 224),)")
-    if not isinstance(model, nn.Sequential):
-        raise CaptureError(
-            f"this version cuts nn.Sequential models only, got {type(model).__name__}; "
-            "wrap the model's layers in nn.Sequential"
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, tuple | list) or not example_inputs:
+        raise ConfigError(
+            "example_inputs must be a non-empty tuple of tensors, e.g. (torch.randn(1, 3, 224, 224),)"
         )
+    for i, t in enumerate(example_inputs):
+        if not isinstance(t, torch.Tensor):
+            raise ConfigError(f"example input {i} is a {type(t).__name__}; every input must be a tensor")
+    started = time.perf_counter()
     model = model.eval()
-    frontier = tuple(_batched(t, _EXPORT_BATCH) for t in example_inputs)
-    _, in_spec = pytree.tree_flatten((tuple(example_inputs), {}))
-    cuts = [Cut(0, "input", tuple(_dynamic_spec(t) for t in frontier), 0)]
-    programs = []
-    batch = Dim("batch")
+    args = tuple(_batched(t) for t in example_inputs)
     with torch.no_grad():
-        for child_name, layer in model.named_children():
-            step = _Step(layer)
-            try:
-                program = torch.export.export(
-                    step,
-                    frontier,
-                    dynamic_shapes=(tuple({0: batch} for _ in frontier),),
-                    strict=False,
-                )
-            except Exception as exc:
-                raise CaptureError(f"torch.export cannot capture layer {child_name!r}: {exc}") from exc
-            frontier = tuple(step(*frontier))
-            programs.append(program)
-            specs = tuple(_dynamic_spec(t) for t in frontier)
-            cuts.append(Cut(len(cuts), f"after {child_name}", specs, 0))
-    cuts = [Cut(c.index, c.name, c.tensors, frontier_nbytes(c.tensors)) for c in cuts]
-    _, out_spec = pytree.tree_flatten(model(*example_inputs))
-    in_spec_s, out_spec_s = pytree.treespec_dumps(in_spec), pytree.treespec_dumps(out_spec)
-    graph_hash = _graph_hash(programs, cuts, in_spec_s, out_spec_s)
+        program = _export(model, args, f"model {type(model).__name__}")
+        gm = program.module()
+        symbol = batch_symbol(gm)
+        if symbol is None:
+            raise CaptureError(f"the batch dim of {type(model).__name__} did not stay symbolic. {_HINT}")
+        graph = Cuttable(gm, symbol)
+        positions = _choose_positions(graph, args, max_frontier_bytes)
+        modules, positions = _build_segments(graph, positions)
+        frontiers = [args]
+        for seg in modules:
+            frontiers.append(tuple(seg(*frontiers[-1])))
+        expected_leaves = pytree.tree_leaves(model(*args))
+        _check_equal(frontiers[-1], expected_leaves)
+        programs = []
+        for i, seg in enumerate(modules):
+            programs.append(_export(seg, frontiers[i], f"segment {i} ({graph.name(positions[i + 1])})"))
+    cuts = []
+    for index, (p, frontier) in enumerate(zip(positions, frontiers)):
+        specs = tuple(_spec(t) for t in frontier)
+        cuts.append(Cut(index, graph.name(p), specs, frontier_nbytes(specs)))
+    in_spec = pytree.treespec_dumps(pytree.tree_flatten((tuple(example_inputs), {}))[1])
+    out_spec = pytree.treespec_dumps(program.call_spec.out_spec)
+    if verbose:
+        print(f"compiled {name}: {len(cuts)} cuts in {time.perf_counter() - started:.1f} s")
     return Bundle(
         name=name,
         cuts=cuts,
         inputs=cuts[0].tensors,
-        in_spec=in_spec_s,
-        out_spec=out_spec_s,
-        graph_hash=graph_hash,
-        segments=[p.module() for p in programs],
+        in_spec=in_spec,
+        out_spec=out_spec,
+        graph_hash=graph_hash(programs, cuts, in_spec, out_spec),
+        segments=[fast_module(p) for p in programs],
         version=version,
         _programs=programs,
     )
 
 
-def _graph_hash(programs: Sequence[torch.export.ExportedProgram], cuts: Sequence[Cut], *specs: str) -> str:
+def _choose_positions(
+    graph: Cuttable, args: tuple[torch.Tensor, ...], max_frontier_bytes: int | None
+) -> list[int]:
+    """Valid cut positions, without repeats of a neighbour's frontier."""
+    last = graph.n_positions
+    positions, previous = [0], set(graph.inputs)
+    for p in range(1, last):
+        frontier = graph.frontier(p)
+        if frontier is None or set(frontier) == previous:
+            continue
+        if max_frontier_bytes is not None:
+            nbytes = sum(n.meta["val"][0].numel() * 4 for n in frontier)
+            if nbytes > max_frontier_bytes:
+                continue
+        positions.append(p)
+        previous = set(frontier)
+    positions.append(last)
+    return positions
+
+
+def _build_segments(graph: Cuttable, positions: list[int]) -> tuple[list[fx.GraphModule], list[int]]:
+    """Segments between consecutive positions; a position no segment can end at is dropped."""
+    kept, modules = [0], []
+    for p in positions[1:]:
+        try:
+            modules.append(graph.build_segment(kept[-1], p))
+        except SegmentError as exc:
+            if p == positions[-1]:
+                raise CaptureError(f"cannot build the last segment: {exc}. {_HINT}") from None
+            continue
+        kept.append(p)
+    return modules, kept
+
+
+def _check_equal(got: Sequence[torch.Tensor], want: Sequence[object]) -> None:
+    if len(got) != len(want):
+        raise CaptureError(f"the segment chain yields {len(got)} outputs, the model {len(want)}")
+    for a, b in zip(got, want):
+        if not isinstance(b, torch.Tensor):
+            raise CaptureError(
+                f"model outputs must be tensors (in any tuple/list/dict), got {type(b).__name__}"
+            )
+        if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True):
+            raise CaptureError("the segment chain does not reproduce the model's outputs")
+
+
+def graph_hash(programs: Sequence[torch.export.ExportedProgram], cuts: Sequence[Cut], *specs: str) -> str:
     """A digest of the graphs, weights and cuts: edge and cloud must agree on it."""
     h = hashlib.sha256()
     h.update(json.dumps([c.to_json() for c in cuts], sort_keys=True).encode())
@@ -116,4 +184,8 @@ def _graph_hash(programs: Sequence[torch.export.ExportedProgram], cuts: Sequence
         for key, value in sorted(program.state_dict.items()):
             h.update(key.encode())
             h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        for key, value in sorted(program.constants.items()):
+            h.update(key.encode())
+            if isinstance(value, torch.Tensor):
+                h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from splitinfer._version import __version__
-from splitinfer.errors import SplitInferError
+from splitinfer.errors import ConfigError, SplitInferError
 
 __all__ = ["main"]
 
@@ -86,6 +86,116 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(requests=args.requests, cut=args.cut, codec=args.codec)
 
 
+def _add_compile(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "compile",
+        help="capture a model and write its bundle",
+        description=(
+            "Import MODULE, call FACTORY() to build the model, capture it with torch.export and "
+            "write a bundle that can be split at every offered cut. The current directory is on "
+            "the import path. Example: splitinfer compile mymodels:resnet --input-shape 1,3,224,224 "
+            "--name resnet --out models/resnet"
+        ),
+    )
+    p.add_argument("factory", metavar="MODULE:FACTORY", help="e.g. mypkg.models:make_model")
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        required=True,
+        metavar="D0,D1,...",
+        help="shape of one example input, batch first; repeat for several inputs",
+    )
+    p.add_argument(
+        "--input-dtype",
+        action="append",
+        metavar="DTYPE",
+        help="dtype of each input in order (default float32; e.g. int64, bool)",
+    )
+    p.add_argument("--name", required=True, help="model name, 1-128 of [A-Za-z0-9._-]")
+    p.add_argument("--out", required=True, metavar="DIR", help="bundle directory to write")
+    p.add_argument("--version", dest="model_version", default="1", help="model version label")
+    p.set_defaults(func=_compile)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--input-shape takes comma-separated ints such as 1,3,224,224, got {text!r}"
+        ) from None
+    if not shape or any(d < 1 for d in shape):
+        raise ConfigError(f"--input-shape dims must be >= 1, got {text!r}")
+    return shape
+
+
+def _compile(args: argparse.Namespace) -> int:
+    import importlib
+    import os
+
+    import torch
+
+    from splitinfer.partitioner import compile
+    from splitinfer.tensors import dtype_from_name
+
+    module_name, _, attr = args.factory.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"give the model factory as MODULE:FACTORY, got {args.factory!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot import {args.factory}: {exc}") from None
+    shapes = [_parse_shape(s) for s in args.input_shape]
+    dtypes = args.input_dtype or []
+    if len(dtypes) not in (0, len(shapes)):
+        raise ConfigError(f"give one --input-dtype per --input-shape ({len(shapes)}), or none")
+    inputs = []
+    for i, shape in enumerate(shapes):
+        dtype = dtype_from_name(dtypes[i]) if dtypes else torch.float32
+        if dtype.is_floating_point:
+            inputs.append(torch.randn(shape, dtype=dtype))
+        elif dtype == torch.bool:
+            inputs.append(torch.ones(shape, dtype=dtype))
+        else:
+            inputs.append(torch.zeros(shape, dtype=dtype))
+    model = factory()
+    bundle = compile(model, tuple(inputs), name=args.name, version=args.model_version, verbose=True)
+    out = bundle.save(args.out)
+    print(f"wrote {out} ({len(bundle.cuts)} cuts, graph {bundle.graph_hash})")
+    return 0
+
+
+def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="print a bundle's cut table",
+        description="Print a bundle's cuts: index, name, the tensors crossing it and their size.",
+    )
+    p.add_argument("bundle", metavar="DIR", help="bundle directory")
+    p.set_defaults(func=_inspect)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from splitinfer.bundle import Cut, read_manifest
+
+    root = Path(args.bundle)
+    manifest = read_manifest(root)
+    size = sum(f.stat().st_size for f in root.iterdir() if f.is_file())
+    print(f"bundle   {manifest['name']} version {manifest.get('version')}  ({size / 2**20:.1f} MiB on disk)")
+    print(f"graph    {manifest['graph_hash']}")
+    print(f"codecs   {', '.join(manifest.get('codecs', []))}")
+    cuts = [Cut.from_json(c) for c in manifest["cuts"]]
+    width = max(len(c.name) for c in cuts)
+    print(f"{'cut':>4}  {'name':<{width}}  {'KiB@1':>9}  tensors")
+    for c in cuts:
+        tensors = ", ".join(str(t) for t in c.tensors)
+        print(f"{c.index:>4}  {c.name:<{width}}  {c.nbytes / 1024:>9.1f}  {tensors}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="splitinfer",
@@ -97,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"splitinfer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_serve, _add_demo):
+    for add in (_add_compile, _add_inspect, _add_serve, _add_demo):
         add(sub)
     return parser
 
@@ -111,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SplitInferError as exc:
         print(f"splitinfer {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `splitinfer inspect DIR | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"splitinfer {args.command}: interrupted", file=sys.stderr)
         return 130

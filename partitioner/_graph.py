@@ -1,0 +1,217 @@
+"""Cut an exported graph into a chain of segments (DESIGN.md, "The model, cut into a chain").
+
+The pass, stated as a contract:
+
+- requires: an unlifted ``torch.fx.GraphModule`` from ``ExportedProgram.module()`` whose nodes
+  carry ``meta["val"]`` (fake tensors or symbolic ints), with the batch dimension symbolic;
+- ensures: ``find_cuts`` returns positions ``p`` in ``0..N`` (``N`` compute nodes in graph
+  order) whose frontiers are exact: every value defined at or before ``p`` and used after it is
+  a tensor with the batch as its leading dimension (symbolic sizes are recomputed from shapes,
+  never sent); ``build_segment(a, b)`` returns a GraphModule mapping frontier ``a`` to
+  frontier ``b``, holding only the weights its nodes use.
+
+Positions are pruned when (1) the frontier is identical to the previous kept one (the cut adds
+nothing), or (2) a value crossing it is not a batch-leading tensor (a list, a data-dependent
+scalar, a tensor without the batch dim or with the batch folded into another dim): the cloud
+batches frontiers along dim 0, so such a cut could not be served. Rule (2) is on by default
+and documented in docs/partitioning.md.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import sympy
+import torch
+from torch import fx
+
+__all__ = ["Cuttable", "SegmentError"]
+
+_SYM_TYPES = (torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+class SegmentError(Exception):
+    """A segment cannot be built between two positions (internal: the cut is pruned)."""
+
+
+def _is_sym(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), _SYM_TYPES)
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return "" if path.startswith("_empty_nn_module_stack") else str(path)
+
+
+@dataclass
+class Cuttable:
+    """An exported graph, analysed for cutting."""
+
+    gm: fx.GraphModule
+    batch: sympy.Symbol
+
+    def __post_init__(self) -> None:
+        graph = self.gm.graph
+        self.inputs = [n for n in graph.nodes if n.op == "placeholder"]
+        output = next(n for n in graph.nodes if n.op == "output")
+        self.outputs: list[fx.Node] = list(output.args[0])
+        # Compute nodes in graph order; symbolic scalars are recomputed where needed, and the
+        # export's input guard is dropped (each segment's own export guards its inputs).
+        self.compute = [
+            n
+            for n in graph.nodes
+            if n.op in ("call_function", "call_module", "call_method")
+            and not _is_sym(n)
+            and not (n.op == "call_module" and n.target == "_guards_fn")
+        ]
+        self.position = {n: i + 1 for i, n in enumerate(self.compute)}
+        for n in self.inputs:
+            self.position[n] = 0
+        last_use: dict[fx.Node, int] = {}
+        n_compute = len(self.compute)
+        for node in self.compute:
+            for used in node.all_input_nodes:
+                last_use[used] = max(last_use.get(used, 0), self.position[node])
+        for node in self.outputs:
+            if isinstance(node, fx.Node):
+                last_use[node] = n_compute + 1
+        self.last_use = last_use
+
+    @property
+    def n_positions(self) -> int:
+        return len(self.compute)
+
+    def frontier(self, p: int) -> list[fx.Node] | None:
+        """Values crossing position ``p``, in definition order; None when the cut is invalid."""
+        if p == 0:
+            return list(self.inputs)
+        if p == self.n_positions:
+            return list(self.outputs)
+        crossing = [
+            n for n in [*self.inputs, *self.compute[:p]] if self.last_use.get(n, -1) > p and not _is_sym(n)
+        ]
+        for n in crossing:
+            val = n.meta.get("val")
+            if not isinstance(val, torch.Tensor) or val.dim() == 0:
+                return None
+            lead = val.shape[0]
+            if not isinstance(lead, torch.SymInt) or lead.node.expr != self.batch:
+                return None
+            if any(isinstance(d, torch.SymInt) for d in val.shape[1:]):
+                return None
+        return crossing
+
+    def name(self, p: int) -> str:
+        """A readable name for position ``p``: ``after layer2.1`` or ``in layer2.1, after relu``."""
+        if p == 0:
+            return "input"
+        if p == self.n_positions:
+            return "output"
+        node = self.compute[p - 1]
+        path = _module_path(node)
+        following = _module_path(self.compute[p])
+        if not path:
+            return f"after {node.name}"
+        if following == path or following.startswith(path + "."):
+            return f"in {path}, after {node.name}"
+        return f"after {path}"
+
+    def build_segment(self, a: int, b: int) -> fx.GraphModule:
+        """A GraphModule computing frontier ``b`` from frontier ``a``."""
+        front_a, front_b = self.frontier(a), self.frontier(b)
+        if front_a is None or front_b is None:
+            raise SegmentError(f"positions {a} or {b} are not valid cuts")
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for i, node in enumerate(front_a):
+            ph = graph.placeholder(f"in_{i}")
+            ph.meta = dict(node.meta)
+            env[node] = ph
+        for node in self.compute[a:b]:
+            for used in node.all_input_nodes:
+                self._materialize(used, graph, env)
+            env[node] = graph.node_copy(node, lambda n: env[n])
+        outs = []
+        for node in front_b:
+            if not isinstance(node, fx.Node):
+                raise SegmentError(f"output {node!r} is not a graph value")
+            outs.append(self._materialize(node, graph, env))
+        graph.output(tuple(outs))
+        graph.eliminate_dead_code()
+        return fx.GraphModule(self.gm, graph)
+
+    def _materialize(self, node: fx.Node, graph: fx.Graph, env: dict[fx.Node, fx.Node]) -> fx.Node:
+        """``node`` inside the segment being built: copied, fetched, or recomputed from shapes."""
+        if node in env:
+            return env[node]
+        if node.op == "get_attr":
+            env[node] = graph.node_copy(node)
+            return env[node]
+        if _is_sym(node):
+            env[node] = self._recompute_sym(node, graph, env)
+            return env[node]
+        raise SegmentError(f"{node.name} is needed but neither crosses the cut nor is recomputable")
+
+    def _recompute_sym(self, node: fx.Node, graph: fx.Graph, env: dict[fx.Node, fx.Node]) -> fx.Node:
+        expr = node.meta["val"].node.expr
+        for old, new in env.items():
+            val = old.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                continue
+            for dim, size in enumerate(val.shape):
+                if isinstance(size, torch.SymInt) and size.node.expr == expr:
+                    sym = graph.call_function(torch.ops.aten.sym_size.int, (new, dim))
+                    sym.meta = dict(node.meta)
+                    return sym
+        if node.op == "call_function" and node.target in _SYM_OPS:
+            for used in node.all_input_nodes:
+                self._materialize(used, graph, env)
+            return graph.node_copy(node, lambda n: env[n])
+        raise SegmentError(f"symbolic value {node.name} ({expr}) cannot be recomputed in this segment")
+
+
+#: Arithmetic on symbolic sizes that a segment may recompute from its inputs' shapes.
+_SYM_OPS = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.floordiv,
+    operator.truediv,
+    operator.mod,
+    operator.neg,
+    torch.sym_int,
+    torch.sym_float,
+    torch.sym_max,
+    torch.sym_min,
+    torch.ops.aten.sym_size.int,
+    torch.ops.aten.sym_numel.default,
+}
+
+
+def batch_symbol(gm: fx.GraphModule) -> sympy.Symbol | None:
+    """The symbol of the first input's leading dim (the exported dynamic batch)."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() > 0 and isinstance(val.shape[0], torch.SymInt):
+                expr = val.shape[0].node.expr
+                return expr if isinstance(expr, sympy.Symbol) else None
+    return None
+
+
+def run_chain(segments: Sequence[fx.GraphModule], frontier: tuple[torch.Tensor, ...]) -> list[tuple]:
+    """Every frontier along the chain, from ``frontier`` through each segment."""
+    out = [frontier]
+    for seg in segments:
+        frontier = tuple(seg(*frontier))
+        out.append(frontier)
+    return out
