@@ -1,0 +1,90 @@
+"""Capture cost and run-time overhead of the segment chain, on EfficientNet-Lite0.
+
+Writes benchmarks/results/capture.md. Run: `make bench` or `.venv/bin/python benchmarks/bench_capture.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import splitinfer as si  # noqa: E402
+from _common import RESULTS, efficientnet_lite0, interleaved, machine, median_ms  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=RESULTS / "capture.md")
+    args = parser.parse_args()
+
+    model = efficientnet_lite0()
+    t0 = time.perf_counter()
+    bundle = si.compile(model, (torch.randn(1, 3, 224, 224),), name="efficientnet-lite0")
+    compile_s = time.perf_counter() - t0
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        t0 = time.perf_counter()
+        path = bundle.save(tmp / "b")
+        save_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        loaded = si.Bundle.load(path)
+        load_s = time.perf_counter() - t0
+        size_mib = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+    finally:
+        shutil.rmtree(tmp)
+    weights_mib = sum(v.numel() * v.element_size() for v in model.state_dict().values()) / 2**20
+
+    rows = []
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, 224, 224)
+        with torch.inference_mode():
+            times = interleaved(
+                {
+                    "module": lambda x=x: model(x),
+                    "chain": lambda x=x: loaded.tail(0, loaded.head(0, x)),
+                },
+                repeats=args.repeats if batch == 1 else max(5, args.repeats // 3),
+            )
+        module_ms, chain_ms = median_ms(times["module"]), median_ms(times["chain"])
+        rows.append((batch, module_ms, chain_ms, chain_ms / module_ms))
+
+    worst = max(r[3] for r in rows)
+    verdict = "met" if worst <= 1.05 else "missed"
+    lines = [
+        "# Capture benchmark: EfficientNet-Lite0",
+        "",
+        "Reproduce: `make bench` (or `.venv/bin/python benchmarks/bench_capture.py`).",
+        f"Machine: {machine()}. Shared and noisy: ratios are measured in one run, interleaved.",
+        "",
+        f"- cuts offered: {len(bundle.cuts)}; segments: {bundle.n_segments}",
+        f"- compile (torch.export of the model and of every segment): {compile_s:.1f} s",
+        f"- save: {save_s:.2f} s; load with sha256 checks: {load_s:.2f} s",
+        f"- bundle on disk: {size_mib:.1f} MiB for {weights_mib:.1f} MiB of weights "
+        f"({size_mib / weights_mib:.2f}x: each weight stored once)",
+        "",
+        "Full forward pass: the original module against the chain of all segments (median ms).",
+        "",
+        "| batch | module ms | segment chain ms | chain / module |",
+        "|---:|---:|---:|---:|",
+        *[f"| {b} | {m:.2f} | {c:.2f} | {r:.3f} |" for b, m, c, r in rows],
+        "",
+        f"Target: the chain no more than 5% slower than the module: **{verdict}** (worst ratio {worst:.3f}).",
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
