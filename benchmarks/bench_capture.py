@@ -16,8 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import splitinfer as si  # noqa: E402
-from _common import RESULTS, efficientnet_lite0, interleaved, machine, median_ms  # noqa: E402
+from _common import RESULTS, efficientnet_lite0, interleaved, machine, median_ms
+
+import splitinfer as si
 
 
 def main() -> int:
