@@ -6,10 +6,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 TORCH  ?= torch==2.13.0
-# How long `make test`'s per-test timeout allows; pyproject sets the default.
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench loadtest lint typecheck clean venv
+.PHONY: demo test bench loadtest lint clean venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
