@@ -98,8 +98,13 @@ class Bundle:
     segments: list[Segment | None]
     version: str = "1"
     codecs: list[str] = field(default_factory=lambda: ["f32+zstd1"])
+    #: Fidelity table (docs/bundle-format.md): agreement with the uncompressed model and mean
+    #: encoded bytes per (cut, codec), measured on calibration inputs.
     fidelity: dict[str, Any] = field(default_factory=dict)
+    #: Device profiles by name: segment latencies and codec costs measured on a machine.
     profiles: dict[str, Any] = field(default_factory=dict)
+    #: Calibrated clip ranges of quantizing codecs, by cut index (as a string) and codec spec.
+    calibration: dict[str, Any] = field(default_factory=dict)
     #: The serialized programs, kept after compile so that :meth:`save` can write them.
     _programs: list[Any] | None = field(default=None, repr=False)
     #: Fused runners of segment ranges, built on first use (see :func:`fuse_segments`).
@@ -203,6 +208,7 @@ class Bundle:
             "codecs": self.codecs,
             "fidelity": self.fidelity,
             "profiles": self.profiles,
+            "calibration": self.calibration,
             "files": files,
         }
 
@@ -267,6 +273,7 @@ class Bundle:
             codecs=list(manifest.get("codecs", [])),
             fidelity=dict(manifest.get("fidelity", {})),
             profiles=dict(manifest.get("profiles", {})),
+            calibration=dict(manifest.get("calibration", {})),
         )
 
 
