@@ -302,6 +302,26 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
+#: Manifest fields that describe a bundle without changing its graph (updatable in place).
+METADATA_FIELDS = ("codecs", "fidelity", "profiles", "calibration")
+
+
+def update_manifest(root: str | os.PathLike[str], **fields: Any) -> None:
+    """Replace metadata fields (codecs, fidelity, profiles, calibration) of a saved bundle.
+
+    The graph and its hash stay as they are; the manifest is rewritten atomically.
+    """
+    unknown = set(fields) - set(METADATA_FIELDS)
+    if unknown:
+        raise ConfigError(f"only {', '.join(METADATA_FIELDS)} can be updated in place, not {sorted(unknown)}")
+    path = Path(root)
+    manifest = read_manifest(path)
+    manifest.update(fields)
+    tmp = path / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(path / MANIFEST)
+
+
 def _load_segment(root: Path, name: str, files: dict[str, str]) -> Segment:
     if not isinstance(name, str) or "/" in name or name.startswith(".") or name not in files:
         raise BundleError(f"bundle {root} lists an invalid segment file {name!r}")
