@@ -72,7 +72,7 @@ class EdgeClient:
         if deadline_s is not None and deadline_s <= 0:
             raise ConfigError(f"deadline_s must be positive or None, got {deadline_s}")
         self.cut = cut
-        self.codec = get_codec(codec)
+        self.codec = self.bundle.codec_for(cut, codec)
         self.deadline_s = deadline_s
         self.transport: Transport = transport or HttpTransport(url, token=token)
         self.last_trace: Trace | None = None

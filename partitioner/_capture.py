@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -14,11 +15,26 @@ from torch.utils import _pytree as pytree
 
 from splitinfer.bundle import Bundle, Cut, fast_module, frontier_nbytes
 from splitinfer.errors import CaptureError, ConfigError
+from splitinfer.partitioner._fidelity import measure
 from splitinfer.partitioner._graph import Cuttable, SegmentError, batch_symbol
 from splitinfer.protocol import valid_model_name
 from splitinfer.tensors import TensorSpec
 
-__all__ = ["compile"]
+__all__ = ["DEFAULT_CODECS", "LOSSLESS_CODECS", "compile"]
+
+#: Codecs every bundle offers: exact, so their fidelity is 1 without measuring.
+LOSSLESS_CODECS = ("f32", "f32+zstd1")
+#: Codecs measured and offered when calibration inputs are given.
+DEFAULT_CODECS = (
+    *LOSSLESS_CODECS,
+    "f16+zstd1",
+    "q8+zstd1",
+    "q8c+zstd1",
+    "q6c+zstd1",
+    "q4c+zstd1",
+    "q3c+zstd1",
+    "q2c+zstd1",
+)
 
 #: Batch size the programs are exported at: at 1, torch would specialize the batch dim.
 _EXPORT_BATCH = 2
@@ -67,6 +83,11 @@ def compile(  # the public name the API promises
     name: str,
     version: str = "1",
     max_frontier_bytes: int | None = None,
+    calibration: Iterable[Any] | None = None,
+    codecs: Sequence[str] | None = None,
+    calibration_method: str = "mse",
+    fidelity_metric: str = "auto",
+    progress: bool = False,
     verbose: bool = False,
 ) -> Bundle:
     """Capture ``model`` and return a :class:`~splitinfer.Bundle` that can be split at every cut.
@@ -74,6 +95,11 @@ def compile(  # the public name the API promises
     ``example_inputs`` is a tuple of tensors whose first dim is the batch. Every exact cut is
     offered except those pruned as docs/partitioning.md describes; ``max_frontier_bytes``
     also prunes cuts whose frontier (float32, batch 1) is larger. The model is put in eval mode.
+
+    ``calibration`` (an iterable of input tuples, or of single tensors for one-input models)
+    calibrates the clip ranges of quantizing codecs per cut and measures the fidelity table
+    (docs/bundle-format.md) for ``codecs``: by default :data:`DEFAULT_CODECS` with calibration,
+    only the lossless ones without. Lossy codecs need calibration inputs.
     """
     if not valid_model_name(name):
         raise ConfigError(f"name {name!r} must be 1-128 characters of [A-Za-z0-9._-]")
@@ -112,9 +138,7 @@ def compile(  # the public name the API promises
         cuts.append(Cut(index, graph.name(p), specs, frontier_nbytes(specs)))
     in_spec = pytree.treespec_dumps(pytree.tree_flatten((tuple(example_inputs), {}))[1])
     out_spec = pytree.treespec_dumps(program.call_spec.out_spec)
-    if verbose:
-        print(f"compiled {name}: {len(cuts)} cuts in {time.perf_counter() - started:.1f} s")
-    return Bundle(
+    bundle = Bundle(
         name=name,
         cuts=cuts,
         inputs=cuts[0].tensors,
@@ -125,6 +149,41 @@ def compile(  # the public name the API promises
         version=version,
         _programs=programs,
     )
+    _add_fidelity(bundle, example_inputs, calibration, codecs, calibration_method, fidelity_metric, progress)
+    if verbose:
+        print(f"compiled {name}: {len(cuts)} cuts in {time.perf_counter() - started:.1f} s")
+    return bundle
+
+
+def _add_fidelity(
+    bundle: Bundle,
+    example_inputs: Sequence[torch.Tensor],
+    calibration: Iterable[Any] | None,
+    codecs: Sequence[str] | None,
+    method: str,
+    metric: str,
+    progress: bool,
+) -> None:
+    if codecs is not None and (isinstance(codecs, str) or not codecs):
+        raise ConfigError(f"codecs must be a non-empty list of specs such as {list(DEFAULT_CODECS)}")
+    if calibration is None:
+        chosen = list(LOSSLESS_CODECS if codecs is None else codecs)
+        lossy = [c for c in chosen if not c.startswith("f32")]
+        if lossy:
+            raise ConfigError(
+                f"lossy codecs {lossy} need calibration inputs to measure their fidelity: pass "
+                "calibration=[inputs, ...] (a few dozen inputs like production traffic)"
+            )
+        inputs: Iterable[Any] = [tuple(example_inputs)]
+    else:
+        chosen = list(DEFAULT_CODECS if codecs is None else codecs)
+        inputs = calibration
+    fidelity, ranges = measure(bundle, inputs, chosen, method=method, metric=metric, progress=progress)
+    if calibration is None:
+        fidelity["samples"] = 0  # bytes measured on the example inputs only
+    bundle.codecs = chosen
+    bundle.fidelity = fidelity
+    bundle.calibration = ranges
 
 
 def _choose_positions(

@@ -28,6 +28,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from splitinfer._version import __version__
+from splitinfer.compression import ClipRanges, Codec, get_codec
 from splitinfer.errors import BundleError, ConfigError, CutNotLoadedError
 from splitinfer.tensors import TensorSpec
 
@@ -97,7 +98,7 @@ class Bundle:
     #: Loaded segments by index; ``None`` where this process did not load one.
     segments: list[Segment | None]
     version: str = "1"
-    codecs: list[str] = field(default_factory=lambda: ["f32+zstd1"])
+    codecs: list[str] = field(default_factory=lambda: ["f32", "f32+zstd1"])
     #: Fidelity table (docs/bundle-format.md): agreement with the uncompressed model and mean
     #: encoded bytes per (cut, codec), measured on calibration inputs.
     fidelity: dict[str, Any] = field(default_factory=dict)
@@ -125,6 +126,14 @@ class Bundle:
         if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= self.last_cut:
             raise ConfigError(f"cut must be an int in 0..{self.last_cut}, got {k!r}")
         return self.cuts[k]
+
+    def codec_for(self, k: int, spec: str) -> Codec:
+        """The codec ``spec`` as the edge uses it at cut ``k``: bound to the calibrated ranges."""
+        self.cut(k)
+        if spec not in self.codecs:
+            raise ConfigError(f"bundle {self.name!r} offers codecs {', '.join(self.codecs)}; not {spec!r}")
+        ranges = self.calibration.get(str(k), {}).get(spec.split("+", 1)[0])
+        return get_codec(spec, clip=None if ranges is None else ClipRanges.from_json(ranges))
 
     def can_head(self, k: int) -> bool:
         """Whether this process holds segments ``0..k-1``."""

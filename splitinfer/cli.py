@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from splitinfer._version import __version__
 from splitinfer.errors import ConfigError, SplitInferError
@@ -170,9 +171,13 @@ def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser(
         "inspect",
         help="print a bundle's cut table",
-        description="Print a bundle's cuts: index, name, the tensors crossing it and their size.",
+        description=(
+            "Print a bundle's cuts: index, name, float32 KiB at batch 1, the smallest codec whose "
+            "fidelity meets --budget (when the bundle has a fidelity table) and the tensors."
+        ),
     )
     p.add_argument("bundle", metavar="DIR", help="bundle directory")
+    p.add_argument("--budget", type=float, default=0.99, help="fidelity budget for the smallest-codec column")
     p.set_defaults(func=_inspect)
 
 
@@ -190,10 +195,35 @@ def _inspect(args: argparse.Namespace) -> int:
     cuts = [Cut.from_json(c) for c in manifest["cuts"]]
     width = max(len(c.name) for c in cuts)
     print(f"{'cut':>4}  {'name':<{width}}  {'KiB@1':>9}  tensors")
+    best = _best_codecs(manifest.get("fidelity", {}), args.budget)
+    head = f"{'cut':>4}  {'name':<{width}}  {'KiB@1':>9}  "
+    if best:
+        head += f"{'smallest at fidelity >= ' + str(args.budget):<38}  "
+    print(head + "tensors")
     for c in cuts:
         tensors = ", ".join(str(t) for t in c.tensors)
-        print(f"{c.index:>4}  {c.name:<{width}}  {c.nbytes / 1024:>9.1f}  {tensors}")
+        line = f"{c.index:>4}  {c.name:<{width}}  {c.nbytes / 1024:>9.1f}  "
+        if best:
+            row = best.get(c.index)
+            pick = f"{row['codec']} {row['bytes'] / 1024:.1f} KiB ({row['fidelity']:.3f})" if row else "-"
+            line += f"{pick:<38}  "
+        print(line + tensors)
+    fidelity = manifest.get("fidelity", {})
+    if fidelity.get("table"):
+        print(
+            f"fidelity: {fidelity.get('metric')} agreement with the uncompressed model on "
+            f"{fidelity.get('samples')} calibration input(s); bytes are the mean per request at batch 1"
+        )
     return 0
+
+
+def _best_codecs(fidelity: dict[str, Any], budget: float) -> dict[int, dict[str, Any]]:
+    """Per cut, the smallest codec whose fidelity meets ``budget``."""
+    best: dict[int, dict[str, Any]] = {}
+    for row in fidelity.get("table", []):
+        if row["fidelity"] >= budget and (row["cut"] not in best or row["bytes"] < best[row["cut"]]["bytes"]):
+            best[row["cut"]] = row
+    return best
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -135,6 +135,7 @@ def test_bad_example_inputs(inputs, match):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 162 cuts x 2 batch sizes: about 40 s alone, much more on a busy machine
 def test_efficientnet_lite0_with_real_weights(efficientnet):
     model, bundle = efficientnet
     for batch in (1, 8):

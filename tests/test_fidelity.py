@@ -1,0 +1,115 @@
+"""The fidelity table and calibrated ranges that compile measures, and where they end up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import splitinfer as si
+from splitinfer.compression import ClipRanges
+from splitinfer.errors import ConfigError
+
+from .zoo import ZOO, batched
+
+CODECS = ["f32", "f32+zstd1", "f16+zstd1", "q8+zstd1", "q4c+zstd1", "q2c"]
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    model, inputs = ZOO["mobilenet"]()
+    calibration = [batched(inputs, 1, seed=i) for i in range(12)]
+    bundle = si.compile(model, inputs, name="mnet", calibration=calibration, codecs=CODECS)
+    return model, bundle, calibration
+
+
+def _table(bundle):
+    return {(r["cut"], r["codec"]): r for r in bundle.fidelity["table"]}
+
+
+def test_every_cut_and_codec_has_an_entry(calibrated):
+    _, bundle, _ = calibrated
+    table = _table(bundle)
+    assert bundle.codecs == CODECS
+    assert bundle.fidelity["metric"] == "top1"
+    assert bundle.fidelity["samples"] == 12
+    for cut in bundle.cuts:
+        for spec in CODECS:
+            row = table[(cut.index, spec)]
+            assert 0.0 <= row["fidelity"] <= 1.0
+            if spec.startswith("f32"):
+                assert row["fidelity"] == 1.0
+    assert table[(bundle.last_cut, "q2c")]["bytes"] == 0.0
+
+
+def test_quantized_codecs_shrink_and_cost_fidelity_in_order(calibrated):
+    _, bundle, _ = calibrated
+    table = _table(bundle)
+    inner = range(1, bundle.last_cut)
+    for k in (c.index for c in bundle.cuts[1:-1] if c.nbytes >= 4096):  # headers dominate tiny ones
+        assert table[(k, "q4c+zstd1")]["bytes"] < table[(k, "f16+zstd1")]["bytes"] < table[(k, "f32")]["bytes"]
+    mean = {spec: sum(table[(k, spec)]["fidelity"] for k in inner) / len(inner) for spec in ("q8+zstd1", "q2c")}
+    assert mean["q8+zstd1"] >= mean["q2c"]
+    assert mean["q8+zstd1"] > 0.9
+
+
+def test_fidelity_is_what_the_tail_gives_on_decoded_frontiers(calibrated):
+    """Recompute one entry by hand: the table is measured, not guessed."""
+    model, bundle, calibration = calibrated
+    k = len(bundle.cuts) // 2
+    x = torch.cat([c[0] for c in calibration])
+    codec = bundle.codec_for(k, "q2c")
+    frontier = bundle.head(k, x)
+    out = bundle.tail(k, codec.decode(codec.encode(list(frontier))))
+    with torch.no_grad():
+        want = model(x)
+    expected = float((out.argmax(1) == want.argmax(1)).float().mean())
+    assert _table(bundle)[(k, "q2c")]["fidelity"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_ranges_are_stored_per_cut_and_survive_save_and_load(tmp_path, calibrated):
+    _, bundle, _ = calibrated
+    for k in range(bundle.last_cut):
+        assert {"q8", "q4c", "q2c"} <= set(bundle.calibration[str(k)])
+        ClipRanges.from_json(bundle.calibration[str(k)]["q4c"])
+    loaded = si.Bundle.load(bundle.save(tmp_path / "b"))
+    assert loaded.fidelity == bundle.fidelity
+    assert loaded.calibration == bundle.calibration
+    assert loaded.codecs == bundle.codecs
+    assert loaded.codec_for(3, "q4c+zstd1").clip is not None
+
+
+def test_inspect_shows_the_smallest_codec_within_budget(tmp_path, calibrated):
+    _, bundle, _ = calibrated
+    path = bundle.save(tmp_path / "b")
+    out = subprocess.run(
+        [sys.executable, "-m", "splitinfer", "inspect", str(path), "--budget", "0.9"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "smallest at fidelity >= 0.9" in out
+    assert "top1 agreement with the uncompressed model on 12 calibration input(s)" in out
+
+
+def test_non_classifier_outputs_use_cosine_similarity():
+    model, inputs = ZOO["multi_io"]()
+    calibration = [batched(inputs, 1, seed=i) for i in range(4)]
+    bundle = si.compile(model, inputs, name="mio", calibration=calibration, codecs=["f32", "q8"])
+    assert bundle.fidelity["metric"] == "cosine"
+    assert all(r["fidelity"] > 0.99 for r in bundle.fidelity["table"] if r["codec"] == "q8")
+
+
+def test_lossy_codecs_need_calibration():
+    model, inputs = ZOO["mlp"]()
+    with pytest.raises(ConfigError, match="need calibration inputs"):
+        si.compile(model, inputs, name="m", codecs=["f32", "q8"])
+    with pytest.raises(Exception, match="valid forms"):
+        si.compile(model, inputs, name="m", calibration=[inputs], codecs=["q9"])
+
+
+def test_without_calibration_only_lossless_codecs_are_offered():
+    model, inputs = ZOO["mlp"]()
+    bundle = si.compile(model, inputs, name="m")
+    assert bundle.codecs == ["f32", "f32+zstd1"]
+    assert all(r["fidelity"] == 1.0 for r in bundle.fidelity["table"])
