@@ -16,9 +16,11 @@ needs none of the user's Python code. A process may load only a prefix (the edge
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,10 +346,36 @@ def _load_segment(root: Path, name: str, files: dict[str, str]) -> Segment:
             f"{path} does not match the sha256 in its manifest: the file was modified or "
             f"corrupted; recompile or copy the bundle again"
         )
+    _refuse_pickles(path)
     try:
         return fast_module(torch.export.load(path))
     except Exception as exc:  # torch raises many types here; translate at the boundary
         raise BundleError(f"cannot load {path}: {exc}") from exc
+
+
+def _refuse_pickles(path: Path) -> None:
+    """Refuse a .pt2 archive that would make ``torch.export.load`` unpickle anything.
+
+    torch.export stores tensors raw, but its loader honours ``use_pickle`` flags, custom and
+    opaque object constants (``pickle.loads``), and retries example inputs with
+    ``weights_only=False`` when the safe load fails. A bundle that is tampered with along with
+    its manifest must not run code: we check all three before torch sees the file.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith(("weights_config.json", "constants_config.json")):
+                    config = json.loads(archive.read(name)).get("config", {})
+                    for key, meta in config.items():
+                        kind = str(meta.get("path_name", ""))
+                        if meta.get("use_pickle") or kind.startswith(("custom_obj", "opaque_obj")):
+                            raise BundleError(f"{path}: {key} would be unpickled; refusing to load it")
+                elif "/sample_inputs/" in name and archive.getinfo(name).file_size:
+                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+    except BundleError:
+        raise
+    except Exception as exc:  # zipfile, json and torch's safe unpickler raise many types
+        raise BundleError(f"{path} is not a safe torch.export archive: {exc}") from exc
 
 
 def fast_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:

@@ -126,3 +126,28 @@ def test_loading_needs_none_of_the_users_code(tmp_path):
         cwd=tmp_path,
     ).stdout
     assert got == want
+
+
+def test_a_segment_that_asks_to_be_unpickled_is_refused(tmp_path, cnn_bundle):
+    """A bundle tampered with together with its manifest must still not run code on load."""
+    import hashlib
+    import zipfile
+
+    path = cnn_bundle.save(tmp_path / "b")
+    seg = path / "segment_000.pt2"
+    hostile = tmp_path / "hostile.pt2"
+    with zipfile.ZipFile(seg) as src, zipfile.ZipFile(hostile, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("weights_config.json"):
+                config = json.loads(data)
+                for meta in config["config"].values():
+                    meta["use_pickle"] = True
+                data = json.dumps(config).encode()
+            dst.writestr(item, data)
+    seg.write_bytes(hostile.read_bytes())
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["segment_000.pt2"] = hashlib.sha256(seg.read_bytes()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="would be unpickled"):
+        si.Bundle.load(path)
