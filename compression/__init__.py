@@ -1,9 +1,33 @@
-"""splitinfer.compression: tensor codecs named by short spec strings (``f16+zstd1``).
+"""splitinfer.compression: tensor codecs named by short spec strings (``q4c+zstd3``).
 
->>> codec = get_codec("f16+zstd1")
->>> tensors = codec.decode(codec.encode([torch.ones(2, 3)]))
+>>> codec = get_codec("q8+zstd1")
+>>> tensors = codec.decode(codec.encode([torch.randn(2, 3)]))
+
+Specs are ``<base>[+zstd<level 1..22>]`` with base ``f32 | f16 | bf16`` (cast), ``q2``..``q8``
+(uniform affine quantization, one range per tensor), ``q2c``..``q8c`` (one range per channel,
+dim 1; tensors of fewer than two dims get one range) or ``jpeg1``..``jpeg100`` (float image
+batches ``N x 3 x H x W``, values in ``[0, 1]`` unless clip ranges say otherwise). Blobs are
+self-describing: ranges, scales, shapes and dtypes travel in the header, and decoding checks
+every field and size before it allocates (``CodecError`` for anything truncated, corrupt or
+larger than ``max_nbytes``). Integer and bool tensors travel unchanged in every codec except
+``jpeg``, which refuses anything but float image batches.
+
+Ranges: a quantized codec uses each tensor's (or channel's) min/max at encode time, or the
+ranges it is bound to with ``get_codec(spec, clip=calibrate(samples, spec, "mse"))``; see
+:class:`ClipRanges` for their JSON form.
+
+Non-finite values:
+
+- ``f32`` keeps NaN and ±inf exactly (``f16``/``bf16`` keep them too; finite floats beyond the
+  f16 range become ±inf, as a cast does);
+- quantized and JPEG codecs clip ``+inf`` to the top of the range and ``-inf`` to the bottom,
+  and treat NaN as 0: it decodes to the representable value nearest 0 (exactly 0 when the range
+  starts at 0, as a ReLU's does). Encode-time min/max ranges ignore non-finite values (a tensor
+  or channel with none finite gets the range ``[0, 0]``); range ends are limited to ±1e38 so
+  that every decoded value is a finite float32.
 """
 
+from splitinfer.compression._calibrate import ClipRanges, calibrate
 from splitinfer.compression._codec import DEFAULT_MAX_NBYTES, Codec, available_codecs, get_codec
 
-__all__ = ["DEFAULT_MAX_NBYTES", "Codec", "available_codecs", "get_codec"]
+__all__ = ["DEFAULT_MAX_NBYTES", "ClipRanges", "Codec", "available_codecs", "calibrate", "get_codec"]

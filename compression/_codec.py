@@ -1,49 +1,73 @@
-"""Tensor codecs: a spec string names a pipeline (cast, then an optional entropy stage).
+"""The codecs: cast, quantize and JPEG, each optionally followed by zstd (``_spec.py``).
 
-Blob layout (self-describing, little-endian)::
+Every blob is framed by ``_blob.py``: ``msgpack [1, spec, entries, raw_nbytes]`` then the data
+(one zstd frame when the spec ends in ``+zstd<level>``). Per codec, a tensor's header entry and
+its wire bytes in the data are:
 
-    msgpack array [BLOB_VERSION, spec, [[dtype, shape], ...], raw_nbytes]   the header
-    data                                                                     raw_nbytes of tensor
-                                                                             bytes, zstd-framed
-                                                                             when the spec says so
+=========== ================================================ ==========================================
+codec       entry                                            wire bytes
+=========== ================================================ ==========================================
+cast        ``[dtype, shape]``                               floats cast to f32/f16/bf16, other dtypes
+                                                             as they are (little-endian)
+q<b>[c]     ``[dtype, shape, lo, scale]`` for floats         ``ceil(numel * b / 8)`` bytes: the codes
+            (``lo``/``scale``: bin, little-endian float32,   as one LSB-first bit stream (``_pack.py``)
+            one per channel of dim 1 for ``c`` codecs on
+            tensors of 2+ dims, else one);
+            ``[dtype, shape]`` for other dtypes              the tensor's bytes, unchanged
+jpeg<q>     ``[dtype, shape, lo, scale, sizes]``: shape      ``N`` JPEG files (``sizes`` bytes each)
+            ``(N, 3, H, W)``, ``lo``/``scale`` 3 float32s,
+            ``sizes`` bin of ``N`` uint32 (none if empty)
+=========== ================================================ ==========================================
 
-``dtype``/``shape`` are the tensors as the caller gave them; the bytes stored per tensor are in
-the spec's wire dtype (floats cast to f16/bf16; other dtypes travel unchanged). Decoding
-validates every field and size before it allocates, and never decompresses past
-``raw_nbytes``: a hostile blob costs at most ``max_nbytes``.
+``dtype``/``shape`` are the tensor as the caller gave it, and decoding returns that dtype and
+shape. A value decodes as ``lo + code * scale`` (``_quant.py``), so a decoder never needs the
+encoder's clip ranges. Decoding validates every field (types, lengths against the shape,
+finiteness, sizes against ``max_nbytes``) before it allocates.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-import msgpack
+import numpy as np
 import torch
-import zstandard
 
-from splitinfer.errors import CodecError, ConfigError
-from splitinfer.tensors import MAX_NDIM, dtype_from_name, dtype_name
+from splitinfer.compression._blob import (
+    DEFAULT_MAX_NBYTES,
+    as_view,
+    check_entry,
+    check_size,
+    f32_field,
+    read_data,
+    read_header,
+    tensor_bytes,
+    tensor_from_bytes,
+    u32_field,
+    wire_dtype_name,
+    write_blob,
+)
+from splitinfer.compression._calibrate import ClipRanges
+from splitinfer.compression._jpeg import MAX_SIDE, decode_images, encode_images
+from splitinfer.compression._pack import pack_bits, packed_nbytes, unpack_bits
+from splitinfer.compression._quant import affine, channel_view, dequantize, quantize, sanitize
+from splitinfer.compression._spec import parse_spec
+from splitinfer.errors import CodecError
 
-__all__ = ["DEFAULT_MAX_NBYTES", "Codec", "available_codecs", "get_codec"]
+__all__ = [
+    "DEFAULT_MAX_NBYTES",
+    "CastCodec",
+    "Codec",
+    "JpegCodec",
+    "QuantCodec",
+    "available_codecs",
+    "get_codec",
+]
 
-BLOB_VERSION = 1
-#: Largest decoded frontier accepted by default (1 GiB); callers pass tighter limits.
-DEFAULT_MAX_NBYTES = 1 << 30
-_MAX_HEADER = 64 * 1024
-_MAX_TENSORS = 1024
-
-_CASTS: dict[str, torch.dtype] = {
-    "f32": torch.float32,
-    "f16": torch.float16,
-    "bf16": torch.bfloat16,
-}
-_SPEC_RE = re.compile(r"^(?P<base>f32|f16|bf16)(?:\+zstd(?P<level>\d{1,2}))?$")
-_VALID_FORMS = "f32 | f16 | bf16, optionally followed by +zstd<level 1..22> (e.g. 'f16+zstd1')"
+_F32_MAX = float(np.finfo(np.float32).max)
+_JPEG_SLACK = 4096  # JPEG headers: a tiny image's file can be larger than its pixels
 
 
 @runtime_checkable
@@ -57,15 +81,35 @@ class Codec(Protocol):
     def decode(self, blob: bytes | memoryview, *, max_nbytes: int = ...) -> list[torch.Tensor]: ...
 
 
-@dataclass(frozen=True)
-class _TensorMeta:
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    wire_dtype: torch.dtype
+def _check_tensors(tensors: Sequence[torch.Tensor], spec: str) -> Sequence[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
+        raise CodecError(f"codec {spec} encodes a list of tensors, got {type(tensors).__name__}")
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise CodecError(f"codec {spec} encodes tensors, got {type(t).__name__}")
+        if t.layout != torch.strided or t.is_meta:
+            raise CodecError(
+                f"codec {spec} encodes dense tensors with data, got a {t.layout} {t.device} tensor"
+            )
+    return tensors
 
-    @property
-    def wire_nbytes(self) -> int:
-        return math.prod(self.shape) * self.wire_dtype.itemsize
+
+def _as_f32(t: torch.Tensor) -> np.ndarray:
+    """A C-contiguous float32 numpy view (or copy) of ``t``; never written to."""
+    return t.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous()
+
+
+def _out_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _to_tensor(values: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    t = torch.from_numpy(values).reshape(shape)
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -80,156 +124,252 @@ class CastCodec:
         return self.cast if dtype.is_floating_point else dtype
 
     def encode(self, tensors: Sequence[torch.Tensor]) -> bytes:
-        metas, chunks = [], []
-        for t in tensors:
-            if not isinstance(t, torch.Tensor):
-                raise CodecError(f"codec {self.spec} encodes tensors, got {type(t).__name__}")
-            wire = t.detach().to("cpu", self._wire_dtype(t.dtype)).contiguous()
-            metas.append([dtype_name(t.dtype), list(t.shape)])
-            chunks.append(_as_bytes_view(wire))
-        raw_nbytes = sum(c.nbytes for c in chunks)
-        header = msgpack.packb([BLOB_VERSION, self.spec, metas, raw_nbytes])
-        if self.zstd_level is None:
-            return b"".join([header, *chunks])
-        out = io.BytesIO()
-        out.write(header)
-        cctx = zstandard.ZstdCompressor(level=self.zstd_level, write_content_size=True, write_checksum=True)
-        with cctx.stream_writer(out, size=raw_nbytes, closefd=False) as writer:
-            for chunk in chunks:
-                writer.write(chunk)
-        return out.getvalue()
+        entries, chunks = [], []
+        for t in _check_tensors(tensors, self.spec):
+            entries.append([wire_dtype_name(t.dtype), list(t.shape)])
+            chunks.append(tensor_bytes(t.detach().to("cpu", self._wire_dtype(t.dtype)).contiguous()))
+        return write_blob(self.spec, entries, chunks, self.zstd_level)
 
     def decode(self, blob: bytes | memoryview, *, max_nbytes: int = DEFAULT_MAX_NBYTES) -> list[torch.Tensor]:
-        view = memoryview(blob).cast("B")
-        spec, raw_metas, raw_nbytes, offset = _read_header(view)
-        if spec != self.spec:
-            raise CodecError(f"blob was encoded with codec {spec!r}, expected {self.spec!r}")
-        metas = [self._check_meta(m) for m in raw_metas]
-        expected = sum(m.wire_nbytes for m in metas)
-        if raw_nbytes != expected:
-            raise CodecError(f"blob header says {raw_nbytes} bytes, its tensors need {expected}")
-        if expected > max_nbytes:
-            raise CodecError(f"blob would decode to {expected} bytes, above the limit {max_nbytes}")
-        data = view[offset:]
-        raw = bytearray(expected)
-        if self.zstd_level is None:
-            if len(data) != expected:
-                raise CodecError(f"blob carries {len(data)} data bytes, its header says {expected}")
-            raw[:] = data
-        else:
-            _zstd_into(data, raw)
+        view = as_view(blob)
+        entries, raw_nbytes, offset = read_header(view, self.spec)
+        plan = []
+        for entry in entries:
+            dtype, shape, fields = check_entry(entry)
+            if fields:
+                raise CodecError(f"a {self.spec} tensor entry is [dtype, shape]")
+            plan.append((dtype, shape, _out_nbytes(self._wire_dtype(dtype), shape)))
+        wire = sum(p[2] for p in plan)
+        check_size(wire, raw_nbytes, sum(_out_nbytes(d, s) for d, s, _ in plan), max_nbytes)
+        data = read_data(view[offset:], wire, self.zstd_level is not None)
         tensors, pos = [], 0
-        for m in metas:
-            n = m.wire_nbytes
-            t = _from_bytes(raw, pos, m.wire_dtype, m.shape)
-            tensors.append(t if m.wire_dtype == m.dtype else t.to(m.dtype))
+        for dtype, shape, n in plan:
+            t = tensor_from_bytes(data[pos : pos + n], self._wire_dtype(dtype), shape)
+            tensors.append(t if t.dtype == dtype else t.to(dtype))
             pos += n
         return tensors
 
-    def _check_meta(self, meta: object) -> _TensorMeta:
-        if not isinstance(meta, list) or len(meta) != 2:
-            raise CodecError(f"tensor entry must be [dtype, shape], got {meta!r:.80}")
-        name, shape = meta
-        try:
-            dtype = dtype_from_name(name)
-        except ConfigError as exc:
-            raise CodecError(str(exc)) from None
-        if (
-            not isinstance(shape, list)
-            or len(shape) > MAX_NDIM
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-        ):
-            raise CodecError(f"tensor shape must be a list of at most {MAX_NDIM} dims >= 0")
-        if math.prod(shape) > DEFAULT_MAX_NBYTES * 8:
-            raise CodecError(f"tensor shape {shape} is implausibly large")
-        return _TensorMeta(dtype, tuple(shape), self._wire_dtype(dtype))
 
+@dataclass(frozen=True)
+class QuantCodec:
+    """Quantize floating tensors to ``bits`` bits (per tensor or per channel), pack, maybe zstd.
 
-def _read_header(view: memoryview) -> tuple[str, list[object], int, int]:
-    unpacker = msgpack.Unpacker(
-        raw=False,
-        max_buffer_size=_MAX_HEADER,
-        max_str_len=256,
-        max_bin_len=0,
-        max_array_len=max(_MAX_TENSORS, MAX_NDIM + 4),
-        max_map_len=0,
-        max_ext_len=0,
-    )
-    unpacker.feed(view[:_MAX_HEADER])
-    try:
-        header = unpacker.unpack()
-    except msgpack.OutOfData:
-        raise CodecError("blob is truncated: its header is incomplete") from None
-    except (
-        ValueError,
-        TypeError,
-        msgpack.ExtraData,
-        msgpack.FormatError,
-        msgpack.StackError,
-    ) as exc:
-        raise CodecError(f"blob header is not valid msgpack: {exc}") from None
-    if not isinstance(header, list) or len(header) != 4:
-        raise CodecError("blob header must be [version, spec, tensors, raw_nbytes]")
-    version, spec, metas, raw_nbytes = header
-    if version != BLOB_VERSION:
-        raise CodecError(f"blob version {version!r} is not supported (this side speaks {BLOB_VERSION})")
-    if not isinstance(spec, str) or not isinstance(metas, list) or not isinstance(raw_nbytes, int):
-        raise CodecError("blob header fields have the wrong types")
-    if raw_nbytes < 0 or len(metas) > _MAX_TENSORS:
-        raise CodecError("blob header is out of range")
-    return spec, metas, raw_nbytes, unpacker.tell()
-
-
-def _zstd_into(data: memoryview, raw: bytearray) -> None:
-    """Decompress ``data`` into ``raw`` exactly; never produce more than ``len(raw)`` bytes.
-
-    The frame must declare its content size (our encoder always writes it) and carry a
-    checksum; a frame that declares another size is refused before anything is allocated.
+    Ranges are each tensor's (or channel's) finite min/max, or ``clip`` when given.
     """
-    try:
-        size = zstandard.frame_content_size(data)
-    except zstandard.ZstdError as exc:
-        raise CodecError(f"payload is not a zstd frame: {exc}") from None
-    if size != len(raw):
-        raise CodecError(f"zstd frame declares {size} bytes, the blob header says {len(raw)}")
-    try:
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=len(raw))
-    except zstandard.ZstdError as exc:
-        raise CodecError(f"zstd payload is corrupt or truncated: {exc}") from None
-    if len(out) != len(raw):
-        raise CodecError(f"zstd payload decoded to {len(out)} bytes, expected {len(raw)}")
-    raw[:] = out
+
+    spec: str
+    bits: int
+    per_channel: bool
+    zstd_level: int | None
+    clip: ClipRanges | None = None
+
+    def encode(self, tensors: Sequence[torch.Tensor]) -> bytes:
+        tensors = _check_tensors(tensors, self.spec)
+        _check_clip_count(self.clip, tensors)
+        levels = 1 << self.bits
+        entries, chunks = [], []
+        for i, t in enumerate(tensors):
+            name = wire_dtype_name(t.dtype)
+            if not t.dtype.is_floating_point:
+                entries.append([name, list(t.shape)])
+                chunks.append(tensor_bytes(_raw(t)))
+                continue
+            a3 = channel_view(_as_f32(t), self.per_channel)
+            clean, lo, hi, finite = sanitize(a3)
+            if self.clip is not None:
+                lo, hi = self.clip.arrays(i, a3.shape[1])
+            lo32, scale, limited = affine(lo, hi, levels)
+            codes = quantize(clean, lo32, scale, levels, inside=finite and self.clip is None and not limited)
+            entries.append([name, list(t.shape), lo32.astype("<f4").tobytes(), scale.astype("<f4").tobytes()])
+            chunks.append(pack_bits(codes.reshape(-1), self.bits))
+        return write_blob(self.spec, entries, chunks, self.zstd_level)
+
+    def decode(self, blob: bytes | memoryview, *, max_nbytes: int = DEFAULT_MAX_NBYTES) -> list[torch.Tensor]:
+        view = as_view(blob)
+        entries, raw_nbytes, offset = read_header(view, self.spec)
+        levels = 1 << self.bits
+        plan = []
+        for entry in entries:
+            dtype, shape, fields = check_entry(entry)
+            numel = math.prod(shape)
+            if not dtype.is_floating_point:
+                if fields:
+                    raise CodecError(f"a {_dtype_label(dtype)} tensor entry is [dtype, shape]")
+                plan.append((dtype, shape, None, None, _out_nbytes(dtype, shape)))
+                continue
+            if len(fields) != 2:
+                raise CodecError("a floating tensor entry is [dtype, shape, lo, scale]")
+            channels = shape[1] if self.per_channel and len(shape) >= 2 else 1
+            lo = f32_field(fields[0], channels, "lo")
+            scale = f32_field(fields[1], channels, "scale")
+            top = np.abs(lo.astype(np.float64)) + (levels - 1) * scale.astype(np.float64)
+            if (scale < 0).any() or (top > _F32_MAX).any():
+                raise CodecError("scale must be >= 0 and every decoded value a finite float32")
+            plan.append((dtype, shape, lo, scale, packed_nbytes(numel, self.bits)))
+        wire = sum(p[4] for p in plan)
+        check_size(wire, raw_nbytes, sum(_out_nbytes(p[0], p[1]) for p in plan), max_nbytes)
+        data = read_data(view[offset:], wire, self.zstd_level is not None)
+        tensors, pos = [], 0
+        for dtype, shape, lo, scale, n in plan:
+            chunk = data[pos : pos + n]
+            pos += n
+            if lo is None:
+                tensors.append(tensor_from_bytes(chunk, dtype, shape))
+            elif math.prod(shape) == 0:
+                tensors.append(torch.empty(shape, dtype=dtype))
+            else:
+                codes = unpack_bits(chunk, self.bits, math.prod(shape))
+                tensors.append(
+                    _to_tensor(dequantize(_codes3(codes, shape, lo.size), lo, scale), dtype, shape)
+                )
+        return tensors
 
 
-def _as_bytes_view(t: torch.Tensor) -> memoryview:
-    if t.numel() == 0:
-        return memoryview(b"")
-    if t.dtype in (torch.bfloat16, torch.float16, torch.bool):
-        t = t.view(torch.int16) if t.dtype != torch.bool else t.view(torch.uint8)
-    return memoryview(t.numpy()).cast("B")
+def _codes3(codes: np.ndarray, shape: tuple[int, ...], channels: int) -> np.ndarray:
+    """The flat codes of a tensor of ``shape`` as ``(N, C, R)`` for ``channels`` ranges."""
+    if channels == 1:
+        return codes.reshape(1, 1, -1)
+    return codes.reshape(shape[0], shape[1], -1)
 
 
-def _from_bytes(raw: bytearray, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    count = math.prod(shape)
-    if count == 0:
-        return torch.empty(shape, dtype=dtype)
-    if offset % dtype.itemsize:  # a tensor after an odd-sized one: copy rather than misalign
-        raw, offset = bytearray(raw[offset : offset + count * dtype.itemsize]), 0
-    flat = torch.frombuffer(raw, dtype=dtype, count=count, offset=offset)
-    return flat.reshape(shape)
+def _dtype_label(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
-def get_codec(spec: str) -> Codec:
-    """The codec named by ``spec``; an unknown or malformed spec lists the valid forms."""
-    match = _SPEC_RE.match(spec) if isinstance(spec, str) else None
-    if match is None:
-        raise CodecError(f"unknown codec spec {spec!r}; valid forms: {_VALID_FORMS}")
-    level = match.group("level")
-    if level is not None and not 1 <= int(level) <= 22:
-        raise CodecError(f"zstd level must be 1..22, got {level} in {spec!r}")
-    return CastCodec(spec, _CASTS[match.group("base")], None if level is None else int(level))
+def _check_clip_count(clip: ClipRanges | None, tensors: Sequence[torch.Tensor]) -> None:
+    if clip is not None and len(clip.tensors) != len(tensors):
+        raise CodecError(
+            f"the clip ranges are for {len(clip.tensors)} tensors, the frontier has {len(tensors)}"
+        )
+
+
+@dataclass(frozen=True)
+class JpegCodec:
+    """JPEG-compress float image batches ``N x 3 x H x W`` (values in ``[0, 1]`` or ``clip``)."""
+
+    spec: str
+    quality: int
+    zstd_level: int | None
+    clip: ClipRanges | None = None
+
+    def encode(self, tensors: Sequence[torch.Tensor]) -> bytes:
+        tensors = _check_tensors(tensors, self.spec)
+        _check_clip_count(self.clip, tensors)
+        entries, chunks = [], []
+        for i, t in enumerate(tensors):
+            if not t.dtype.is_floating_point or t.dim() != 4 or t.shape[1] != 3:
+                raise CodecError(
+                    f"codec {self.spec} encodes float image batches N x 3 x H x W; tensor {i} is "
+                    f"{_dtype_label(t.dtype)} {tuple(t.shape)}"
+                )
+            height, width = t.shape[2], t.shape[3]
+            if height > MAX_SIDE or width > MAX_SIDE:
+                raise CodecError(
+                    f"JPEG images are at most {MAX_SIDE} pixels a side, tensor {i} is {height}x{width}"
+                )
+            clean, _, _, _ = sanitize(channel_view(_as_f32(t), True))
+            lo, hi = self.clip.arrays(i, 3) if self.clip is not None else (np.zeros(3), np.ones(3))
+            lo32, scale, _ = affine(lo, hi, 256)
+            files = []
+            if t.numel():
+                files = encode_images(quantize(clean, lo32, scale, 256).reshape(t.shape), self.quality)
+            entries.append(
+                [
+                    wire_dtype_name(t.dtype),
+                    list(t.shape),
+                    lo32.astype("<f4").tobytes(),
+                    scale.astype("<f4").tobytes(),
+                    np.array([len(f) for f in files], "<u4").tobytes(),
+                ]
+            )
+            chunks.extend(files)
+        return write_blob(self.spec, entries, chunks, self.zstd_level)
+
+    def decode(self, blob: bytes | memoryview, *, max_nbytes: int = DEFAULT_MAX_NBYTES) -> list[torch.Tensor]:
+        view = as_view(blob)
+        entries, raw_nbytes, offset = read_header(view, self.spec)
+        plan = []
+        for entry in entries:
+            dtype, shape, fields = check_entry(entry)
+            if not dtype.is_floating_point or len(shape) != 4 or shape[1] != 3 or len(fields) != 3:
+                raise CodecError("a jpeg tensor entry is [float dtype, [N, 3, H, W], lo, scale, sizes]")
+            if shape[2] > MAX_SIDE or shape[3] > MAX_SIDE:
+                raise CodecError(f"JPEG images are at most {MAX_SIDE} pixels a side")
+            lo, scale = f32_field(fields[0], 3, "lo"), f32_field(fields[1], 3, "scale")
+            if (scale < 0).any() or (
+                np.abs(lo.astype(np.float64)) + 255 * scale.astype(np.float64) > _F32_MAX
+            ).any():
+                raise CodecError("scale must be >= 0 and every decoded value a finite float32")
+            sizes = u32_field(fields[2], shape[0] if math.prod(shape) else 0, "sizes")
+            plan.append((dtype, shape, lo, scale, sizes))
+        wire = sum(int(p[4].sum()) for p in plan)
+        out_nbytes = sum(_out_nbytes(p[0], p[1]) for p in plan)
+        n_files = sum(p[4].size for p in plan)
+        check_size(wire, raw_nbytes, out_nbytes, max_nbytes, slack=_JPEG_SLACK * n_files)
+        data = read_data(view[offset:], wire, self.zstd_level is not None)
+        tensors, pos = [], 0
+        for dtype, shape, lo, scale, sizes in plan:
+            if not sizes.size:
+                tensors.append(torch.empty(shape, dtype=dtype))
+                continue
+            ends = pos + np.cumsum(sizes)
+            files = [
+                memoryview(data)[start:end] for start, end in zip([pos, *ends[:-1].tolist()], ends.tolist())
+            ]
+            pos = int(ends[-1])
+            codes = decode_images(files, shape[2], shape[3])
+            values = dequantize(codes.reshape(shape[0], 3, -1), lo, scale)
+            tensors.append(_to_tensor(values, dtype, shape))
+        return tensors
+
+
+def get_codec(spec: str, *, clip: ClipRanges | None = None) -> Codec:
+    """The codec named by ``spec``; an unknown or malformed spec lists the valid forms.
+
+    ``clip`` binds a quantized or JPEG codec to calibrated ranges (see :func:`calibrate`);
+    decoding does not need them, so ``get_codec(spec)`` decodes what any bound codec encodes.
+    """
+    parsed = parse_spec(spec)
+    if clip is not None and not isinstance(clip, ClipRanges):
+        raise CodecError(f"clip must be ClipRanges, got {type(clip).__name__}")
+    if parsed.kind == "cast":
+        if clip is not None:
+            raise CodecError(
+                f"codec {spec!r} does not quantize: only q<bits>[c] and jpeg codecs take clip ranges"
+            )
+        return CastCodec(parsed.text, parsed.cast, parsed.zstd_level)  # type: ignore[arg-type]
+    if clip is not None and clip.per_channel and not parsed.per_channel:
+        raise CodecError(
+            f"per-channel clip ranges need a per-channel codec ({parsed.text.split('+')[0]}c), not {spec!r}"
+        )
+    if parsed.kind == "quant":
+        return QuantCodec(parsed.text, parsed.bits, parsed.per_channel, parsed.zstd_level, clip)
+    return JpegCodec(parsed.text, parsed.quality, parsed.zstd_level, clip)
 
 
 def available_codecs() -> list[str]:
-    """Representative specs of every codec family (levels other than these work too)."""
-    return ["f32", "f16", "bf16", "f32+zstd1", "f16+zstd1", "bf16+zstd1", "f32+zstd3"]
+    """Representative specs of every codec family (other bit widths and levels work too).
+
+    The ``jpeg`` specs encode only float image batches ``N x 3 x H x W``.
+    """
+    return [
+        "f32",
+        "f16",
+        "bf16",
+        "f32+zstd1",
+        "f16+zstd1",
+        "bf16+zstd1",
+        "f32+zstd3",
+        "q8",
+        "q8c",
+        "q8+zstd1",
+        "q8c+zstd1",
+        "q6c+zstd1",
+        "q4+zstd1",
+        "q4c+zstd1",
+        "q4c+zstd3",
+        "q3c+zstd1",
+        "q2c+zstd1",
+        "jpeg90",
+        "jpeg75",
+    ]

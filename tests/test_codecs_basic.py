@@ -8,7 +8,9 @@ from splitinfer.compression import available_codecs, get_codec
 from splitinfer.errors import CodecError
 
 
-@pytest.mark.parametrize("spec", available_codecs())
+@pytest.mark.parametrize(
+    "spec", [s for s in available_codecs() if not s.startswith("jpeg")]
+)  # jpeg: images only
 def test_round_trip_keeps_shapes_and_dtypes(spec):
     tensors = [
         torch.randn(2, 16, 8, 8),

@@ -1,0 +1,233 @@
+"""The blob frame every codec shares: a msgpack header, then the data (zstd-framed or raw).
+
+Layout (self-describing, little-endian)::
+
+    msgpack array [BLOB_VERSION, spec, entries, raw_nbytes]      the header
+    data                                                          raw_nbytes bytes; one zstd frame
+                                                                  (content size and checksum
+                                                                  included) when the spec ends
+                                                                  in +zstd<level>
+
+``entries`` holds one msgpack array per tensor, ``[dtype, shape, *codec fields]``; the data is
+the tensors' wire bytes, concatenated in order. What the codec fields and wire bytes are is
+documented by each codec (``_codec.py``).
+
+Reading validates the header's types and sizes before anything is allocated: the header is
+at most ``MAX_HEADER`` bytes, decompression never produces more than ``raw_nbytes`` bytes, and
+every msgpack, zstd or numpy error becomes a :class:`~splitinfer.errors.CodecError`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+
+import msgpack
+import numpy as np
+import torch
+import zstandard
+
+from splitinfer.errors import CodecError, ConfigError
+from splitinfer.tensors import MAX_NDIM, dtype_from_name, dtype_name
+
+__all__ = [
+    "BLOB_VERSION",
+    "DEFAULT_MAX_NBYTES",
+    "as_view",
+    "check_entry",
+    "check_size",
+    "f32_field",
+    "read_data",
+    "read_header",
+    "tensor_bytes",
+    "tensor_from_bytes",
+    "u32_field",
+    "wire_dtype_name",
+    "write_blob",
+]
+
+BLOB_VERSION = 1
+#: Largest decoded frontier accepted by default (1 GiB); callers pass tighter limits.
+DEFAULT_MAX_NBYTES = 1 << 30
+MAX_HEADER = 1 << 20
+_FIRST_READ = 1 << 16
+MAX_TENSORS = 1024
+_MAX_NUMEL = DEFAULT_MAX_NBYTES * 8
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's compressor for ``level`` (contexts are reused, never shared by threads)."""
+    cache = _local.__dict__.setdefault("compressors", {})
+    cctx = cache.get(level)
+    if cctx is None:
+        cctx = cache[level] = zstandard.ZstdCompressor(
+            level=level, write_content_size=True, write_checksum=True
+        )
+    return cctx
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dctx = getattr(_local, "decompressor", None)
+    if dctx is None:
+        dctx = _local.decompressor = zstandard.ZstdDecompressor()
+    return dctx
+
+
+def write_blob(
+    spec: str, entries: list[list[object]], chunks: Sequence[object], zstd_level: int | None
+) -> bytes:
+    """The blob for ``entries`` whose wire bytes are ``chunks`` (buffers), zstd-framed if asked."""
+    views = [memoryview(c).cast("B") for c in chunks]
+    raw_nbytes = sum(v.nbytes for v in views)
+    header = msgpack.packb([BLOB_VERSION, spec, entries, raw_nbytes], use_bin_type=True)
+    if zstd_level is None:
+        return b"".join([header, *views])
+    data = views[0] if len(views) == 1 else b"".join(views)
+    return header + _compressor(zstd_level).compress(data)
+
+
+def as_view(blob: object) -> memoryview:
+    """``blob`` (bytes, bytearray, memoryview, ...) as a flat byte view; CodecError otherwise."""
+    try:
+        return memoryview(blob).cast("B")  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise CodecError(f"a blob must be a contiguous bytes-like object: {exc}") from None
+
+
+def read_header(view: memoryview, spec: str) -> tuple[list[object], int, int]:
+    """``(entries, raw_nbytes, data_offset)`` of a blob that must have been encoded with ``spec``."""
+    for limit in (_FIRST_READ, MAX_HEADER):  # most headers are small: copy little first
+        unpacker = msgpack.Unpacker(
+            raw=False,
+            max_buffer_size=limit,
+            max_str_len=256,
+            max_bin_len=MAX_HEADER,
+            max_array_len=max(MAX_TENSORS, MAX_NDIM + 4),
+            max_map_len=0,
+            max_ext_len=0,
+        )
+        unpacker.feed(view[:limit])
+        try:
+            header = unpacker.unpack()
+            break
+        except msgpack.OutOfData:
+            if view.nbytes <= limit or limit == MAX_HEADER:
+                raise CodecError("blob is truncated: its header is incomplete") from None
+        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+            raise CodecError(f"blob header is not valid msgpack: {exc}") from None
+    if not isinstance(header, list) or len(header) != 4:
+        raise CodecError("blob header must be [version, spec, tensors, raw_nbytes]")
+    version, blob_spec, entries, raw_nbytes = header
+    if version != BLOB_VERSION:
+        raise CodecError(f"blob version {version!r:.20} is not supported (this side speaks {BLOB_VERSION})")
+    if not isinstance(blob_spec, str) or not isinstance(entries, list) or not _is_int(raw_nbytes):
+        raise CodecError("blob header fields have the wrong types")
+    if raw_nbytes < 0 or len(entries) > MAX_TENSORS:
+        raise CodecError("blob header is out of range")
+    if blob_spec != spec:
+        raise CodecError(f"blob was encoded with codec {blob_spec!r}, expected {spec!r}")
+    return entries, raw_nbytes, unpacker.tell()
+
+
+def read_data(view: memoryview, raw_nbytes: int, zstd: bool) -> memoryview | bytes:
+    """Exactly ``raw_nbytes`` data bytes from ``view`` (the blob after its header).
+
+    A zstd frame must declare its content size (our encoder always writes it) and carry a
+    checksum; a frame that declares another size is refused before anything is allocated.
+    """
+    if not zstd:
+        if view.nbytes != raw_nbytes:
+            raise CodecError(f"blob carries {view.nbytes} data bytes, its header says {raw_nbytes}")
+        return view
+    try:
+        size = zstandard.frame_content_size(view)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"payload is not a zstd frame: {exc}") from None
+    if size != raw_nbytes:
+        raise CodecError(f"zstd frame declares {size} bytes, the blob header says {raw_nbytes}")
+    if raw_nbytes == 0:
+        return b""
+    try:
+        out = _decompressor().decompress(view, max_output_size=raw_nbytes)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"zstd payload is corrupt or truncated: {exc}") from None
+    if len(out) != raw_nbytes:
+        raise CodecError(f"zstd payload decoded to {len(out)} bytes, expected {raw_nbytes}")
+    return out
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_entry(entry: object) -> tuple[torch.dtype, tuple[int, ...], list[object]]:
+    """``(dtype, shape, codec fields)`` of one header entry ``[dtype, shape, *fields]``."""
+    if not isinstance(entry, list) or not 2 <= len(entry) <= 8:
+        raise CodecError(f"tensor entry must be [dtype, shape, ...], got {entry!r:.80}")
+    name, shape = entry[0], entry[1]
+    try:
+        dtype = dtype_from_name(name)
+    except ConfigError as exc:
+        raise CodecError(str(exc)) from None
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CodecError(f"tensor shape must be a list of at most {MAX_NDIM} dims >= 0")
+    if math.prod(shape) > _MAX_NUMEL:
+        raise CodecError(f"tensor shape {shape} is implausibly large")
+    return dtype, tuple(shape), entry[2:]
+
+
+def check_size(wire_nbytes: int, raw_nbytes: int, out_nbytes: int, max_nbytes: int, slack: int = 0) -> None:
+    """Refuse a blob whose data or decoded tensors exceed ``max_nbytes`` (plus ``slack`` data)."""
+    if raw_nbytes != wire_nbytes:
+        raise CodecError(f"blob header says {raw_nbytes} bytes, its tensors need {wire_nbytes}")
+    if out_nbytes > max_nbytes or wire_nbytes > max_nbytes + slack:
+        raise CodecError(
+            f"blob would decode to {max(out_nbytes, wire_nbytes)} bytes, above the limit {max_nbytes}"
+        )
+
+
+def f32_field(value: object, length: int, what: str) -> np.ndarray:
+    """A header field holding ``length`` little-endian float32s (msgpack bin), all finite."""
+    if not isinstance(value, bytes) or len(value) != 4 * length:
+        raise CodecError(f"{what} must be {length} float32 values")
+    array = np.frombuffer(value, "<f4").astype(np.float32)
+    if not np.isfinite(array).all():
+        raise CodecError(f"{what} must be finite")
+    return array
+
+
+def u32_field(value: object, length: int, what: str) -> np.ndarray:
+    """A header field holding ``length`` little-endian uint32s (msgpack bin)."""
+    if not isinstance(value, bytes) or len(value) != 4 * length:
+        raise CodecError(f"{what} must be {length} uint32 values")
+    return np.frombuffer(value, "<u4").astype(np.int64)
+
+
+def wire_dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of ``dtype``, as a CodecError for a dtype that cannot travel."""
+    try:
+        return dtype_name(dtype)
+    except ConfigError as exc:
+        raise CodecError(str(exc)) from None
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    elif t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return memoryview(t.numpy()).cast("B")
+
+
+def tensor_from_bytes(data: memoryview | bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A new tensor (it owns writable memory) holding ``data``, the bytes of ``shape`` x ``dtype``."""
+    count = math.prod(shape)
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype, count=count).reshape(shape)

@@ -1,0 +1,290 @@
+"""Calibrated clipping ranges: :class:`ClipRanges` and :func:`calibrate`.
+
+A quantized (or JPEG) codec measures each tensor's min/max at encode time unless it is bound to
+:class:`ClipRanges` (``get_codec(spec, clip=ranges)``), calibrated once per cut from sample
+frontiers. The ranges only steer the encoder: the scale and offset that a blob was encoded with
+travel in its header, so decoding never needs them.
+
+JSON form (what a bundle stores per cut in ``manifest.json``)::
+
+    {"format": "splitinfer-clip-ranges", "version": 1, "method": "mse", "per_channel": true,
+     "tensors": [{"lo": [-1.5, 0.0, ...], "hi": [2.25, 6.0, ...]},   one entry per frontier tensor;
+                 null]                                                null: not quantized (int, bool)
+
+``lo``/``hi`` hold one float per channel (dim 1) for per-channel ranges, or a single float; a
+tensor with fewer than two dims always has a single range.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from splitinfer.compression._quant import RANGE_LIMIT, channel_view, sanitize
+from splitinfer.compression._spec import parse_spec
+from splitinfer.errors import CodecError
+
+__all__ = ["CALIBRATION_METHODS", "ClipRanges", "calibrate"]
+
+CALIBRATION_METHODS = ("minmax", "percentile", "mse")
+_FORMAT = "splitinfer-clip-ranges"
+_VERSION = 1
+_MAX_CHANNELS = 1 << 20
+_BINS = 2048
+_CANDIDATES = 32
+
+Range = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+@dataclass(frozen=True)
+class ClipRanges:
+    """Clipping ranges for the tensors of one frontier, by position.
+
+    ``tensors[i]`` is ``(lo, hi)``, two equally long tuples of finite floats with ``lo <= hi``
+    (one per channel, none for a tensor without channels, or a single pair), or ``None`` for a
+    tensor that is not quantized.
+    ``per_channel`` says whether ranges are per channel (for ``q<bits>c`` and ``jpeg`` codecs).
+    """
+
+    tensors: tuple[Range | None, ...]
+    per_channel: bool
+    method: str = "manual"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensors, tuple) or not isinstance(self.per_channel, bool):
+            raise CodecError("ClipRanges needs a tuple of (lo, hi) ranges and a bool per_channel")
+        if not isinstance(self.method, str) or len(self.method) > 64:
+            raise CodecError("ClipRanges.method must be a short string")
+        for i, rng in enumerate(self.tensors):
+            if rng is None:
+                continue
+            if not (isinstance(rng, tuple) and len(rng) == 2 and all(isinstance(x, tuple) for x in rng)):
+                raise CodecError(f"range {i} must be a (lo, hi) pair of float tuples")
+            lo, hi = rng
+            if (
+                len(lo) != len(hi)
+                or len(lo) > (_MAX_CHANNELS if self.per_channel else 1)
+                or not (lo or self.per_channel)
+            ):
+                raise CodecError(f"range {i} has {len(lo)} lows and {len(hi)} highs")
+            if not all(_finite_float(x) for x in lo + hi) or any(a > b for a, b in zip(lo, hi)):
+                raise CodecError(f"range {i} must hold finite floats with lo <= hi")
+
+    @classmethod
+    def from_arrays(
+        cls, ranges: Sequence[tuple[object, object] | None], *, per_channel: bool, method: str = "manual"
+    ) -> ClipRanges:
+        """Ranges from ``(lo, hi)`` pairs of floats, lists or arrays (``None`` to skip a tensor)."""
+        tensors: list[Range | None] = []
+        for rng in ranges:
+            if rng is None:
+                tensors.append(None)
+                continue
+            lo, hi = (tuple(float(x) for x in np.atleast_1d(np.asarray(v, np.float64))) for v in rng)
+            tensors.append((lo, hi))
+        return cls(tuple(tensors), per_channel, method)
+
+    def to_json(self) -> dict[str, object]:
+        """A JSON-serializable dict (``json.dumps`` works on it); see the module docstring."""
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "method": self.method,
+            "per_channel": self.per_channel,
+            "tensors": [None if r is None else {"lo": list(r[0]), "hi": list(r[1])} for r in self.tensors],
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> ClipRanges:
+        """The ranges ``to_json`` produced; CodecError for anything malformed."""
+        if not isinstance(obj, dict) or obj.get("format") != _FORMAT or obj.get("version") != _VERSION:
+            raise CodecError(f"clip ranges must be a {_FORMAT} version {_VERSION} map")
+        tensors = obj.get("tensors")
+        if not isinstance(tensors, list):
+            raise CodecError("clip ranges need a 'tensors' list")
+        out: list[Range | None] = []
+        for entry in tensors:
+            if entry is None:
+                out.append(None)
+                continue
+            if not isinstance(entry, dict) or not all(isinstance(entry.get(k), list) for k in ("lo", "hi")):
+                raise CodecError("each clip range is null or a map with 'lo' and 'hi' lists")
+            out.append((tuple(entry["lo"]), tuple(entry["hi"])))
+        return cls(tuple(out), obj.get("per_channel"), obj.get("method", "manual"))  # type: ignore[arg-type]
+
+    def arrays(self, index: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+        """float64 ``(lo, hi)`` of tensor ``index``, broadcast to ``channels`` channels."""
+        if index >= len(self.tensors) or self.tensors[index] is None:
+            raise CodecError(f"the clip ranges hold no range for tensor {index}")
+        lo, hi = (np.asarray(v, np.float64) for v in self.tensors[index])  # type: ignore[union-attr]
+        if lo.size not in (1, channels):
+            raise CodecError(f"tensor {index} has {channels} channels, its clip range {lo.size}")
+        return np.broadcast_to(lo, (channels,)), np.broadcast_to(hi, (channels,))
+
+
+def _finite_float(x: object) -> bool:
+    if not isinstance(x, float | int) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
+def calibrate(
+    samples: Iterable[Sequence[torch.Tensor]],
+    spec: str,
+    method: str = "minmax",
+    *,
+    percentile: float = 99.99,
+) -> ClipRanges:
+    """Clip ranges for ``spec`` (a quantized or JPEG codec) from sample frontiers.
+
+    ``samples`` is an iterable of frontiers (lists of tensors, the same count and channels
+    each; it is read once and kept in memory). Floating tensors get ranges, per channel (dim 1)
+    when the spec is per channel; other tensors get ``None``. Non-finite values are ignored.
+
+    - ``"minmax"``: the smallest and largest value seen;
+    - ``"percentile"``: the ``100 - percentile`` and ``percentile`` percentiles (exact, over
+      all sample values);
+    - ``"mse"``: the range that minimises the expected squared quantization error for the
+      spec's bit width, searched on a 2048-bin histogram over a 32 x 32 grid of candidate
+      (lo, hi) pairs at once: values outside a candidate cost their exact clipping error (bin
+      centres), values inside cost ``step**2 / 12`` (uniform rounding noise), except values
+      exactly at ``lo`` when ``lo`` is kept, which cost nothing. Data whose minimum is 0 (ReLU
+      outputs) keeps 0 as its low end, so that its zeros stay exact.
+    """
+    parsed = parse_spec(spec)
+    if parsed.kind == "cast":
+        raise CodecError(
+            f"codec {spec!r} does not quantize: only q<bits>[c] and jpeg codecs take clip ranges"
+        )
+    if method not in CALIBRATION_METHODS:
+        raise CodecError(
+            f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}"
+        )
+    if not (isinstance(percentile, float | int) and 50 < percentile <= 100):
+        raise CodecError(f"percentile must be in (50, 100], got {percentile!r}")
+    frontiers = [list(f) for f in samples]
+    if not frontiers:
+        raise CodecError("calibration needs at least one sample frontier")
+    count = len(frontiers[0])
+    if any(len(f) != count for f in frontiers):
+        raise CodecError("sample frontiers differ in their number of tensors")
+    ranges: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for i in range(count):
+        tensors = [f[i] for f in frontiers]
+        if not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise CodecError(f"sample tensor {i} is not a tensor")
+        floating = {t.dtype.is_floating_point for t in tensors}
+        if floating == {False}:
+            ranges.append(None)
+            continue
+        if len(floating) > 1:
+            raise CodecError(f"sample tensor {i} is floating in some samples and not in others")
+        views = [channel_view(_as_f32(t), parsed.per_channel) for t in tensors]
+        if len({v.shape[1] for v in views}) > 1:
+            raise CodecError(f"sample tensor {i} differs in its channel count between samples")
+        if method == "minmax":
+            ranges.append(_minmax(views))
+        elif method == "percentile":
+            ranges.append(_percentile(views, float(percentile)))
+        else:
+            ranges.append(_mse(views, parsed.levels))
+    return ClipRanges.from_arrays(ranges, per_channel=parsed.per_channel, method=method)
+
+
+def _as_f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+def _minmax(views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    lows, highs, has_values = [], [], []
+    for v in views:
+        _, lo, hi, _ = sanitize(v)
+        lows.append(lo)
+        highs.append(hi)
+        has_values.append(np.isfinite(v).any(axis=(0, 2)) if v.size else np.zeros(v.shape[1], bool))
+    lo_all, hi_all, seen = np.array(lows), np.array(highs), np.array(has_values)
+    lo = np.where(seen, lo_all, np.inf).min(axis=0)
+    hi = np.where(seen, hi_all, -np.inf).max(axis=0)
+    return _finish(lo, hi)
+
+
+def _finish(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Channels without finite values get ``[0, 0]``; ends are limited to ``±RANGE_LIMIT``."""
+    empty = ~(lo <= hi)
+    lo, hi = np.where(empty, 0.0, lo), np.where(empty, 0.0, hi)
+    return np.clip(lo, -RANGE_LIMIT, RANGE_LIMIT), np.clip(hi, -RANGE_LIMIT, RANGE_LIMIT)
+
+
+def _by_channel(views: list[np.ndarray]) -> np.ndarray:
+    """All sample values as ``(C, M)`` float32, non-finite values as NaN."""
+    channels = views[0].shape[1]
+    values = np.concatenate([v.transpose(1, 0, 2).reshape(channels, -1) for v in views], axis=1)
+    values[~np.isfinite(values)] = np.nan
+    return values
+
+
+def _percentile(views: list[np.ndarray], pct: float) -> tuple[np.ndarray, np.ndarray]:
+    values = _by_channel(views)
+    if values.shape[1] == 0:
+        return _finish(np.zeros(values.shape[0]), np.zeros(values.shape[0]))
+    lo, hi = np.full(values.shape[0], np.nan), np.full(values.shape[0], np.nan)
+    seen = ~np.isnan(values).all(axis=1)
+    if seen.any():
+        q = np.nanpercentile(values[seen].astype(np.float64), [100.0 - pct, pct], axis=1)
+        lo[seen], hi[seen] = q[0], q[1]
+    return _finish(lo, hi)
+
+
+def _mse(views: list[np.ndarray], levels: int) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi = _minmax(views)
+    channels = lo.size
+    width = (hi - lo) / _BINS
+    inv_width = np.divide(1.0, width, out=np.zeros_like(width), where=width > 0)
+    counts = np.zeros(channels * _BINS, np.float64)
+    at_lo = np.zeros(channels)
+    offsets = (np.arange(channels) * _BINS).reshape(1, -1, 1)
+    for v in views:  # one histogram per channel, all channels in one bincount
+        finite = np.isfinite(v)
+        x = np.where(finite, v, lo.reshape(1, -1, 1)).astype(np.float64)
+        idx = np.clip(
+            ((x - lo.reshape(1, -1, 1)) * inv_width.reshape(1, -1, 1)).astype(np.int64), 0, _BINS - 1
+        )
+        counts += np.bincount((idx + offsets)[finite], minlength=channels * _BINS)
+        at_lo += ((v == lo.reshape(1, -1, 1).astype(np.float32)) & finite).sum(axis=(0, 2))
+    counts = counts.reshape(channels, _BINS)
+    centres = lo[:, None] + (np.arange(_BINS) + 0.5) * width[:, None]
+    # prefix sums of n, n*v, n*v^2 over the bins: entry k sums bins 0..k-1
+    zeros = np.zeros((channels, 1))
+    n = np.concatenate([zeros, np.cumsum(counts, axis=1)], axis=1)
+    s1 = np.concatenate([zeros, np.cumsum(counts * centres, axis=1)], axis=1)
+    s2 = np.concatenate([zeros, np.cumsum(counts * centres**2, axis=1)], axis=1)
+    # candidate ends on bin edges: a = edge ka (clips bins < ka), b = edge kb (clips bins >= kb)
+    steps = np.unique(np.concatenate([[0], np.round(np.geomspace(1, 0.95 * _BINS, _CANDIDATES - 1))])).astype(
+        int
+    )
+    ka, kb = steps[:, None], _BINS - steps[None, :]
+    ka, kb = np.broadcast_arrays(ka, kb)
+    valid = ka < kb
+    ka, kb = ka[valid], kb[valid]  # (K,)
+    a = lo[:, None] + ka[None, :] * width[:, None]  # (C, K)
+    b = lo[:, None] + kb[None, :] * width[:, None]
+    total = n[:, -1:]
+    n_lo, s1_lo, s2_lo = n[:, ka], s1[:, ka], s2[:, ka]
+    n_hi, s1_hi, s2_hi = total - n[:, kb], s1[:, -1:] - s1[:, kb], s2[:, -1:] - s2[:, kb]
+    clip_err = (a**2 * n_lo - 2 * a * s1_lo + s2_lo) + (s2_hi - 2 * b * s1_hi + b**2 * n_hi)
+    inside = total - n_lo - n_hi - np.where(ka[None, :] == 0, at_lo[:, None], 0.0)
+    step = (b - a) / (levels - 1)
+    err = np.maximum(clip_err, 0.0) + np.maximum(inside, 0.0) * step**2 / 12
+    err[(lo == 0)[:, None] & (ka[None, :] > 0)] = np.inf  # non-negative data keeps 0 exact
+    best = np.argmin(err, axis=1)
+    rows = np.arange(channels)
+    new_lo, new_hi = a[rows, best], b[rows, best]
+    constant = ~(width > 0)
+    return _finish(np.where(constant, lo, new_lo), np.where(constant, hi, new_hi))

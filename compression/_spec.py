@@ -1,0 +1,82 @@
+"""Codec spec strings: ``<base>[+zstd<level>]``, parsed once into a frozen :class:`Spec`.
+
+Bases:
+
+- ``f32``, ``f16``, ``bf16``: cast floating tensors (lossless for ``f32``);
+- ``q2`` .. ``q8``: uniform affine quantization to that many bits, one range per tensor;
+  ``q2c`` .. ``q8c``: one range per channel (dim 1);
+- ``jpeg1`` .. ``jpeg100``: JPEG at that quality, for float image batches ``N x 3 x H x W``.
+
+Every base may be followed by ``+zstd1`` .. ``+zstd22``. Spellings are canonical (no leading
+zeros, lower case), so one codec has exactly one name.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+import torch
+
+from splitinfer.errors import CodecError
+
+__all__ = ["VALID_FORMS", "Spec", "parse_spec"]
+
+VALID_FORMS = (
+    "f32 | f16 | bf16 | q<bits 2..8> | q<bits 2..8>c | jpeg<quality 1..100>, optionally followed by "
+    "+zstd<level 1..22> (e.g. 'f16+zstd1', 'q8+zstd1', 'q4c+zstd3', 'jpeg90')"
+)
+
+_CASTS: dict[str, torch.dtype] = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+_SPEC_RE = re.compile(
+    r"^(?:(?P<cast>f32|f16|bf16)|q(?P<bits>[2-8])(?P<channel>c?)|jpeg(?P<quality>[1-9]\d{0,2}))"
+    r"(?:\+zstd(?P<level>[1-9]\d?))?$"
+)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed codec spec. ``kind`` is ``"cast"``, ``"quant"`` or ``"jpeg"``."""
+
+    text: str
+    kind: str
+    cast: torch.dtype | None = None  # cast: the wire dtype of floating tensors
+    bits: int = 0  # quant: 2..8; jpeg: 8 (per colour sample)
+    per_channel: bool = False  # quant: one range per channel; jpeg: always (3 colour channels)
+    quality: int = 0  # jpeg: 1..100
+    zstd_level: int | None = None
+
+    @property
+    def levels(self) -> int:
+        """Number of quantization levels (``2**bits``)."""
+        return 1 << self.bits
+
+
+def parse_spec(text: object) -> Spec:
+    """The :class:`Spec` named by ``text``; CodecError listing the valid forms otherwise."""
+    if not isinstance(text, str):
+        raise CodecError(f"unknown codec spec {text!r:.80}; valid forms: {VALID_FORMS}")
+    return _parse(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(text: str) -> Spec:
+    match = _SPEC_RE.match(text)
+    if match is None:
+        raise CodecError(f"unknown codec spec {text!r}; valid forms: {VALID_FORMS}")
+    level = match.group("level")
+    zstd_level = None if level is None else int(level)
+    if zstd_level is not None and zstd_level > 22:
+        raise CodecError(f"zstd level must be 1..22, got {level} in {text!r}; valid forms: {VALID_FORMS}")
+    if match.group("cast"):
+        return Spec(text, "cast", cast=_CASTS[match.group("cast")], zstd_level=zstd_level)
+    if match.group("bits"):
+        bits = int(match.group("bits"))
+        return Spec(text, "quant", bits=bits, per_channel=bool(match.group("channel")), zstd_level=zstd_level)
+    quality = int(match.group("quality"))
+    if quality > 100:
+        raise CodecError(
+            f"jpeg quality must be 1..100, got {quality} in {text!r}; valid forms: {VALID_FORMS}"
+        )
+    return Spec(text, "jpeg", bits=8, per_channel=True, quality=quality, zstd_level=zstd_level)
