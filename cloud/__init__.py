@@ -1,6 +1,11 @@
-"""splitinfer.cloud: the aiohttp tail server."""
+"""splitinfer.cloud: the aiohttp tail server.
+
+``splitinfer serve --repository DIR`` runs it (:func:`serve`); :func:`create_app` returns the
+aiohttp Application for embedding and tests. See docs/server.md.
+"""
 
 from splitinfer.cloud._app import create_app
 from splitinfer.cloud._config import ServerConfig
+from splitinfer.cloud._serve import serve
 
-__all__ = ["ServerConfig", "create_app"]
+__all__ = ["ServerConfig", "create_app", "serve"]

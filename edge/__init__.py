@@ -1,6 +1,7 @@
 """splitinfer.edge: the SDK that apps embed (EdgeClient)."""
 
+from splitinfer.edge._breaker import CircuitBreaker
 from splitinfer.edge._client import EdgeClient, Trace
 from splitinfer.edge._transport import HttpTransport, Transport, TransportResponse
 
-__all__ = ["EdgeClient", "HttpTransport", "Trace", "Transport", "TransportResponse"]
+__all__ = ["CircuitBreaker", "EdgeClient", "HttpTransport", "Trace", "Transport", "TransportResponse"]

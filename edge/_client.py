@@ -1,4 +1,4 @@
-"""EdgeClient: run the head on the device, send the frontier, get the outputs back."""
+"""EdgeClient: decide, run the head, send the frontier, and never leave a request unanswered."""
 
 from __future__ import annotations
 
@@ -8,17 +8,30 @@ import threading
 import time
 import uuid
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from prometheus_client import CollectorRegistry
 from torch.utils import _pytree as pytree
 
 from splitinfer import protocol
 from splitinfer.bundle import Bundle
 from splitinfer.compression import get_codec
-from splitinfer.edge._transport import HttpTransport, Transport
-from splitinfer.errors import ConfigError, ProtocolError, RemoteRequestError
+from splitinfer.edge._breaker import CircuitBreaker
+from splitinfer.edge._metrics import EdgeMetrics
+from splitinfer.edge._transport import HttpTransport, Transport, make_ssl_context
+from splitinfer.errors import (
+    AuthError,
+    CloudError,
+    CloudTimeoutError,
+    CodecError,
+    ConfigError,
+    CutNotLoadedError,
+    ProtocolError,
+    RemoteRequestError,
+)
+from splitinfer.partitioner import Decision, Estimates, Estimator, Policy, make_policy
 from splitinfer.tensors import specs_of
 
 __all__ = ["EdgeClient", "Trace"]
@@ -35,16 +48,27 @@ class Trace:
     codec: str
     bytes_up: int
     bytes_down: int
-    #: Measured seconds per stage on the edge (head, encode, network, decode) and, from the
-    #: Server-Timing header, on the cloud (prefixed ``cloud_``).
+    #: Predicted seconds per stage, from the policy's cost model.
+    predicted: dict[str, float] = field(default_factory=dict)
+    #: Measured seconds per stage on the edge (head, encode, network, decode, local_tail, total)
+    #: and, from the Server-Timing header, on the cloud (prefixed ``cloud_``).
     stages: dict[str, float] = field(default_factory=dict)
+    #: Why the request finished on the device although the decision sent it to the cloud.
     fallback: str | None = None
+    #: Whether the request was sent twice (a stale kept-alive connection).
+    retried: bool = False
 
 
 class EdgeClient:
     """The edge SDK. Use it as a context manager, sync (``infer``) or async (``ainfer``).
 
-    This version sends every request at one fixed ``cut`` with one ``codec``.
+    ``policy`` is a name for :func:`splitinfer.partitioner.make_policy` (``adaptive``,
+    ``static``, ``local``, ``cloud``, ``neurosurgeon``) or a Policy; ``policy_options`` go to
+    make_policy (``cut=``/``codec=`` for static, ``privacy_floor=``, ...). ``max_cut`` bounds
+    the cuts the edge may choose and so the segments it loads; with ``max_cut`` below the last
+    cut the device cannot finish a request alone, and a cloud failure raises instead of falling
+    back. ``device_slowdown=N`` makes head and encode take N times their measured time: an
+    emulation of a slower device for experiments on one machine.
     """
 
     def __init__(
@@ -52,78 +76,200 @@ class EdgeClient:
         url: str,
         *,
         bundle: str | os.PathLike[str] | Bundle,
-        cut: int = 1,
-        codec: str = "f32+zstd1",
+        policy: str | Policy = "adaptive",
         token: str | None = None,
-        deadline_s: float | None = 10.0,
+        deadline_s: float | None = 1.0,
+        device_slowdown: float = 1.0,
+        fidelity_budget: float = 0.99,
+        max_cut: int | None = None,
+        ca_file: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+        registry: CollectorRegistry | None = None,
         transport: Transport | None = None,
+        breaker: CircuitBreaker | None = None,
+        prior: Estimates | None = None,
+        **policy_options: Any,
     ):
+        if deadline_s is not None and deadline_s <= 0:
+            raise ConfigError(f"deadline_s must be positive or None, got {deadline_s}")
+        if device_slowdown < 1.0:
+            raise ConfigError(f"device_slowdown must be >= 1 (1 = this machine), got {device_slowdown}")
         if isinstance(bundle, Bundle):
             self.bundle = bundle
         else:
-            self.bundle = Bundle.load(Path(bundle), upto_cut=cut)
-        self.bundle.cut(cut)
-        if not self.bundle.can_head(cut):
-            raise ConfigError(f"the bundle given holds no head for cut {cut}; load it with upto_cut >= {cut}")
-        if codec not in self.bundle.codecs:
-            raise ConfigError(
-                f"bundle {self.bundle.name!r} offers codecs {self.bundle.codecs}, not {codec!r}"
-            )
-        if deadline_s is not None and deadline_s <= 0:
-            raise ConfigError(f"deadline_s must be positive or None, got {deadline_s}")
-        self.cut = cut
-        self.codec = self.bundle.codec_for(cut, codec)
+            self.bundle = Bundle.load(Path(bundle), upto_cut=max_cut)
+        last = self.bundle.last_cut
+        self.max_cut = last if max_cut is None else self.bundle.cut(max_cut).index
+        if not self.bundle.can_head(self.max_cut):
+            raise ConfigError(f"the bundle holds no head for cut {self.max_cut}; load it with upto_cut >= it")
+        if isinstance(policy, str):
+            options = dict(policy_options)
+            if policy in ("adaptive", "cloud"):
+                options.setdefault("fidelity_budget", fidelity_budget)
+            self.policy: Policy = make_policy(policy, self.bundle, **options)
+        else:
+            self.policy = policy
         self.deadline_s = deadline_s
-        self.transport: Transport = transport or HttpTransport(url, token=token)
+        self.device_slowdown = float(device_slowdown)
+        self.can_finish_locally = self.bundle.can_head(last)
+        base_prior = prior or Estimates(uplink_bps=2e6, downlink_bps=8e6, rtt_s=0.05)
+        self.estimator = Estimator(
+            self.bundle,
+            prior=replace(base_prior, device_slowdown=self.device_slowdown),
+            clock=time.perf_counter,
+        )
+        ssl_context = make_ssl_context(ca_file, client_cert, client_key) if (ca_file or client_cert) else None
+        self.transport: Transport = transport or HttpTransport(url, token=token, ssl_context=ssl_context)
+        self.breaker = breaker or CircuitBreaker()
+        self.metrics = EdgeMetrics(registry) if registry is not None else None
         self.last_trace: Trace | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    # -- async API -----------------------------------------------------------------------
+    # -- the request ---------------------------------------------------------------------
+
+    def _decide(self) -> tuple[Decision, str | None]:
+        """The decision for the next request, and why it stays local if the plan was the cloud."""
+        decision = self.policy.decide(self.estimator.estimates())
+        last = self.bundle.last_cut
+        if decision.cut > self.max_cut:
+            raise ConfigError(f"policy chose cut {decision.cut}, beyond this client's max_cut {self.max_cut}")
+        if decision.cut == last:
+            return decision, None
+        if self.deadline_s is not None and decision.predicted_s > self.deadline_s and self.can_finish_locally:
+            return decision, "deadline"
+        if not self.breaker.allow() and self.can_finish_locally:
+            return decision, "circuit_open"
+        return decision, None
+
+    async def _emulated(self, fn: Any, *args: Any) -> tuple[Any, float]:
+        """Run ``fn`` off the loop, then wait out the rest of an N-times-slower device."""
+        t0 = time.perf_counter()
+        result = await asyncio.to_thread(fn, *args)
+        took = time.perf_counter() - t0
+        if self.device_slowdown > 1.0:
+            await asyncio.sleep(took * (self.device_slowdown - 1.0))
+        return result, time.perf_counter() - t0
 
     async def ainfer(self, *inputs: Any) -> Any:
         """The model's outputs for ``inputs``, computed across the device and the cloud."""
+        started = time.perf_counter()
+        decision, local_reason = self._decide()
+        last = self.bundle.last_cut
+        k = last if local_reason else decision.cut
         request_id = uuid.uuid4().hex
         stages: dict[str, float] = {}
-        t0 = time.perf_counter()
-        frontier = await asyncio.to_thread(self.bundle.head, self.cut, *inputs)
-        t1 = time.perf_counter()
-        payload = await asyncio.to_thread(self.codec.encode, frontier)
-        t2 = time.perf_counter()
+        frontier, stages["head"] = await self._emulated(self.bundle.head, k, *inputs)
+        self.estimator.observe_head(k, stages["head"])
+        trace = Trace(
+            request_id, decision.cut, decision.codec, 0, 0, dict(decision.stages), stages, local_reason
+        )
+        if k == last:
+            outputs = frontier
+        else:
+            try:
+                outputs, trace = await self._remote(decision, frontier, trace, started)
+            except AuthError:
+                raise
+            except (CloudError, ProtocolError, CodecError) as exc:
+                outputs, trace = await self._fall_back(decision, frontier, trace, exc)
+        stages["total"] = time.perf_counter() - started
+        self._record(trace, decision)
+        return pytree.tree_unflatten(list(outputs), pytree.treespec_loads(self.bundle.out_spec))
+
+    async def _remote(
+        self, decision: Decision, frontier: tuple[Any, ...], trace: Trace, started: float
+    ) -> tuple[tuple[Any, ...], Trace]:
+        codec = self.bundle.codec_for(decision.cut, decision.codec)
+        payload, trace.stages["encode"] = await self._emulated(codec.encode, list(frontier))
+        remaining = None
+        if self.deadline_s is not None:
+            remaining = self.deadline_s - (time.perf_counter() - started)
+            if remaining <= 0:
+                raise CloudTimeoutError("the deadline passed before the request was sent", code="deadline")
         header = protocol.RequestHeader(
             model=self.bundle.name,
             graph=self.bundle.graph_hash,
-            cut=self.cut,
-            codec=self.codec.spec,
+            cut=decision.cut,
+            codec=decision.codec,
             tensors=specs_of(frontier),
-            request_id=request_id,
+            request_id=trace.request_id,
             payload_nbytes=len(payload),
-            deadline_s=self.deadline_s,
+            deadline_s=remaining,
         )
         body = protocol.encode_request(header, payload)
         resp = await self.transport.post(
             f"/v1/models/{self.bundle.name}/infer",
             body,
             {"Content-Type": protocol.FRAME_CONTENT_TYPE},
-            self.deadline_s,
+            remaining,
         )
-        t3 = time.perf_counter()
+        trace.stages["network"] = resp.ended - resp.started
         if resp.status != 200:
             raise protocol.error_from_problem(resp.status, resp.body, resp.headers.get("Retry-After"))
-        try:
-            rheader, rpayload = protocol.decode_response(resp.body)
-        except ProtocolError as exc:
-            raise RemoteRequestError(f"the cloud sent a malformed answer: {exc}") from exc
+        t0 = time.perf_counter()
+        rheader, rpayload = protocol.decode_response(resp.body)
         outputs = get_codec(rheader.codec).decode(
             rpayload, max_nbytes=sum(s.nbytes() for s in rheader.tensors)
         )
-        t4 = time.perf_counter()
-        stages.update(head=t1 - t0, encode=t2 - t1, network=t3 - t2, decode=t4 - t3)
-        cloud = protocol.parse_server_timing(resp.headers.get("Server-Timing"))
-        stages.update({f"cloud_{k}": v for k, v in cloud.items()})
-        self.last_trace = Trace(request_id, self.cut, self.codec.spec, len(body), len(resp.body), stages)
-        return pytree.tree_unflatten(list(outputs), pytree.treespec_loads(self.bundle.out_spec))
+        trace.stages["decode"] = time.perf_counter() - t0
+        timing = resp.headers.get("Server-Timing")
+        trace.stages.update({f"cloud_{k}": v for k, v in protocol.parse_server_timing(timing).items()})
+        self.estimator.observe_transfer(
+            up_bytes=len(body),
+            down_bytes=len(resp.body),
+            start=resp.started,
+            first_byte=resp.first_byte,
+            end=resp.ended,
+            server_timing=timing,
+            cut=decision.cut,
+        )
+        self.breaker.success()
+        return tuple(outputs), replace(
+            trace, bytes_up=len(body), bytes_down=len(resp.body), retried=resp.retried
+        )
+
+    async def _fall_back(
+        self, decision: Decision, frontier: tuple[Any, ...], trace: Trace, exc: Exception
+    ) -> tuple[tuple[Any, ...], Trace]:
+        """Finish on the device from the frontier already computed; fail loudly if it cannot."""
+        reason = _reason(exc)
+        if reason not in ("graph_mismatch", "bad_request"):
+            self.breaker.failure()
+        if not self.can_finish_locally:
+            raise exc
+        t0 = time.perf_counter()
+        try:
+            outputs = await asyncio.to_thread(
+                self.bundle.run_segments, decision.cut, self.bundle.n_segments, frontier
+            )
+        except CutNotLoadedError:
+            raise exc from None
+        trace.stages["local_tail"] = time.perf_counter() - t0
+        return outputs, replace(trace, fallback=reason)
+
+    def _record(self, trace: Trace, decision: Decision) -> None:
+        self.last_trace = trace
+        if self.metrics is None:
+            return
+        model = self.bundle.name
+        self.metrics.decisions.labels(model=model, cut=str(trace.cut), codec=trace.codec).inc()
+        self.metrics.latency.labels(model=model).observe(trace.stages["total"])
+        if trace.fallback:
+            self.metrics.fallbacks.labels(model=model, reason=trace.fallback).inc()
+        elif trace.cut != self.bundle.last_cut and decision.predicted_s > 0:
+            self.metrics.prediction_error.labels(model=model).observe(
+                trace.stages["total"] / decision.predicted_s
+            )
+        if trace.retried:
+            self.metrics.retries.labels(model=model, reason="stale_connection").inc()
+        est = self.estimator.estimates()
+        self.metrics.uplink.labels(model=model).set(est.uplink_bps / 8)
+        self.metrics.rtt.labels(model=model).set(est.rtt_s)
+
+    # -- async lifecycle -----------------------------------------------------------------
 
     async def aclose(self) -> None:
         await self.transport.close()
@@ -165,3 +311,19 @@ class EdgeClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _reason(exc: Exception) -> str:
+    """A low-cardinality label for why the cloud could not serve a request."""
+    code = getattr(exc, "code", None)
+    if code == "graph_mismatch":
+        return "graph_mismatch"
+    if code in ("overloaded", "not_ready"):
+        return "shed"
+    if code in ("deadline_exceeded", "deadline") or isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionError):
+        return "unreachable"
+    if isinstance(exc, RemoteRequestError | ProtocolError | CodecError):
+        return "bad_request"
+    return "cloud_error"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -13,7 +14,7 @@ from multidict import CIMultiDict
 
 from splitinfer.errors import CloudTimeoutError, CloudUnavailableError, ConfigError
 
-__all__ = ["HttpTransport", "Transport", "TransportResponse"]
+__all__ = ["HttpTransport", "Transport", "TransportResponse", "make_ssl_context"]
 
 _STREAM_ABOVE = 512 * 1024
 
@@ -23,6 +24,12 @@ class TransportResponse:
     status: int
     body: bytes
     headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
+    #: perf_counter times: request sent (start), response headers in (first byte), body read (end).
+    started: float = 0.0
+    first_byte: float = 0.0
+    ended: float = 0.0
+    #: Whether the request was sent twice because a kept-alive connection had gone stale.
+    retried: bool = False
 
 
 class Transport(Protocol):
@@ -37,8 +44,28 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
+def make_ssl_context(
+    ca_file: str | None = None, client_cert: str | None = None, client_key: str | None = None
+) -> ssl.SSLContext:
+    """A client TLS context trusting ``ca_file`` (else the system's CAs), with an optional client
+    certificate for mutual TLS."""
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+        if client_cert:
+            context.load_cert_chain(client_cert, client_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot set up TLS (ca_file={ca_file}, client_cert={client_cert}): {exc}") from exc
+    if client_key and not client_cert:
+        raise ConfigError("client_key needs client_cert too")
+    return context
+
+
 class HttpTransport:
-    """HTTP/1.1 with keep-alive over one aiohttp session; errors mapped to splitinfer's."""
+    """HTTP/1.1 with keep-alive over one pooled aiohttp session; errors mapped to splitinfer's.
+
+    A request whose kept-alive connection turns out to be closed by the server before any
+    answer arrived (``ServerDisconnectedError``) is sent once more, and the response says so.
+    """
 
     def __init__(
         self,
@@ -47,6 +74,8 @@ class HttpTransport:
         token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         max_response_bytes: int = 256 * 1024 * 1024,
+        pool_size: int = 64,
+        connect_timeout_s: float = 3.0,
     ):
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"cloud URL must start with http:// or https://, got {base_url!r}")
@@ -54,38 +83,53 @@ class HttpTransport:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._ssl = ssl_context
         self._max_response = max_response_bytes
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout_s
         self._session: aiohttp.ClientSession | None = None
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=64, ssl=self._ssl if self._ssl else True),
+                connector=aiohttp.TCPConnector(limit=self._pool_size, ssl=self._ssl or True),
                 headers=self._headers,
             )
         return self._session
 
+    async def _once(
+        self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout_s: float | None
+    ) -> TransportResponse:
+        # Large bodies are streamed from a file-like object (aiohttp warns on big raw bytes).
+        data = io.BytesIO(body) if body is not None and len(body) > _STREAM_ABOVE else body
+        connect = self._connect_timeout if timeout_s is None else min(self._connect_timeout, timeout_s)
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect)
+        started = time.perf_counter()
+        async with self._get_session().request(
+            method, url, data=data, headers=headers, timeout=timeout
+        ) as resp:
+            first_byte = time.perf_counter()
+            if resp.content_length is not None and resp.content_length > self._max_response:
+                raise CloudUnavailableError(f"cloud answer of {resp.content_length} bytes is too large")
+            payload = await resp.content.read(self._max_response + 1)
+            if len(payload) > self._max_response:
+                raise CloudUnavailableError(f"cloud answer exceeds {self._max_response} bytes")
+            return TransportResponse(
+                resp.status, payload, CIMultiDict(resp.headers), started, first_byte, time.perf_counter()
+            )
+
     async def _request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None,
-        headers: dict[str, str],
-        timeout_s: float | None,
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str], timeout_s: float | None
     ) -> TransportResponse:
         url = self.base_url + path
-        # Large bodies are streamed from a file-like object (aiohttp sends bytes in one write).
-        data = io.BytesIO(body) if body is not None and len(body) > _STREAM_ABOVE else body
-        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
         try:
-            async with self._get_session().request(
-                method, url, data=data, headers=headers, timeout=timeout
-            ) as resp:
-                if resp.content_length is not None and resp.content_length > self._max_response:
-                    raise CloudUnavailableError(f"cloud answer of {resp.content_length} bytes is too large")
-                data = await resp.content.read(self._max_response + 1)
-                if len(data) > self._max_response:
-                    raise CloudUnavailableError(f"cloud answer exceeds {self._max_response} bytes")
-                return TransportResponse(resp.status, data, CIMultiDict(resp.headers))
+            try:
+                return await self._once(method, url, body, headers, timeout_s)
+            except aiohttp.ServerDisconnectedError:
+                remaining = None if deadline is None else max(0.001, deadline - time.perf_counter())
+                resp = await self._once(method, url, body, headers, remaining)
+                return TransportResponse(
+                    resp.status, resp.body, resp.headers, resp.started, resp.first_byte, resp.ended, True
+                )
         except asyncio.TimeoutError as exc:
             raise CloudTimeoutError(f"no answer from {url} within {timeout_s} s") from exc
         except aiohttp.ClientError as exc:

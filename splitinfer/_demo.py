@@ -53,7 +53,9 @@ async def _serve_and_send(bundle_dir: Path, model: nn.Module, requests: int, cut
         )
         generator = torch.Generator().manual_seed(1)
         worst = 0.0
-        async with EdgeClient(url, bundle=bundle, cut=cut, codec=codec) as client:
+        async with EdgeClient(
+            url, bundle=bundle, policy="static", cut=cut, codec=codec, max_cut=cut
+        ) as client:
             for i in range(requests):
                 x = torch.rand(1, 3, 32, 32, generator=generator)
                 out = await client.ainfer(x)

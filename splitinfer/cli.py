@@ -19,50 +19,74 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "serve",
         help="run the cloud tail server",
         description=(
-            "Serve the tails of every bundle under --repository over HTTP. Each option can also "
-            "be set by an environment variable SPLITINFER_<OPTION> (e.g. SPLITINFER_PORT); the "
-            "command line wins."
+            "Serve the tails of every bundle under --repository over HTTP(S), with dynamic "
+            "batching, backpressure, bearer tokens, TLS and a graceful drain on SIGTERM. Each "
+            "option can also be set by an environment variable SPLITINFER_<OPTION> (e.g. "
+            "SPLITINFER_PORT, SPLITINFER_MAX_BATCH_SIZE); the command line wins."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--repository", metavar="DIR", help="directory holding one bundle per subdirectory")
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port to listen on (default 8080; 0 picks a free one)")
-    p.add_argument(
-        "--max-body-bytes",
+
+    def option(name: str, help: str, **kw: object) -> None:
+        env = "SPLITINFER_" + name.upper().replace("-", "_")
+        p.add_argument(f"--{name}", help=f"{help} [{env}]", **kw)  # type: ignore[arg-type]
+
+    option("repository", "directory holding one bundle per subdirectory", metavar="DIR")
+    option("host", "address to listen on (default 127.0.0.1)")
+    option("port", "port to listen on (default 8080; 0 picks a free one)", type=int)
+    option("max-batch-size", "most rows computed at once; 1 turns batching off (default 16)", type=int)
+    option(
+        "max-queue-delay-ms",
+        "longest a request waits for others to join its batch, in ms; a lone request never waits (default 2)",
+        type=float,
+    )
+    option(
+        "max-queue-length",
+        "most requests waiting for compute; beyond it: 503 with Retry-After (default 256)",
         type=int,
-        help="largest request body; larger ones get 413 (default 64 MiB)",
     )
-    p.add_argument("--compute-threads", type=int, help="threads running decode and tail compute (default 1)")
-    p.add_argument("--torch-threads", type=int, help="threads torch uses per computation (default: torch's)")
-    p.add_argument("--response-codec", help="codec of the outputs sent back (default f32)")
+    option("compute-threads", "threads decoding, running tails and encoding (default 1)", type=int)
+    option("torch-threads", "threads torch uses inside one computation (default: torch's)", type=int)
+    option(
+        "inline-below-ms",
+        "run batches predicted to take at most this long on the event loop, not a thread (default 0: never)",
+        type=float,
+    )
+    option("max-body-bytes", "largest request body; larger ones get 413 unread (default 64 MiB)", type=int)
+    option("max-decoded-bytes", "largest frontier one request may decode to (default 256 MiB)", type=int)
+    option("response-codec", "codec of the outputs sent back (default f32)")
+    option("token-file", "file of bearer tokens, one a line; unset: no authentication", metavar="FILE")
+    option(
+        "public-probes",
+        "serve health and metrics without a token (default: they need one too)",
+        action="store_const",
+        const=True,
+    )
+    option("tls-cert", "PEM certificate chain: serve HTTPS (with --tls-key)", metavar="FILE")
+    option("tls-key", "PEM private key of --tls-cert", metavar="FILE")
+    option("tls-client-ca", "PEM CA bundle: require client certificates (mutual TLS)", metavar="FILE")
+    option(
+        "metrics-port",
+        "serve /metrics and health on this separate plain-HTTP port instead of the API port",
+        type=int,
+    )
+    option(
+        "drain-timeout-s",
+        "after SIGTERM, seconds admitted requests get to finish before the process exits (default 30)",
+        type=float,
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
+    import dataclasses
 
-    from splitinfer.cloud import ServerConfig, create_app
+    from splitinfer.cloud import ServerConfig, serve
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig.from_env(
-        repository=args.repository,
-        host=args.host,
-        port=args.port,
-        max_body_bytes=args.max_body_bytes,
-        compute_threads=args.compute_threads,
-        torch_threads=args.torch_threads,
-        response_codec=args.response_codec,
-    )
-    web.run_app(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        print=lambda msg: print(msg, flush=True),
-        access_log=None,
-    )
-    return 0
+    options = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(ServerConfig)}
+    config = ServerConfig.from_env(**options)
+    return 0 if serve(config) else 3  # 3: the drain timeout cut admitted requests short
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -226,6 +250,99 @@ def _best_codecs(fidelity: dict[str, Any], budget: float) -> dict[int, dict[str,
     return best
 
 
+def _add_netem(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "netem",
+        help="run the trace-driven link emulator (a shaping TCP proxy)",
+        description=(
+            "Proxy TCP connections from --listen to --upstream, shaping each direction by a "
+            "bandwidth trace ('<seconds> <Mbit/s>' per line, looped), a constant rate or a named "
+            "profile, plus a one-way delay. Shipped traces: "
+            + ", ".join(sorted(_shipped_trace_names()))
+            + ". Example: splitinfer netem --listen 127.0.0.1:9000 --upstream 127.0.0.1:8080 "
+            "--trace norway-3g-train-1 --delay 40ms"
+        ),
+    )
+    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
+    p.add_argument("--upstream", required=True, metavar="HOST:PORT", help="the server to proxy to")
+    shape = p.add_mutually_exclusive_group(required=True)
+    shape.add_argument("--trace", metavar="FILE|NAME", help="uplink bandwidth trace (file or shipped name)")
+    shape.add_argument("--rate", metavar="RATE", help="constant uplink rate, e.g. 2Mbit")
+    shape.add_argument("--profile", choices=["3g", "lte", "wifi", "5g"], help="a named network profile")
+    p.add_argument("--downlink-trace", metavar="FILE|NAME", help="downlink trace (default: as uplink)")
+    p.add_argument("--downlink-rate", metavar="RATE", help="constant downlink rate (default: as uplink)")
+    p.add_argument("--delay", default=None, metavar="TIME", help="one-way delay, e.g. 40ms (default 0)")
+    p.add_argument(
+        "--loss-events",
+        default="",
+        metavar="T1,T2,...",
+        help="seconds after start at which to cut all connections",
+    )
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.set_defaults(func=_netem)
+
+
+def _shipped_trace_names() -> list[str]:
+    from splitinfer.netem import shipped_traces
+
+    return list(shipped_traces())
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def _netem(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from splitinfer.netem import PROFILES, BandwidthTrace, LinkEmulator, parse_duration, parse_rate
+
+    delay = 0.0
+    if args.profile:
+        profile = PROFILES[args.profile]
+        uplink = BandwidthTrace.constant(profile.uplink_bps)
+        downlink = BandwidthTrace.constant(profile.downlink_bps)
+        delay = profile.delay_s
+    else:
+        uplink = (
+            BandwidthTrace.load(args.trace) if args.trace else BandwidthTrace.constant(parse_rate(args.rate))
+        )
+        downlink = uplink
+    if args.downlink_trace:
+        downlink = BandwidthTrace.load(args.downlink_trace)
+    elif args.downlink_rate:
+        downlink = BandwidthTrace.constant(parse_rate(args.downlink_rate))
+    if args.delay is not None:
+        delay = parse_duration(args.delay)
+    try:
+        losses = [float(t) for t in args.loss_events.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--loss-events takes comma-separated seconds, got {args.loss_events!r}") from None
+
+    async def run() -> None:
+        async with LinkEmulator(
+            _host_port(args.upstream),
+            uplink=uplink,
+            downlink=downlink,
+            delay_s=delay,
+            listen=_host_port(args.listen),
+            disconnects=losses,
+        ) as emulator:
+            print(
+                f"netem listening on {emulator.listen[0]}:{emulator.port} -> {args.upstream} "
+                f"(uplink {uplink.name}, mean {uplink.mean_bps() / 1e6:.2f} Mbit/s; "
+                f"delay {delay * 1000:.0f} ms)",
+                flush=True,
+            )
+            await asyncio.sleep(args.duration if args.duration else float("inf"))
+
+    asyncio.run(run())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="splitinfer",
@@ -237,7 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"splitinfer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_compile, _add_inspect, _add_serve, _add_demo):
+    from splitinfer.partitioner._cli import add_plan_parser, add_profile_parser
+
+    for add in (
+        _add_compile,
+        _add_inspect,
+        add_profile_parser,
+        add_plan_parser,
+        _add_serve,
+        _add_netem,
+        _add_demo,
+    ):
         add(sub)
     return parser
 

@@ -40,12 +40,12 @@ class RunningServer:
     app: web.Application
 
 
-async def start_server(config: ServerConfig) -> tuple[web.AppRunner, RunningServer]:
+async def start_server(config: ServerConfig, port: int = 0) -> tuple[web.AppRunner, RunningServer]:
     registry = CollectorRegistry()
     app = create_app(config, registry=registry)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     port = runner.addresses[0][1]
     return runner, RunningServer(f"http://127.0.0.1:{port}", registry, app)

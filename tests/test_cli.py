@@ -88,7 +88,7 @@ def test_serve_answers_real_requests_and_stops_on_sigterm(repository, cnn):
         with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=10) as r:
             assert r.status == 200
         x = torch.rand(1, 3, 32, 32)
-        with EdgeClient(url, bundle=repository / "democnn", cut=6) as client:
+        with EdgeClient(url, bundle=repository / "democnn", policy="static", cut=6, codec="f32") as client:
             out = client.infer(x)
         with torch.no_grad():
             assert torch.equal(out, cnn(x))
@@ -127,7 +127,7 @@ def test_compile_and_inspect(tmp_path):
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
     assert lines[0].startswith("bundle   tiny")
-    assert any(re.match(r"\s+0\s+input\s+0\.8\s+float32\[Bx3x8x8\]", line) for line in lines)
+    assert any(re.match(r"\s+0\s+input\s+0\.8\s+f32\S* .*float32\[Bx3x8x8\]", line) for line in lines)
     assert any("output" in line and "float32[Bx2]" in line for line in lines)
 
 

@@ -49,8 +49,12 @@ def test_quantized_codecs_shrink_and_cost_fidelity_in_order(calibrated):
     table = _table(bundle)
     inner = range(1, bundle.last_cut)
     for k in (c.index for c in bundle.cuts[1:-1] if c.nbytes >= 4096):  # headers dominate tiny ones
-        assert table[(k, "q4c+zstd1")]["bytes"] < table[(k, "f16+zstd1")]["bytes"] < table[(k, "f32")]["bytes"]
-    mean = {spec: sum(table[(k, spec)]["fidelity"] for k in inner) / len(inner) for spec in ("q8+zstd1", "q2c")}
+        assert (
+            table[(k, "q4c+zstd1")]["bytes"] < table[(k, "f16+zstd1")]["bytes"] < table[(k, "f32")]["bytes"]
+        )
+    mean = {
+        spec: sum(table[(k, spec)]["fidelity"] for k in inner) / len(inner) for spec in ("q8+zstd1", "q2c")
+    }
     assert mean["q8+zstd1"] >= mean["q2c"]
     assert mean["q8+zstd1"] > 0.9
 
@@ -86,7 +90,9 @@ def test_inspect_shows_the_smallest_codec_within_budget(tmp_path, calibrated):
     path = bundle.save(tmp_path / "b")
     out = subprocess.run(
         [sys.executable, "-m", "splitinfer", "inspect", str(path), "--budget", "0.9"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "smallest at fidelity >= 0.9" in out
     assert "top1 agreement with the uncompressed model on 12 calibration input(s)" in out

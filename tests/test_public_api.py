@@ -6,10 +6,35 @@ import pytest
 
 PUBLIC = {
     "splitinfer": ["Bundle", "Cut", "SplitInferError", "TensorSpec", "__version__", "compile"],
-    "splitinfer.compression": ["DEFAULT_MAX_NBYTES", "Codec", "available_codecs", "get_codec"],
-    "splitinfer.partitioner": ["compile"],
-    "splitinfer.edge": ["EdgeClient", "HttpTransport", "Trace", "Transport", "TransportResponse"],
-    "splitinfer.cloud": ["ServerConfig", "create_app"],
+    "splitinfer.compression": [
+        "DEFAULT_MAX_NBYTES",
+        "ClipRanges",
+        "Codec",
+        "available_codecs",
+        "calibrate",
+        "get_codec",
+    ],
+    "splitinfer.partitioner": [
+        "Candidate",
+        "Decision",
+        "EnergyModel",
+        "Estimates",
+        "Estimator",
+        "Explanation",
+        "Policy",
+        "compile",
+        "make_policy",
+        "profile_bundle",
+    ],
+    "splitinfer.edge": [
+        "CircuitBreaker",
+        "EdgeClient",
+        "HttpTransport",
+        "Trace",
+        "Transport",
+        "TransportResponse",
+    ],
+    "splitinfer.cloud": ["ServerConfig", "create_app", "serve"],
 }
 
 

@@ -1,0 +1,780 @@
+"""Policies replayed over real network traces, with EfficientNet-Lite0's real profile and fidelity.
+
+Writes benchmarks/results/policy.md. Run: `.venv/bin/python benchmarks/bench_policy.py [--quick]`.
+
+The first run compiles EfficientNet-Lite0 with calibration on real photos (the fidelity table:
+tens of minutes on a shared 2-core machine) and profiles it, and caches the bundle's manifest
+under --cache; later runs read the cache and take a few minutes (--quick: about one).
+
+What is simulated (docs/decision.md, "How the policies were evaluated"):
+
+- a request arrives every 200 ms; each policy decides from its *own* estimator, fed only by
+  the transfers its past decisions made (observations arrive when a transfer ends) and by the
+  probes the estimator asks for;
+- the link is the trace (uplink and downlink alike, the trace's rate over time: a transfer of
+  B bits started at t ends when the trace's cumulative capacity from t reaches B), plus a round
+  trip of 80 ms with 10% log-normal jitter;
+- device and cloud compute are the profile's times, scaled by the device slowdown (and 1 for
+  the cloud); the cloud adds 2 ms of queueing; the edge runs one warm-up inference at start,
+  so its estimator knows the device's speed from the first request on;
+- requests do not contend with each other or with probes for the link (each sees the trace);
+- the oracle picks, per request and in hindsight, the allowed candidate with the least
+  realized latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS, machine
+
+from splitinfer.bundle import Bundle, Cut, update_manifest
+from splitinfer.partitioner import Estimates, Estimator, make_policy
+from splitinfer.partitioner._cli import load_metadata
+from splitinfer.partitioner._policy import TablePolicy
+from splitinfer.tensors import TensorSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACES = ROOT / ".." / "shared" / "traces"
+CACHE = Path.home() / ".cache" / "splitinfer-bench" / "efficientnet-lite0"
+CODECS = ["f32", "f32+zstd1", "f16+zstd1", "q8+zstd1", "q8c+zstd1", "q6c+zstd1", "q4c+zstd1", "jpeg90"]
+BUDGET = 0.99
+INTERVAL_S = 0.2
+RTT_S = 0.08
+RTT_JITTER = 0.1
+QUEUE_S = 0.002
+CLOUD_SLOWDOWN = 1.0
+#: Device slowdowns swept; by default the runs use the one where the two fixed ends (all on the
+#: device, all in the cloud) tie in mean latency: neither wins outright (tie_slowdown).
+SLOWDOWNS = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+MIN_MBIT = 1e-3  # a trace's 0 is a link that barely moves, so transfers wait for it to recover
+POLICIES = ("adaptive", "neurosurgeon", "cloud", "local", "static")
+
+
+# -- the bundle: compile with calibration on real photos, profile, cache ---------------------------
+
+
+def calibration_images() -> list[tuple[Any, ...]]:
+    """30 inputs: 10 real colour photos, 3 crops each, resized to 224, ImageNet-normalized."""
+    import skimage.data
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_sample_images
+
+    names = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field"]
+    names += ["immunohistochemistry", "retina", "colorwheel"]
+    photos = [getattr(skimage.data, n)() for n in names] + list(load_sample_images().images)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for a in photos:
+        t = torch.from_numpy(np.array(a[..., :3])).permute(2, 0, 1).float()[None] / 255
+        h, w = t.shape[2:]
+        for j in range(3):
+            s = int(min(h, w) * (1.0 if j == 0 else 0.6))
+            y0 = int(torch.randint(0, h - s + 1, (1,), generator=g))
+            x0 = int(torch.randint(0, w - s + 1, (1,), generator=g))
+            crop = F.interpolate(
+                t[:, :, y0 : y0 + s, x0 : x0 + s], size=(224, 224), mode="bilinear", antialias=True
+            )
+            if j == 2:
+                crop = crop.flip(3)
+            out.append(((crop - mean) / std,))
+    return out
+
+
+def build_bundle(cache: Path, repeats: int) -> dict[str, Any]:
+    """Compile, measure fidelity, profile; save to ``cache``; return build facts."""
+    import torch
+    from _common import efficientnet_lite0
+
+    import splitinfer as si
+    from splitinfer.partitioner import profile_bundle
+
+    inputs = calibration_images()
+    t0 = time.perf_counter()
+    bundle = si.compile(
+        efficientnet_lite0(),
+        (torch.randn(1, 3, 224, 224),),
+        name="efficientnet-lite0",
+        calibration=inputs,
+        codecs=CODECS,
+        progress=True,
+    )
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bundle.profiles["host"] = profile_bundle(bundle, repeats=repeats, threads=1)
+    profile_s = time.perf_counter() - t0
+    facts = {"compile_s": compile_s, "profile_s": profile_s, "calibration_inputs": len(inputs)}
+    if cache.exists():
+        shutil.rmtree(cache)
+    bundle.save(cache)
+    (cache.parent / "facts.json").write_text(json.dumps(facts))
+    return facts
+
+
+def load_bundle(cache: Path, *, fresh: bool, reprofile: bool, repeats: int) -> tuple[Bundle, dict[str, Any]]:
+    if fresh or not (cache / "manifest.json").exists():
+        build_bundle(cache, repeats)
+    bundle = load_metadata(cache)
+    if reprofile or "host" not in bundle.profiles:
+        import splitinfer as si
+        from splitinfer.partitioner import profile_bundle
+
+        t0 = time.perf_counter()
+        profile = profile_bundle(si.Bundle.load(cache), repeats=repeats, threads=1)
+        update_manifest(cache, profiles={"host": profile})
+        facts_path = cache.parent / "facts.json"
+        facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}
+        facts["profile_s"] = time.perf_counter() - t0
+        facts_path.write_text(json.dumps(facts))
+        bundle = load_metadata(cache)
+    facts_path = cache.parent / "facts.json"
+    return bundle, json.loads(facts_path.read_text()) if facts_path.exists() else {}
+
+
+# -- traces ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Link:
+    """A trace as cumulative capacity, tiled three times so transfers may run past its end."""
+
+    name: str
+    duration: float
+    knots: np.ndarray  # seconds
+    cum_bits: np.ndarray
+    times: np.ndarray  # the trace's own samples (one period)
+    mbit: np.ndarray
+
+    @classmethod
+    def read(cls, path: Path) -> Link:
+        data = np.loadtxt(path, ndmin=2)
+        t, r = data[:, 0] - data[0, 0], np.maximum(data[:, 1], MIN_MBIT)
+        step = float(np.median(np.diff(t))) if len(t) > 1 else 1.0
+        duration = float(t[-1] + step)
+        starts = np.concatenate([t + i * duration for i in range(3)])
+        rates = np.tile(r, 3) * 1e6
+        ends = np.append(starts[1:], 3 * duration)
+        cum = np.concatenate([[0.0], np.cumsum(rates * (ends - starts))])
+        return cls(path.name, duration, np.append(starts, 3 * duration), cum, t, r)
+
+    def rate_at(self, t: float) -> float:
+        """The trace's rate (bit/s) at ``t`` (within the first period)."""
+        i = int(np.searchsorted(self.times, t, side="right")) - 1
+        return float(self.mbit[max(i, 0)]) * 1e6
+
+    def rates_at(self, t: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(self.times, t, side="right") - 1
+        return self.mbit[np.maximum(i, 0)] * 1e6
+
+    def done(self, start: np.ndarray | float, bits: np.ndarray | float) -> np.ndarray:
+        """When a transfer of ``bits`` started at ``start`` ends."""
+        c0 = np.interp(start, self.knots, self.cum_bits)
+        return np.interp(c0 + bits, self.cum_bits, self.knots)
+
+
+def read_traces(folder: Path, limit: int | None) -> list[Link]:
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    if limit is not None:
+        files = files[:: max(1, len(files) // limit)][:limit]
+    return [Link.read(p) for p in files]
+
+
+# -- the simulation ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Runner:
+    """One policy with its own estimator and the observations still in flight."""
+
+    policy: TablePolicy
+    estimator: Estimator | None
+    events: list[tuple[float, int, str, tuple[Any, ...]]] = field(default_factory=list)
+    probe_until: float = -1.0
+    latencies: list[float] = field(default_factory=list)
+    kinds: Counter[str] = field(default_factory=Counter)
+    probes: int = 0
+    explored: int = 0
+    seq: int = 0
+
+    def push(self, t: float, kind: str, args: tuple[Any, ...]) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, args))
+
+    def catch_up(self, now: float, log: list[tuple[float, str, tuple[Any, ...]]] | None) -> None:
+        est = self.estimator
+        while self.events and self.events[0][0] <= now:
+            t, _, kind, args = heapq.heappop(self.events)
+            if est is None:
+                continue
+            if log is not None:
+                log.append((t, kind, args))
+            apply_event(est, t, kind, args)
+
+
+def apply_event(est: Estimator, t: float, kind: str, args: tuple[Any, ...]) -> None:
+    if kind == "transfer":
+        up, down, start, first, end, timing, cut = args
+        est.observe_transfer(
+            up_bytes=up,
+            down_bytes=down,
+            start=start,
+            first_byte=first,
+            end=end,
+            server_timing=timing,
+            cut=cut,
+        )
+    elif kind == "head":
+        est.observe_head(args[0], args[1], now=t)
+    elif kind == "rtt":
+        est.observe_rtt(args[0], now=t)
+
+
+class World:
+    """True costs of every candidate of one cost model over one link."""
+
+    def __init__(self, policy: TablePolicy, link: Link, ds: float, rng: np.random.Generator):
+        m = policy.model
+        self.model = m
+        self.link = link
+        self.ds = ds
+        self.rng = rng
+        self.device_s = m.features[:, 0] * ds
+        self.cloud_s = m.features[:, 1] * CLOUD_SLOWDOWN
+        self.bits = np.nan_to_num(m.bytes) * 8
+        self.response_bits = m.response_bytes * 8
+        self.rows = {(int(m.cut[i]), m.codec(i)): i for i in range(len(m))}
+        self.local = m.local
+        self.head = m.head * ds
+
+    def row(self, cut: int, codec: str) -> int:
+        return self.local if cut == self.model.n else self.rows[(cut, codec)]
+
+    def realize(self, row: int | np.ndarray, t: float, rtt: float) -> tuple[Any, Any, Any]:
+        """(start of upload, first answer byte, end) of candidate(s) ``row`` arriving at ``t``."""
+        start = t + self.device_s[row]
+        up_done = self.link.done(start, self.bits[row])
+        first = up_done + rtt + QUEUE_S + self.cloud_s[row]
+        end = self.link.done(first, self.response_bits)
+        return start, first, end
+
+
+def simulate(
+    bundle: Bundle,
+    link: Link,
+    ds: float,
+    static_choice: tuple[int, str],
+    seed: int,
+    log: list[tuple[float, str, tuple[Any, ...]]] | None = None,
+    estimator: dict[str, Any] | None = None,
+) -> tuple[dict[str, Runner], list[float], Counter[str]]:
+    """Replay ``link`` for every policy and the oracle; returns runners, oracle latencies and kinds.
+
+    ``estimator``: settings of every policy's Estimator (default: the product's defaults).
+    """
+    settings = estimator or {}
+    rng = np.random.default_rng(seed)
+    runners = {
+        "adaptive": Runner(
+            make_policy("adaptive", bundle, fidelity_budget=BUDGET, seed=seed), Estimator(bundle, **settings)
+        ),
+        "neurosurgeon": Runner(make_policy("neurosurgeon", bundle), Estimator(bundle, **settings)),
+        "cloud": Runner(make_policy("cloud", bundle, fidelity_budget=BUDGET), Estimator(bundle, **settings)),
+        "local": Runner(make_policy("local", bundle), None),
+        "static": Runner(make_policy("static", bundle, cut=static_choice[0], codec=static_choice[1]), None),
+    }
+    oracle_policy = make_policy("adaptive", bundle, fidelity_budget=BUDGET, explore=0.0)
+    world = World(oracle_policy, link, ds, rng)
+    for r in runners.values():  # the edge's warm-up inference at start: the device's speed
+        if r.estimator is not None:
+            r.estimator.observe_head(bundle.last_cut, float(world.head[world.local]), now=0.0)
+    allowed = oracle_policy._rows
+    oracle: list[float] = []
+    oracle_kinds: Counter[str] = Counter()
+    n = bundle.last_cut
+    for t in np.arange(0.0, link.duration, INTERVAL_S):
+        t = float(t)
+        rtt = RTT_S * math.exp(RTT_JITTER * rng.standard_normal())
+        _, _, ends = world.realize(allowed, t, rtt)
+        realized = np.where(allowed == world.local, world.device_s[world.local], ends - t)
+        best = int(np.argmin(realized))
+        oracle.append(float(realized[best]))
+        oracle_kinds[kind_of(int(world.model.cut[allowed[best]]), n)] += 1
+        for name, r in runners.items():
+            r.catch_up(t, log if name == "adaptive" else None)
+            est = r.estimator.estimates() if r.estimator is not None else DUMMY
+            d = r.policy.decide(est)
+            r.explored += d.explored
+            row = world.row(d.cut, d.codec)
+            r.kinds[kind_of(d.cut, n)] += 1
+            if d.cut == n:
+                r.latencies.append(float(world.device_s[row]))
+                if r.estimator is not None:
+                    r.push(t + float(world.device_s[row]), "head", (n, float(world.device_s[row])))
+            else:
+                start, first, end = world.realize(row, t, rtt)
+                start, first, end = float(start), float(first), float(end)
+                r.latencies.append(end - t)
+                if r.estimator is not None:
+                    server = QUEUE_S + float(world.cloud_s[row])
+                    timing = (
+                        f"queue;dur={QUEUE_S * 1000:.3f}, compute;dur={world.cloud_s[row] * 1000:.3f}, "
+                        f"total;dur={server * 1000:.3f}"
+                    )
+                    r.push(t + float(world.head[row]), "head", (d.cut, float(world.head[row])))
+                    r.push(
+                        end,
+                        "transfer",
+                        (
+                            float(world.bits[row] / 8),
+                            world.response_bits / 8,
+                            start,
+                            first,
+                            end,
+                            timing,
+                            d.cut,
+                        ),
+                    )
+            if r.estimator is not None and r.estimator.needs_probe(now=t) and t >= r.probe_until:
+                # A probe: a tiny request for the round trip, then an upload of probe_bytes().
+                size = r.estimator.probe_bytes()
+                rtt_seen = RTT_S * math.exp(RTT_JITTER * rng.standard_normal())
+                up_start = t + rtt_seen
+                up_done = float(link.done(up_start, size * 8))
+                r.push(up_start, "rtt", (rtt_seen,))
+                r.push(
+                    up_done + RTT_S,
+                    "transfer",
+                    (size, 0, up_start, up_done + RTT_S, up_done + RTT_S, None, None),
+                )
+                r.probe_until = up_done + RTT_S
+                r.probes += 1
+    return runners, oracle, oracle_kinds
+
+
+DUMMY = Estimates(uplink_bps=1e6, downlink_bps=1e6, rtt_s=RTT_S)
+
+
+def kind_of(cut: int, n: int) -> str:
+    return "local" if cut == n else ("cloud" if cut == 0 else "split")
+
+
+def p95(xs: list[float]) -> float:
+    return float(np.percentile(xs, 95))
+
+
+# -- experiments -------------------------------------------------------------------------------------
+
+
+def choose_static(bundle: Bundle, links: list[Link], ds: float) -> tuple[int, str]:
+    """What adaptive picks at the trace set's median rate: a static choice tuned at deploy time."""
+    median = float(np.median(np.concatenate([link.mbit for link in links]))) * 1e6
+    est = Estimates(
+        uplink_bps=median,
+        downlink_bps=median,
+        rtt_s=RTT_S,
+        cloud_queue_s=QUEUE_S,
+        device_slowdown=ds,
+        cloud_slowdown=CLOUD_SLOWDOWN,
+    )
+    d = make_policy("adaptive", bundle, fidelity_budget=BUDGET, explore=0.0).decide(est)
+    return d.cut, d.codec
+
+
+def sweep(bundle: Bundle, links: list[Link], slowdowns: list[float]) -> list[dict[str, Any]]:
+    """Oracle choices and the fixed ends' latency at several device slowdowns."""
+    oracle_policy = make_policy("adaptive", bundle, fidelity_budget=BUDGET, explore=0.0)
+    cloud_policy = make_policy("cloud", bundle, fidelity_budget=BUDGET)
+    rows = []
+    for ds in slowdowns:
+        kinds: Counter[str] = Counter()
+        oracle, local, cloud = [], [], []
+        for i, link in enumerate(links):
+            world = World(oracle_policy, link, ds, np.random.default_rng(i))
+            allowed = oracle_policy._rows
+            cloud_rows = cloud_policy._rows
+            for t in np.arange(0.0, link.duration, INTERVAL_S):
+                _, _, ends = world.realize(allowed, float(t), RTT_S)
+                realized = np.where(allowed == world.local, world.device_s[world.local], ends - t)
+                best = int(np.argmin(realized))
+                oracle.append(float(realized[best]))
+                kinds[kind_of(int(world.model.cut[allowed[best]]), bundle.last_cut)] += 1
+                local.append(float(world.device_s[world.local]))
+                _, _, cends = world.realize(cloud_rows, float(t), RTT_S)
+                cloud.append(float(np.min(cends - t)))
+        total = sum(kinds.values())
+        rows.append(
+            {
+                "ds": ds,
+                "local": statistics.mean(local),
+                "cloud": statistics.mean(cloud),
+                "oracle": statistics.mean(oracle),
+                "share": {k: kinds[k] / total for k in ("local", "split", "cloud")},
+            }
+        )
+    return rows
+
+
+def tie_slowdown(bundle: Bundle, links: list[Link]) -> float:
+    """The device slowdown at which all-on-device and all-in-the-cloud tie in mean latency.
+
+    Local latency is ``head(n) * ds``; the cloud's barely depends on ``ds`` (only its encode
+    runs on the device), so two fixed-point steps suffice. Rounded to an integer.
+    """
+    head_n = float(make_policy("local", bundle).model.head[-1])
+    ds = 32.0
+    for _ in range(2):
+        ds = sweep(bundle, links, [ds])[0]["cloud"] / head_n
+    return float(round(ds))
+
+
+def estimator_accuracy(
+    logs: list[tuple[Link, list[tuple[float, str, tuple[Any, ...]]]]], bundle: Bundle, taus: list[float]
+) -> list[dict[str, float]]:
+    """Replay the adaptive policy's observations into estimators of several time constants."""
+    shifts = np.arange(0.0, 10.01, INTERVAL_S)
+    out = []
+    for tau in taus:
+        errors: list[np.ndarray] = []
+        by_shift: list[list[np.ndarray]] = [[] for _ in shifts]
+        for link, log in logs:
+            est = Estimator(bundle, tau_s=tau)
+            i = 0
+            ts, values = [], []
+            for t in np.arange(0.0, link.duration, INTERVAL_S):
+                while i < len(log) and log[i][0] <= t:
+                    apply_event(est, *log[i])
+                    i += 1
+                if est.uplink.count:
+                    ts.append(float(t))
+                    values.append(est.estimates().uplink_bps)
+            t_arr, v = np.array(ts), np.array(values)
+            if not len(t_arr):
+                continue
+            errors.append(np.abs(v - link.rates_at(t_arr)) / link.rates_at(t_arr))
+            for j, s in enumerate(shifts):
+                keep = t_arr >= s
+                by_shift[j].append(np.abs(np.log(v[keep] / link.rates_at(t_arr[keep] - s))))
+        medians = [float(np.median(np.concatenate(b))) for b in by_shift]
+        out.append(
+            {
+                "tau": tau,
+                "median_rel_err": float(np.median(np.concatenate(errors))),
+                "lag_s": float(shifts[int(np.argmin(medians))]),
+            }
+        )
+    return out
+
+
+def decide_speed(n_cuts: int = 100, n_codecs: int = 10, calls: int = 20000) -> dict[str, float]:
+    """Microseconds per decide() for a synthetic bundle of n_cuts x n_codecs candidates."""
+    rng = np.random.default_rng(0)
+    spec = (TensorSpec((None, 4), "float32"),)
+    specs = ["f32", "f32+zstd1", "f16", "f16+zstd1", "bf16+zstd1", "q8+zstd1", "q8c+zstd1", "q6c+zstd1"]
+    codecs = [*specs, "q4c+zstd1", "q2c+zstd1"][:n_codecs]
+    seg = rng.uniform(1e-4, 1e-3, n_cuts).tolist()
+    nbytes = rng.integers(1000, 1_000_000, n_cuts + 1).tolist()
+    table = [
+        {"cut": k, "codec": c, "fidelity": float(rng.uniform(0.98, 1.0)), "bytes": float(nbytes[k] / (1 + j))}
+        for k in range(n_cuts)
+        for j, c in enumerate(codecs)
+    ]
+    costs = [
+        {"cut": k, "codec": c, "encode_s": 1e-4, "decode_s": 1e-4, "bytes": float(nbytes[k])}
+        for k in range(n_cuts)
+        for c in codecs
+    ]
+    bundle = Bundle(
+        name="speed",
+        cuts=[Cut(k, f"c{k}", spec, int(nbytes[k])) for k in range(n_cuts + 1)],
+        inputs=spec,
+        in_spec="",
+        out_spec="",
+        graph_hash="x",
+        segments=[None] * n_cuts,
+        codecs=codecs,
+        fidelity={"metric": "top1", "samples": 1, "table": table},
+        profiles={
+            "host": {
+                "segments": {"1": {"median_s": seg, "p90_s": seg}},
+                "codecs": costs,
+                "response_bytes": 4000,
+            }
+        },
+    )
+    policy = make_policy("adaptive", bundle, fidelity_budget=0.0, seed=0)
+    ests = [
+        Estimates(
+            uplink_bps=float(u), downlink_bps=8e6, rtt_s=0.05, cloud_queue_s=0.001, device_slowdown=float(s)
+        )
+        for u, s in zip(rng.uniform(1e5, 1e8, 1000), rng.uniform(1, 30, 1000))
+    ]
+    for e in ests[:200]:
+        policy.decide(e)
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for i in range(calls):
+            policy.decide(ests[i % 1000])
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return {"candidates": float(len(policy.model)), "us": best * 1e6}
+
+
+# -- the report ---------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="12 traces per set and a short sweep")
+    parser.add_argument("--traces", type=Path, default=TRACES, help="folder with norway-3g/ and fcc-hsdpa/")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="where the compiled bundle is cached")
+    parser.add_argument("--fresh", action="store_true", help="recompile and reprofile the bundle")
+    parser.add_argument("--reprofile", action="store_true", help="profile the cached bundle again")
+    parser.add_argument(
+        "--device-slowdown", type=float, help="device time / profiled time (default: from the sweep)"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="profile repeats when (re)building")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tau", type=float, help="the estimators' tau_s (default: Estimator's)")
+    parser.add_argument("--risk", type=float, help="the estimators' risk (default: Estimator's)")
+    parser.add_argument(
+        "--probe-after", type=float, help="the estimators' probe_after_s (default: Estimator's)"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "policy.md")
+    args = parser.parse_args()
+
+    bundle, facts = load_bundle(args.cache, fresh=args.fresh, reprofile=args.reprofile, repeats=args.repeats)
+    limit = 12 if args.quick else None
+    sets = {name: read_traces(args.traces / name, limit) for name in ("norway-3g", "fcc-hsdpa")}
+    started = time.perf_counter()
+    sweep_links = [link for links in sets.values() for link in links[:: max(1, len(links) // 6)][:6]]
+    sweep_rows = sweep(bundle, sweep_links, list(SLOWDOWNS))
+    ds = args.device_slowdown or tie_slowdown(bundle, sweep_links)
+    if not args.device_slowdown:
+        sweep_rows = sorted([*sweep_rows, *sweep(bundle, sweep_links, [ds])], key=lambda r: r["ds"])
+    print(f"sweep done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+
+    results: dict[str, dict[str, Any]] = {}
+    accuracy: dict[str, list[dict[str, float]]] = {}
+    for set_name, links in sets.items():
+        static_choice = choose_static(bundle, links, ds)
+        lat: dict[str, list[float]] = {p: [] for p in (*POLICIES, "oracle")}
+        kinds: dict[str, Counter[str]] = {p: Counter() for p in (*POLICIES, "oracle")}
+        ratios: dict[str, list[float]] = {p: [] for p in POLICIES}
+        probes = explored = 0
+        logs = []
+        for i, link in enumerate(links):
+            log: list[tuple[float, str, tuple[Any, ...]]] = []
+            runners, oracle, oracle_kinds = simulate(
+                bundle, link, ds, static_choice, args.seed + i, log, estimator_settings(args)
+            )
+            logs.append((link, log))
+            lat["oracle"] += oracle
+            kinds["oracle"] += oracle_kinds
+            for name, r in runners.items():
+                lat[name] += r.latencies
+                kinds[name] += r.kinds
+                ratios[name].append(statistics.mean(r.latencies) / statistics.mean(oracle))
+            probes += runners["adaptive"].probes
+            explored += runners["adaptive"].explored
+        results[set_name] = {
+            "static": static_choice,
+            "lat": lat,
+            "kinds": kinds,
+            "per_trace": ratios,
+            "probes": probes,
+            "explored": explored,
+            "n_traces": len(links),
+        }
+        accuracy[set_name] = estimator_accuracy(logs, bundle, [0.1, 0.25, 0.5, 1.0, 2.0])
+        print(f"{set_name} done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+
+    speed = decide_speed()
+    eff_policy = make_policy("adaptive", bundle, fidelity_budget=BUDGET)
+    eff_speed = time_decide(eff_policy)
+    write_report(args, bundle, facts, ds, sweep_rows, results, accuracy, speed, eff_speed, eff_policy)
+    print(f"wrote {args.out} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+def estimator_settings(args: argparse.Namespace) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    if args.tau:
+        settings["tau_s"] = args.tau
+    if args.probe_after:
+        settings["probe_after_s"] = args.probe_after
+    if args.risk is not None:
+        settings["risk"] = args.risk
+    return settings
+
+
+def time_decide(policy: TablePolicy, calls: int = 20000) -> float:
+    est = Estimates(uplink_bps=1.5e6, downlink_bps=1.5e6, rtt_s=RTT_S, device_slowdown=8.0)
+    for _ in range(200):
+        policy.decide(est)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        policy.decide(est)
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def write_report(
+    args: argparse.Namespace,
+    bundle: Bundle,
+    facts: dict[str, Any],
+    ds: float,
+    sweep_rows: list[dict[str, Any]],
+    results: dict[str, dict[str, Any]],
+    accuracy: dict[str, list[dict[str, float]]],
+    speed: dict[str, float],
+    eff_speed: float,
+    eff_policy: TablePolicy,
+) -> None:
+    prof = bundle.profiles["host"]
+    whole = {b: sum(s["median_s"]) * 1000 for b, s in prof["segments"].items()}
+    table = bundle.fidelity.get("table", [])
+    lines = [
+        "# Policy benchmark: EfficientNet-Lite0 over real 3G/HSDPA traces",
+        "",
+        "Reproduce: `.venv/bin/python benchmarks/bench_policy.py` (`--quick`: 12 traces per set). "
+        "How it simulates: docs/decision.md and the script's docstring.",
+        f"Machine: {machine()}.",
+        "",
+        "## Inputs",
+        "",
+        f"- bundle: EfficientNet-Lite0 (ImageNet weights), {len(bundle.cuts)} cuts, "
+        f"codecs {', '.join(bundle.codecs)}.",
+        f"- fidelity table: `si.compile(..., calibration=..., codecs=...)`, {bundle.fidelity.get('metric')} "
+        f"agreement with the uncompressed model on {bundle.fidelity.get('samples')} real photos "
+        "(10 colour images from skimage.data and sklearn's sample images, 3 crops each, resized to 224, "
+        f"ImageNet normalisation); {len(table)} rows. Bytes: mean encoded bytes of those photos at batch 1.",
+        f"- profile: `profile_bundle` on this machine ({prof.get('repeats')} repeats; "
+        f"{prof.get('machine')}): whole model "
+        + ", ".join(f"{ms:.1f} ms at batch {b}" for b, ms in whole.items())
+        + (f"; profiling took {facts['profile_s']:.0f} s" if "profile_s" in facts else "")
+        + (f" (compile with fidelity: {facts['compile_s'] / 60:.0f} min)" if "compile_s" in facts else "")
+        + ".",
+        f"- world: a request every {INTERVAL_S * 1000:.0f} ms; round trip {RTT_S * 1000:.0f} ms with "
+        f"{RTT_JITTER:.0%} log-normal jitter; cloud queue {QUEUE_S * 1000:.0f} ms; cloud as fast as this "
+        f"machine; device {ds:g}x slower than this machine; uplink and downlink both follow the trace.",
+        f"- fidelity budget {BUDGET}; adaptive explores 5% of decisions within 10% of the winner (seeded).",
+        "",
+        "## Device slowdown: where neither end wins outright",
+        "",
+        "Hindsight-oracle choices and mean latency of the two fixed ends, on a few traces of each set:",
+        "",
+        "| device slowdown | local ms | cloud ms | oracle ms | oracle: local / split / cloud |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for r in sweep_rows:
+        s = r["share"]
+        lines.append(
+            f"| {r['ds']:g} | {r['local'] * 1000:.0f} | {r['cloud'] * 1000:.0f} | {r['oracle'] * 1000:.0f} | "
+            f"{s['local']:.0%} / {s['split']:.0%} / {s['cloud']:.0%} |"
+        )
+    lines += [
+        "",
+        f"The runs below use **{ds:g}x**"
+        + (
+            " (given with --device-slowdown)."
+            if args.device_slowdown
+            else ": the slowdown at which running everything on the device takes as long, on average, as "
+            "sending the input to the cloud (`tie_slowdown`), so neither end wins outright."
+        ),
+        "",
+    ]
+    verdicts = []
+    for set_name, res in results.items():
+        lat, kinds = res["lat"], res["kinds"]
+        oracle_mean = statistics.mean(lat["oracle"])
+        a_mean, a_p95 = statistics.mean(lat["adaptive"]), p95(lat["adaptive"])
+        k, c = res["static"]
+        lines += [
+            f"## {set_name}: {res['n_traces']} traces, {len(lat['oracle'])} requests",
+            "",
+            f"static = cut {k} ({bundle.cuts[k].name}) with {c}: adaptive's choice at the set's median rate.",
+            "",
+            "| policy | mean ms | p95 ms | mean / oracle | adaptive mean / this | adaptive p95 / this | "
+            "local / split / cloud |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for name in (*POLICIES, "oracle"):
+            xs = lat[name]
+            m, q = statistics.mean(xs), p95(xs)
+            total = sum(kinds[name].values())
+            share = " / ".join(f"{kinds[name][x] / total:.0%}" for x in ("local", "split", "cloud"))
+            lines.append(
+                f"| {name} | {m * 1000:.0f} | {q * 1000:.0f} | {m / oracle_mean:.3f} | {a_mean / m:.3f} | "
+                f"{a_p95 / q:.3f} | {share} |"
+            )
+        others = [p for p in POLICIES if p != "adaptive"]
+        beats_mean = all(a_mean < statistics.mean(lat[p]) for p in others)
+        beats_p95 = all(a_p95 < p95(lat[p]) for p in others)
+        within = a_mean / oracle_mean <= 1.10
+        verdicts.append((set_name, a_mean / oracle_mean, within, beats_mean, beats_p95))
+        per_trace = res["per_trace"]["adaptive"]
+        lines += [
+            "",
+            f"Adaptive per trace, mean / oracle: median {statistics.median(per_trace):.3f}, worst "
+            f"{max(per_trace):.3f}. Probes sent by adaptive's estimator: {res['probes']}; "
+            f"explored decisions: {res['explored']} ({res['explored'] / len(lat['adaptive']):.1%}).",
+            "",
+        ]
+    lines += ["## Targets (fidelity budget 0.99)", ""]
+    for set_name, ratio, within, beats_mean, beats_p95 in verdicts:
+        lines.append(
+            f"- {set_name}: adaptive mean / oracle = {ratio:.3f} (target <= 1.10: "
+            f"**{'met' if within else 'missed'}**); lower mean than every other policy: "
+            f"**{'met' if beats_mean else 'missed'}**; lower p95: **{'met' if beats_p95 else 'missed'}**."
+        )
+    lines += [
+        "",
+        "## Uplink estimator on the traces",
+        "",
+        "The adaptive run's own observations (its transfers and probes, in the order they ended) replayed "
+        "into estimators of several time constants `tau_s` (seconds of transfer). Error: "
+        "|estimate - trace rate| / trace rate at each request (median). Lag: the shift of the trace that "
+        "best matches the estimate (median absolute log error), 0 to 10 s. Default `tau_s` = 0.5.",
+        "",
+        "| trace set | tau_s | median relative error | lag s |",
+        "|---|---:|---:|---:|",
+    ]
+    for set_name, rows in accuracy.items():
+        for r in rows:
+            lines.append(f"| {set_name} | {r['tau']:g} | {r['median_rel_err']:.2f} | {r['lag_s']:.1f} |")
+    lines += [
+        "",
+        "## decide() speed",
+        "",
+        f"- synthetic 100 cuts x 10 codecs ({speed['candidates']:.0f} candidates, all feasible): "
+        f"**{speed['us']:.1f} us** per decision "
+        f"(target <= 50 us: **{'met' if speed['us'] <= 50 else 'missed'}**).",
+        f"- EfficientNet-Lite0 ({len(eff_policy.model)} candidates, {len(eff_policy._rows)} feasible at "
+        f"budget {BUDGET}): {eff_speed:.1f} us.",
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Dynamic batching per (model, cut), on a bounded pool of compute threads.
+
+Every (model, cut) pair gets a :class:`Batcher`: a FIFO of jobs and one task that forms
+batches. A batch is dispatched when it is full (``max_batch_size`` rows), when its oldest job
+has waited ``max_queue_delay``, or as soon as no other request is on its way in (so a lone
+request never waits for company). Dispatching takes one of ``compute_threads`` slots; while
+every slot is busy, jobs keep queueing and the next batch takes as many as fit. Jobs in a batch
+share the cut and the non-batch shapes of their tensors; their codecs may differ, since frames
+are decoded before they are concatenated.
+
+A job whose deadline passes while it is queued is answered 504 at once and never computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from splitinfer.bundle import Bundle
+from splitinfer.cloud._compute import Answer, Frame, finish, run_batch
+from splitinfer.cloud._problem import Problem
+
+__all__ = ["Job", "Scheduler"]
+
+log = logging.getLogger("splitinfer.cloud")
+
+#: Called after each batch with (model, cut, rows in the batch).
+BatchHook = Callable[[str, int, int], None]
+
+
+@dataclass(eq=False)
+class Job:
+    """One admitted request, waiting in a batcher for its answer."""
+
+    frame: Frame
+    #: perf_counter time the job was queued, and by when it must start (None: no deadline).
+    enqueued: float
+    deadline: float | None
+    future: asyncio.Future[Answer]
+    #: Shapes of its tensors without the batch dim: jobs batch only with equal signatures
+    #: (None: the job runs alone, as at a cut whose tensors are not batch-leading).
+    signature: tuple[tuple[int | None, ...], ...] | None = field(init=False)
+    timer: asyncio.TimerHandle | None = None
+
+    def __post_init__(self) -> None:
+        self.signature = tuple(tuple(s.shape[1:]) for s in self.frame.header.tensors)
+
+    def fail(self, problem: Problem) -> None:
+        if not self.future.done():
+            self.future.set_exception(problem)
+
+
+class Batcher:
+    """The queue and batch-forming task of one (model, cut)."""
+
+    def __init__(self, scheduler: Scheduler, bundle: Bundle, cut: int):
+        self.scheduler = scheduler
+        self.bundle = bundle
+        self.cut = cut
+        self.queue: collections.deque[Job] = collections.deque()
+        self.rows = 0
+        #: Moving average of the compute thread's CPU seconds per row (None until measured).
+        self.cost_per_row: float | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.filling = False
+        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher {bundle.name}@{cut}")
+
+    def submit(self, job: Job) -> None:
+        self.queue.append(job)
+        self.rows += job.frame.rows
+        self.scheduler.queued += 1
+        if job.deadline is not None:
+            loop = asyncio.get_running_loop()
+            delay = job.deadline - time.perf_counter()
+            job.timer = loop.call_at(loop.time() + max(0.0, delay), self._expire, job)
+        self.wake()
+
+    def wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _remove(self, job: Job) -> None:
+        self.queue.remove(job)
+        self.rows -= job.frame.rows
+        self.scheduler.queued -= 1
+        if job.timer is not None:
+            job.timer.cancel()
+
+    def _expire(self, job: Job) -> None:
+        if job in self.queue:
+            self._remove(job)
+            job.fail(
+                Problem("deadline_exceeded", "the request's deadline passed while it waited in the queue")
+            )
+
+    def withdraw(self, job: Job) -> None:
+        """Forget a job whose client went away, if it has not started."""
+        if job in self.queue:
+            self._remove(job)
+
+    async def _sleep(self, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        handle = None if timeout is None else loop.call_later(timeout, self.wake)
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+            if handle is not None:
+                handle.cancel()
+
+    async def _fill(self) -> None:
+        """Wait for more jobs while the batch is short, its oldest fresh, and more are arriving."""
+        sched = self.scheduler
+        first = self.queue[0]
+        until = first.enqueued + sched.max_delay_s
+        self.filling = True
+        try:
+            while self.queue and self.rows < sched.max_batch_size and sched.arriving > 0:
+                remaining = until - time.perf_counter()
+                if remaining <= 0:
+                    break
+                await self._sleep(remaining)
+        finally:
+            self.filling = False
+
+    def _take(self) -> list[Job]:
+        """The next batch: the oldest job and the following ones that fit it."""
+        limit = self.scheduler.max_batch_size
+        now = time.perf_counter()
+        for job in [j for j in self.queue if j.deadline is not None and j.deadline <= now]:
+            self._expire(job)
+        if not self.queue:
+            return []
+        head = self.queue[0]
+        batch, rows = [], 0
+        for job in self.queue:
+            if rows >= limit or (batch and head.signature is None):
+                break
+            if batch and (job.signature != head.signature or rows + job.frame.rows > limit):
+                continue
+            batch.append(job)
+            rows += job.frame.rows
+        for job in batch:
+            self._remove(job)
+        return batch
+
+    async def _run(self) -> None:
+        sched = self.scheduler
+        while True:
+            if not self.queue:
+                await self._sleep(None)
+                continue
+            if sched.max_batch_size > 1:
+                await self._fill()
+            if self._light():
+                self._run_inline(self._take())
+                await asyncio.sleep(0)  # let the loop serve others between inline batches
+                continue
+            await sched.slots.acquire()
+            batch = self._take() if self.queue else []
+            if not batch:  # every job expired or was withdrawn meanwhile
+                sched.slots.release()
+                continue
+            sched.computing += len(batch)
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            sched.running.add(task)
+            task.add_done_callback(sched.running.discard)
+
+    def _light(self) -> bool:
+        """Whether the next batch is cheaper to compute here than to hand to a thread."""
+        limit = self.scheduler.inline_below_s
+        if limit <= 0 or self.cost_per_row is None or not self.queue:
+            return False
+        return self.cost_per_row * min(self.rows, self.scheduler.max_batch_size) <= limit
+
+    def _run_inline(self, batch: list[Job]) -> None:
+        if not batch:
+            return
+        dispatched = time.perf_counter()
+        try:
+            results = run_batch(
+                self.bundle, self.cut, [job.frame for job in batch], self.scheduler.response_codec, dispatched
+            )
+        except Exception:  # run_batch answers per job; this is a bug
+            log.exception("a batch of %s at cut %d failed", self.bundle.name, self.cut)
+            results = [_internal()] * len(batch)
+        self._deliver(batch, results, dispatched)
+
+    async def _execute(self, batch: list[Job]) -> None:
+        sched = self.scheduler
+        dispatched = time.perf_counter()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                sched.pool,
+                run_batch,
+                self.bundle,
+                self.cut,
+                [job.frame for job in batch],
+                sched.response_codec,
+                dispatched,
+            )
+        except Exception:  # run_batch answers per job; this is a broken pool or a bug
+            log.exception("a batch of %s at cut %d failed", self.bundle.name, self.cut)
+            results = [_internal()] * len(batch)
+        finally:
+            sched.slots.release()
+            sched.computing -= len(batch)
+        self._deliver(batch, results, dispatched)
+
+    def _deliver(self, batch: list[Job], results: list[Answer | Problem], dispatched: float) -> None:
+        rows, cpu = 0, None
+        for job, result in zip(batch, results):
+            if isinstance(result, Answer):
+                rows, cpu = result.batch_rows, result.compute_cpu / max(1, result.batch_rows)
+                result = self._finish(job, result)
+            if isinstance(result, Problem):
+                job.fail(result)
+                continue
+            result.stages["queue"] += dispatched - job.enqueued
+            if not job.future.done():
+                job.future.set_result(result)
+        if cpu is not None:
+            self.cost_per_row = cpu if self.cost_per_row is None else 0.8 * self.cost_per_row + 0.2 * cpu
+        if rows:
+            self.scheduler.observe_batch(self.bundle.name, self.cut, rows)
+
+    def _finish(self, job: Job, answer: Answer) -> Answer | Problem:
+        try:
+            finish(answer, job.frame.header.request_id, self.scheduler.response_codec)
+        except Exception:
+            log.exception("encoding the outputs of request %s failed", job.frame.header.request_id)
+            return Problem("internal", "the server failed to encode the outputs; see its log")
+        return answer
+
+
+def _internal() -> Problem:
+    return Problem("internal", "the server failed to compute this batch; see its log")
+
+
+class Scheduler:
+    """The compute pool, its slots, the batchers and the counters of admitted work.
+
+    Counters (read by admission control, readiness and metrics):
+    ``arriving``: admitted requests whose body is still being read or checked;
+    ``queued``: jobs waiting in a batcher; ``computing``: jobs in a running batch.
+    """
+
+    def __init__(
+        self,
+        pool: Executor,
+        *,
+        compute_threads: int,
+        max_batch_size: int,
+        max_delay_s: float,
+        response_codec: str,
+        inline_below_s: float = 0.0,
+        on_batch: BatchHook | None = None,
+    ):
+        self.pool = pool
+        self.slots = asyncio.Semaphore(compute_threads)
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.response_codec = response_codec
+        self.inline_below_s = inline_below_s
+        self.on_batch = on_batch
+        self.batchers: dict[tuple[str, int], Batcher] = {}
+        self.running: set[asyncio.Task[None]] = set()
+        self.arriving = 0
+        self.queued = 0
+        self.computing = 0
+
+    @property
+    def waiting(self) -> int:
+        """Admitted requests not yet computing (what the queue bound limits)."""
+        return self.arriving + self.queued
+
+    def batcher(self, bundle: Bundle, cut: int) -> Batcher:
+        key = (bundle.name, cut)
+        batcher = self.batchers.get(key)
+        if batcher is None:
+            batcher = self.batchers[key] = Batcher(self, bundle, cut)
+        return batcher
+
+    def arrived(self) -> None:
+        """One admitted request stopped arriving (it was queued or refused)."""
+        self.arriving -= 1
+        if self.arriving == 0:
+            for batcher in self.batchers.values():
+                if batcher.filling:
+                    batcher.wake()
+
+    def observe_batch(self, model: str, cut: int, rows: int) -> None:
+        if self.on_batch is not None:
+            try:
+                self.on_batch(model, cut, rows)
+            except Exception:  # a metrics hook never fails a request
+                log.exception("the batch hook failed")
+
+    async def close(self) -> None:
+        """Stop forming batches; answer queued jobs 503; wait for running batches."""
+        for batcher in self.batchers.values():
+            batcher.task.cancel()
+            while batcher.queue:
+                job = batcher.queue[0]
+                batcher._remove(job)
+                job.fail(Problem.unavailable("not_ready", "the server is shutting down; retry elsewhere"))
+        await asyncio.gather(*(b.task for b in self.batchers.values()), return_exceptions=True)
+        if self.running:
+            await asyncio.gather(*self.running, return_exceptions=True)

@@ -1,0 +1,214 @@
+"""The work of a batch: decode frames, run the tail once, encode per request.
+
+:func:`run_batch` is a plain function of its inputs (no asyncio, no aiohttp), called in a
+compute thread. It never raises for one bad request: each job gets its own result or Problem.
+
+Frames and outputs of at most :data:`SMALL_BYTES` are decoded and encoded on the event loop
+instead (:func:`decode_frame`, :func:`encode_outputs`): for them, the Python work of a codec is
+a few microseconds, while each handoff of the GIL between the loop and a compute thread costs
+far more. The tail itself always runs in a compute thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from splitinfer import protocol
+from splitinfer.bundle import Bundle
+from splitinfer.cloud._problem import Problem
+from splitinfer.compression import get_codec
+from splitinfer.errors import CodecError
+from splitinfer.tensors import specs_of
+
+__all__ = ["SMALL_BYTES", "Answer", "Frame", "decode_frame", "encode_outputs", "run_batch"]
+
+log = logging.getLogger("splitinfer.cloud")
+
+#: Payloads and outputs up to this size are decoded and encoded on the event loop.
+SMALL_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One request's frame, checked against its cut."""
+
+    header: protocol.RequestHeader
+    payload: memoryview
+    #: Rows along dim 0 (the request's own batch size).
+    rows: int
+    #: The decoded frontier when it was decoded already (small frames), and how long that took.
+    frontier: list[torch.Tensor] | None = field(default=None, compare=False)
+    decode_s: float = 0.0
+
+
+@dataclass
+class Answer:
+    """One request's response body (or outputs still to encode) and its stage times (seconds)."""
+
+    body: bytes | None
+    stages: dict[str, float]
+    #: Rows in the batch this request was computed in.
+    batch_rows: int
+    #: Small outputs left for the event loop to encode (``body`` is None until it does).
+    outputs: list[torch.Tensor] | None = None
+    #: CPU seconds the computing thread spent on the batch's compute (the cost estimate).
+    compute_cpu: float = 0.0
+
+
+def decode_frame(header: protocol.RequestHeader, payload: memoryview) -> list[torch.Tensor]:
+    """The frontier a checked frame carries; Problem (400) if it does not decode to what it declares."""
+    max_nbytes = sum(s.nbytes() for s in header.tensors)
+    try:
+        frontier = get_codec(header.codec).decode(payload, max_nbytes=max_nbytes)
+    except CodecError as exc:
+        raise Problem("malformed_frame", f"payload does not decode with {header.codec}: {exc}") from None
+    if specs_of(frontier) != header.tensors:
+        raise Problem("malformed_frame", "payload tensors differ from those the frame header declares")
+    return frontier
+
+
+def encode_outputs(request_id: str, outputs: Sequence[torch.Tensor], response_codec: str) -> bytes:
+    """The response body carrying ``outputs``."""
+    payload = get_codec(response_codec).encode(outputs)
+    header = protocol.ResponseHeader(
+        request_id=request_id, codec=response_codec, tensors=specs_of(outputs), payload_nbytes=len(payload)
+    )
+    return protocol.encode_response(header, payload)
+
+
+def finish(answer: Answer, request_id: str, response_codec: str) -> None:
+    """Encode the outputs an answer still carries (on the event loop: they are small)."""
+    if answer.body is None and answer.outputs is not None:
+        t0 = time.perf_counter()
+        answer.body = encode_outputs(request_id, answer.outputs, response_codec)
+        answer.outputs = None
+        answer.stages["encode"] = time.perf_counter() - t0
+
+
+def _frontier(frame: Frame) -> tuple[list[torch.Tensor], float]:
+    if frame.frontier is not None:
+        return frame.frontier, frame.decode_s
+    t0 = time.perf_counter()
+    return decode_frame(frame.header, frame.payload), time.perf_counter() - t0
+
+
+def _split(outputs: Sequence[torch.Tensor], rows: Sequence[int]) -> list[list[torch.Tensor]] | None:
+    """Outputs cut back into each request's rows; None if an output is not batch-leading."""
+    total = sum(rows)
+    if any(o.dim() == 0 or o.shape[0] != total for o in outputs):
+        return None
+    parts: list[list[torch.Tensor]] = [[] for _ in rows]
+    for out in outputs:
+        for i, piece in enumerate(torch.split(out, list(rows), dim=0)):
+            parts[i].append(piece)
+    return parts
+
+
+def _compute(bundle: Bundle, cut: int, frontiers: list[list[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    if len(frontiers) > 1:
+        return bundle.run_segments(cut, bundle.n_segments, [torch.cat(p, dim=0) for p in zip(*frontiers)])
+    return bundle.run_segments(cut, bundle.n_segments, frontiers[0])
+
+
+def run_batch(
+    bundle: Bundle, cut: int, frames: Sequence[Frame], response_codec: str, started: float
+) -> list[Answer | Problem]:
+    """Answer every frame of one batch (all at ``cut`` of ``bundle``, same non-batch shapes).
+
+    The frames are decoded one by one (a frame that does not decode fails alone), concatenated
+    along dim 0, run through the tail once and split back. If the batch fails, or its outputs
+    are not batch-leading, each frame runs alone, so one hostile frame cannot fail the others.
+    ``started`` is the perf_counter time the batch was dispatched (for the queue stage).
+    """
+    begin = time.perf_counter()
+    results: list[Answer | Problem | None] = [None] * len(frames)
+    decoded: list[tuple[int, list[torch.Tensor], float]] = []
+    for i, frame in enumerate(frames):
+        try:
+            decoded.append((i, *_frontier(frame)))
+        except Problem as p:
+            results[i] = p
+    if decoded:
+        _run_decoded(bundle, cut, frames, decoded, response_codec, results, begin - started)
+    return [r if r is not None else Problem("internal", "the request was not computed") for r in results]
+
+
+def _run_decoded(
+    bundle: Bundle,
+    cut: int,
+    frames: Sequence[Frame],
+    decoded: list[tuple[int, list[torch.Tensor], float]],
+    response_codec: str,
+    results: list[Answer | Problem | None],
+    hop: float,
+) -> None:
+    rows = [frames[i].rows for i, _, _ in decoded]
+    parts: list[list[torch.Tensor]] | None = None
+    compute = cpu = 0.0
+    if len(decoded) > 1:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            parts = _split(_compute(bundle, cut, [f for _, f, _ in decoded]), rows)
+        except Exception:
+            log.warning(
+                "a batch of %d at cut %d of %s failed; running its requests one by one",
+                len(decoded),
+                cut,
+                bundle.name,
+                exc_info=True,
+            )
+        compute, cpu = time.perf_counter() - t0, time.thread_time() - c0
+    if parts is None:  # one request, or the batch could not be run or split: each alone
+        for i, frontier, dec in decoded:
+            results[i] = _answer_alone(bundle, cut, frames[i], frontier, dec, response_codec, hop)
+        return
+    batch_rows = sum(rows)
+    for (i, _, dec), outputs in zip(decoded, parts):
+        stages = {"queue": hop, "decode": dec, "compute": compute}
+        results[i] = _answer(frames[i], outputs, stages, batch_rows, response_codec, cpu)
+
+
+def _answer_alone(
+    bundle: Bundle,
+    cut: int,
+    frame: Frame,
+    frontier: list[torch.Tensor],
+    dec: float,
+    response_codec: str,
+    hop: float,
+) -> Answer | Problem:
+    t0, c0 = time.perf_counter(), time.thread_time()
+    try:
+        outputs = _compute(bundle, cut, [frontier])
+    except Exception:
+        log.exception(
+            "the tail of %s at cut %d failed on request %s", bundle.name, cut, frame.header.request_id
+        )
+        return Problem("internal", "the tail failed on this request's tensors; see the server's log")
+    stages = {"queue": hop, "decode": dec, "compute": time.perf_counter() - t0}
+    return _answer(frame, list(outputs), stages, frame.rows, response_codec, time.thread_time() - c0)
+
+
+def _answer(
+    frame: Frame,
+    outputs: list[torch.Tensor],
+    stages: dict[str, float],
+    batch_rows: int,
+    response_codec: str,
+    cpu: float,
+) -> Answer | Problem:
+    """Large outputs are encoded here, in the compute thread; small ones are left to the loop."""
+    if sum(o.numel() * o.element_size() for o in outputs) <= SMALL_BYTES:
+        return Answer(None, {**stages, "encode": 0.0}, batch_rows, outputs, cpu)
+    t0 = time.perf_counter()
+    try:
+        body = encode_outputs(frame.header.request_id, outputs, response_codec)
+    except Exception:
+        log.exception("encoding the outputs of request %s failed", frame.header.request_id)
+        return Problem("internal", "the server failed to encode the outputs; see its log")
+    return Answer(body, {**stages, "encode": time.perf_counter() - t0}, batch_rows, None, cpu)

@@ -1,0 +1,345 @@
+"""Route handlers and middlewares: the HTTP face of the server (DESIGN.md, "The wire")."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import http_exceptions, web
+from torch.utils import _pytree as pytree
+
+from splitinfer import protocol
+from splitinfer.bundle import Bundle
+from splitinfer.cloud._auth import check_authorization
+from splitinfer.cloud._batcher import Job
+from splitinfer.cloud._compute import SMALL_BYTES, Frame, decode_frame
+from splitinfer.cloud._problem import Problem, problem_response
+from splitinfer.cloud._state import METRICS, STATE, TOKENS, ServerState
+from splitinfer.errors import ProtocolError
+
+__all__ = [
+    "INFER_ROUTE",
+    "auth_middleware",
+    "expect_continue",
+    "get_model",
+    "infer",
+    "list_models",
+    "live",
+    "metrics",
+    "problem_middleware",
+    "read_body",
+    "ready",
+    "server_timing",
+]
+
+log = logging.getLogger("splitinfer.cloud")
+
+INFER_ROUTE = "infer"
+#: Label for model names this server does not host (clients must not grow the label set).
+UNKNOWN_MODEL = "_unknown"
+PROBE_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics"})
+_FRAME_TYPES = frozenset(
+    {protocol.FRAME_CONTENT_TYPE, "application/octet-stream", "application/msgpack", "application/x-msgpack"}
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def server_timing(stages: dict[str, float]) -> str:
+    return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in stages.items())
+
+
+def _model_label(request: web.Request) -> str:
+    state = request.app.get(STATE)
+    name = request.match_info.get("name", "")
+    return name if state is not None and name in state.models else UNKNOWN_MODEL
+
+
+def _observe(request: web.Request, code: str) -> None:
+    try:
+        request.app[METRICS].observe_answer(_model_label(request), code)
+    except Exception:  # metrics never fail a request
+        log.exception("observing an answer failed")
+
+
+# -- middlewares ---------------------------------------------------------------------------
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as problem+json, never as a stack trace; inference answers are counted."""
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+        code = "ok"
+    except Problem as p:
+        response, code = problem_response(p), p.code
+    except web.HTTPNotFound:
+        response, code = (
+            problem_response(Problem("not_found", f"no route for {request.method} {request.path}")),
+            "not_found",
+        )
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        problem = Problem(
+            "method_not_allowed",
+            f"{request.method} is not allowed on {request.path}; use {allowed}",
+            {"Allow": ",".join(sorted(exc.allowed_methods))},
+        )
+        response, code = problem_response(problem), problem.code
+    except web.HTTPException:
+        raise
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        problem = Problem("internal", "the server failed to handle this request; see its log")
+        response, code = problem_response(problem), problem.code
+    if request.match_info.route.name == INFER_ROUTE:
+        _observe(request, code)
+        if code != "ok":
+            response.headers["Server-Timing"] = server_timing({"total": time.perf_counter() - started})
+    state = request.app.get(STATE)
+    if state is not None and state.drain.draining:
+        response.force_close()  # send clients to another replica
+    return response
+
+
+def auth_middleware(
+    open_paths: frozenset[str],
+) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """Bearer-token check before anything is read; ``open_paths`` skip it."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        tokens = request.app.get(TOKENS)
+        if tokens is not None and request.path not in open_paths:
+            check_authorization(tokens, request.headers.get("Authorization"))
+        return await handler(request)
+
+    return middleware
+
+
+# -- inference -----------------------------------------------------------------------------
+
+
+def _admit(state: ServerState, request: web.Request) -> None:
+    """Refuse before reading the body: draining, a full queue, a declared body over the limit."""
+    if state.drain.draining:
+        raise Problem.unavailable("not_ready", "the server is draining; retry on another replica")
+    if state.scheduler.waiting >= state.config.max_queue_length:
+        raise Problem.unavailable(
+            "overloaded",
+            f"the queue is full ({state.config.max_queue_length} requests waiting); retry after a moment",
+        )
+    length = request.content_length
+    if length is not None and length > state.config.max_body_bytes:
+        raise Problem(
+            "too_large", f"body of {length} bytes exceeds the limit of {state.config.max_body_bytes}"
+        )
+    ctype = request.headers.get("Content-Type")
+    if ctype and ctype.split(";")[0].strip().lower() not in _FRAME_TYPES:
+        raise Problem(
+            "unsupported_media_type",
+            f"send the frame as {protocol.FRAME_CONTENT_TYPE}, not {ctype[:80]!r}",
+        )
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: check auth and limits before the client sends the body."""
+    try:
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise Problem("malformed_frame", "only 'Expect: 100-continue' is understood")
+        tokens = request.app.get(TOKENS)
+        if tokens is not None:
+            check_authorization(tokens, request.headers.get("Authorization"))
+        state = request.app[STATE]
+        if request.match_info.get("name") not in state.models:
+            raise Problem("unknown_model", f"no model {request.match_info.get('name')!r} here")
+        _admit(state, request)
+    except Problem as p:
+        _observe(request, p.code)
+        response = problem_response(p)
+        response.force_close()  # the body was never sent: do not wait for it
+        return response
+    if request.version == (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not part of the response
+    return None
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body (Content-Length or chunked), refused with 413 as soon as it exceeds ``limit``."""
+    try:
+        length = request.content_length
+        if length is not None:
+            return await request.content.readexactly(length)
+        chunks, total = [], 0
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                return b"".join(chunks)
+            total += len(chunk)
+            if total > limit:
+                raise Problem("too_large", f"streamed body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except (asyncio.IncompleteReadError, http_exceptions.HttpProcessingError, ConnectionError) as exc:
+        raise Problem(
+            "malformed_frame", f"the body is truncated or its encoding is broken ({type(exc).__name__})"
+        ) from None
+
+
+def _check(bundle: Bundle, header: protocol.RequestHeader, name: str, max_decoded: int) -> int:
+    """Raise Problem unless the frame fits the bundle; returns its rows (batch size)."""
+    if header.model != name:
+        raise Problem("malformed_frame", f"frame names model {header.model!r} but was posted to {name!r}")
+    if header.graph != bundle.graph_hash:
+        raise Problem(
+            "graph_mismatch",
+            f"model {name!r} here has graph {bundle.graph_hash}, the request was made for "
+            f"{header.graph}: load the same bundle on the edge and the cloud",
+        )
+    if header.cut > bundle.last_cut:
+        raise Problem("bad_cut", f"model {name!r} has cuts 0..{bundle.last_cut}, got {header.cut}")
+    if header.codec not in bundle.codecs:
+        raise Problem(
+            "bad_codec", f"model {name!r} accepts codecs {', '.join(bundle.codecs)}; got {header.codec!r}"
+        )
+    expected = bundle.cuts[header.cut].tensors
+    if len(header.tensors) != len(expected) or not all(
+        w.matches(g) for w, g in zip(expected, header.tensors)
+    ):
+        raise Problem(
+            "bad_shape",
+            f"cut {header.cut} of {name!r} carries {', '.join(map(str, expected))}; the frame "
+            f"declares {', '.join(map(str, header.tensors)) or 'nothing'}",
+        )
+    batches = {t.shape[0] for t in header.tensors if t.shape}
+    if len(batches) > 1:
+        raise Problem("bad_shape", f"frontier tensors disagree on the batch size: {sorted(batches)}")
+    decoded = sum(s.nbytes() for s in header.tensors)
+    if decoded > max_decoded:
+        raise Problem(
+            "too_large", f"the frontier would decode to {decoded} bytes; the limit is {max_decoded}"
+        )
+    return batches.pop() if batches else 1
+
+
+def _batchable(bundle: Bundle, cut: int) -> bool:
+    """Whether frontiers at ``cut`` and the outputs are batch-leading (dim 0 dynamic)."""
+    specs = (*bundle.cuts[cut].tensors, *bundle.cuts[bundle.last_cut].tensors)
+    return all(s.shape and s.shape[0] is None for s in specs)
+
+
+async def infer(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    started = time.perf_counter()
+    name = request.match_info["name"]
+    bundle = state.models.get(name)
+    if bundle is None:
+        raise Problem("unknown_model", f"no model {name!r} here; GET /v1/models lists them")
+    _admit(state, request)
+    state.drain.enter()
+    try:
+        return await _infer(state, request, bundle, name, started)
+    finally:
+        state.drain.leave()
+
+
+async def _infer(
+    state: ServerState, request: web.Request, bundle: Bundle, name: str, started: float
+) -> web.Response:
+    config, scheduler = state.config, state.scheduler
+    scheduler.arriving += 1
+    try:
+        body = await read_body(request, config.max_body_bytes)
+        received = time.perf_counter()
+        try:
+            header, payload = protocol.decode_request(body, max_payload=config.max_body_bytes)
+        except ProtocolError as exc:
+            raise Problem(exc.code, str(exc)) from None
+        rows = _check(bundle, header, name, config.max_decoded_bytes)
+        deadline = None if header.deadline_s is None else started + header.deadline_s
+        now = time.perf_counter()
+        if deadline is not None and now >= deadline:
+            raise Problem("deadline_exceeded", "the request's deadline passed before it was queued")
+        frame = Frame(header, payload, rows)
+        if len(payload) <= SMALL_BYTES:  # decoded here: cheaper than a handoff to a thread
+            frame = Frame(header, payload, rows, decode_frame(header, payload), time.perf_counter() - now)
+        job = Job(frame, now, deadline, asyncio.get_running_loop().create_future())
+        if not _batchable(bundle, header.cut):
+            job.signature = None
+        batcher = scheduler.batcher(bundle, header.cut)
+        batcher.submit(job)
+    finally:
+        scheduler.arrived()
+    try:
+        answer = await job.future
+    except asyncio.CancelledError:
+        batcher.withdraw(job)
+        raise
+    stages = answer.stages
+    # "total" is the server's own time, from the last body byte to the answer: the time the body
+    # spent arriving is the client's uplink, which the edge estimates from this header.
+    stages["receive"] = received - started
+    stages["total"] = time.perf_counter() - received
+    try:
+        state.metrics.observe_success(name, header.cut, header.codec, stages, len(body), len(answer.body))
+    except Exception:
+        log.exception("observing a request failed")
+    return web.Response(
+        body=answer.body,
+        content_type=protocol.FRAME_CONTENT_TYPE,
+        headers={"Server-Timing": server_timing(stages)},
+    )
+
+
+# -- discovery, health, metrics ------------------------------------------------------------
+
+
+def _describe(bundle: Bundle, max_batch_size: int) -> dict[str, object]:
+    return {
+        "name": bundle.name,
+        "version": bundle.version,
+        "graph_hash": bundle.graph_hash,
+        "cuts": [c.to_json() for c in bundle.cuts],
+        "codecs": bundle.codecs,
+        "inputs": [s.to_json() for s in bundle.inputs],
+        "outputs": pytree.treespec_loads(bundle.out_spec).num_leaves,
+        "max_batch_size": max_batch_size,
+    }
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    models = [_describe(b, state.config.max_batch_size) for b in state.models.values()]
+    return web.json_response({"models": models})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    name = request.match_info["name"]
+    bundle = state.models.get(name)
+    if bundle is None:
+        raise Problem("unknown_model", f"no model {name!r} here; GET /v1/models lists them")
+    return web.json_response(_describe(bundle, state.config.max_batch_size))
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"live": True})
+
+
+async def ready(request: web.Request) -> web.Response:
+    state = request.app.get(STATE)
+    if state is None:
+        raise Problem.unavailable("not_ready", "the server is loading its models")
+    if not state.ready:
+        raise Problem.unavailable("not_ready", "the server is draining")
+    return web.json_response({"ready": True, "models": sorted(state.models)})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})

@@ -1,0 +1,39 @@
+"""Error answers: a stable problem code (protocol.PROBLEM_STATUS) and a message saying what to fix."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from splitinfer import protocol
+
+__all__ = ["RETRY_AFTER_S", "Problem", "problem_response"]
+
+#: Seconds a client is told to wait before retrying a 503.
+RETRY_AFTER_S = 1
+
+
+class Problem(Exception):
+    """An error answer. Raised anywhere in a handler; the middleware turns it into problem+json."""
+
+    def __init__(self, code: str, detail: str, headers: dict[str, str] | None = None):
+        if code not in protocol.PROBLEM_STATUS:
+            raise ValueError(f"unknown problem code {code!r}")
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.headers = headers or {}
+
+    @property
+    def status(self) -> int:
+        return protocol.PROBLEM_STATUS[self.code]
+
+    @classmethod
+    def unavailable(cls, code: str, detail: str) -> Problem:
+        """A 503 that tells the client when to come back."""
+        return cls(code, detail, {"Retry-After": str(RETRY_AFTER_S)})
+
+
+def problem_response(problem: Problem, extra_headers: dict[str, str] | None = None) -> web.Response:
+    status, body = protocol.problem_body(problem.code, problem.detail)
+    headers = {**problem.headers, **(extra_headers or {})}
+    return web.Response(status=status, body=body, content_type=protocol.PROBLEM_CONTENT_TYPE, headers=headers)

@@ -1,0 +1,344 @@
+"""The cost model: every (cut, codec) candidate of a bundle as rows of numpy arrays.
+
+Contract: :class:`CostModel` needs only a bundle's ``cuts``, ``codecs``, ``fidelity`` and
+``profiles`` (no segment is loaded or run). For each candidate it holds the profiled times
+(seconds on the profiled machine) and the bytes sent, so that under :class:`Estimates` ``e``::
+
+    latency(k, c) = (head(k) + encode(k, c)) * e.device_slowdown
+                  + (decode(k, c) + tail(k)) * e.cloud_slowdown
+                  + 8 * bytes(k, c) / e.uplink_bps
+                  + sent * (e.rtt_s + e.cloud_queue_s + 8 * response_bytes / e.downlink_bps)
+
+where ``sent`` is 0 for the last cut (everything on the device, nothing sent) and 1 elsewhere.
+That is a dot product of a fixed row of :data:`FEATURES` with a weight vector built from the
+estimates, which is what makes a decision over a thousand candidates take microseconds.
+
+Where numbers come from:
+
+- head and tail: the profile's per-segment medians at batch 1 (the tail at ``cloud_batch``,
+  the batch size the cloud runs, when the profile has it: a request waits for its whole batch);
+- encode and decode: the profile's codec table; a (cut, codec) it lacks is interpolated from
+  the same codec's cost per float32 byte at the other cuts (0 if the codec was never profiled);
+- bytes: the fidelity table, else the profile's codec table, else, for a lossless codec, the
+  float32 frontier size (an upper bound); a lossy candidate with no bytes anywhere is
+  infeasible;
+- fidelity: lossless codecs (``f32``, ``f32+zstd<N>``) are 1.0 by definition; a lossy
+  candidate missing from the fidelity table has *unknown* fidelity, and is feasible only when
+  the budget is 0 (unknown counts as 0). The last cut is exact and always feasible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from splitinfer.bundle import Bundle
+from splitinfer.errors import ConfigError
+from splitinfer.partitioner._estimate import Estimates
+
+__all__ = [
+    "FEATURES",
+    "STAGES",
+    "CostModel",
+    "EnergyModel",
+    "chain_times",
+    "energy_weights",
+    "is_lossless",
+    "latency_weights",
+    "pick_profile",
+]
+
+#: Stages of a prediction, in the order a request goes through them (seconds each).
+STAGES = ("head", "encode", "rtt", "uplink", "queue", "decode", "tail", "downlink")
+#: Columns of :attr:`CostModel.features`: what each candidate multiplies with the estimates.
+FEATURES = ("device_s", "cloud_s", "up_bits", "sent", "down_bits")
+
+
+def is_lossless(spec: str) -> bool:
+    """``f32`` with or without an entropy stage: exact, fidelity 1.0 by definition."""
+    return spec.split("+", 1)[0] == "f32"
+
+
+@dataclass(frozen=True)
+class EnergyModel:
+    """Device energy of one request, in joules (docs/decision.md)::
+
+        energy = compute_w * (head + encode) + tx_w * uplink + rx_w * downlink
+               + idle_w * (rtt + queue + decode + tail)
+
+    Defaults are a phone-class device on a cellular link: a busy big core cluster of about
+    2 W, a transmitting radio about 1.5 W, a receiving one 1 W and an idle-but-connected
+    device waiting for the answer 0.3 W (the order of the LTE power model in Huang et al.,
+    MobiSys 2012). Measure your device and pass its own numbers.
+    """
+
+    compute_w: float = 2.0
+    tx_w: float = 1.5
+    rx_w: float = 1.0
+    idle_w: float = 0.3
+
+    def __post_init__(self) -> None:
+        for name in ("compute_w", "tx_w", "rx_w", "idle_w"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"EnergyModel.{name} must be a finite number of watts >= 0, got {value!r}")
+
+
+def pick_profile(bundle: Bundle, name: str | None) -> tuple[str, dict[str, Any]] | None:
+    """The profile ``name`` of ``bundle`` (by default ``host`` if present, else the first one).
+
+    ``None`` when the bundle has no profile and none was asked for; ConfigError for an unknown
+    name.
+    """
+    profiles = bundle.profiles or {}
+    if name is not None:
+        if name not in profiles:
+            have = ", ".join(sorted(profiles)) or "none"
+            raise ConfigError(
+                f"bundle {bundle.name!r} has no profile {name!r} (it has: {have}); "
+                f"measure one with `splitinfer profile BUNDLE --name {name}`"
+            )
+        return name, profiles[name]
+    if not profiles:
+        return None
+    chosen = "host" if "host" in profiles else next(iter(profiles))
+    return chosen, profiles[chosen]
+
+
+def _segment_medians(bundle: Bundle, name: str, profile: Mapping[str, Any], batch: int) -> np.ndarray | None:
+    seg = profile.get("segments", {}).get(str(batch))
+    if seg is None:
+        return None
+    times = np.asarray(seg.get("median_s", []), dtype=np.float64)
+    if times.shape != (bundle.n_segments,) or not np.all(np.isfinite(times)) or np.any(times < 0):
+        raise ConfigError(
+            f"profile {name!r} of bundle {bundle.name!r} must give {bundle.n_segments} finite, "
+            f"non-negative segment times at batch {batch}, got {times.shape[0] if times.ndim else 0}; "
+            f"profile the bundle again"
+        )
+    return times
+
+
+def chain_times(bundle: Bundle, profile: str | None = None) -> tuple[list[float], list[float]] | None:
+    """Profiled ``head(k)`` and ``tail(k)`` at batch 1 for every cut, or None without a profile."""
+    picked = pick_profile(bundle, profile)
+    if picked is None:
+        return None
+    seg = _segment_medians(bundle, picked[0], picked[1], 1)
+    if seg is None:
+        return None
+    head = np.concatenate([[0.0], np.cumsum(seg)])
+    return head.tolist(), (head[-1] - head).tolist()
+
+
+class CostModel:
+    """Every candidate of ``bundle`` with its profiled costs (see the module docstring).
+
+    Rows ``0..N-2`` are the cuts ``0..n-1`` crossed with ``bundle.codecs`` (in that order);
+    the final row is the last cut, whose codec is nominal (``bundle.codecs[0]``): nothing is
+    sent. Arrays are read-only.
+    """
+
+    def __init__(self, bundle: Bundle, *, profile: str | None = None, cloud_batch: int = 1):
+        if not bundle.codecs:
+            raise ConfigError(f"bundle {bundle.name!r} offers no codecs")
+        if not isinstance(cloud_batch, int) or cloud_batch < 1:
+            raise ConfigError(f"cloud_batch must be an int >= 1, got {cloud_batch!r}")
+        self.bundle_name = bundle.name
+        self.n = bundle.last_cut
+        self.codecs = tuple(bundle.codecs)
+        self.cut_names = tuple(c.name for c in bundle.cuts)
+        picked = pick_profile(bundle, profile)
+        self.profile_name = None if picked is None else picked[0]
+        prof: Mapping[str, Any] = {} if picked is None else picked[1]
+        self.profiled = picked is not None
+        seg1 = None if picked is None else _segment_medians(bundle, picked[0], prof, 1)
+        if picked is not None and seg1 is None:
+            raise ConfigError(f"profile {picked[0]!r} of bundle {bundle.name!r} has no batch-1 segment times")
+        segb = None if picked is None else _segment_medians(bundle, picked[0], prof, cloud_batch)
+        if segb is None:
+            segb = seg1
+        n = self.n
+        head_k = np.concatenate([[0.0], np.cumsum(seg1)]) if seg1 is not None else np.full(n + 1, np.nan)
+        cum_b = np.concatenate([[0.0], np.cumsum(segb)]) if segb is not None else np.full(n + 1, np.nan)
+        tail_k = cum_b[-1] - cum_b
+        self.response_bytes = float(prof.get("response_bytes", 0.0)) if self.profiled else 0.0
+
+        fid_rows = {(int(r["cut"]), str(r["codec"])): r for r in (bundle.fidelity or {}).get("table", [])}
+        codec_rows = {(int(r["cut"]), str(r["codec"])): r for r in prof.get("codecs", [])}
+        nbytes = np.array([c.nbytes for c in bundle.cuts], dtype=np.float64)
+        per_byte = _codec_cost_per_byte(codec_rows, nbytes)
+
+        cuts, codec_idx, fidelity, sizes, enc, dec = [], [], [], [], [], []
+        for k in range(n):
+            for j, spec in enumerate(self.codecs):
+                cuts.append(k)
+                codec_idx.append(j)
+                frow, crow = fid_rows.get((k, spec)), codec_rows.get((k, spec))
+                if is_lossless(spec):
+                    fidelity.append(1.0)
+                else:
+                    fidelity.append(float(frow["fidelity"]) if frow is not None else math.nan)
+                if frow is not None and frow.get("bytes") is not None:
+                    sizes.append(float(frow["bytes"]))
+                elif crow is not None and crow.get("bytes") is not None:
+                    sizes.append(float(crow["bytes"]))
+                elif is_lossless(spec):
+                    sizes.append(float(nbytes[k]))
+                else:
+                    sizes.append(math.nan)
+                if crow is not None:
+                    enc.append(float(crow["encode_s"]))
+                    dec.append(float(crow["decode_s"]))
+                elif self.profiled:
+                    e, d = per_byte.get(spec, (0.0, 0.0))
+                    enc.append(e * nbytes[k])
+                    dec.append(d * nbytes[k])
+                else:
+                    enc.append(math.nan)
+                    dec.append(math.nan)
+        cuts.append(n)
+        codec_idx.append(0)
+        fidelity.append(1.0)
+        sizes.append(0.0)
+        enc.append(0.0)
+        dec.append(0.0)
+        self.cut = _frozen(np.array(cuts, dtype=np.int64))
+        self.codec_index = _frozen(np.array(codec_idx, dtype=np.int64))
+        self.fidelity = _frozen(np.array(fidelity))
+        self.bytes = _frozen(np.array(sizes))
+        self.encode = _frozen(np.array(enc))
+        self.decode = _frozen(np.array(dec))
+        sent = self.cut < n
+        self.sent = _frozen(sent.astype(np.float64))
+        self.head = _frozen(head_k[self.cut])
+        self.tail = _frozen(np.where(sent, tail_k[self.cut], 0.0))
+        #: One row per candidate, columns :data:`FEATURES` (NaN bytes count as 0 here: such a
+        #: candidate is never feasible, see :meth:`feasible`).
+        self.features = _frozen(
+            np.column_stack(
+                [
+                    self.head + self.encode,
+                    self.decode + self.tail,
+                    np.nan_to_num(self.bytes) * 8.0,
+                    self.sent,
+                    self.sent * self.response_bytes * 8.0,
+                ]
+            )
+        )
+
+    def __len__(self) -> int:
+        return len(self.cut)
+
+    @property
+    def local(self) -> int:
+        """Row of the last cut (all on the device)."""
+        return len(self.cut) - 1
+
+    def codec(self, row: int) -> str:
+        return self.codecs[int(self.codec_index[row])]
+
+    def exclusions(self, budget: float, privacy_floor: int | None) -> list[str]:
+        """Per row, why it is infeasible under ``budget`` and ``privacy_floor`` ('' if feasible)."""
+        reasons = []
+        for i in range(len(self.cut)):
+            k = int(self.cut[i])
+            if k == self.n:
+                reasons.append("")
+            elif privacy_floor is not None and k < privacy_floor:
+                reasons.append(f"below the privacy floor (cut {privacy_floor})")
+            elif math.isnan(self.bytes[i]):
+                reasons.append("size unknown (not in the fidelity table nor the profile)")
+            elif math.isnan(self.fidelity[i]) and budget > 0:
+                reasons.append("fidelity unknown (not in the fidelity table)")
+            elif self.fidelity[i] < budget:
+                reasons.append(f"fidelity {self.fidelity[i]:.4f} < budget {budget}")
+            else:
+                reasons.append("")
+        return reasons
+
+    def feasible(self, budget: float, privacy_floor: int | None) -> np.ndarray:
+        """Boolean mask of the rows feasible under ``budget`` and ``privacy_floor``."""
+        return np.array([not r for r in self.exclusions(budget, privacy_floor)])
+
+    def stages(self, row: int, est: Estimates) -> dict[str, float]:
+        """Predicted seconds per stage (:data:`STAGES`) of candidate ``row`` under ``est``."""
+        if not self.sent[row]:
+            return {"head": float(self.head[row]) * est.device_slowdown}
+        return {
+            "head": float(self.head[row]) * est.device_slowdown,
+            "encode": float(self.encode[row]) * est.device_slowdown,
+            "rtt": est.rtt_s,
+            "uplink": float(self.bytes[row]) * 8.0 / est.uplink_bps,
+            "queue": est.cloud_queue_s,
+            "decode": float(self.decode[row]) * est.cloud_slowdown,
+            "tail": float(self.tail[row]) * est.cloud_slowdown,
+            "downlink": self.response_bytes * 8.0 / est.downlink_bps,
+        }
+
+    def stage_matrix(self, est: Estimates) -> np.ndarray:
+        """Predicted seconds of every row (rows) and stage (columns, :data:`STAGES`)."""
+        sent = self.sent
+        return np.column_stack(
+            [
+                self.head * est.device_slowdown,
+                self.encode * est.device_slowdown,
+                sent * est.rtt_s,
+                np.nan_to_num(self.bytes) * 8.0 / est.uplink_bps,
+                sent * est.cloud_queue_s,
+                self.decode * est.cloud_slowdown,
+                self.tail * est.cloud_slowdown,
+                sent * self.response_bytes * 8.0 / est.downlink_bps,
+            ]
+        )
+
+
+def latency_weights(est: Estimates) -> np.ndarray:
+    """The weights that turn :data:`FEATURES` into predicted latency (seconds)."""
+    return np.array(
+        [
+            est.device_slowdown,
+            est.cloud_slowdown,
+            1.0 / est.uplink_bps,
+            est.rtt_s + est.cloud_queue_s,
+            1.0 / est.downlink_bps,
+        ]
+    )
+
+
+def energy_weights(est: Estimates, energy: EnergyModel) -> np.ndarray:
+    """The weights that turn :data:`FEATURES` into predicted device energy (joules)."""
+    return np.array(
+        [
+            energy.compute_w * est.device_slowdown,
+            energy.idle_w * est.cloud_slowdown,
+            energy.tx_w / est.uplink_bps,
+            energy.idle_w * (est.rtt_s + est.cloud_queue_s),
+            energy.rx_w / est.downlink_bps,
+        ]
+    )
+
+
+def _codec_cost_per_byte(
+    rows: Mapping[tuple[int, str], Mapping[str, Any]], nbytes: np.ndarray
+) -> dict[str, tuple[float, float]]:
+    """Median encode and decode seconds per float32 frontier byte of each profiled codec."""
+    ratios: dict[str, list[tuple[float, float]]] = {}
+    for (k, spec), row in rows.items():
+        if 0 <= k < len(nbytes) and nbytes[k] > 0:
+            ratios.setdefault(spec, []).append(
+                (float(row["encode_s"]) / nbytes[k], float(row["decode_s"]) / nbytes[k])
+            )
+    return {
+        spec: (float(np.median([r[0] for r in rs])), float(np.median([r[1] for r in rs])))
+        for spec, rs in ratios.items()
+    }
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a

@@ -1,0 +1,360 @@
+"""What the edge currently believes about the world, and the estimator that keeps it current.
+
+:class:`Estimates` is the input of every policy's ``decide``: rates in bits per second, times
+in seconds, speeds as slowdown factors against the profile (2.0: twice as slow as the machine
+the profile was measured on).
+
+:class:`Estimator` is fed *passively* by what real requests reveal, and actively only when it
+asks for a probe (:meth:`Estimator.needs_probe`):
+
+- ``observe_transfer`` (bytes up and down, start, first byte of the answer, end, and the
+  server's ``Server-Timing`` header) yields one sample each of the uplink rate, the round trip,
+  the downlink rate, the cloud's queueing and the cloud's speed (its compute time against the
+  profiled tail at that cut);
+- ``observe_head`` (measured head time at a cut) yields the device's speed against the profile;
+- ``observe_upload`` / ``observe_download`` / ``observe_rtt`` take a probe's direct measurements.
+
+The request's wait for its first answer byte is ``rtt + up_bytes / uplink + server``, with the
+server's time read from its header. The round trip is the median of recent samples of
+``wait - server - up_bytes / uplink`` taken from requests whose payload is predicted to take
+less than half of that (so a wrong uplink estimate barely moves it), and of probes
+(``observe_rtt``: a tiny request), which is how it starts: one payload size alone cannot tell
+a long round trip from a slow link. The uplink sample is then
+``up_bytes / (wait - server - rtt)``.
+
+Rates and speeds are tracked by :class:`LogEwma`: an exponentially weighted mean of the
+logarithm, each sample weighted by how long it lasted (``1 - exp(-duration / tau)``: a
+transfer of a few milliseconds, whose rate is mostly timer noise and round-trip error, barely
+counts; a long one counts almost fully) and clipped to a few mean absolute deviations of the
+current mean, so a single outlier cannot swing the estimate while a lasting change still
+moves it within a few samples. Queueing and the round trip are windowed medians.
+
+Idle periods: an estimate keeps its value, but its uncertainty (standard deviation of the log)
+grows with its age, ``sqrt(dev^2 + drift * age)``. :meth:`Estimator.needs_probe` says when the
+uplink estimate is older than ``probe_after_s``: a client that kept every request on the device
+(because the link looked bad) then sends a small probe (``probe_bytes()``) so it notices when
+the link comes back. Everything is thread-unsafe and clock-agnostic: pass times from one clock
+(``time.monotonic`` by default, or ``now=`` for a simulation).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from splitinfer.errors import ConfigError
+from splitinfer.protocol import parse_server_timing
+
+if TYPE_CHECKING:
+    from splitinfer.bundle import Bundle
+
+__all__ = ["DEFAULT_PRIOR", "Estimates", "Estimator", "LogEwma"]
+
+
+@dataclass(frozen=True)
+class Estimates:
+    """The state of the world a policy decides on.
+
+    Rates are bits per second and must be positive (a link that is down is a tiny rate, not 0);
+    times are non-negative seconds; slowdowns are positive factors applied to profiled times
+    (``device_slowdown`` to head and encode, ``cloud_slowdown`` to decode and tail).
+    """
+
+    uplink_bps: float
+    downlink_bps: float
+    rtt_s: float
+    cloud_queue_s: float = 0.0
+    device_slowdown: float = 1.0
+    cloud_slowdown: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("uplink_bps", "downlink_bps", "device_slowdown", "cloud_slowdown"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"Estimates.{name} must be a finite number > 0, got {value!r}")
+        for name in ("rtt_s", "cloud_queue_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"Estimates.{name} must be a finite number >= 0 (seconds), got {value!r}")
+
+
+#: What an estimator believes before its first observation: a modest 3G-class link.
+DEFAULT_PRIOR = Estimates(uplink_bps=1e6, downlink_bps=4e6, rtt_s=0.1)
+
+_MIN_RATE = 1e3  # bits/s: an estimate never drops below this (the link is "down")
+_MAX_RATE = 1e12
+
+
+class LogEwma:
+    """A robust, duration-weighted running mean of ``log(x)`` for positive samples.
+
+    ``update(x, duration)`` moves the mean by ``w * clip(log(x) - mean)`` with
+    ``w = 1 - exp(-max(duration, min_duration) / tau)`` and the residual clipped to
+    ``max(clip * dev, min_clip)`` (``dev``: running mean absolute residual). The first sample
+    sets the mean. ``value`` is ``exp(mean)``; ``sd(age)`` the uncertainty of the log after
+    ``age`` seconds without samples.
+    """
+
+    def __init__(
+        self,
+        *,
+        tau: float,
+        min_duration: float = 0.0,
+        clip: float = 3.0,
+        min_clip: float = math.log(2.0),
+        drift: float = 0.01,
+    ):
+        if tau <= 0:
+            raise ConfigError(f"tau must be > 0 seconds, got {tau}")
+        self.tau = tau
+        self.min_duration = min_duration
+        self.clip = clip
+        self.min_clip = min_clip
+        self.drift = drift
+        self.mean: float | None = None
+        self.dev = 0.0
+        self.count = 0
+        self.last: float | None = None
+
+    def update(self, x: float, duration: float, now: float) -> None:
+        if not (x > 0 and math.isfinite(x)):
+            return
+        y = math.log(x)
+        self.count += 1
+        self.last = now
+        if self.mean is None:
+            self.mean = y
+            self.dev = self.min_clip / self.clip
+            return
+        w = 1.0 - math.exp(-max(duration, self.min_duration) / self.tau)
+        residual = y - self.mean
+        limit = max(self.clip * self.dev, self.min_clip)
+        clipped = max(-limit, min(limit, residual))
+        self.mean += w * clipped
+        self.dev += w * (min(abs(residual), 2 * limit) - self.dev)
+
+    def value(self, default: float) -> float:
+        return default if self.mean is None else math.exp(self.mean)
+
+    def age(self, now: float) -> float:
+        return math.inf if self.last is None else max(0.0, now - self.last)
+
+    def sd(self, now: float) -> float:
+        if self.mean is None:
+            return math.inf
+        return math.sqrt(self.dev**2 + self.drift * self.age(now))
+
+
+class _WindowMedian:
+    """Median of the last ``size`` samples."""
+
+    def __init__(self, size: int):
+        self.samples: deque[float] = deque(maxlen=size)
+        self.last: float | None = None
+
+    def update(self, x: float, now: float) -> None:
+        if math.isfinite(x):
+            self.samples.append(x)
+            self.last = now
+
+    def value(self, default: float) -> float:
+        return statistics.median(self.samples) if self.samples else default
+
+
+class Estimator:
+    """Online estimates of the link, the cloud and the device, fed by real transfers.
+
+    ``bundle`` (its profile ``profile``, by default the one policies pick) is needed only to
+    turn measured head and tail times into slowdown factors; without one, the slowdowns stay at
+    ``prior``'s. ``tau_s`` is the rate estimators' time constant in seconds of transfer.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | None = None,
+        *,
+        profile: str | None = None,
+        prior: Estimates = DEFAULT_PRIOR,
+        tau_s: float = 0.5,
+        risk: float = 0.5,
+        probe_after_s: float = 1.0,
+        window: int = 15,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if probe_after_s <= 0:
+            raise ConfigError(f"probe_after_s must be > 0 seconds, got {probe_after_s}")
+        if window < 1:
+            raise ConfigError(f"window must be >= 1 sample, got {window}")
+        self.prior = prior
+        self.risk = risk
+        self.probe_after_s = probe_after_s
+        self.clock = clock
+        self.uplink = LogEwma(tau=tau_s, min_duration=0.002)
+        self.downlink = LogEwma(tau=tau_s, min_duration=0.002)
+        self.device = LogEwma(tau=1.0, min_duration=0.1, drift=0.0)
+        self.cloud = LogEwma(tau=1.0, min_duration=0.1, drift=0.0)
+        self.rtt = _WindowMedian(window)
+        self.queue = _WindowMedian(window)
+        self._head_s: list[float] | None = None
+        self._tail_s: list[float] | None = None
+        if bundle is not None:
+            from splitinfer.partitioner._costs import chain_times
+
+            times = chain_times(bundle, profile)
+            if times is not None:
+                self._head_s, self._tail_s = times
+
+    def _now(self, now: float | None) -> float:
+        return self.clock() if now is None else now
+
+    # -- observations ---------------------------------------------------------------------
+
+    def observe_upload(self, nbytes: float, seconds: float, *, now: float | None = None) -> None:
+        """A pure upload of ``nbytes`` that took ``seconds`` (no round trip in it)."""
+        if nbytes > 0 and seconds > 0:
+            self._rate_sample(self.uplink, nbytes * 8, seconds, self._now(now), self.prior.uplink_bps)
+
+    def observe_download(self, nbytes: float, seconds: float, *, now: float | None = None) -> None:
+        """A pure download of ``nbytes`` that took ``seconds``."""
+        if nbytes > 0 and seconds > 0:
+            self._rate_sample(self.downlink, nbytes * 8, seconds, self._now(now), self.prior.downlink_bps)
+
+    def observe_rtt(self, seconds: float, *, now: float | None = None) -> None:
+        """A measured round trip (e.g. a tiny probe request, minus the server's time)."""
+        if seconds >= 0:
+            self.rtt.update(seconds, self._now(now))
+
+    def observe_head(self, cut: int, seconds: float, *, now: float | None = None) -> None:
+        """The device took ``seconds`` to run the head of ``cut`` (the whole model at the last cut)."""
+        if self._head_s is None or not 0 <= cut < len(self._head_s):
+            return
+        profiled = self._head_s[cut]
+        if profiled > 1e-5 and seconds > 0:
+            self.device.update(seconds / profiled, profiled, self._now(now))
+
+    def observe_server_timing(
+        self, timing: str | Mapping[str, float] | None, *, cut: int | None = None, now: float | None = None
+    ) -> dict[str, float]:
+        """Queueing and cloud speed from a ``Server-Timing`` header (or its parsed stages).
+
+        Returns the parsed stages in seconds. The cloud's slowdown is its ``compute`` time over
+        the profiled tail at ``cut`` at batch 1 (so it also absorbs the cloud's batching).
+        """
+        stages = parse_server_timing(timing) if timing is None or isinstance(timing, str) else dict(timing)
+        t = self._now(now)
+        if "queue" in stages:
+            self.queue.update(max(0.0, stages["queue"]), t)
+        if cut is not None and self._tail_s is not None and 0 <= cut < len(self._tail_s):
+            profiled = self._tail_s[cut]
+            if profiled > 1e-5 and stages.get("compute", 0.0) > 0:
+                self.cloud.update(stages["compute"] / profiled, profiled, t)
+        return stages
+
+    def observe_transfer(
+        self,
+        *,
+        up_bytes: float,
+        down_bytes: float,
+        start: float,
+        first_byte: float,
+        end: float,
+        server_timing: str | Mapping[str, float] | None = None,
+        cut: int | None = None,
+    ) -> None:
+        """One request: ``up_bytes`` sent from ``start``; the answer's first byte at
+        ``first_byte``, its last (``down_bytes`` in all) at ``end``; times on this estimator's
+        clock. See the module docstring for how it is decomposed."""
+        if not start <= first_byte <= end:
+            raise ConfigError(
+                f"a transfer needs start <= first_byte <= end, got {start}, {first_byte}, {end}"
+            )
+        stages = self.observe_server_timing(server_timing, cut=cut, now=end)
+        server = stages.get("total")
+        if server is None:
+            server = sum(stages.get(k, 0.0) for k in ("queue", "decode", "compute", "encode"))
+        wait = max(0.0, first_byte - start - server)
+        bits = up_bytes * 8
+        predicted_up = bits / self.uplink.value(self.prior.uplink_bps)
+        if predicted_up < 0.5 * wait:
+            self.rtt.update(wait - predicted_up, end)
+        rtt = self.rtt.value(self.prior.rtt_s)
+        if up_bytes > 0:
+            up_s = wait - rtt
+            if up_s <= 0:
+                # Faster than the round-trip estimate allows: evidence of a fast link, timed poorly.
+                up_s = max(wait * 0.1, 1e-4)
+            self._rate_sample(self.uplink, bits, up_s, end, self.prior.uplink_bps)
+        if down_bytes > 0 and end > first_byte:
+            self._rate_sample(self.downlink, down_bytes * 8, end - first_byte, end, self.prior.downlink_bps)
+
+    @staticmethod
+    def _rate_sample(ewma: LogEwma, bits: float, seconds: float, now: float, prior: float) -> None:
+        """A rate sample weighted by the longer of its measured and its predicted duration.
+
+        A short transfer is mostly timing noise, unless it was predicted to be long: then it is
+        strong evidence that the link got faster (and a probe sized for a link believed slow
+        brings the estimate back up at once).
+        """
+        predicted = bits / ewma.value(prior)
+        ewma.update(_clamp_rate(bits / seconds), max(seconds, predicted), now)
+
+    # -- results --------------------------------------------------------------------------
+
+    def estimates(self) -> Estimates:
+        """The current point estimates (the prior's values where nothing was observed yet)."""
+        p = self.prior
+        return replace(
+            p,
+            uplink_bps=self._effective(self.uplink, p.uplink_bps),
+            downlink_bps=self.downlink.value(p.downlink_bps),
+            rtt_s=self.rtt.value(p.rtt_s),
+            cloud_queue_s=self.queue.value(p.cloud_queue_s),
+            device_slowdown=self.device.value(p.device_slowdown),
+            cloud_slowdown=self.cloud.value(p.cloud_slowdown),
+        )
+
+    def _effective(self, ewma: LogEwma, default: float) -> float:
+        """The rate whose reciprocal is the expected reciprocal, if the log-rate is normal."""
+        if ewma.mean is None:
+            return default
+        sd = 1.25 * ewma.dev  # mean absolute deviation to standard deviation
+        return math.exp(ewma.mean - self.risk * sd * sd)
+
+    def uncertainty(self, now: float | None = None) -> dict[str, float]:
+        """Standard deviation of the log of each rate and speed (``inf`` before any sample)."""
+        t = self._now(now)
+        return {
+            "uplink": self.uplink.sd(t),
+            "downlink": self.downlink.sd(t),
+            "device": self.device.sd(t),
+            "cloud": self.cloud.sd(t),
+        }
+
+    def needs_probe(self, now: float | None = None) -> bool:
+        """Whether the uplink estimate is older than ``probe_after_s`` (or was never measured)."""
+        return self.uplink.age(self._now(now)) > self.probe_after_s
+
+    def probe_bytes(self) -> int:
+        """A probe size that takes about 0.2 s at the estimated uplink: 4 KiB to 256 KiB."""
+        rate = self.uplink.value(self.prior.uplink_bps)
+        return int(min(256 * 1024, max(4 * 1024, rate * 0.2 / 8)))
+
+    def summary(self) -> dict[str, Any]:
+        """Sample counts, for logs and metrics."""
+        return {
+            "uplink_samples": self.uplink.count,
+            "downlink_samples": self.downlink.count,
+            "rtt_samples": len(self.rtt.samples),
+            "queue_samples": len(self.queue.samples),
+            "device_samples": self.device.count,
+            "cloud_samples": self.cloud.count,
+        }
+
+
+def _clamp_rate(bps: float) -> float:
+    return min(_MAX_RATE, max(_MIN_RATE, bps))

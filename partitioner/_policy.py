@@ -1,0 +1,512 @@
+"""Policies: the per-request choice of a cut and a codec, behind one interface.
+
+Every policy is a :class:`Policy`: ``decide(est)`` returns a :class:`Decision`, ``explain(est)``
+an :class:`Explanation` listing every candidate with its predicted stages and why the winner
+won. All of them rank the same candidates with the same cost model (``_costs.py``); they
+differ in which candidates they allow and what they minimize:
+
+============== ==========================================================================
+``adaptive``   every (cut, codec) whose fidelity meets the budget, at or above the privacy
+               floor, plus the last cut; minimizes predicted latency plus
+               ``energy_weight`` times predicted device energy; explores (below)
+``static``     one (cut, codec), always
+``local``      the last cut: everything on the device
+``cloud``      cut 0: the input, with the codec of lowest predicted latency among those
+               meeting the budget
+``neurosurgeon`` every cut with ``f32`` (no compression), plus the last cut; minimizes
+               predicted latency (Kang et al., ASPLOS 2017: the classic baseline)
+============== ==========================================================================
+
+Exploration (``adaptive`` only): with probability ``explore`` a decision takes, instead of the
+winner, a uniformly drawn other feasible candidate whose predicted objective is within
+``explore_margin`` of the winner's. The cost of exploring is bounded by construction (at most
+``explore * explore_margin`` of the mean predicted objective, 0.5% by default), and it keeps
+the estimators fed from more than one operating point: transfers of other sizes, head times
+at other cuts. It never leaves the feasible set, so budget and privacy floor hold for every
+decision. ``explore=0`` makes ``decide`` the exact argmin of the cost model.
+
+Speed: the feasible rows' feature matrix is built once per policy, so ``decide`` is one
+matrix-vector product and an argmin (``benchmarks/results/policy.md``: tens of microseconds
+for a thousand candidates).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from splitinfer.bundle import Bundle
+from splitinfer.errors import ConfigError
+from splitinfer.partitioner._costs import STAGES, CostModel, EnergyModel, energy_weights, latency_weights
+from splitinfer.partitioner._estimate import Estimates
+
+__all__ = ["POLICIES", "Candidate", "Decision", "Explanation", "Policy", "TablePolicy", "make_policy"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where to cut and how to encode one request, and what the policy predicts it costs.
+
+    At the last cut (``cut == bundle.last_cut``) nothing is sent and ``codec`` is nominal (the
+    bundle's first codec). ``stages`` maps :data:`~splitinfer.partitioner._costs.STAGES` to
+    predicted seconds (only ``head`` at the last cut); ``predicted_s`` is their sum (NaN when
+    the bundle has no profile). ``explored`` is True when the policy deliberately took a
+    near-optimal candidate other than the winner.
+    """
+
+    cut: int
+    codec: str
+    predicted_s: float
+    stages: dict[str, float] = field(default_factory=dict, hash=False)
+    energy_j: float = math.nan
+    explored: bool = False
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One (cut, codec) pair as a policy sees it under some estimates."""
+
+    cut: int
+    cut_name: str
+    codec: str
+    predicted_s: float
+    #: What the policy minimizes: latency, plus energy_weight times energy.
+    objective: float
+    energy_j: float
+    stages: dict[str, float] = field(hash=False)
+    #: Agreement with the uncompressed model; None when unknown.
+    fidelity: float | None
+    #: Bytes sent at batch 1; None when unknown.
+    bytes: float | None
+    #: Empty when the policy may choose it, else why not.
+    excluded: str = ""
+
+    @property
+    def feasible(self) -> bool:
+        return not self.excluded
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Every candidate (allowed ones first, best first) and why the winner won."""
+
+    policy: str
+    estimates: Estimates
+    decision: Decision
+    candidates: tuple[Candidate, ...]
+    reason: str
+
+    def format(self, top: int | None = 10) -> str:
+        """A text table of the ``top`` allowed candidates (all with None), then the reason."""
+        allowed = [c for c in self.candidates if c.feasible]
+        shown = allowed if top is None else allowed[:top]
+        e = self.estimates
+        lines = [
+            f"policy {self.policy}: uplink {_rate(e.uplink_bps)}, downlink {_rate(e.downlink_bps)}, "
+            f"rtt {e.rtt_s * 1000:.0f} ms, queue {e.cloud_queue_s * 1000:.0f} ms, "
+            f"device x{e.device_slowdown:g}, cloud x{e.cloud_slowdown:g}",
+            f"{'rank':>4}  {'cut':>4}  {'codec':<12} {'KiB':>8} {'fidelity':>8} {'total ms':>9}  "
+            + "  ".join(f"{s:>8}" for s in STAGES),
+        ]
+        for rank, c in enumerate(shown, 1):
+            kib = "-" if c.bytes is None else f"{c.bytes / 1024:.1f}"
+            fid = "-" if c.fidelity is None else f"{c.fidelity:.4f}"
+            codec = c.codec if c.stages.get("rtt") is not None else "(local)"
+            lines.append(
+                f"{rank:>4}  {c.cut:>4}  {codec:<12} {kib:>8} {fid:>8} {c.predicted_s * 1000:>9.1f}  "
+                + "  ".join(f"{c.stages[s] * 1000:>8.1f}" if s in c.stages else f"{'-':>8}" for s in STAGES)
+            )
+        if top is not None and len(allowed) > top:
+            lines.append(f"      ... {len(allowed) - top} more allowed candidates")
+        lines.append(self.reason)
+        return "\n".join(lines)
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Chooses a cut and codec per request from the current estimates."""
+
+    name: str
+
+    def decide(self, est: Estimates) -> Decision:
+        """The choice for one request. Must be fast: it runs on every request."""
+        ...
+
+    def explain(self, est: Estimates) -> Explanation:
+        """Every candidate with its predicted cost and why the winner won (slow is fine)."""
+        ...
+
+
+class TablePolicy:
+    """A policy over a subset (``allowed``, a boolean mask) of a :class:`CostModel`'s rows.
+
+    Minimizes ``latency + energy_weight * energy`` over the allowed rows; see the module
+    docstring for ``explore``. ``excluded`` gives, per row, why it is not allowed (shown by
+    :meth:`explain`). Build one with :func:`make_policy`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model: CostModel,
+        allowed: np.ndarray,
+        excluded: list[str],
+        *,
+        energy_weight: float = 0.0,
+        energy: EnergyModel | None = None,
+        explore: float = 0.0,
+        explore_margin: float = 0.1,
+        seed: int | None = None,
+        settings: str = "",
+    ):
+        _check_range("energy_weight", energy_weight, 0.0, math.inf)
+        _check_range("explore", explore, 0.0, 1.0, hi_open=True)
+        _check_range("explore_margin", explore_margin, 0.0, math.inf)
+        if energy is not None and not isinstance(energy, EnergyModel):
+            raise ConfigError(f"energy must be an EnergyModel, got {type(energy).__name__}")
+        rows = np.flatnonzero(allowed)
+        if rows.size == 0:
+            raise ConfigError(f"policy {name}: no candidate is allowed ({settings})")
+        self.name = name
+        self.model = model
+        self.energy_weight = float(energy_weight)
+        self.energy = energy or EnergyModel()
+        self.explore = float(explore)
+        self.explore_margin = float(explore_margin)
+        self.settings = settings
+        self._excluded = excluded
+        self._rows = rows
+        # Per allowed row, as Python numbers: what a decision needs without numpy indexing.
+        self._info = [
+            (
+                int(model.cut[i]),
+                model.codec(i),
+                bool(model.sent[i]),
+                float(model.head[i]),
+                float(model.encode[i]),
+                float(model.decode[i]),
+                float(model.tail[i]),
+                float(np.nan_to_num(model.bytes[i])) * 8.0,
+            )
+            for i in rows.tolist()
+        ]
+        self._features_t = np.ascontiguousarray(model.features[rows].T)
+        self._rng = random.Random(seed)
+
+    def _weights(self, est: Estimates) -> np.ndarray:
+        w = latency_weights(est)
+        if self.energy_weight:
+            w = w + self.energy_weight * energy_weights(est, self.energy)
+        return w
+
+    def decide(self, est: Estimates) -> Decision:
+        """The allowed candidate of least predicted objective (or, rarely, a near-optimal one)."""
+        if len(self._info) == 1:
+            return self._decision(0, est, explored=False)
+        objective = self._weights(est) @ self._features_t
+        best = int(objective.argmin())
+        if self.explore and self._rng.random() < self.explore:
+            near = np.flatnonzero(objective <= objective[best] * (1.0 + self.explore_margin))
+            near = near[near != best]
+            if near.size:
+                return self._decision(int(near[self._rng.randrange(near.size)]), est, explored=True)
+        return self._decision(best, est, explored=False)
+
+    def _decision(self, i: int, est: Estimates, *, explored: bool) -> Decision:
+        """The decision for allowed row number ``i`` (same numbers as CostModel.stages)."""
+        cut, codec, sent, head, encode, decode, tail, bits = self._info[i]
+        e = self.energy
+        device = (head + encode) * est.device_slowdown
+        if not sent:
+            return Decision(cut, codec, device, {"head": device}, e.compute_w * device, explored)
+        stages = {
+            "head": head * est.device_slowdown,
+            "encode": encode * est.device_slowdown,
+            "rtt": est.rtt_s,
+            "uplink": bits / est.uplink_bps,
+            "queue": est.cloud_queue_s,
+            "decode": decode * est.cloud_slowdown,
+            "tail": tail * est.cloud_slowdown,
+            "downlink": self.model.response_bytes * 8.0 / est.downlink_bps,
+        }
+        energy = (
+            e.compute_w * device
+            + e.tx_w * stages["uplink"]
+            + e.rx_w * stages["downlink"]
+            + e.idle_w * (est.rtt_s + est.cloud_queue_s + stages["decode"] + stages["tail"])
+        )
+        return Decision(cut, codec, sum(stages.values()), stages, energy, explored)
+
+    def explain(self, est: Estimates) -> Explanation:
+        """All candidates under ``est``: allowed ones by objective, then the others by latency."""
+        model = self.model
+        matrix = model.stage_matrix(est)
+        latency = matrix.sum(axis=1)
+        energy = model.features @ energy_weights(est, self.energy)
+        objective = latency + self.energy_weight * energy
+        allowed = np.zeros(len(model), dtype=bool)
+        allowed[self._rows] = True
+        order = sorted(
+            range(len(model)), key=lambda i: (not allowed[i], objective[i] if allowed[i] else latency[i])
+        )
+        candidates = []
+        for i in order:
+            sent = bool(model.sent[i])
+            stages = dict(zip(STAGES, matrix[i].tolist())) if sent else {"head": float(matrix[i, 0])}
+            fid = float(model.fidelity[i])
+            size = float(model.bytes[i])
+            candidates.append(
+                Candidate(
+                    cut=int(model.cut[i]),
+                    cut_name=model.cut_names[int(model.cut[i])],
+                    codec=model.codec(i),
+                    predicted_s=float(latency[i]),
+                    objective=float(objective[i]),
+                    energy_j=float(energy[i]),
+                    stages=stages,
+                    fidelity=None if math.isnan(fid) else fid,
+                    bytes=None if math.isnan(size) else size,
+                    excluded="" if allowed[i] else (self._excluded[i] or f"not a {self.name} candidate"),
+                )
+            )
+        winner = candidates[0]
+        decision = Decision(
+            cut=winner.cut,
+            codec=winner.codec,
+            predicted_s=winner.predicted_s,
+            stages=winner.stages,
+            energy_j=winner.energy_j,
+        )
+        return Explanation(self.name, est, decision, tuple(candidates), self._reason(candidates))
+
+    def _reason(self, candidates: list[Candidate]) -> str:
+        allowed = [c for c in candidates if c.feasible]
+        w = allowed[0]
+        what = "latency" if not self.energy_weight else f"latency + {self.energy_weight:g} s/J x energy"
+        text = [
+            f"winner: {_label(w)}: {w.predicted_s * 1000:.1f} ms predicted"
+            + (f", {w.energy_j:.3f} J" if self.energy_weight else "")
+            + f"; the least predicted {what} of {len(allowed)} allowed candidate(s)"
+            + (f" ({self.settings})" if self.settings else "")
+            + "."
+        ]
+        if len(allowed) > 1:
+            r = allowed[1]
+            diffs = sorted(
+                ((s, w.stages.get(s, 0.0) - r.stages.get(s, 0.0)) for s in STAGES),
+                key=lambda d: -abs(d[1]),
+            )
+            gaps = ", ".join(f"{s} {d * 1000:+.1f} ms" for s, d in diffs[:3] if abs(d) > 5e-5)
+            text.append(
+                f"runner-up: {_label(r)}: {r.predicted_s * 1000:.1f} ms "
+                f"({(r.objective - w.objective) / max(w.objective, 1e-12) * 100:+.1f}% objective); "
+                f"winner minus runner-up by stage: {gaps or 'equal'}."
+            )
+        local = next((c for c in candidates if c.cut == self.model.n), None)
+        if local is not None and local is not w:
+            text.append(f"all on the device (cut {local.cut}): {local.predicted_s * 1000:.1f} ms.")
+        counts: dict[str, int] = {}
+        for c in candidates:
+            if not c.feasible:
+                key = c.excluded.split(" (")[0].split(" <")[0]
+                counts[key] = counts.get(key, 0) + 1
+        if counts:
+            text.append("not allowed: " + "; ".join(f"{n} {why}" for why, n in sorted(counts.items())) + ".")
+        if self.explore:
+            text.append(
+                f"exploration: {self.explore:.0%} of decisions take another allowed candidate within "
+                f"{self.explore_margin:.0%} of the winner."
+            )
+        return "\n".join(text)
+
+
+def _label(c: Candidate) -> str:
+    if "rtt" not in c.stages:
+        return f"cut {c.cut} (all on the device)"
+    return f"cut {c.cut} ({c.cut_name}) with {c.codec}"
+
+
+def _rate(bps: float) -> str:
+    if bps >= 1e9:
+        return f"{bps / 1e9:.3g} Gbit/s"
+    if bps >= 1e6:
+        return f"{bps / 1e6:.3g} Mbit/s"
+    return f"{bps / 1e3:.3g} kbit/s"
+
+
+def _check_range(name: str, value: Any, lo: float, hi: float, *, hi_open: bool = False) -> None:
+    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value < lo or (value >= hi if hi_open else value > hi):
+        bound = f"[{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ConfigError(f"{name} must be a finite number in {bound}, got {value!r}")
+
+
+def _check_floor(bundle: Bundle, privacy_floor: Any) -> int | None:
+    if privacy_floor is None:
+        return None
+    if not isinstance(privacy_floor, int) or isinstance(privacy_floor, bool):
+        raise ConfigError(f"privacy_floor must be a cut index (int) or None, got {privacy_floor!r}")
+    if not 0 <= privacy_floor <= bundle.last_cut:
+        raise ConfigError(
+            f"privacy_floor must be in 0..{bundle.last_cut} (the last cut), got {privacy_floor}"
+        )
+    return privacy_floor
+
+
+def _needs_profile(name: str, model: CostModel, bundle: Bundle) -> None:
+    if not model.profiled:
+        raise ConfigError(
+            f"policy {name} needs a profile of bundle {bundle.name!r}: measure one with "
+            f"`splitinfer profile BUNDLE` or compile(..., profile=True)"
+        )
+
+
+def adaptive(
+    bundle: Bundle,
+    *,
+    fidelity_budget: float = 0.99,
+    privacy_floor: int | None = None,
+    energy_weight: float = 0.0,
+    energy: EnergyModel | None = None,
+    explore: float = 0.05,
+    explore_margin: float = 0.1,
+    seed: int | None = None,
+    profile: str | None = None,
+    cloud_batch: int = 1,
+) -> TablePolicy:
+    """Least predicted latency (+ ``energy_weight`` s/J x energy) under the budget and floor."""
+    _check_range("fidelity_budget", fidelity_budget, 0.0, 1.0)
+    floor = _check_floor(bundle, privacy_floor)
+    model = CostModel(bundle, profile=profile, cloud_batch=cloud_batch)
+    _needs_profile("adaptive", model, bundle)
+    excluded = model.exclusions(fidelity_budget, floor)
+    allowed = np.array([not r for r in excluded])
+    return TablePolicy(
+        "adaptive",
+        model,
+        allowed,
+        excluded,
+        energy_weight=energy_weight,
+        energy=energy,
+        explore=explore,
+        explore_margin=explore_margin,
+        seed=seed,
+        settings=f"fidelity budget {fidelity_budget}, privacy floor {floor}",
+    )
+
+
+def static(
+    bundle: Bundle, *, cut: int, codec: str, profile: str | None = None, cloud_batch: int = 1
+) -> TablePolicy:
+    """Always ``cut`` with ``codec`` (the codec is ignored at the last cut)."""
+    bundle.cut(cut)
+    if codec not in bundle.codecs:
+        raise ConfigError(f"bundle {bundle.name!r} offers codecs {', '.join(bundle.codecs)}; not {codec!r}")
+    model = CostModel(bundle, profile=profile, cloud_batch=cloud_batch)
+    if cut == model.n:
+        row = model.local
+    else:
+        row = int(np.flatnonzero((model.cut == cut) & (model.codec_index == model.codecs.index(codec)))[0])
+    allowed = np.zeros(len(model), dtype=bool)
+    allowed[row] = True
+    return TablePolicy("static", model, allowed, [""] * len(model), settings=f"cut {cut}, codec {codec}")
+
+
+def local(bundle: Bundle, *, profile: str | None = None) -> TablePolicy:
+    """Always the last cut: the whole model on the device."""
+    model = CostModel(bundle, profile=profile)
+    allowed = np.zeros(len(model), dtype=bool)
+    allowed[model.local] = True
+    return TablePolicy("local", model, allowed, [""] * len(model), settings="all on the device")
+
+
+def cloud(
+    bundle: Bundle, *, fidelity_budget: float = 0.99, profile: str | None = None, cloud_batch: int = 1
+) -> TablePolicy:
+    """Cut 0 with the input codec of least predicted latency meeting the budget.
+
+    Without a profile the choice is the smallest such codec (compute times are unknown).
+    """
+    _check_range("fidelity_budget", fidelity_budget, 0.0, 1.0)
+    model = CostModel(bundle, profile=profile, cloud_batch=cloud_batch)
+    excluded = model.exclusions(fidelity_budget, None)
+    allowed = np.array([not r for r in excluded]) & (model.cut == 0)
+    if not allowed.any():
+        raise ConfigError(
+            f"no codec of bundle {bundle.name!r} at cut 0 meets fidelity budget {fidelity_budget}; "
+            f"offer a lossless one (f32, f32+zstd1) or lower the budget"
+        )
+    if not model.profiled:
+        rows = np.flatnonzero(allowed)
+        smallest = rows[int(np.argmin(model.bytes[rows]))]
+        allowed = np.zeros(len(model), dtype=bool)
+        allowed[smallest] = True
+    return TablePolicy(
+        "cloud",
+        model,
+        allowed,
+        [e or ("not cut 0" if model.cut[i] != 0 else "") for i, e in enumerate(excluded)],
+        settings=f"cut 0, fidelity budget {fidelity_budget}",
+    )
+
+
+def neurosurgeon(
+    bundle: Bundle, *, privacy_floor: int | None = None, profile: str | None = None, cloud_batch: int = 1
+) -> TablePolicy:
+    """The best cut by predicted latency, sending float32 without compression (codec ``f32``)."""
+    if "f32" not in bundle.codecs:
+        raise ConfigError(f"policy neurosurgeon sends codec f32, which bundle {bundle.name!r} does not offer")
+    floor = _check_floor(bundle, privacy_floor)
+    model = CostModel(bundle, profile=profile, cloud_batch=cloud_batch)
+    _needs_profile("neurosurgeon", model, bundle)
+    excluded = model.exclusions(1.0, floor)
+    f32 = model.codecs.index("f32")
+    excluded = [
+        e or ("" if model.codec_index[i] == f32 or i == model.local else "not f32")
+        for i, e in enumerate(excluded)
+    ]
+    allowed = np.array([not r for r in excluded])
+    return TablePolicy("neurosurgeon", model, allowed, excluded, settings=f"codec f32, privacy floor {floor}")
+
+
+#: Policy name -> constructor ``(bundle, **kwargs) -> Policy``.
+POLICIES: dict[str, Callable[..., TablePolicy]] = {
+    "adaptive": adaptive,
+    "static": static,
+    "local": local,
+    "cloud": cloud,
+    "neurosurgeon": neurosurgeon,
+}
+
+
+def make_policy(name: str, bundle: Bundle, **kwargs: Any) -> Policy:
+    """The policy ``name`` for ``bundle``; ``kwargs`` are that policy's settings.
+
+    ``adaptive``: fidelity_budget=0.99, privacy_floor=None, energy_weight=0.0 (seconds per
+    joule), energy=EnergyModel(), explore=0.05, explore_margin=0.1, seed=None, profile=None,
+    cloud_batch=1. ``static``: cut, codec, profile, cloud_batch. ``local``: profile.
+    ``cloud``: fidelity_budget, profile, cloud_batch. ``neurosurgeon``: privacy_floor, profile,
+    cloud_batch. ``profile`` names one of ``bundle.profiles`` (default ``host``, else the
+    first); ``cloud_batch`` is the batch size whose profiled tail times the cloud's latency.
+    Raises ConfigError for an unknown name or setting.
+    """
+    factory = POLICIES.get(name)
+    if factory is None:
+        raise ConfigError(f"unknown policy {name!r}; valid policies: {', '.join(POLICIES)}")
+    if not isinstance(bundle, Bundle):
+        raise ConfigError(f"make_policy needs a splitinfer.Bundle, got {type(bundle).__name__}")
+    signature = inspect.signature(factory)
+    try:
+        signature.bind(bundle, **kwargs)
+    except TypeError as exc:
+        accepted = [p for p in signature.parameters if p != "bundle"]
+        raise ConfigError(
+            f"policy {name}: {exc}; it accepts {', '.join(accepted) if accepted else 'no settings'}"
+        ) from None
+    return factory(bundle, **kwargs)

@@ -1,0 +1,227 @@
+"""Profiles: how long each segment and each codec takes on this machine.
+
+Contract: :func:`profile_bundle` needs a bundle with every segment loaded; it runs the model on
+synthetic inputs of the bundle's input specs (values do not change a CNN's or a
+transformer's cost; integer inputs are zeros) and returns one profile in the manifest's format
+(docs/decision.md)::
+
+    {"machine": str, "created": iso8601, "repeats": int, "warmup": int,
+     "segments": {"1": {"median_s": [...], "p90_s": [...]}, "8": {...}},
+     "codecs": [{"cut": k, "codec": spec, "encode_s": s, "decode_s": s, "bytes": float}, ...],
+     "response_bytes": float}
+
+Segments: each segment is timed on its own (``warmup`` runs, then ``repeats``; median and
+90th percentile) at every batch size, and the chain of all segments is timed fused, as the edge
+runs a head. Timing 160 tiny segments one by one adds a call overhead per segment that a fused
+head does not pay, so the per-segment times are corrected: the mean excess of their sum over the
+fused chain is subtracted from each (never below a tenth of its own time) and the result
+scaled so that the segments sum to the fused chain's median. Then ``head(k)`` and ``tail(k)``,
+sums of ranges, match what the edge and the cloud measure.
+
+Codecs: every codec at every cut but the last, at batch 1, bound to the bundle's calibrated
+ranges (``Bundle.codec_for``): median encode and decode seconds, and the encoded bytes of that
+one synthetic input (the fidelity table's bytes, measured on real inputs, take precedence in
+the cost model). A spec that :func:`~splitinfer.compression.get_codec` refuses is skipped with
+a warning; a codec that does not apply at a cut (``jpeg`` beyond cut 0) is skipped silently.
+``response_bytes`` is the model's outputs encoded with ``f32`` at batch 1.
+
+A profile measured on one machine stands for another through the slowdown factors of
+:class:`~splitinfer.partitioner.Estimates` (a device 8x slower than the profiling host:
+``device_slowdown=8``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from splitinfer._progress import Progress
+from splitinfer.bundle import Bundle
+from splitinfer.compression import Codec, get_codec
+from splitinfer.errors import CodecError, ConfigError, CutNotLoadedError
+from splitinfer.tensors import TensorSpec, dtype_from_name
+
+__all__ = ["machine_description", "profile_bundle"]
+
+
+def machine_description() -> str:
+    """The processor, core count and torch build of this machine (no host name)."""
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"{platform.system()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads)"
+    )
+
+
+def _synthetic(spec: TensorSpec, batch: int) -> torch.Tensor:
+    shape = (batch, *spec.shape[1:])
+    dtype = dtype_from_name(spec.dtype)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    if dtype == torch.bool:
+        return torch.ones(shape, dtype=dtype)
+    return torch.zeros(shape, dtype=dtype)
+
+
+def _timed(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _p90(samples: Sequence[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+
+
+def _usable_codecs(bundle: Bundle, codecs: Sequence[str] | None) -> list[str]:
+    specs = list(bundle.codecs if codecs is None else codecs)
+    usable = []
+    for spec in specs:
+        try:
+            get_codec(spec)
+        except CodecError as exc:
+            warnings.warn(f"profile: skipping codec {spec!r}: {exc}", RuntimeWarning, stacklevel=3)
+            continue
+        usable.append(spec)
+    return usable
+
+
+def _codec(bundle: Bundle, k: int, spec: str) -> Codec:
+    return bundle.codec_for(k, spec) if spec in bundle.codecs else get_codec(spec)
+
+
+def _check(bundle: Bundle, batch_sizes: Sequence[int], repeats: int, warmup: int) -> list[int]:
+    if not bundle.can_head(bundle.n_segments):
+        raise CutNotLoadedError(
+            f"profiling bundle {bundle.name!r} needs every segment: load it without upto_cut/from_cut"
+        )
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"repeats must be an int >= 1, got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"warmup must be an int >= 0, got {warmup!r}")
+    sizes = sorted({1, *batch_sizes}) if batch_sizes else [1]
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+        raise ConfigError(f"batch_sizes must be ints >= 1, got {list(batch_sizes)!r}")
+    return sizes
+
+
+def profile_bundle(
+    bundle: Bundle,
+    *,
+    batch_sizes: Sequence[int] = (1, 8),
+    codecs: Sequence[str] | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measure ``bundle`` on this machine and return a profile (see the module docstring).
+
+    ``batch_sizes`` are the batch sizes to time segments at (1 is always included: the edge
+    runs one request at a time); ``codecs`` defaults to ``bundle.codecs``; ``threads`` sets
+    torch's intra-op threads while profiling (default: leave them; on a machine shared with
+    other work, 1 gives far steadier times). Store the result as ``bundle.profiles[name]`` (or
+    ``update_manifest(path, profiles=...)`` for a saved bundle).
+    """
+    sizes = _check(bundle, batch_sizes, repeats, warmup)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads must be an int >= 1 or None, got {threads!r}")
+    specs = _usable_codecs(bundle, codecs)
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _measure(bundle, sizes, specs, repeats, warmup, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _measure(
+    bundle: Bundle, sizes: list[int], specs: list[str], repeats: int, warmup: int, progress: bool
+) -> dict[str, Any]:
+    n = bundle.n_segments
+    segments: dict[str, dict[str, list[float]]] = {}
+    rows: list[dict[str, Any]] = []
+    response_bytes = 0.0
+    with Progress(n * len(sizes), f"profile {bundle.name}", enabled=progress) as bar, torch.inference_mode():
+        for batch in sizes:
+            x = tuple(_synthetic(s, batch) for s in bundle.inputs)
+            full = statistics.median(
+                _timed(lambda x=x: bundle.run_segments(0, n, x), 2 * repeats + 1, warmup + 1)
+            )
+            medians, p90s = [], []
+            frontier = x
+            for i in range(n):
+                if batch == 1:
+                    rows.extend(_profile_codecs(bundle, i, frontier, specs, repeats, warmup))
+                times = _timed(lambda i=i, f=frontier: bundle.run_segments(i, i + 1, f), repeats, warmup)
+                medians.append(statistics.median(times))
+                p90s.append(_p90(times))
+                frontier = bundle.run_segments(i, i + 1, frontier)
+                bar.step(note=f"batch {batch}: {bundle.cuts[i + 1].name}")
+            if batch == 1:
+                response_bytes = float(len(get_codec("f32").encode(list(frontier))))
+            segments[str(batch)] = _fit_to_chain(medians, p90s, full)
+    return {
+        "machine": machine_description(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "repeats": repeats,
+        "warmup": warmup,
+        "segments": segments,
+        "codecs": rows,
+        "response_bytes": response_bytes,
+    }
+
+
+def _profile_codecs(
+    bundle: Bundle, k: int, frontier: Sequence[torch.Tensor], specs: Sequence[str], repeats: int, warmup: int
+) -> list[dict[str, Any]]:
+    rows = []
+    tensors = list(frontier)
+    for spec in specs:
+        codec = _codec(bundle, k, spec)
+        try:
+            blob = codec.encode(tensors)
+        except CodecError:
+            continue  # does not apply at this cut (jpeg beyond the input)
+        encode = _timed(lambda c=codec: c.encode(tensors), repeats, warmup)
+        decode = _timed(lambda c=codec, b=blob: c.decode(b), repeats, warmup)
+        rows.append(
+            {
+                "cut": k,
+                "codec": spec,
+                "encode_s": statistics.median(encode),
+                "decode_s": statistics.median(decode),
+                "bytes": float(len(blob)),
+            }
+        )
+    return rows
+
+
+def _fit_to_chain(medians: list[float], p90s: list[float], full: float) -> dict[str, list[float]]:
+    """Per-segment times corrected for per-call overhead so that they sum to the fused chain."""
+    total = sum(medians)
+    if total <= 0:
+        return {"median_s": medians, "p90_s": p90s}
+    excess = max(0.0, (total - full) / len(medians))
+    trimmed = [max(m - excess, 0.1 * m) for m in medians]
+    scale = full / sum(trimmed) if sum(trimmed) > 0 else 1.0
+    fitted = [t * scale for t in trimmed]
+    return {
+        "median_s": fitted,
+        "p90_s": [p * f / m if m > 0 else p for p, f, m in zip(p90s, fitted, medians)],
+    }

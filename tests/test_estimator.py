@@ -1,0 +1,151 @@
+"""The online estimators: convergence, robustness to outliers, staleness, Server-Timing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from splitinfer.bundle import Bundle, Cut
+from splitinfer.errors import ConfigError
+from splitinfer.partitioner import Estimates, Estimator
+from splitinfer.partitioner._estimate import LogEwma
+from splitinfer.tensors import TensorSpec
+
+RTT = 0.08
+
+
+def feed(est: Estimator, t: float, up_bps: float, *, nbytes: int = 20_000, server: float = 0.01) -> float:
+    """One request of ``nbytes`` at ``t`` over a link of ``up_bps``; returns when it ended."""
+    first = t + RTT + nbytes * 8 / up_bps + server
+    end = first + 4000 * 8 / 8e6
+    est.observe_transfer(
+        up_bytes=nbytes,
+        down_bytes=4000,
+        start=t,
+        first_byte=first,
+        end=end,
+        server_timing=f"queue;dur=2, decode;dur=1, compute;dur=6, encode;dur=1, total;dur={server * 1000}",
+    )
+    return end
+
+
+def fresh(**kwargs: object) -> Estimator:
+    """An estimator that has seen one probe of the round trip (a tiny request)."""
+    est = Estimator(**kwargs)  # type: ignore[arg-type]
+    est.observe_rtt(RTT, now=0.0)
+    return est
+
+
+def test_converges_to_a_steady_link():
+    est = fresh(clock=lambda: 0.0)
+    t = 0.0
+    for _ in range(50):
+        t = feed(est, t, 2e6) + 0.1
+    e = est.estimates()
+    assert e.uplink_bps == pytest.approx(2e6, rel=0.05)
+    assert e.rtt_s == pytest.approx(RTT, rel=0.05)
+    assert e.downlink_bps == pytest.approx(8e6, rel=0.05)
+    assert e.cloud_queue_s == pytest.approx(0.002)
+
+
+def test_one_outlier_barely_moves_it_and_a_lasting_change_does():
+    est = fresh(clock=lambda: 0.0)
+    t = 0.0
+    for _ in range(50):
+        t = feed(est, t, 2e6) + 0.1
+    t = feed(est, t, 2e7, nbytes=200_000) + 0.1  # one transfer 10x faster
+    assert est.estimates().uplink_bps < 2e6 * 2.1
+    for _ in range(20):  # the link drops to a tenth: 0.8 s transfers
+        t = feed(est, t, 2e5) + 0.1
+    assert est.estimates().uplink_bps == pytest.approx(2e5, rel=0.15)
+
+
+def test_short_transfers_count_less_than_long_ones():
+    ewma = LogEwma(tau=0.5)
+    ewma.update(1e6, 1.0, 0.0)
+    ewma.update(1e7, 0.001, 0.0)
+    assert ewma.value(0) == pytest.approx(1e6, rel=0.01)
+    ewma.update(1e7, 5.0, 0.0)
+    assert ewma.value(0) > 1.9e6  # clipped: one sample moves at most a few deviations
+
+
+def test_staleness_grows_uncertainty_and_asks_for_a_probe():
+    now = [0.0]
+    est = fresh(clock=lambda: now[0], probe_after_s=3.0)
+    assert est.needs_probe()  # never measured
+    t = 0.0
+    for _ in range(10):
+        t = feed(est, t, 1e6) + 0.1
+    now[0] = t
+    recent = est.uncertainty()["uplink"]
+    assert not est.needs_probe()
+    now[0] = t + 10.0
+    assert est.needs_probe()
+    assert est.uncertainty()["uplink"] > recent
+    assert est.estimates().uplink_bps == pytest.approx(1e6, rel=0.1)  # the value itself stays
+    assert 4096 <= est.probe_bytes() <= 256 * 1024
+    est.observe_upload(est.probe_bytes(), est.probe_bytes() * 8 / 3e6, now=now[0])
+    assert not est.needs_probe()
+
+
+def profiled_bundle() -> Bundle:
+    spec = (TensorSpec((None, 4), "float32"),)
+    return Bundle(
+        name="syn",
+        cuts=[Cut(k, f"c{k}", spec, 16) for k in range(4)],
+        inputs=spec,
+        in_spec="",
+        out_spec="",
+        graph_hash="x",
+        segments=[None] * 3,
+        profiles={"host": {"segments": {"1": {"median_s": [0.01, 0.02, 0.03], "p90_s": [0.01, 0.02, 0.03]}}}},
+    )
+
+
+def test_device_and_cloud_speed_against_the_profile():
+    est = Estimator(profiled_bundle(), clock=lambda: 0.0)
+    for _ in range(30):
+        est.observe_head(2, 0.03 * 8)  # head(2) = 0.03 s profiled
+        est.observe_server_timing("queue;dur=5, compute;dur=75", cut=1)  # tail(1) = 0.05 s profiled
+    e = est.estimates()
+    assert e.device_slowdown == pytest.approx(8.0, rel=0.01)
+    assert e.cloud_slowdown == pytest.approx(1.5, rel=0.01)
+    assert e.cloud_queue_s == pytest.approx(0.005)
+    est.observe_head(0, 1.0)  # head(0) is empty: no information
+    est.observe_head(9, 1.0)  # no such cut: ignored
+    assert est.estimates().device_slowdown == pytest.approx(8.0, rel=0.01)
+
+
+def test_without_a_profile_slowdowns_stay_at_the_prior():
+    est = Estimator(prior=Estimates(uplink_bps=1e6, downlink_bps=1e6, rtt_s=0.1, device_slowdown=3.0))
+    est.observe_head(1, 5.0)
+    est.observe_server_timing({"compute": 1.0}, cut=0)
+    assert est.estimates().device_slowdown == 3.0
+    assert est.estimates().cloud_slowdown == 1.0
+
+
+def test_the_prior_until_something_is_observed():
+    est = Estimator()
+    assert est.estimates() == est.prior
+    assert est.summary()["uplink_samples"] == 0
+
+
+def test_rejects_inconsistent_transfers():
+    est = Estimator()
+    with pytest.raises(ConfigError, match="start <= first_byte <= end"):
+        est.observe_transfer(up_bytes=10, down_bytes=10, start=2.0, first_byte=1.0, end=3.0)
+    with pytest.raises(ConfigError, match="probe_after_s"):
+        Estimator(probe_after_s=0)
+
+
+def test_a_fast_link_timed_inside_the_rtt_estimate_does_not_break_it():
+    est = fresh(clock=lambda: 0.0)
+    t = 0.0
+    for _ in range(20):
+        t = feed(est, t, 1e6) + 0.1
+    # A request answered sooner than the estimated round trip allows (jitter).
+    est.observe_transfer(up_bytes=5000, down_bytes=0, start=t, first_byte=t + 0.05, end=t + 0.05)
+    e = est.estimates()
+    assert math.isfinite(e.uplink_bps) and e.uplink_bps > 0
+    assert e.rtt_s == pytest.approx(RTT, rel=0.1)
