@@ -82,17 +82,19 @@ def create_probe_app(app: web.Application) -> web.Application:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config, metrics = app[CONFIG], app[METRICS]
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    pool = ThreadPoolExecutor(config.compute_threads, thread_name_prefix="splitinfer-compute")
+    compute_threads, torch_threads = config.threads()
+    torch_before = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)  # process-wide: restored when the app cleans up
+    pool = ThreadPoolExecutor(compute_threads, thread_name_prefix="splitinfer-compute")
     try:
         models = await asyncio.get_running_loop().run_in_executor(pool, load_repository, config.repository)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
+        torch.set_num_threads(torch_before)
         raise
     scheduler = Scheduler(
         pool,
-        compute_threads=config.compute_threads,
+        compute_threads=compute_threads,
         max_batch_size=config.max_batch_size,
         max_delay_s=config.max_queue_delay_ms / 1000.0,
         response_codec=config.response_codec,
@@ -106,7 +108,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         ready=lambda: float(state.ready),
     )
     app[STATE] = state
-    log.info("serving %d model(s): %s", len(models), ", ".join(sorted(models)))
+    log.info(
+        "serving %d model(s): %s; %d compute thread(s) of %d torch thread(s)",
+        len(models),
+        ", ".join(sorted(models)),
+        compute_threads,
+        torch_threads,
+    )
     try:
         yield
     finally:
@@ -116,6 +124,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         except Exception:
             log.exception("stopping the batchers failed")
         pool.shutdown(wait=False, cancel_futures=True)
+        torch.set_num_threads(torch_before)
 
 
 async def _token_reloader(app: web.Application) -> AsyncIterator[None]:

@@ -2,13 +2,20 @@
 
 Every (model, cut) pair gets a :class:`Batcher`: a FIFO of jobs and one task that forms
 batches. A batch is dispatched when it is full (``max_batch_size`` rows), when its oldest job
-has waited ``max_queue_delay``, or as soon as no other request is on its way in (so a lone
-request never waits for company). Dispatching takes one of ``compute_threads`` slots; while
+has waited ``max_queue_delay``, or as soon as it holds its share of the requests to be expected:
+the recent peak of concurrent requests, less those computing, spread over the free compute
+threads. So a lone client never waits for company, while C clients in a closed loop get batches
+of about C / threads. Dispatching takes one of ``compute_threads`` slots; while
 every slot is busy, jobs keep queueing and the next batch takes as many as fit. Jobs in a batch
 share the cut and the non-batch shapes of their tensors; their codecs may differ, since frames
 are decoded before they are concatenated.
 
 A job whose deadline passes while it is queued is answered 504 at once and never computed.
+
+With ``inline_below_s`` set, a batch whose predicted compute time (CPU time per row measured
+so far, times its rows) is below it runs on the event loop instead: for a very light tail the
+two thread handoffs cost more than the tail. The first batch of every (model, cut) goes to a
+compute thread to be measured.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ __all__ = ["Job", "Scheduler"]
 
 log = logging.getLogger("splitinfer.cloud")
 
+#: Seconds over which the peak of concurrent requests is remembered (see Batcher._expecting).
+PEAK_WINDOW_S = 1.0
+
 #: Called after each batch with (model, cut, rows in the batch).
 BatchHook = Callable[[str, int, int], None]
 
@@ -42,13 +52,16 @@ class Job:
     enqueued: float
     deadline: float | None
     future: asyncio.Future[Answer]
+    #: Run this job in a batch of its own (at a cut whose tensors are not batch-leading).
+    alone: bool = False
     #: Shapes of its tensors without the batch dim: jobs batch only with equal signatures
-    #: (None: the job runs alone, as at a cut whose tensors are not batch-leading).
+    #: (None: the job runs alone).
     signature: tuple[tuple[int | None, ...], ...] | None = field(init=False)
-    timer: asyncio.TimerHandle | None = None
+    timer: asyncio.TimerHandle | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.signature = tuple(tuple(s.shape[1:]) for s in self.frame.header.tensors)
+        specs = self.frame.header.tensors
+        self.signature = None if self.alone else tuple(tuple(s.shape[1:]) for s in specs)
 
     def fail(self, problem: Problem) -> None:
         if not self.future.done():
@@ -64,7 +77,8 @@ class Batcher:
         self.cut = cut
         self.queue: collections.deque[Job] = collections.deque()
         self.rows = 0
-        #: Moving average of the compute thread's CPU seconds per row (None until measured).
+        #: Compute CPU seconds per row: follows cheaper batches at once, dearer ones slowly,
+        #: since a busy machine inflates the measure (None until a batch was measured).
         self.cost_per_row: float | None = None
         self._waiter: asyncio.Future[None] | None = None
         self.filling = False
@@ -115,19 +129,26 @@ class Batcher:
                 handle.cancel()
 
     async def _fill(self) -> None:
-        """Wait for more jobs while the batch is short, its oldest fresh, and more are arriving."""
+        """Wait while the batch is short, its oldest job fresh, and more jobs are to be expected."""
         sched = self.scheduler
-        first = self.queue[0]
-        until = first.enqueued + sched.max_delay_s
+        until = self.queue[0].enqueued + sched.max_delay_s
         self.filling = True
         try:
-            while self.queue and self.rows < sched.max_batch_size and sched.arriving > 0:
+            while self.queue and self.rows < sched.max_batch_size and self._expecting():
                 remaining = until - time.perf_counter()
                 if remaining <= 0:
                     break
                 await self._sleep(remaining)
         finally:
             self.filling = False
+
+    def _expecting(self) -> bool:
+        """Whether this batch is short of its share of the requests to be expected: the recent
+        peak of concurrent requests, less those computing, spread over the free compute threads
+        (so that on a CPU every thread gets a batch rather than one thread a big one)."""
+        sched = self.scheduler
+        free = max(1, sched.threads - len(sched.running))
+        return self.rows * free < sched.recent_peak() - sched.computing
 
     def _take(self) -> list[Job]:
         """The next batch: the oldest job and the following ones that fit it."""
@@ -177,6 +198,8 @@ class Batcher:
         limit = self.scheduler.inline_below_s
         if limit <= 0 or self.cost_per_row is None or not self.queue:
             return False
+        if any(job.frame.frontier is None for job in self.queue):  # large frames decode on a thread
+            return False
         return self.cost_per_row * min(self.rows, self.scheduler.max_batch_size) <= limit
 
     def _run_inline(self, batch: list[Job]) -> None:
@@ -225,8 +248,9 @@ class Batcher:
             result.stages["queue"] += dispatched - job.enqueued
             if not job.future.done():
                 job.future.set_result(result)
-        if cpu is not None:
-            self.cost_per_row = cpu if self.cost_per_row is None else 0.8 * self.cost_per_row + 0.2 * cpu
+        if cpu is not None:  # follows a cheaper sample at once, a dearer one slowly (noise inflates)
+            old = self.cost_per_row
+            self.cost_per_row = cpu if old is None else min(cpu, 0.9 * old + 0.1 * cpu)
         if rows:
             self.scheduler.observe_batch(self.bundle.name, self.cut, rows)
 
@@ -263,6 +287,7 @@ class Scheduler:
         on_batch: BatchHook | None = None,
     ):
         self.pool = pool
+        self.threads = compute_threads
         self.slots = asyncio.Semaphore(compute_threads)
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
@@ -274,6 +299,7 @@ class Scheduler:
         self.arriving = 0
         self.queued = 0
         self.computing = 0
+        self._peak, self._peak_at = 0, 0.0
 
     @property
     def waiting(self) -> int:
@@ -286,6 +312,18 @@ class Scheduler:
         if batcher is None:
             batcher = self.batchers[key] = Batcher(self, bundle, cut)
         return batcher
+
+    def admit(self) -> None:
+        """One request was admitted (its body is to be read); tracks the peak of concurrency."""
+        self.arriving += 1
+        active = self.arriving + self.queued + self.computing
+        now = time.perf_counter()
+        if active >= self._peak or now - self._peak_at > PEAK_WINDOW_S:
+            self._peak, self._peak_at = active, now
+
+    def recent_peak(self) -> int:
+        """Most requests admitted at once lately (within about PEAK_WINDOW_S)."""
+        return self._peak if time.perf_counter() - self._peak_at <= 2 * PEAK_WINDOW_S else 0
 
     def arrived(self) -> None:
         """One admitted request stopped arriving (it was queued or refused)."""

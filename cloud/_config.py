@@ -37,9 +37,10 @@ class ServerConfig:
     max_queue_delay_ms: float = 2.0
     #: Most requests admitted but not yet computing; beyond it requests get 503 + Retry-After.
     max_queue_length: int = 256
-    #: Threads that decode, run tails and encode off the event loop (batches run in parallel).
-    compute_threads: int = 1
-    #: Threads torch may use inside one computation (0 leaves torch's default).
+    #: Threads that run tails off the event loop, one batch each (0: one per usable core).
+    compute_threads: int = 0
+    #: Threads torch uses inside one computation (0: the usable cores shared among the compute
+    #: threads, at least 1). More threads than cores in all makes OpenMP crawl on a busy machine.
     torch_threads: int = 0
     #: Batches whose tail is predicted to take at most this long (from the compute time measured
     #: per row so far) run on the event loop instead of a compute thread, where the handoff would
@@ -93,9 +94,10 @@ class ServerConfig:
                 f"inline_below_ms must be 0..50 ms, got {self.inline_below_ms}; it bounds how long one "
                 "batch may hold the event loop (0 never does)"
             )
-        _at_least("compute_threads", self.compute_threads, 1, "about the number of cores is typical")
-        if self.torch_threads < 0:
-            raise ConfigError(f"torch_threads must be 0 (torch's default) or more, got {self.torch_threads}")
+        for name in ("compute_threads", "torch_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1024:
+                raise ConfigError(f"{name} must be 0 (automatic) to 1024, got {value!r}")
         _at_least("max_body_bytes", self.max_body_bytes, 1024, "frames carry a header of their own")
         _at_least("max_decoded_bytes", self.max_decoded_bytes, 1024, "it bounds one request's frontier")
         if not 0 < self.drain_timeout_s <= 3600:
@@ -124,6 +126,12 @@ class ServerConfig:
     def tls(self) -> bool:
         return self.tls_cert is not None
 
+    def threads(self) -> tuple[int, int]:
+        """The compute threads and torch threads to use, with 0 resolved against the usable cores."""
+        cores = usable_cores()
+        compute = self.compute_threads or cores
+        return compute, self.torch_threads or max(1, cores // compute)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> ServerConfig:
         """Fields from ``SPLITINFER_*`` variables, then ``overrides`` (that are not None) on top."""
@@ -132,13 +140,21 @@ class ServerConfig:
         for f in fields(cls):
             key = ENV_PREFIX + f.name.upper()
             raw = environ.get(key)
-            if raw is None:
+            if raw is None or not raw.strip():  # unset or empty: the default
                 continue
             values[f.name] = _parse(key, str(f.type), raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "repository" not in values:
             raise ConfigError("no model repository: pass --repository DIR or set SPLITINFER_REPOSITORY")
         return cls(**values)  # type: ignore[arg-type]
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, where the platform tells)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _at_least(name: str, value: int, low: int, hint: str) -> None:

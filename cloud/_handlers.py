@@ -44,6 +44,15 @@ _FRAME_TYPES = frozenset(
     {protocol.FRAME_CONTENT_TYPE, "application/octet-stream", "application/msgpack", "application/x-msgpack"}
 )
 
+#: Set on a request whose body was refused part-way (its connection closes after the answer).
+UNREAD_BODY = web.RequestKey("unread_body", bool)
+
+#: What is read and dropped of a refused streamed body before answering (see _discard).
+DISCARD_BYTES, DISCARD_S = 16 * 1024 * 1024, 2.0
+
+#: aiohttp's own error answers that have a problem code.
+_HTTP_CODES = {400: "malformed_frame", 413: "too_large", 415: "unsupported_media_type"}
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -89,8 +98,11 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             {"Allow": ",".join(sorted(exc.allowed_methods))},
         )
         response, code = problem_response(problem), problem.code
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        if exc.status not in _HTTP_CODES:
+            raise
+        problem = Problem(_HTTP_CODES[exc.status], exc.reason)
+        response, code = problem_response(problem), problem.code
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -104,6 +116,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     state = request.app.get(STATE)
     if state is not None and state.drain.draining:
         response.force_close()  # send clients to another replica
+    if request.get(UNREAD_BODY):
+        response.force_close()
+        if request.transport is not None:  # do not wait for the rest of the body
+            asyncio.get_running_loop().call_later(1.0, request.transport.close)
     return response
 
 
@@ -183,12 +199,32 @@ async def read_body(request: web.Request, limit: int) -> bytes:
                 return b"".join(chunks)
             total += len(chunk)
             if total > limit:
+                await _discard(request)
                 raise Problem("too_large", f"streamed body exceeds the limit of {limit} bytes")
             chunks.append(chunk)
     except (asyncio.IncompleteReadError, http_exceptions.HttpProcessingError, ConnectionError) as exc:
         raise Problem(
             "malformed_frame", f"the body is truncated or its encoding is broken ({type(exc).__name__})"
         ) from None
+
+
+async def _discard(request: web.Request) -> None:
+    """Read and drop what is left of a refused streamed body, within a budget of bytes and time.
+
+    A client streaming a body usually reads no answer before it has sent it all; one that stops
+    sending, or sends more than the budget, gets its answer on a connection that then closes.
+    """
+    budget, deadline = DISCARD_BYTES, time.monotonic() + DISCARD_S
+    try:
+        while budget > 0 and not request.content.is_eof():
+            chunk = await asyncio.wait_for(request.content.readany(), max(0.0, deadline - time.monotonic()))
+            if not chunk:
+                return
+            budget -= len(chunk)
+    except (asyncio.TimeoutError, http_exceptions.HttpProcessingError, ConnectionError):
+        pass
+    if not request.content.is_eof():
+        request[UNREAD_BODY] = True
 
 
 def _check(bundle: Bundle, header: protocol.RequestHeader, name: str, max_decoded: int) -> int:
@@ -252,7 +288,7 @@ async def _infer(
     state: ServerState, request: web.Request, bundle: Bundle, name: str, started: float
 ) -> web.Response:
     config, scheduler = state.config, state.scheduler
-    scheduler.arriving += 1
+    scheduler.admit()
     try:
         body = await read_body(request, config.max_body_bytes)
         received = time.perf_counter()
@@ -268,9 +304,8 @@ async def _infer(
         frame = Frame(header, payload, rows)
         if len(payload) <= SMALL_BYTES:  # decoded here: cheaper than a handoff to a thread
             frame = Frame(header, payload, rows, decode_frame(header, payload), time.perf_counter() - now)
-        job = Job(frame, now, deadline, asyncio.get_running_loop().create_future())
-        if not _batchable(bundle, header.cut):
-            job.signature = None
+        future = asyncio.get_running_loop().create_future()
+        job = Job(frame, now, deadline, future, alone=not _batchable(bundle, header.cut))
         batcher = scheduler.batcher(bundle, header.cut)
         batcher.submit(job)
     finally:

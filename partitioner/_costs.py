@@ -243,7 +243,10 @@ class CostModel:
         return self.codecs[int(self.codec_index[row])]
 
     def exclusions(self, budget: float, privacy_floor: int | None) -> list[str]:
-        """Per row, why it is infeasible under ``budget`` and ``privacy_floor`` ('' if feasible)."""
+        """Per row, why it is infeasible under ``budget`` and ``privacy_floor`` ('' if feasible).
+
+        Each reason is a category, then details in parentheses.
+        """
         reasons = []
         for i in range(len(self.cut)):
             k = int(self.cut[i])
@@ -252,11 +255,11 @@ class CostModel:
             elif privacy_floor is not None and k < privacy_floor:
                 reasons.append(f"below the privacy floor (cut {privacy_floor})")
             elif math.isnan(self.bytes[i]):
-                reasons.append("size unknown (not in the fidelity table nor the profile)")
+                reasons.append("not measured at this cut (in neither the fidelity table nor the profile)")
             elif math.isnan(self.fidelity[i]) and budget > 0:
                 reasons.append("fidelity unknown (not in the fidelity table)")
             elif self.fidelity[i] < budget:
-                reasons.append(f"fidelity {self.fidelity[i]:.4f} < budget {budget}")
+                reasons.append(f"fidelity below the budget ({self.fidelity[i]:.4f} < {budget})")
             else:
                 reasons.append("")
         return reasons

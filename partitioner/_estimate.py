@@ -17,17 +17,26 @@ asks for a probe (:meth:`Estimator.needs_probe`):
 The request's wait for its first answer byte is ``rtt + up_bytes / uplink + server``, with the
 server's time read from its header. The round trip is the median of recent samples of
 ``wait - server - up_bytes / uplink`` taken from requests whose payload is predicted to take
-less than half of that (so a wrong uplink estimate barely moves it), and of probes
+less than a fifth of that and not above twice the current estimate (so a wrong uplink
+estimate, such as one from before the link slowed down, barely moves it), and of probes
 (``observe_rtt``: a tiny request), which is how it starts: one payload size alone cannot tell
 a long round trip from a slow link. The uplink sample is then
 ``up_bytes / (wait - server - rtt)``.
 
 Rates and speeds are tracked by :class:`LogEwma`: an exponentially weighted mean of the
-logarithm, each sample weighted by how long it lasted (``1 - exp(-duration / tau)``: a
-transfer of a few milliseconds, whose rate is mostly timer noise and round-trip error, barely
-counts; a long one counts almost fully) and clipped to a few mean absolute deviations of the
-current mean, so a single outlier cannot swing the estimate while a lasting change still
-moves it within a few samples. Queueing and the round trip are windowed medians.
+logarithm, each sample weighted by how long it lasted or was predicted to last, whichever is
+longer (``1 - exp(-duration / tau)``: a transfer of a few milliseconds, whose rate is mostly
+timer noise and round-trip error, barely counts, unless it was expected to take long; a long
+one counts almost fully) and clipped to a few mean absolute deviations of the current mean, so
+a single outlier cannot swing the estimate while a lasting change still moves it within a few
+samples. Queueing and the round trip are windowed medians.
+
+The uplink that :meth:`Estimator.estimates` reports is ``exp(mean - risk * sd^2)``: with the
+default ``risk=0.5``, the rate whose reciprocal is the expected reciprocal of a log-normal
+rate, so that ``bytes / uplink`` predicts the *expected* transfer time rather than the time at
+the typical rate (a fluctuating link costs large payloads more). It is further capped by the
+requests still in flight (:meth:`Estimator.start_transfer`): a request that should have been
+uploaded by now says the link is slower than believed, before it ends.
 
 Idle periods: an estimate keeps its value, but its uncertainty (standard deviation of the log)
 grows with its age, ``sqrt(dev^2 + drift * age)``. :meth:`Estimator.needs_probe` says when the
@@ -87,6 +96,12 @@ class Estimates:
 DEFAULT_PRIOR = Estimates(uplink_bps=1e6, downlink_bps=4e6, rtt_s=0.1)
 
 _MIN_RATE = 1e3  # bits/s: an estimate never drops below this (the link is "down")
+#: A request yields a round-trip sample only if its upload is predicted to take less than this
+#: share of its wait, and the sample is at most twice the current round trip: otherwise an error
+#: in the uplink estimate (a link that just slowed down, say) leaks into the round trip, and
+#: from there back into the uplink (on the traces, 0.5 biased the uplink 20% high; 0.2 does not).
+#: A round trip that really grew more than twofold is learnt from probes (``observe_rtt``).
+_RTT_SAMPLE_SHARE = 0.2
 _MAX_RATE = 1e12
 
 
@@ -171,7 +186,13 @@ class Estimator:
 
     ``bundle`` (its profile ``profile``, by default the one policies pick) is needed only to
     turn measured head and tail times into slowdown factors; without one, the slowdowns stay at
-    ``prior``'s. ``tau_s`` is the rate estimators' time constant in seconds of transfer.
+    ``prior``'s. ``tau_s`` is the rate estimators' time constant in seconds of transfer;
+    ``risk`` how much the uplink's spread lowers the rate reported (0: the geometric mean; 0.5:
+    the rate predicting the expected transfer time); ``probe_after_s`` how old the uplink
+    estimate may grow before :meth:`needs_probe`; ``window`` the samples of the medians.
+
+    The edge should call :meth:`observe_head` once at start-up with a warm-up inference at the
+    last cut, so that the device's speed is known before the first decision.
     """
 
     def __init__(
@@ -200,14 +221,18 @@ class Estimator:
         self.cloud = LogEwma(tau=1.0, min_duration=0.1, drift=0.0)
         self.rtt = _WindowMedian(window)
         self.queue = _WindowMedian(window)
+        self._in_flight: dict[int, tuple[float, float]] = {}
+        self._next_id = 0
         self._head_s: list[float] | None = None
         self._tail_s: list[float] | None = None
+        self._response_bytes = 0.0
         if bundle is not None:
-            from splitinfer.partitioner._costs import chain_times
+            from splitinfer.partitioner._costs import chain_times, pick_profile
 
-            times = chain_times(bundle, profile)
-            if times is not None:
+            picked, times = pick_profile(bundle, profile), chain_times(bundle, profile)
+            if picked is not None and times is not None:
                 self._head_s, self._tail_s = times
+                self._response_bytes = float(picked[1].get("response_bytes", 0.0))
 
     def _now(self, now: float | None) -> float:
         return self.clock() if now is None else now
@@ -255,6 +280,26 @@ class Estimator:
                 self.cloud.update(stages["compute"] / profiled, profiled, t)
         return stages
 
+    def start_transfer(
+        self, up_bytes: float, start: float, *, cut: int | None = None, down_bytes: float | None = None
+    ) -> int:
+        """Note a request to ``cut`` whose upload of ``up_bytes`` began at ``start``; returns its id.
+
+        Until it is finished (``observe_transfer(..., transfer_id=id)``), the uplink estimate
+        is capped at the rate at which it would still be uploading once the round trip, the
+        cloud's expected time (queue, and the profiled tail at ``cut``) and the answer's
+        download (``down_bytes``, by default the profile's response size) are set aside: a
+        link that went dead is noticed while its requests hang, not only when they end.
+        """
+        others = 0.0
+        if cut is not None and self._tail_s is not None and 0 <= cut < len(self._tail_s):
+            others += self._tail_s[cut] * self.cloud.value(self.prior.cloud_slowdown)
+        down = self._response_bytes if down_bytes is None else down_bytes
+        others += down * 8 / self.downlink.value(self.prior.downlink_bps)
+        self._next_id += 1
+        self._in_flight[self._next_id] = (up_bytes * 8, start + others)
+        return self._next_id
+
     def observe_transfer(
         self,
         *,
@@ -265,10 +310,14 @@ class Estimator:
         end: float,
         server_timing: str | Mapping[str, float] | None = None,
         cut: int | None = None,
+        transfer_id: int | None = None,
     ) -> None:
         """One request: ``up_bytes`` sent from ``start``; the answer's first byte at
         ``first_byte``, its last (``down_bytes`` in all) at ``end``; times on this estimator's
-        clock. See the module docstring for how it is decomposed."""
+        clock. See the module docstring for how it is decomposed. ``transfer_id`` finishes a
+        :meth:`start_transfer` (also pass it, with any times, for a request that failed)."""
+        if transfer_id is not None:
+            self._in_flight.pop(transfer_id, None)
         if not start <= first_byte <= end:
             raise ConfigError(
                 f"a transfer needs start <= first_byte <= end, got {start}, {first_byte}, {end}"
@@ -280,9 +329,11 @@ class Estimator:
         wait = max(0.0, first_byte - start - server)
         bits = up_bytes * 8
         predicted_up = bits / self.uplink.value(self.prior.uplink_bps)
-        if predicted_up < 0.5 * wait:
-            self.rtt.update(wait - predicted_up, end)
         rtt = self.rtt.value(self.prior.rtt_s)
+        sample = wait - predicted_up
+        if predicted_up < _RTT_SAMPLE_SHARE * wait and sample <= 2 * rtt:
+            self.rtt.update(sample, end)
+            rtt = self.rtt.value(self.prior.rtt_s)
         if up_bytes > 0:
             up_s = wait - rtt
             if up_s <= 0:
@@ -305,12 +356,24 @@ class Estimator:
 
     # -- results --------------------------------------------------------------------------
 
-    def estimates(self) -> Estimates:
-        """The current point estimates (the prior's values where nothing was observed yet)."""
+    def estimates(self, now: float | None = None) -> Estimates:
+        """The current estimates (the prior's values where nothing was observed yet).
+
+        The uplink is the rate that predicts the expected transfer time (below), capped by the
+        requests still uploading at ``now`` (see :meth:`start_transfer`).
+        """
         p = self.prior
+        uplink = self._effective(self.uplink, p.uplink_bps)
+        if self._in_flight:
+            t = self._now(now)
+            wait = self.rtt.value(p.rtt_s) + self.queue.value(p.cloud_queue_s)
+            for bits, start in self._in_flight.values():
+                elapsed = t - start - wait
+                if elapsed > 0 and bits / elapsed < uplink:
+                    uplink = max(_MIN_RATE, bits / elapsed)
         return replace(
             p,
-            uplink_bps=self._effective(self.uplink, p.uplink_bps),
+            uplink_bps=uplink,
             downlink_bps=self.downlink.value(p.downlink_bps),
             rtt_s=self.rtt.value(p.rtt_s),
             cloud_queue_s=self.queue.value(p.cloud_queue_s),
@@ -319,7 +382,8 @@ class Estimator:
         )
 
     def _effective(self, ewma: LogEwma, default: float) -> float:
-        """The rate whose reciprocal is the expected reciprocal, if the log-rate is normal."""
+        """``exp(mean - risk * sd^2)``: with ``risk=0.5``, the rate whose reciprocal is the
+        expected reciprocal if the log-rate is normal (so bytes / rate is the expected time)."""
         if ewma.mean is None:
             return default
         sd = 1.25 * ewma.dev  # mean absolute deviation to standard deviation

@@ -26,7 +26,7 @@ at other cuts. It never leaves the feasible set, so budget and privacy floor hol
 decision. ``explore=0`` makes ``decide`` the exact argmin of the cost model.
 
 Speed: the feasible rows' feature matrix is built once per policy, so ``decide`` is one
-matrix-vector product and an argmin (``benchmarks/results/policy.md``: tens of microseconds
+matrix-vector product and an argmin (``benchmarks/results/policy.md``: about 5 microseconds
 for a thousand candidates).
 """
 
@@ -314,7 +314,7 @@ class TablePolicy:
         counts: dict[str, int] = {}
         for c in candidates:
             if not c.feasible:
-                key = c.excluded.split(" (")[0].split(" <")[0]
+                key = c.excluded.split(" (")[0]
                 counts[key] = counts.get(key, 0) + 1
         if counts:
             text.append("not allowed: " + "; ".join(f"{n} {why}" for why, n in sorted(counts.items())) + ".")

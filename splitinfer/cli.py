@@ -28,6 +28,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     def option(name: str, help: str, **kw: object) -> None:
         env = "SPLITINFER_" + name.upper().replace("-", "_")
+        if kw.get("type") in (int, float) and "metavar" not in kw:
+            kw["metavar"] = "MS" if name.endswith("-ms") else "S" if name.endswith("-s") else "N"
         p.add_argument(f"--{name}", help=f"{help} [{env}]", **kw)  # type: ignore[arg-type]
 
     option("repository", "directory holding one bundle per subdirectory", metavar="DIR")
@@ -44,8 +46,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "most requests waiting for compute; beyond it: 503 with Retry-After (default 256)",
         type=int,
     )
-    option("compute-threads", "threads decoding, running tails and encoding (default 1)", type=int)
-    option("torch-threads", "threads torch uses inside one computation (default: torch's)", type=int)
+    option("compute-threads", "threads running tails, a batch each (default 0: one per core)", type=int)
+    option("torch-threads", "threads torch uses in one batch (default 0: cores / compute threads)", type=int)
     option(
         "inline-below-ms",
         "run batches predicted to take at most this long on the event loop, not a thread (default 0: never)",

@@ -33,7 +33,7 @@ def test_public_surface():
         ({"max_batch_size": 0}, "max_batch_size must be an integer >= 1"),
         ({"max_queue_delay_ms": -1.0}, "max_queue_delay_ms must be 0..10000"),
         ({"max_queue_length": 0}, "max_queue_length"),
-        ({"compute_threads": 0}, "compute_threads"),
+        ({"compute_threads": -1}, "compute_threads must be 0 \\(automatic\\)"),
         ({"torch_threads": -1}, "torch_threads"),
         ({"max_body_bytes": 10}, "max_body_bytes"),
         ({"drain_timeout_s": 0.0}, "drain_timeout_s"),

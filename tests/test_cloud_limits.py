@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import random
@@ -253,3 +254,28 @@ async def test_unknown_model_names_do_not_grow_metric_labels(repository):
             "splitinfer_requests_total", {"model": "_unknown", "code": "unknown_model"}
         )
         assert value == 5.0
+
+
+async def test_an_endless_streamed_body_is_refused_and_cut_off(repository, cnn_bundle, cnn):
+    async with running(repository, max_body_bytes=1 << 20) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(_http(f"POST {INFER} HTTP/1.1\nHost: x\nTransfer-Encoding: chunked\n"))
+        chunk = b"10000\r\n" + b"\0" * 65536 + b"\r\n"
+
+        async def flood() -> float:
+            t0 = time.perf_counter()
+            with contextlib.suppress(ConnectionError):
+                while time.perf_counter() - t0 < 15:
+                    writer.write(chunk)
+                    await writer.drain()
+            return time.perf_counter() - t0
+
+        sending = asyncio.create_task(flood())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+        assert head.split(b"\r\n")[0].split()[1] == b"413"
+        flooded = await asyncio.wait_for(sending, 20)
+        assert flooded < 8  # the server hung up on it, it did not read it all
+        writer.close()
+        await asyncio.gather(writer.wait_closed(), return_exceptions=True)
+        await _still_serves(server.url, cnn_bundle, cnn)

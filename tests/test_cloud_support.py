@@ -15,6 +15,7 @@ from multidict import CIMultiDictProxy
 from splitinfer import protocol
 from splitinfer.bundle import Bundle
 from splitinfer.cloud import ServerConfig
+from splitinfer.cloud._state import STATE
 from splitinfer.compression import get_codec
 from splitinfer.tensors import specs_of
 from tests.conftest import RunningServer, start_server
@@ -84,3 +85,16 @@ async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+@asynccontextmanager
+async def compute_held(server: RunningServer) -> AsyncIterator[None]:
+    """Hold every compute slot of ``server`` (requests queue) until the block ends."""
+    scheduler = server.app[STATE].scheduler
+    for _ in range(scheduler.threads):
+        await scheduler.slots.acquire()
+    try:
+        yield
+    finally:
+        for _ in range(scheduler.threads):
+            scheduler.slots.release()

@@ -149,3 +149,32 @@ def test_a_fast_link_timed_inside_the_rtt_estimate_does_not_break_it():
     e = est.estimates()
     assert math.isfinite(e.uplink_bps) and e.uplink_bps > 0
     assert e.rtt_s == pytest.approx(RTT, rel=0.1)
+
+
+def test_a_hanging_request_caps_the_uplink_until_it_ends():
+    est = fresh(clock=lambda: 0.0)
+    t = 0.0
+    for _ in range(20):
+        t = feed(est, t, 2e6) + 0.1
+    before = est.estimates(now=t).uplink_bps
+    tid = est.start_transfer(20_000, t)  # 0.08 s at 2 Mbit/s, but the link has just died
+    assert est.estimates(now=t + 0.1).uplink_bps == before  # not late yet
+    stuck = est.estimates(now=t + 2.0).uplink_bps
+    assert stuck <= 20_000 * 8 / (2.0 - RTT) * 1.01  # it would still be uploading at this rate
+    est.observe_transfer(
+        up_bytes=20_000, down_bytes=0, start=t, first_byte=t + 3.0, end=t + 3.0, transfer_id=tid
+    )
+    after = est.estimates(now=t + 3.0).uplink_bps
+    assert after < before  # the slow sample itself, now in the running estimate
+    assert est.estimates(now=t + 10.0).uplink_bps == after  # no cap once it has ended
+
+
+def test_risk_prices_in_the_rates_spread():
+    def run(risk: float) -> float:
+        est = fresh(clock=lambda: 0.0, risk=risk)
+        t = 0.0
+        for i in range(60):
+            t = feed(est, t, 2e6 if i % 2 else 5e5) + 0.1  # a link flipping between two rates
+        return est.estimates(now=t).uplink_bps
+
+    assert run(0.5) < run(0.0)
