@@ -126,16 +126,20 @@ class BandwidthTrace:
         loops = int(bits // whole) if whole > 0 else 0
         t += loops * self.period
         bits -= loops * whole
+        # Walk the segments by index from the start's phase: recomputing the phase from a
+        # growing float ``t`` can land a hair before a segment's end forever (t ~ 300 s), so the
+        # phase is computed once and then advanced exactly.
+        phase = t % self.period
+        i = bisect.bisect_right(self.times, phase) - 1
         while bits > 1e-9:
-            phase = t % self.period
-            i = bisect.bisect_right(self.times, phase) - 1
             end = self.times[i + 1] if i + 1 < len(self.times) else self.period
             rate = self.rates_bps[i]
-            span = end - phase
+            span = max(0.0, end - phase)
             if rate * span >= bits:
                 return t + bits / rate
             bits -= rate * span
             t += span
+            i, phase = (i + 1, end) if i + 1 < len(self.times) else (0, 0.0)
         return t
 
 

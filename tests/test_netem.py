@@ -148,6 +148,20 @@ def test_trace_arithmetic():
     assert trace.finish_time(0.0, 2e6) == pytest.approx(2 + 1 / 3)
 
 
+@pytest.mark.timeout(20)
+def test_finish_time_terminates_and_is_exact_late_in_a_real_trace():
+    # Recomputing the phase from a growing float time once looped forever here (t ~ 321 s).
+    trace = BandwidthTrace.load("norway-3g-train-1")
+    for start in (0.0, 321.0, 321.7, trace.period - 1e-9, 5 * trace.period + 0.3):
+        for bits in (1.0, 8e4, 3e6, 2 * trace.mean_bps() * trace.period):
+            end = trace.finish_time(start, bits)
+            # Integrate the trace from start to end on a fine grid: it must carry ``bits``.
+            steps = 20000
+            dt = (end - start) / steps
+            sent = sum(trace.rate_at(start + (k + 0.5) * dt) for k in range(steps)) * dt
+            assert sent == pytest.approx(bits, rel=0.02, abs=trace.rates_bps[0] * dt * 4)
+
+
 def test_shipped_traces_and_profiles():
     traces = shipped_traces()
     assert {"norway-3g-bus-1", "norway-3g-train-1", "fcc-hsdpa-ferry-10-part0"} <= set(traces)
