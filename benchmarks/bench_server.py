@@ -9,9 +9,13 @@ C concurrent requests, bounded by count and time) drives both. Two cuts:
 
 Every point is measured in rounds: each round gives every server a slice of the time, in an
 order that rotates, so that the load of other work on the machine hits all servers alike.
+During a server's slice the other servers are paused (SIGSTOP), so that none pays for another's
+idle work (an idle LitServe polls its queues, about a fifth of a core here). Besides latency and
+throughput, each slice records the CPU time the server's processes spent per request, which
+the load of other work on a shared machine changes far less than it changes throughput.
 
 Writes benchmarks/results/server.md. Run: `.venv/bin/python benchmarks/bench_server.py`
-(a few minutes; `--quick` for a short smoke run). LitServe: `pip install litserve`.
+(a few minutes; `--quick` for a short smoke run). LitServe: `pip install -e '.[bench]'`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -45,6 +50,8 @@ CUT_INDEX = {"late": 158, "mid": 77}
 CUTS = dict(CUT_INDEX)  # the cuts measured in this run (--cuts)
 CODEC = "f32+zstd1"
 FRAME_TYPE = "application/vnd.splitinfer.frame+msgpack"
+WAKER = "import time\nwhile True:\n    time.sleep(0.0005)"
+WAKER_NAME = "splitinfer + waker"
 
 
 # -- the client (runs in its own process; imports neither torch nor splitinfer) -----------
@@ -78,12 +85,12 @@ async def _drive(
     compute: list[float] = []
     total: list[float] = []
     errors: dict[str, int] = {}
-    count = 0
+    count = warm = 0
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
 
         async def worker(i: int, until: float, record: bool) -> None:
-            nonlocal count
+            nonlocal count, warm
             k = i
             while time.perf_counter() < until and (not record or count < limit):
                 count += record
@@ -97,6 +104,7 @@ async def _drive(
                 except aiohttp.ClientError as exc:
                     status, timing = type(exc).__name__, None
                 if not record:
+                    warm += 1
                     continue
                 if status != 200:
                     errors[str(status)] = errors.get(str(status), 0) + 1
@@ -112,7 +120,10 @@ async def _drive(
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(i, t0 + seconds, True) for i in range(concurrency)))
         elapsed = time.perf_counter() - t0
-    return {"elapsed": elapsed, "errors": errors, "latencies": latencies, "compute": compute, "total": total}
+    return {
+        **{"elapsed": elapsed, "errors": errors, "latencies": latencies, "compute": compute, "total": total},
+        "warmup_requests": warm,
+    }
 
 
 def client_main(args: argparse.Namespace) -> int:
@@ -230,6 +241,10 @@ class Result:
     #: Median client latency minus the server's compute (ms), and median server total minus compute.
     overhead_client_ms: float | None
     overhead_server_ms: float | None
+    #: CPU time of the server's processes per request (ms), over all its slices.
+    cpu_ms: float | None = None
+    #: Requests per second in each round (the rounds line up across servers).
+    round_rps: list[float] = field(default_factory=list)
 
 
 def _free_port() -> int:
@@ -262,16 +277,34 @@ def _start(server: Server, log: Path) -> None:
     raise RuntimeError(f"{server.name} not ready within 240 s")
 
 
+def _pause(server: Server, paused: bool) -> None:
+    """Stop (SIGSTOP) or resume (SIGCONT) every process of an idle server."""
+    if server.proc is not None and server.proc.poll() is None:
+        os.killpg(server.proc.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
+
 def _stop(server: Server) -> None:
     proc = server.proc
     if proc is None or proc.poll() is not None:
         return
+    _pause(server, False)
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def _cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system) of the live processes in process group ``pgid``."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:  # pgrp; utime and stime follow at 11 and 12
+                ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _bodies(bundle_dir: Path, cut: int, n: int) -> tuple[list[bytes], list[bytes]]:
@@ -310,8 +343,14 @@ def _slice(server: Server, bodies: Path, concurrency: int, seconds: float, args:
         *("--concurrency", str(concurrency), "--seconds", str(seconds), "--warmup", str(args.warmup)),
         *("--limit", str(args.limit)),
     ]
+    assert server.proc is not None
+    cpu0 = _cpu_seconds(server.proc.pid)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + args.warmup + 120, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # The server's CPU over warm-up and measurement, per request answered in either.
+    done = len(result["latencies"]) + sum(result["errors"].values()) + result["warmup_requests"]
+    result["cpu_per_request"] = (_cpu_seconds(server.proc.pid) - cpu0) / done if done else None
+    return result
 
 
 def _summarize(server: str, cut: str, concurrency: int, slices: list[dict]) -> Result:
@@ -330,7 +369,12 @@ def _summarize(server: str, cut: str, concurrency: int, slices: list[dict]) -> R
         over_client = (statistics.median(lat) - statistics.median(compute)) * 1000
         over_server = statistics.median(t - c for t, c in zip(total, compute)) * 1000
     elapsed = sum(s["elapsed"] for s in slices)
-    return Result(server, cut, concurrency, n, errors, n / elapsed, p50, p99, over_client, over_server)
+    cpus = [s["cpu_per_request"] for s in slices if s.get("cpu_per_request")]
+    cpu_ms = statistics.median(cpus) * 1000 if cpus else None
+    rounds = [len(s["latencies"]) / s["elapsed"] for s in slices]
+    return Result(
+        server, cut, concurrency, n, errors, n / elapsed, p50, p99, over_client, over_server, cpu_ms, rounds
+    )
 
 
 def _servers(args: argparse.Namespace, repo: Path) -> list[Server]:
@@ -348,6 +392,12 @@ def _servers(args: argparse.Namespace, repo: Path) -> list[Server]:
     if args.inline_ms > 0:
         inline = [*serve, "--inline-below-ms", str(args.inline_ms)]
         servers.append(Server("splitinfer inline", inline, "/v2/health/ready", infer, False, ("late",)))
+    if args.waker and "mid" in CUTS:
+        # The control experiment (see the notes of the report): the same server, plus a process in
+        # its session that does nothing but wake up every 0.5 ms, as LitServe's pollers do.
+        waker = shlex.join([sys.executable, "-c", WAKER])
+        waking = ["/bin/sh", "-c", f"{waker} & exec {shlex.join(serve)}"]
+        servers.append(Server(WAKER_NAME, waking, "/v2/health/ready", infer, False, ("mid",)))
     if not args.skip_litserve:
         lit = [
             *(sys.executable, str(HERE), "litserve", str(repo / MODEL), "--port", "{port}"),
@@ -370,9 +420,15 @@ def bench(args: argparse.Namespace) -> list[Result]:
     servers: list[Server] = []
     try:
         repo = tmp / "repo"
-        print("compiling EfficientNet-Lite0 ...", flush=True)
-        bundle = si.compile(efficientnet_lite0(), (torch.randn(1, 3, 224, 224),), name=MODEL)
-        bundle.save(repo / MODEL)
+        if args.bundle is not None:
+            shutil.copytree(args.bundle, repo / MODEL)
+            bundle = si.Bundle.load(repo / MODEL, upto_cut=0)
+            if bundle.name != MODEL:
+                raise SystemExit(f"--bundle {args.bundle} holds {bundle.name!r}, not {MODEL!r}")
+        else:
+            print("compiling EfficientNet-Lite0 ...", flush=True)
+            bundle = si.compile(efficientnet_lite0(), (torch.randn(1, 3, 224, 224),), name=MODEL)
+            bundle.save(repo / MODEL)
         files: dict[str, tuple[Path, Path]] = {}
         for name, cut in CUTS.items():
             frames, jsons = _bodies(repo / MODEL, cut, 8)
@@ -384,6 +440,7 @@ def bench(args: argparse.Namespace) -> list[Result]:
         for server in servers:
             print(f"starting {server.name} ...", flush=True)
             _start(server, tmp / f"{server.name.replace(' ', '-')}.log")
+            _pause(server, True)  # resumed for its own slices only
         results = []
         for cut in CUTS:
             for concurrency in args.concurrency:
@@ -392,9 +449,13 @@ def bench(args: argparse.Namespace) -> list[Result]:
                 for r in range(args.rounds):
                     for server in taking[r % len(taking) :] + taking[: r % len(taking)]:
                         body = files[cut][1 if server.json_body else 0]
-                        slices[server.name].append(
-                            _slice(server, body, concurrency, args.seconds / args.rounds, args)
-                        )
+                        _pause(server, False)
+                        try:
+                            slices[server.name].append(
+                                _slice(server, body, concurrency, args.seconds / args.rounds, args)
+                            )
+                        finally:
+                            _pause(server, True)
                 for server in taking:
                     res = _summarize(server.name, cut, concurrency, slices[server.name])
                     results.append(res)
@@ -429,7 +490,9 @@ def report(results: list[Result], args: argparse.Namespace, load: tuple[float, f
         f"Machine: {machine()}. The machine is shared with other work (load average {load[0]:.1f} at the "
         f"start, {load[1]:.1f} at the end on {os.cpu_count()} cores), so absolute numbers are noisy; "
         f"every point is measured in {args.rounds} rounds in which each server gets a slice of the time, "
-        "in rotating order, so that the ratios compare like with like.",
+        "in rotating order, so that the ratios compare like with like; during a server's slice the other "
+        "servers are paused (SIGSTOP). The spread of the throughput ratio over the rounds is in brackets; "
+        "`CPU ms/req` is the CPU time (user + system) of all the server's processes per request answered.",
         "",
         "Setup:",
         "",
@@ -458,10 +521,18 @@ def report(results: list[Result], args: argparse.Namespace, load: tuple[float, f
         "batches, runs the same `Bundle.run_segments`, splits and encodes as splitinfer does;",
         f"- client: aiohttp in a separate process, closed loop with C requests in flight, per round "
         f"{args.warmup:g} s of warm-up then {args.seconds / args.rounds:g} s (at most {args.limit} "
-        "requests), 127.0.0.1 only.",
+        "requests), 127.0.0.1 only."
+        + (
+            f"\n- `{WAKER_NAME}` (mid cut, a control, not a configuration to deploy): the `splitinfer` "
+            "server started next to a process in its session that only sleeps 0.5 ms in a loop "
+            "(its CPU is counted in the server's);"
+            if any(r.server == WAKER_NAME for r in results)
+            else ""
+        ),
         "",
-        "| cut | C | server | req/s | p50 ms | p99 ms | errors | req/s vs LitServe | p99 vs LitServe |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| cut | C | server | req/s | p50 ms | p99 ms | errors | CPU ms/req | req/s vs LitServe "
+        "(rounds min-max) | p99 vs LitServe |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cut in CUTS:
         for c in args.concurrency:
@@ -473,10 +544,14 @@ def report(results: list[Result], args: argparse.Namespace, load: tuple[float, f
                 ratio = p99 = ""
                 if name != "litserve" and lit is not None and lit.rps > 0:
                     ratio, p99 = f"{r.rps / lit.rps:.2f}x", f"{r.p99_ms / lit.p99_ms:.2f}x"
+                    spread = _round_ratios(r, lit)
+                    if spread:
+                        ratio += f" ({min(spread):.2f}-{max(spread):.2f})"
                 errors = sum(r.errors.values())
+                cpu = "" if r.cpu_ms is None else f"{r.cpu_ms:.1f}"
                 lines.append(
                     f"| {cut} | {c} | {name} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {errors} "
-                    f"| {ratio} | {p99} |"
+                    f"| {cpu} | {ratio} | {p99} |"
                 )
     lines += ["", "Targets (splitinfer with its default event-loop/pool split unless said otherwise):", ""]
     lines += _verdicts(results)
@@ -488,16 +563,27 @@ def report(results: list[Result], args: argparse.Namespace, load: tuple[float, f
         "measured: one aiohttp event loop that reads, checks and decodes small frames itself and hands "
         "whole batches to a compute thread, against uvicorn processes that pass every request through "
         "ZeroMQ to worker processes and back.",
-        "- At the mid cut the tail's compute is nearly all the time and both servers run the same "
-        "tail on the same two cores, one batch per core; what differs is that splitinfer's event loop "
-        "and compute threads share one process and one GIL, while LitServe's HTTP servers and workers "
-        "are four processes. On this shared machine the mid-cut ratios move by about 10% from run to "
-        "run.",
+        "- At the mid cut the tail's compute is nearly all the time, and both servers run the same "
+        "tail, one batch per core, each with one torch thread. splitinfer spends less CPU per request "
+        "(the `CPU ms/req` column), so where its throughput is lower it was given less CPU time (see "
+        "the cores line above). Our reading, which these runs support but do not prove: on a machine "
+        "shared with other sessions, Linux's scheduler (EEVDF, an autogroup per session) favours a "
+        "session whose threads wake up often over one whose threads compute steadily, and LitServe's "
+        "processes wake up hundreds of times a second even when idle (they poll their queues; an "
+        "idle LitServe uses about a fifth of a core here). `--waker` measures a control: the same "
+        "splitinfer server plus a process in its session that does nothing but wake up. On cores of "
+        "its own (a container with its own CPU quota, as deployed) the effect should not arise; that "
+        "was not measured here.",
         "- The server-overhead target is read from the server's own Server-Timing header (total minus "
         "compute, both measured inside the server); the client-side figure adds the loopback round "
         "trip and the Python client, which are not the server's.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _round_ratios(ours: Result, lit: Result) -> list[float]:
+    """Throughput against LitServe round by round (the slices of one round ran back to back)."""
+    return [a / b for a, b in zip(ours.round_rps, lit.round_rps) if b > 0]
 
 
 def _thread_flags(args: argparse.Namespace) -> str:
@@ -545,12 +631,39 @@ def _verdicts(results: list[Result]) -> list[str]:
             f"latency minus compute, which adds the loopback round trip and the client's own time: "
             f"{one.overhead_client_ms:.3f} ms)."
         )
+    out += _mid_cpu(results)
     mid1 = _cell(results, "splitinfer", "mid", 1)
     if mid1 and mid1.overhead_server_ms is not None:
         out.append(
             f"- for reference, at the mid cut and C = 1 the server's total minus compute is "
             f"{mid1.overhead_server_ms:.3f} ms (the frame is 30x larger, so decoding it costs more)."
         )
+    return out
+
+
+def _mid_cpu(results: list[Result]) -> list[str]:
+    """What the mid cut costs each server in CPU, and the waker control's throughput."""
+    cpu, given, woken = [], [], []
+    for c in sorted({r.concurrency for r in results}):
+        o, lt = _cell(results, "splitinfer", "mid", c), _cell(results, "litserve", "mid", c)
+        w = _cell(results, WAKER_NAME, "mid", c)
+        if o and lt and o.cpu_ms and lt.cpu_ms:
+            cpu.append(f"{o.cpu_ms / lt.cpu_ms:.2f}x at C = {c}")
+            given.append(f"{o.rps * o.cpu_ms / 1000:.2f} against {lt.rps * lt.cpu_ms / 1000:.2f} at C = {c}")
+        if w and lt and lt.rps > 0:
+            woken.append(f"{w.rps / lt.rps:.2f}x at C = {c}")
+    out = []
+    if cpu:
+        out.append(
+            "- mid cut, CPU per request, splitinfer against LitServe (lower is better; what the "
+            f"throughput would follow with the same CPU): {', '.join(cpu)}."
+        )
+        out.append(
+            "- mid cut, cores the machine gave each server while it was measured (req/s x CPU per "
+            f"request), splitinfer against LitServe: {'; '.join(given)}."
+        )
+    if woken:
+        out.append(f"- control, `{WAKER_NAME}` throughput against LitServe's: {', '.join(woken)}.")
     return out
 
 
@@ -597,6 +710,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lit-workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--lit-torch-threads", type=int, default=1)
     parser.add_argument("--skip-litserve", action="store_true")
+    parser.add_argument(
+        "--waker", action="store_true", help=f"also measure the control {WAKER_NAME!r} at the mid cut"
+    )
+    parser.add_argument(
+        "--bundle", type=Path, default=None, help="a saved bundle of the model (default: compile one)"
+    )
     parser.add_argument("--cuts", default="late,mid", help="which cuts to measure (late, mid)")
     parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "server.md")
     args = parser.parse_args(argv)
