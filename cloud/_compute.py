@@ -60,11 +60,15 @@ class Answer:
     compute_cpu: float = 0.0
 
 
-def decode_frame(header: protocol.RequestHeader, payload: memoryview) -> list[torch.Tensor]:
-    """The frontier a checked frame carries; Problem (400) if it does not decode to what it declares."""
+def decode_frame(
+    header: protocol.RequestHeader, payload: memoryview, bundle: Bundle | None = None
+) -> list[torch.Tensor]:
+    """The frontier a checked frame carries; Problem (400) if it does not decode to what it declares
+    (or names a zstd dictionary other than the one ``bundle`` holds for its cut and codec)."""
     max_nbytes = sum(s.nbytes() for s in header.tensors)
     try:
-        frontier = get_codec(header.codec).decode(payload, max_nbytes=max_nbytes)
+        codec = get_codec(header.codec) if bundle is None else bundle.decoder_for(header.cut, header.codec)
+        frontier = codec.decode(payload, max_nbytes=max_nbytes)
     except CodecError as exc:
         raise Problem("malformed_frame", f"payload does not decode with {header.codec}: {exc}") from None
     if specs_of(frontier) != header.tensors:
@@ -90,11 +94,11 @@ def finish(answer: Answer, request_id: str, response_codec: str) -> None:
         answer.stages["encode"] = time.perf_counter() - t0
 
 
-def _frontier(frame: Frame) -> tuple[list[torch.Tensor], float]:
+def _frontier(frame: Frame, bundle: Bundle) -> tuple[list[torch.Tensor], float]:
     if frame.frontier is not None:
         return frame.frontier, frame.decode_s
     t0 = time.perf_counter()
-    return decode_frame(frame.header, frame.payload), time.perf_counter() - t0
+    return decode_frame(frame.header, frame.payload, bundle), time.perf_counter() - t0
 
 
 def _split(outputs: Sequence[torch.Tensor], rows: Sequence[int]) -> list[list[torch.Tensor]] | None:
@@ -130,7 +134,7 @@ def run_batch(
     decoded: list[tuple[int, list[torch.Tensor], float]] = []
     for i, frame in enumerate(frames):
         try:
-            decoded.append((i, *_frontier(frame)))
+            decoded.append((i, *_frontier(frame, bundle)))
         except Problem as p:
             results[i] = p
     if decoded:

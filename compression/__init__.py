@@ -6,15 +6,21 @@
 Specs are ``<base>[+zstd<level 1..22>]`` with base ``f32 | f16 | bf16`` (cast), ``q2``..``q8``
 (uniform affine quantization, one range per tensor), ``q2c``..``q8c`` (one range per channel,
 dim 1; tensors of fewer than two dims get one range) or ``jpeg1``..``jpeg100`` (float image
-batches ``N x 3 x H x W``, values in ``[0, 1]`` unless clip ranges say otherwise). Blobs are
-self-describing: ranges, scales, shapes and dtypes travel in the header, and decoding checks
-every field and size before it allocates (``CodecError`` for anything truncated, corrupt or
-larger than ``max_nbytes``). Integer and bool tensors travel unchanged in every codec except
-``jpeg``, which refuses anything but float image batches.
+batches ``N x 3 x H x W``; each colour channel mapped from its calibrated range, or else from
+its min/max over the batch, to 0..255). Blobs are self-describing: ranges, scales, shapes and
+dtypes travel in the header, and decoding checks every field and size before it allocates
+(``CodecError`` for anything truncated, corrupt or larger than ``max_nbytes``). Integer and
+bool tensors travel unchanged in every codec except ``jpeg``, which refuses anything but float
+image batches.
 
 Ranges: a quantized codec uses each tensor's (or channel's) min/max at encode time, or the
 ranges it is bound to with ``get_codec(spec, clip=calibrate(samples, spec, "mse"))``; see
 :class:`ClipRanges` for their JSON form.
+
+Dictionaries: a ``+zstd<level>`` codec may be bound to a zstd dictionary trained per cut
+(``get_codec(spec, dictionary=...)``, ``_dictionary.py``; bundles do it in ``codec_for``). Its
+blobs carry the dictionary's id, and a decoder bound to another dictionary, or to none,
+refuses them with a CodecError that names both.
 
 Non-finite values:
 

@@ -2,7 +2,9 @@
 
 Layout (self-describing, little-endian)::
 
-    msgpack array [BLOB_VERSION, spec, entries, raw_nbytes]      the header
+    msgpack array [BLOB_VERSION, spec, entries, raw_nbytes       the header
+                   (, dict_id)]                                   dict_id: only when compressed
+                                                                  with a zstd dictionary
     data                                                          raw_nbytes bytes; one zstd frame
                                                                   (content size and checksum
                                                                   included) when the spec ends
@@ -10,7 +12,9 @@ Layout (self-describing, little-endian)::
 
 ``entries`` holds one msgpack array per tensor, ``[dtype, shape, *codec fields]``; the data is
 the tensors' wire bytes, concatenated in order. What the codec fields and wire bytes are is
-documented by each codec (``_codec.py``).
+documented by each codec (``_codec.py``). ``dict_id`` (8 hex digits, ``_dictionary.py``) names
+the zstd dictionary the data was compressed with; a decoder not bound to that dictionary refuses
+the blob before decompressing.
 
 Reading validates the header's types and sizes before anything is allocated: the header is
 at most ``MAX_HEADER`` bytes, decompression never produces more than ``raw_nbytes`` bytes, and
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 import zstandard
 
+from splitinfer.compression._dictionary import ZstdDictionary
 from splitinfer.errors import CodecError, ConfigError
 from splitinfer.tensors import MAX_NDIM, dtype_from_name, dtype_name
 
@@ -58,35 +63,56 @@ _MAX_NUMEL = DEFAULT_MAX_NBYTES * 8
 _local = threading.local()
 
 
-def _compressor(level: int) -> zstandard.ZstdCompressor:
+def _compressor(level: int, dictionary: ZstdDictionary | None = None) -> zstandard.ZstdCompressor:
     """This thread's compressor for ``level`` (contexts are reused, never shared by threads)."""
     cache = _local.__dict__.setdefault("compressors", {})
-    cctx = cache.get(level)
+    key = (level, None if dictionary is None else dictionary.id)
+    cctx = cache.get(key)
     if cctx is None:
-        cctx = cache[level] = zstandard.ZstdCompressor(
-            level=level, write_content_size=True, write_checksum=True
+        if len(cache) > 64:  # dictionaries of many bundles: keep the cache bounded
+            cache.clear()
+        cctx = cache[key] = zstandard.ZstdCompressor(
+            level=level,
+            write_content_size=True,
+            write_checksum=True,
+            write_dict_id=False,  # the blob header names the dictionary
+            dict_data=None if dictionary is None else dictionary.compiled(level),
         )
     return cctx
 
 
-def _decompressor() -> zstandard.ZstdDecompressor:
-    dctx = getattr(_local, "decompressor", None)
+def _decompressor(dictionary: ZstdDictionary | None = None) -> zstandard.ZstdDecompressor:
+    cache = _local.__dict__.setdefault("decompressors", {})
+    key = None if dictionary is None else dictionary.id
+    dctx = cache.get(key)
     if dctx is None:
-        dctx = _local.decompressor = zstandard.ZstdDecompressor()
+        if len(cache) > 64:
+            cache.clear()
+        dctx = cache[key] = zstandard.ZstdDecompressor(
+            dict_data=None if dictionary is None else zstandard.ZstdCompressionDict(dictionary.data)
+        )
     return dctx
 
 
 def write_blob(
-    spec: str, entries: list[list[object]], chunks: Sequence[object], zstd_level: int | None
+    spec: str,
+    entries: list[list[object]],
+    chunks: Sequence[object],
+    zstd_level: int | None,
+    dictionary: ZstdDictionary | None = None,
 ) -> bytes:
-    """The blob for ``entries`` whose wire bytes are ``chunks`` (buffers), zstd-framed if asked."""
+    """The blob for ``entries`` whose wire bytes are ``chunks`` (buffers), zstd-framed if asked
+    (with ``dictionary`` when given: the header then names it)."""
     views = [memoryview(c).cast("B") for c in chunks]
     raw_nbytes = sum(v.nbytes for v in views)
-    header = msgpack.packb([BLOB_VERSION, spec, entries, raw_nbytes], use_bin_type=True)
+    fields: list[object] = [BLOB_VERSION, spec, entries, raw_nbytes]
+    if zstd_level is not None and dictionary is not None:
+        fields.append(dictionary.id)
+    header = msgpack.packb(fields, use_bin_type=True)
     if zstd_level is None:
         return b"".join([header, *views])
     data = views[0] if len(views) == 1 else b"".join(views)
-    return header + _compressor(zstd_level).compress(data)
+    return header + _compressor(zstd_level, dictionary if len(fields) == 5 else None).compress(data)
 
 
 def as_view(blob: object) -> memoryview:
@@ -97,8 +123,12 @@ def as_view(blob: object) -> memoryview:
         raise CodecError(f"a blob must be a contiguous bytes-like object: {exc}") from None
 
 
-def read_header(view: memoryview, spec: str) -> tuple[list[object], int, int]:
-    """``(entries, raw_nbytes, data_offset)`` of a blob that must have been encoded with ``spec``."""
+def read_header(
+    view: memoryview, spec: str, dictionary: ZstdDictionary | None = None
+) -> tuple[list[object], int, int, ZstdDictionary | None]:
+    """``(entries, raw_nbytes, data_offset, dictionary)`` of a blob that must have been encoded
+    with ``spec``; ``dictionary`` is the one its data needs (the decoder's, or None). A blob
+    naming a dictionary other than the decoder's is refused."""
     for limit in (_FIRST_READ, MAX_HEADER):  # most headers are small: copy little first
         unpacker = msgpack.Unpacker(
             raw=False,
@@ -118,9 +148,9 @@ def read_header(view: memoryview, spec: str) -> tuple[list[object], int, int]:
                 raise CodecError("blob is truncated: its header is incomplete") from None
         except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
             raise CodecError(f"blob header is not valid msgpack: {exc}") from None
-    if not isinstance(header, list) or len(header) != 4:
-        raise CodecError("blob header must be [version, spec, tensors, raw_nbytes]")
-    version, blob_spec, entries, raw_nbytes = header
+    if not isinstance(header, list) or len(header) not in (4, 5):
+        raise CodecError("blob header must be [version, spec, tensors, raw_nbytes(, dictionary id)]")
+    version, blob_spec, entries, raw_nbytes = header[:4]
     if version != BLOB_VERSION:
         raise CodecError(f"blob version {version!r:.20} is not supported (this side speaks {BLOB_VERSION})")
     if not isinstance(blob_spec, str) or not isinstance(entries, list) or not _is_int(raw_nbytes):
@@ -129,10 +159,23 @@ def read_header(view: memoryview, spec: str) -> tuple[list[object], int, int]:
         raise CodecError("blob header is out of range")
     if blob_spec != spec:
         raise CodecError(f"blob was encoded with codec {blob_spec!r}, expected {spec!r}")
-    return entries, raw_nbytes, unpacker.tell()
+    if len(header) == 4:
+        return entries, raw_nbytes, unpacker.tell(), None
+    dict_id = header[4]
+    if not isinstance(dict_id, str) or len(dict_id) > 64:
+        raise CodecError("blob header names its zstd dictionary with a short string")
+    if dictionary is None or dictionary.id != dict_id:
+        have = "none" if dictionary is None else f"dictionary {dictionary.id}"
+        raise CodecError(
+            f"blob was compressed with zstd dictionary {dict_id!r}, this decoder has {have}: "
+            "edge and cloud must load the same bundle (its dictionaries are part of it)"
+        )
+    return entries, raw_nbytes, unpacker.tell(), dictionary
 
 
-def read_data(view: memoryview, raw_nbytes: int, zstd: bool) -> memoryview | bytes:
+def read_data(
+    view: memoryview, raw_nbytes: int, zstd: bool, dictionary: ZstdDictionary | None = None
+) -> memoryview | bytes:
     """Exactly ``raw_nbytes`` data bytes from ``view`` (the blob after its header).
 
     A zstd frame must declare its content size (our encoder always writes it) and carry a
@@ -151,7 +194,7 @@ def read_data(view: memoryview, raw_nbytes: int, zstd: bool) -> memoryview | byt
     if raw_nbytes == 0:
         return b""
     try:
-        out = _decompressor().decompress(view, max_output_size=raw_nbytes)
+        out = _decompressor(dictionary).decompress(view, max_output_size=raw_nbytes)
     except zstandard.ZstdError as exc:
         raise CodecError(f"zstd payload is corrupt or truncated: {exc}") from None
     if len(out) != raw_nbytes:

@@ -28,7 +28,7 @@ from splitinfer.compression._quant import RANGE_LIMIT, channel_view, sanitize
 from splitinfer.compression._spec import parse_spec
 from splitinfer.errors import CodecError
 
-__all__ = ["CALIBRATION_METHODS", "ClipRanges", "calibrate"]
+__all__ = ["CALIBRATION_METHODS", "ClipRanges", "calibrate", "calibrate_all"]
 
 CALIBRATION_METHODS = ("minmax", "percentile", "mse")
 _FORMAT = "splitinfer-clip-ranges"
@@ -198,6 +198,71 @@ def calibrate(
     return ClipRanges.from_arrays(ranges, per_channel=parsed.per_channel, method=method)
 
 
+def calibrate_all(
+    frontier: Sequence[torch.Tensor],
+    specs: Sequence[str],
+    methods: Sequence[str] = CALIBRATION_METHODS,
+    *,
+    percentile: float = 99.99,
+    max_values: int = 1 << 22,
+) -> dict[tuple[str, str], ClipRanges]:
+    """``calibrate`` for several quantizing specs and methods at once, sharing the work.
+
+    ``frontier`` holds batched tensors (samples along dim 0, as a cut's frontier over many
+    inputs); the result maps ``(spec, method)`` to what ``calibrate(samples, spec, method)``
+    gives for the samples of that batch. Min/max, percentiles and the MSE histogram depend only
+    on the granularity (per tensor or per channel), not on the bit width, so they are computed
+    once per granularity. Percentiles and histograms use at most ``max_values`` values per
+    tensor (whole samples, evenly spaced through the batch); min/max always uses all.
+    """
+    parsed = {spec: parse_spec(spec) for spec in specs}
+    for spec, p in parsed.items():
+        if p.kind == "cast":
+            raise CodecError(
+                f"codec {spec!r} does not quantize: only q<bits>[c] and jpeg codecs take clip ranges"
+            )
+    for method in methods:
+        if method not in CALIBRATION_METHODS:
+            raise CodecError(
+                f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}"
+            )
+    out: dict[tuple[str, str], ClipRanges] = {}
+    for per_channel in sorted({p.per_channel for p in parsed.values()}):
+        ranges: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray] | None]] = {}
+        mine = [s for s, p in parsed.items() if p.per_channel == per_channel]
+        for t in frontier:
+            if not t.dtype.is_floating_point:
+                for spec in mine:
+                    for method in methods:
+                        ranges.setdefault((spec, method), []).append(None)
+                continue
+            view = channel_view(_as_f32(t), per_channel)
+            rows = view.shape[0]
+            step = max(1, math.ceil(view.size / max_values)) if rows > 1 else 1
+            sub = view[::step]
+            cache: dict[object, tuple[np.ndarray, np.ndarray]] = {}
+            hist: _Histogram | None = None
+            for spec in mine:
+                for method in methods:
+                    if method == "minmax":
+                        key: object = "minmax"
+                        if key not in cache:
+                            cache[key] = _minmax([view])
+                    elif method == "percentile":
+                        key = "percentile"
+                        if key not in cache:
+                            cache[key] = _percentile([sub], float(percentile))
+                    else:
+                        key = ("mse", parsed[spec].levels)
+                        if key not in cache:
+                            hist = hist or _Histogram.of([sub])
+                            cache[key] = _mse_ranges(hist, parsed[spec].levels)
+                    ranges.setdefault((spec, method), []).append(cache[key])
+        for (spec, method), rs in ranges.items():
+            out[(spec, method)] = ClipRanges.from_arrays(rs, per_channel=per_channel, method=method)
+    return out
+
+
 def _as_f32(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).contiguous().numpy()
 
@@ -243,28 +308,56 @@ def _percentile(views: list[np.ndarray], pct: float) -> tuple[np.ndarray, np.nda
 
 
 def _mse(views: list[np.ndarray], levels: int) -> tuple[np.ndarray, np.ndarray]:
-    lo, hi = _minmax(views)
+    return _mse_ranges(_Histogram.of(views), levels)
+
+
+@dataclass(frozen=True)
+class _Histogram:
+    """Per-channel histograms of sample values on ``_BINS`` bins spanning each channel's min/max,
+    as prefix sums; independent of the bit width, so one serves every ``levels``."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    width: np.ndarray
+    at_lo: np.ndarray
+    n: np.ndarray
+    s1: np.ndarray
+    s2: np.ndarray
+
+    @classmethod
+    def of(cls, views: list[np.ndarray]) -> _Histogram:
+        lo, hi = _minmax(views)
+        channels = lo.size
+        width = (hi - lo) / _BINS
+        inv_width = np.divide(1.0, width, out=np.zeros_like(width), where=width > 0)
+        counts = np.zeros(channels * _BINS, np.float64)
+        at_lo = np.zeros(channels)
+        offsets = (np.arange(channels) * _BINS).reshape(1, -1, 1)
+        lo3, inv3 = lo.reshape(1, -1, 1), inv_width.reshape(1, -1, 1)
+        for v in views:  # one histogram per channel, all channels in one bincount
+            finite = np.isfinite(v)
+            everywhere = bool(finite.all())
+            x = v.astype(np.float64) if everywhere else np.where(finite, v, lo3)
+            x -= lo3
+            x *= inv3
+            idx = x.astype(np.int64)
+            np.clip(idx, 0, _BINS - 1, out=idx)
+            idx += offsets
+            counts += np.bincount(idx.reshape(-1) if everywhere else idx[finite], minlength=channels * _BINS)
+            at_lo += ((v == lo3.astype(np.float32)) & finite).sum(axis=(0, 2))
+        counts = counts.reshape(channels, _BINS)
+        centres = lo[:, None] + (np.arange(_BINS) + 0.5) * width[:, None]
+        # prefix sums of n, n*v, n*v^2 over the bins: entry k sums bins 0..k-1
+        zeros = np.zeros((channels, 1))
+        n = np.concatenate([zeros, np.cumsum(counts, axis=1)], axis=1)
+        s1 = np.concatenate([zeros, np.cumsum(counts * centres, axis=1)], axis=1)
+        s2 = np.concatenate([zeros, np.cumsum(counts * centres**2, axis=1)], axis=1)
+        return cls(lo, hi, width, at_lo, n, s1, s2)
+
+
+def _mse_ranges(h: _Histogram, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi, width, n, s1, s2 = h.lo, h.hi, h.width, h.n, h.s1, h.s2
     channels = lo.size
-    width = (hi - lo) / _BINS
-    inv_width = np.divide(1.0, width, out=np.zeros_like(width), where=width > 0)
-    counts = np.zeros(channels * _BINS, np.float64)
-    at_lo = np.zeros(channels)
-    offsets = (np.arange(channels) * _BINS).reshape(1, -1, 1)
-    for v in views:  # one histogram per channel, all channels in one bincount
-        finite = np.isfinite(v)
-        x = np.where(finite, v, lo.reshape(1, -1, 1)).astype(np.float64)
-        idx = np.clip(
-            ((x - lo.reshape(1, -1, 1)) * inv_width.reshape(1, -1, 1)).astype(np.int64), 0, _BINS - 1
-        )
-        counts += np.bincount((idx + offsets)[finite], minlength=channels * _BINS)
-        at_lo += ((v == lo.reshape(1, -1, 1).astype(np.float32)) & finite).sum(axis=(0, 2))
-    counts = counts.reshape(channels, _BINS)
-    centres = lo[:, None] + (np.arange(_BINS) + 0.5) * width[:, None]
-    # prefix sums of n, n*v, n*v^2 over the bins: entry k sums bins 0..k-1
-    zeros = np.zeros((channels, 1))
-    n = np.concatenate([zeros, np.cumsum(counts, axis=1)], axis=1)
-    s1 = np.concatenate([zeros, np.cumsum(counts * centres, axis=1)], axis=1)
-    s2 = np.concatenate([zeros, np.cumsum(counts * centres**2, axis=1)], axis=1)
     # candidate ends on bin edges: a = edge ka (clips bins < ka), b = edge kb (clips bins >= kb)
     steps = np.unique(np.concatenate([[0], np.round(np.geomspace(1, 0.95 * _BINS, _CANDIDATES - 1))])).astype(
         int
@@ -279,7 +372,7 @@ def _mse(views: list[np.ndarray], levels: int) -> tuple[np.ndarray, np.ndarray]:
     n_lo, s1_lo, s2_lo = n[:, ka], s1[:, ka], s2[:, ka]
     n_hi, s1_hi, s2_hi = total - n[:, kb], s1[:, -1:] - s1[:, kb], s2[:, -1:] - s2[:, kb]
     clip_err = (a**2 * n_lo - 2 * a * s1_lo + s2_lo) + (s2_hi - 2 * b * s1_hi + b**2 * n_hi)
-    inside = total - n_lo - n_hi - np.where(ka[None, :] == 0, at_lo[:, None], 0.0)
+    inside = total - n_lo - n_hi - np.where(ka[None, :] == 0, h.at_lo[:, None], 0.0)
     step = (b - a) / (levels - 1)
     err = np.maximum(clip_err, 0.0) + np.maximum(inside, 0.0) * step**2 / 12
     err[(lo == 0)[:, None] & (ka[None, :] > 0)] = np.inf  # non-negative data keeps 0 exact

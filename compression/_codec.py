@@ -50,6 +50,7 @@ from splitinfer.compression._blob import (
     write_blob,
 )
 from splitinfer.compression._calibrate import ClipRanges
+from splitinfer.compression._dictionary import ZstdDictionary
 from splitinfer.compression._jpeg import MAX_SIDE, decode_images, encode_images
 from splitinfer.compression._pack import pack_bits, packed_nbytes, unpack_bits
 from splitinfer.compression._quant import affine, channel_view, dequantize, quantize, sanitize
@@ -119,6 +120,7 @@ class CastCodec:
     spec: str
     cast: torch.dtype
     zstd_level: int | None
+    dictionary: ZstdDictionary | None = None
 
     def _wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return self.cast if dtype.is_floating_point else dtype
@@ -128,11 +130,11 @@ class CastCodec:
         for t in _check_tensors(tensors, self.spec):
             entries.append([wire_dtype_name(t.dtype), list(t.shape)])
             chunks.append(tensor_bytes(t.detach().to("cpu", self._wire_dtype(t.dtype)).contiguous()))
-        return write_blob(self.spec, entries, chunks, self.zstd_level)
+        return write_blob(self.spec, entries, chunks, self.zstd_level, self.dictionary)
 
     def decode(self, blob: bytes | memoryview, *, max_nbytes: int = DEFAULT_MAX_NBYTES) -> list[torch.Tensor]:
         view = as_view(blob)
-        entries, raw_nbytes, offset = read_header(view, self.spec)
+        entries, raw_nbytes, offset, dictionary = read_header(view, self.spec, self.dictionary)
         plan = []
         for entry in entries:
             dtype, shape, fields = check_entry(entry)
@@ -141,7 +143,7 @@ class CastCodec:
             plan.append((dtype, shape, _out_nbytes(self._wire_dtype(dtype), shape)))
         wire = sum(p[2] for p in plan)
         check_size(wire, raw_nbytes, sum(_out_nbytes(d, s) for d, s, _ in plan), max_nbytes)
-        data = read_data(view[offset:], wire, self.zstd_level is not None)
+        data = read_data(view[offset:], wire, self.zstd_level is not None, dictionary)
         tensors, pos = [], 0
         for dtype, shape, n in plan:
             t = tensor_from_bytes(data[pos : pos + n], self._wire_dtype(dtype), shape)
@@ -162,6 +164,7 @@ class QuantCodec:
     per_channel: bool
     zstd_level: int | None
     clip: ClipRanges | None = None
+    dictionary: ZstdDictionary | None = None
 
     def encode(self, tensors: Sequence[torch.Tensor]) -> bytes:
         tensors = _check_tensors(tensors, self.spec)
@@ -182,11 +185,11 @@ class QuantCodec:
             codes = quantize(clean, lo32, scale, levels, inside=finite and self.clip is None and not limited)
             entries.append([name, list(t.shape), lo32.astype("<f4").tobytes(), scale.astype("<f4").tobytes()])
             chunks.append(pack_bits(codes.reshape(-1), self.bits))
-        return write_blob(self.spec, entries, chunks, self.zstd_level)
+        return write_blob(self.spec, entries, chunks, self.zstd_level, self.dictionary)
 
     def decode(self, blob: bytes | memoryview, *, max_nbytes: int = DEFAULT_MAX_NBYTES) -> list[torch.Tensor]:
         view = as_view(blob)
-        entries, raw_nbytes, offset = read_header(view, self.spec)
+        entries, raw_nbytes, offset, dictionary = read_header(view, self.spec, self.dictionary)
         levels = 1 << self.bits
         plan = []
         for entry in entries:
@@ -208,7 +211,7 @@ class QuantCodec:
             plan.append((dtype, shape, lo, scale, packed_nbytes(numel, self.bits)))
         wire = sum(p[4] for p in plan)
         check_size(wire, raw_nbytes, sum(_out_nbytes(p[0], p[1]) for p in plan), max_nbytes)
-        data = read_data(view[offset:], wire, self.zstd_level is not None)
+        data = read_data(view[offset:], wire, self.zstd_level is not None, dictionary)
         tensors, pos = [], 0
         for dtype, shape, lo, scale, n in plan:
             chunk = data[pos : pos + n]
@@ -245,12 +248,14 @@ def _check_clip_count(clip: ClipRanges | None, tensors: Sequence[torch.Tensor]) 
 
 @dataclass(frozen=True)
 class JpegCodec:
-    """JPEG-compress float image batches ``N x 3 x H x W`` (values in ``[0, 1]`` or ``clip``)."""
+    """JPEG-compress float image batches ``N x 3 x H x W``: each colour channel's range is
+    ``clip``'s, or else its min/max over the batch (normalised images are not in ``[0, 1]``)."""
 
     spec: str
     quality: int
     zstd_level: int | None
     clip: ClipRanges | None = None
+    dictionary: ZstdDictionary | None = None
 
     def encode(self, tensors: Sequence[torch.Tensor]) -> bytes:
         tensors = _check_tensors(tensors, self.spec)
@@ -267,8 +272,9 @@ class JpegCodec:
                 raise CodecError(
                     f"JPEG images are at most {MAX_SIDE} pixels a side, tensor {i} is {height}x{width}"
                 )
-            clean, _, _, _ = sanitize(channel_view(_as_f32(t), True))
-            lo, hi = self.clip.arrays(i, 3) if self.clip is not None else (np.zeros(3), np.ones(3))
+            clean, lo, hi, _ = sanitize(channel_view(_as_f32(t), True))
+            if self.clip is not None:
+                lo, hi = self.clip.arrays(i, 3)
             lo32, scale, _ = affine(lo, hi, 256)
             files = []
             if t.numel():
@@ -283,11 +289,11 @@ class JpegCodec:
                 ]
             )
             chunks.extend(files)
-        return write_blob(self.spec, entries, chunks, self.zstd_level)
+        return write_blob(self.spec, entries, chunks, self.zstd_level, self.dictionary)
 
     def decode(self, blob: bytes | memoryview, *, max_nbytes: int = DEFAULT_MAX_NBYTES) -> list[torch.Tensor]:
         view = as_view(blob)
-        entries, raw_nbytes, offset = read_header(view, self.spec)
+        entries, raw_nbytes, offset, dictionary = read_header(view, self.spec, self.dictionary)
         plan = []
         for entry in entries:
             dtype, shape, fields = check_entry(entry)
@@ -306,7 +312,7 @@ class JpegCodec:
         out_nbytes = sum(_out_nbytes(p[0], p[1]) for p in plan)
         n_files = sum(p[4].size for p in plan)
         check_size(wire, raw_nbytes, out_nbytes, max_nbytes, slack=_JPEG_SLACK * n_files)
-        data = read_data(view[offset:], wire, self.zstd_level is not None)
+        data = read_data(view[offset:], wire, self.zstd_level is not None, dictionary)
         tensors, pos = [], 0
         for dtype, shape, lo, scale, sizes in plan:
             if not sizes.size:
@@ -323,28 +329,37 @@ class JpegCodec:
         return tensors
 
 
-def get_codec(spec: str, *, clip: ClipRanges | None = None) -> Codec:
+def get_codec(
+    spec: str, *, clip: ClipRanges | None = None, dictionary: ZstdDictionary | None = None
+) -> Codec:
     """The codec named by ``spec``; an unknown or malformed spec lists the valid forms.
 
     ``clip`` binds a quantized or JPEG codec to calibrated ranges (see :func:`calibrate`);
     decoding does not need them, so ``get_codec(spec)`` decodes what any bound codec encodes.
+    ``dictionary`` binds a ``+zstd`` codec to a zstd dictionary (``_dictionary.py``): its blobs
+    name the dictionary, and only a codec bound to the same one decodes them.
     """
     parsed = parse_spec(spec)
     if clip is not None and not isinstance(clip, ClipRanges):
         raise CodecError(f"clip must be ClipRanges, got {type(clip).__name__}")
+    if dictionary is not None:
+        if not isinstance(dictionary, ZstdDictionary):
+            raise CodecError(f"dictionary must be a ZstdDictionary, got {type(dictionary).__name__}")
+        if parsed.zstd_level is None:
+            raise CodecError(f"codec {spec!r} has no zstd stage: only +zstd<level> codecs take a dictionary")
     if parsed.kind == "cast":
         if clip is not None:
             raise CodecError(
                 f"codec {spec!r} does not quantize: only q<bits>[c] and jpeg codecs take clip ranges"
             )
-        return CastCodec(parsed.text, parsed.cast, parsed.zstd_level)  # type: ignore[arg-type]
+        return CastCodec(parsed.text, parsed.cast, parsed.zstd_level, dictionary)  # type: ignore[arg-type]
     if clip is not None and clip.per_channel and not parsed.per_channel:
         raise CodecError(
             f"per-channel clip ranges need a per-channel codec ({parsed.text.split('+')[0]}c), not {spec!r}"
         )
     if parsed.kind == "quant":
-        return QuantCodec(parsed.text, parsed.bits, parsed.per_channel, parsed.zstd_level, clip)
-    return JpegCodec(parsed.text, parsed.quality, parsed.zstd_level, clip)
+        return QuantCodec(parsed.text, parsed.bits, parsed.per_channel, parsed.zstd_level, clip, dictionary)
+    return JpegCodec(parsed.text, parsed.quality, parsed.zstd_level, clip, dictionary)
 
 
 def available_codecs() -> list[str]:

@@ -77,8 +77,10 @@ def compile(  # the public name the API promises
     max_frontier_bytes: int | None = None,
     calibration: Iterable[Any] | None = None,
     codecs: Sequence[str] | None = None,
-    calibration_method: str = "mse",
+    calibration_method: str = "auto",
     fidelity_metric: str = "auto",
+    fidelity_all_cuts: bool | None = None,
+    zstd_dictionaries: bool = False,
     profile: bool | str = False,
     progress: bool = False,
     verbose: bool = False,
@@ -93,6 +95,13 @@ def compile(  # the public name the API promises
     calibrates the clip ranges of quantizing codecs per cut and measures the fidelity table
     (docs/bundle-format.md) for ``codecs``: by default :data:`DEFAULT_CODECS` with calibration,
     only the lossless ones without. Lossy codecs need calibration inputs.
+    ``calibration_method`` is ``"auto"`` (per cut and codec, whichever of min/max, percentile and
+    MSE ranges gives outputs closest to the model's), or one of those three for every cut.
+    ``fidelity_all_cuts=False`` measures lossy codecs only at cuts whose frontier is no larger
+    than the input, ``True`` at every cut; the default does the former for models of more than
+    32 cuts only (docs/partitioning.md, "Fidelity table"). ``zstd_dictionaries``
+    trains a zstd dictionary per cut and ``+zstd`` codec and keeps those that make the payload
+    at least 3 % smaller on held-out calibration inputs (docs/bundle-format.md).
 
     ``profile=True`` (or a profile name; True means ``"host"``) measures segment and codec
     latencies on this machine and stores them in ``bundle.profiles``, as ``splitinfer profile``
@@ -146,7 +155,19 @@ def compile(  # the public name the API promises
         version=version,
         _programs=programs,
     )
-    _add_fidelity(bundle, example_inputs, calibration, codecs, calibration_method, fidelity_metric, progress)
+    _add_fidelity(
+        bundle,
+        example_inputs,
+        calibration,
+        codecs,
+        {
+            "method": calibration_method,
+            "metric": fidelity_metric,
+            "all_cuts": fidelity_all_cuts,
+            "dictionaries": zstd_dictionaries,
+            "progress": progress,
+        },
+    )
     if profile:
         from splitinfer.partitioner._profile import profile_bundle
 
@@ -163,9 +184,7 @@ def _add_fidelity(
     example_inputs: Sequence[torch.Tensor],
     calibration: Iterable[Any] | None,
     codecs: Sequence[str] | None,
-    method: str,
-    metric: str,
-    progress: bool,
+    options: dict[str, Any],
 ) -> None:
     if codecs is not None and (isinstance(codecs, str) or not codecs):
         raise ConfigError(f"codecs must be a non-empty list of specs such as {list(DEFAULT_CODECS)}")
@@ -181,12 +200,15 @@ def _add_fidelity(
     else:
         chosen = list(DEFAULT_CODECS if codecs is None else codecs)
         inputs = calibration
-    fidelity, ranges = measure(bundle, inputs, chosen, method=method, metric=metric, progress=progress)
+    if calibration is None:
+        options = {**options, "dictionaries": False}  # nothing to train on
+    fidelity, ranges, dictionaries = measure(bundle, inputs, chosen, **options)
     if calibration is None:
         fidelity["samples"] = 0  # bytes measured on the example inputs only
     bundle.codecs = chosen
     bundle.fidelity = fidelity
     bundle.calibration = ranges
+    bundle.dictionaries = dictionaries
 
 
 def _choose_positions(

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from torch.utils import _pytree as pytree
 
 from splitinfer._version import __version__
 from splitinfer.compression import ClipRanges, Codec, get_codec
+from splitinfer.compression._dictionary import MAX_SIZE as _MAX_DICT_BYTES
+from splitinfer.compression._dictionary import ZstdDictionary
 from splitinfer.errors import BundleError, ConfigError, CutNotLoadedError
 from splitinfer.tensors import TensorSpec
 
@@ -39,6 +42,11 @@ __all__ = ["Bundle", "Cut"]
 MANIFEST = "manifest.json"
 FORMAT = "splitinfer-bundle"
 FORMAT_VERSION = 1
+
+#: torch.export.load is not thread-safe (its deserializer keeps module-level state and fails
+#: with "_CURRENT_DESERIALIZER is already set" when two threads load at once): segments of all
+#: bundles in a process are deserialized one at a time (hashing and checks still run in parallel).
+_EXPORT_LOAD_LOCK = threading.Lock()
 
 Segment = Callable[..., Sequence[torch.Tensor]]
 
@@ -108,6 +116,8 @@ class Bundle:
     profiles: dict[str, Any] = field(default_factory=dict)
     #: Calibrated clip ranges of quantizing codecs, by cut index (as a string) and codec spec.
     calibration: dict[str, Any] = field(default_factory=dict)
+    #: zstd dictionaries by cut index (as a string) and codec spec (docs/bundle-format.md).
+    dictionaries: dict[str, dict[str, ZstdDictionary]] = field(default_factory=dict)
     #: The serialized programs, kept after compile so that :meth:`save` can write them.
     _programs: list[Any] | None = field(default=None, repr=False)
     #: Fused runners of segment ranges, built on first use (see :func:`fuse_segments`).
@@ -135,7 +145,15 @@ class Bundle:
         if spec not in self.codecs:
             raise ConfigError(f"bundle {self.name!r} offers codecs {', '.join(self.codecs)}; not {spec!r}")
         ranges = self.calibration.get(str(k), {}).get(spec.split("+", 1)[0])
-        return get_codec(spec, clip=None if ranges is None else ClipRanges.from_json(ranges))
+        return get_codec(
+            spec,
+            clip=None if ranges is None else ClipRanges.from_json(ranges),
+            dictionary=self.dictionaries.get(str(k), {}).get(spec),
+        )
+
+    def decoder_for(self, k: int, spec: str) -> Codec:
+        """The codec that decodes what :meth:`codec_for` encodes at cut ``k`` (its dictionary)."""
+        return get_codec(spec, dictionary=self.dictionaries.get(str(k), {}).get(spec))
 
     def can_head(self, k: int) -> bool:
         """Whether this process holds segments ``0..k-1``."""
@@ -220,6 +238,10 @@ class Bundle:
             "fidelity": self.fidelity,
             "profiles": self.profiles,
             "calibration": self.calibration,
+            "dictionaries": {
+                cut: {spec: {"file": _dict_file(cut, spec), "id": d.id} for spec, d in by_spec.items()}
+                for cut, by_spec in self.dictionaries.items()
+            },
             "files": files,
         }
 
@@ -238,6 +260,11 @@ class Bundle:
                 seg = tmp / f"segment_{i:03d}.pt2"
                 torch.export.save(program, seg)
                 files[seg.name] = _sha256(seg)
+            for cut, by_spec in self.dictionaries.items():
+                for spec, dictionary in by_spec.items():
+                    path = tmp / _dict_file(cut, spec)
+                    path.write_bytes(dictionary.data)
+                    files[path.name] = _sha256(path)
             (tmp / MANIFEST).write_text(json.dumps(self.manifest(files), indent=1) + "\n")
             if out.exists():
                 _remove_bundle_dir(out)
@@ -285,6 +312,7 @@ class Bundle:
             fidelity=dict(manifest.get("fidelity", {})),
             profiles=dict(manifest.get("profiles", {})),
             calibration=dict(manifest.get("calibration", {})),
+            dictionaries=_load_dictionaries(root, manifest),
         )
 
 
@@ -333,6 +361,40 @@ def update_manifest(root: str | os.PathLike[str], **fields: Any) -> None:
     tmp.replace(path / MANIFEST)
 
 
+def _dict_file(cut: str, spec: str) -> str:
+    return f"dict_{int(cut):03d}_{spec.replace('+', '-')}.zstd"
+
+
+def _load_dictionaries(root: Path, manifest: dict[str, Any]) -> dict[str, dict[str, ZstdDictionary]]:
+    """The zstd dictionaries the manifest lists, each checked against its sha256 in ``files``."""
+    out: dict[str, dict[str, ZstdDictionary]] = {}
+    listed = manifest.get("dictionaries") or {}
+    if not isinstance(listed, dict):
+        raise BundleError(f"bundle {root}: 'dictionaries' must be a map of cut to codec to file")
+    for cut, by_spec in listed.items():
+        for spec, entry in (by_spec or {}).items():
+            name = entry.get("file") if isinstance(entry, dict) else None
+            try:
+                expected = _dict_file(str(cut), get_codec(str(spec)).spec)
+            except (ValueError, TypeError):  # CodecError, or a cut that is not a number
+                expected = None
+            if expected is None or name != expected:
+                raise BundleError(f"bundle {root} lists an invalid dictionary file {name!r}")
+            path = root / name
+            try:
+                size = path.stat().st_size
+                data = path.read_bytes() if 0 < size <= _MAX_DICT_BYTES else b""
+            except OSError:
+                raise BundleError(f"bundle {root} is missing {name}: copy the bundle directory") from None
+            if not data or hashlib.sha256(data).hexdigest() != manifest["files"].get(name):
+                raise BundleError(
+                    f"{path} does not match the sha256 in its manifest: the file was modified or "
+                    f"corrupted; recompile or copy the bundle again"
+                )
+            out.setdefault(str(cut), {})[str(spec)] = ZstdDictionary(data)
+    return out
+
+
 def _load_segment(root: Path, name: str, files: dict[str, str]) -> Segment:
     if not isinstance(name, str) or "/" in name or name.startswith(".") or name not in files:
         raise BundleError(f"bundle {root} lists an invalid segment file {name!r}")
@@ -348,7 +410,8 @@ def _load_segment(root: Path, name: str, files: dict[str, str]) -> Segment:
         )
     _refuse_pickles(path)
     try:
-        return fast_module(torch.export.load(path))
+        with _EXPORT_LOAD_LOCK:
+            return fast_module(torch.export.load(path))
     except Exception as exc:  # torch raises many types here; translate at the boundary
         raise BundleError(f"cannot load {path}: {exc}") from exc
 

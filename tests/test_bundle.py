@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -50,6 +51,26 @@ def test_partial_loads(repository, cnn):
         edge.head(4, x)
     with pytest.raises(CutNotLoadedError):
         cloud.tail(2, edge.head(2, x))
+
+
+def test_bundles_load_concurrently_from_threads(repository, cnn):
+    """torch.export.load alone fails when two threads deserialize at once; Bundle.load does not."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    barrier = threading.Barrier(6)
+
+    def load(i: int) -> si.Bundle:
+        barrier.wait()  # start together, so that deserializations overlap
+        return si.Bundle.load(repository / "democnn", from_cut=i % 3)
+
+    with ThreadPoolExecutor(6) as pool:
+        loaded = list(pool.map(load, range(6)))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        want = cnn(x)
+        for i, bundle in enumerate(loaded):
+            k = i % 3
+            assert torch.equal(bundle.tail(k, loaded[0].head(k, x)), want)
 
 
 def test_tampered_segment_is_refused(tmp_path, cnn_bundle):

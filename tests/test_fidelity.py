@@ -21,7 +21,9 @@ CODECS = ["f32", "f32+zstd1", "f16+zstd1", "q8+zstd1", "q4c+zstd1", "q2c"]
 def calibrated():
     model, inputs = ZOO["mobilenet"]()
     calibration = [batched(inputs, 1, seed=i) for i in range(12)]
-    bundle = si.compile(model, inputs, name="mnet", calibration=calibration, codecs=CODECS)
+    bundle = si.compile(
+        model, inputs, name="mnet", calibration=calibration, codecs=CODECS, fidelity_all_cuts=False
+    )
     return model, bundle, calibration
 
 
@@ -29,26 +31,60 @@ def _table(bundle):
     return {(r["cut"], r["codec"]): r for r in bundle.fidelity["table"]}
 
 
-def test_every_cut_and_codec_has_an_entry(calibrated):
+def _measured(bundle):
+    """Cuts with lossy rows: the input, and every cut no larger than it (but the last)."""
+    return [c.index for c in bundle.cuts[:-1] if c.index == 0 or c.nbytes <= bundle.cuts[0].nbytes]
+
+
+def test_every_cut_has_lossless_rows_and_small_cuts_lossy_ones(calibrated):
     _, bundle, _ = calibrated
     table = _table(bundle)
     assert bundle.codecs == CODECS
     assert bundle.fidelity["metric"] == "top1"
     assert bundle.fidelity["samples"] == 12
+    assert bundle.fidelity["method"] == "auto"
+    measured = _measured(bundle)
+    assert 0 < len(measured) < bundle.last_cut  # the rule skips the cuts larger than the input
     for cut in bundle.cuts:
         for spec in CODECS:
-            row = table[(cut.index, spec)]
-            assert 0.0 <= row["fidelity"] <= 1.0
+            row = table.get((cut.index, spec))
+            if spec.startswith("f32") or cut.index in measured or cut.index == bundle.last_cut:
+                assert 0.0 <= row["fidelity"] <= 1.0
+            else:
+                assert row is None
             if spec.startswith("f32"):
                 assert row["fidelity"] == 1.0
     assert table[(bundle.last_cut, "q2c")]["bytes"] == 0.0
 
 
+def test_auto_calibration_picks_a_method_per_cut_and_codec(calibrated):
+    _, bundle, _ = calibrated
+    methods = {r["method"] for by_base in bundle.calibration.values() for r in by_base.values()}
+    assert methods <= {"minmax", "percentile", "mse"}
+    assert len(methods) >= 2  # measured, not one method everywhere
+
+
+def test_all_cuts_measures_lossy_codecs_everywhere():
+    model, inputs = ZOO["mobilenet"]()
+    calibration = [batched(inputs, 1, seed=i) for i in range(4)]
+    bundle = si.compile(
+        model,
+        inputs,
+        name="m",
+        calibration=calibration,
+        codecs=["f32", "q8"],
+        calibration_method="minmax",
+        fidelity_all_cuts=True,
+    )
+    assert {r["cut"] for r in bundle.fidelity["table"] if r["codec"] == "q8"} == set(range(len(bundle.cuts)))
+    assert {r["method"] for by_base in bundle.calibration.values() for r in by_base.values()} == {"minmax"}
+
+
 def test_quantized_codecs_shrink_and_cost_fidelity_in_order(calibrated):
     _, bundle, _ = calibrated
     table = _table(bundle)
-    inner = range(1, bundle.last_cut)
-    for k in (c.index for c in bundle.cuts[1:-1] if c.nbytes >= 4096):  # headers dominate tiny ones
+    inner = _measured(bundle)
+    for k in (c.index for c in bundle.cuts if c.index in inner and c.nbytes >= 4096):  # not tiny ones
         assert (
             table[(k, "q4c+zstd1")]["bytes"] < table[(k, "f16+zstd1")]["bytes"] < table[(k, "f32")]["bytes"]
         )
@@ -62,7 +98,8 @@ def test_quantized_codecs_shrink_and_cost_fidelity_in_order(calibrated):
 def test_fidelity_is_what_the_tail_gives_on_decoded_frontiers(calibrated):
     """Recompute one entry by hand: the table is measured, not guessed."""
     model, bundle, calibration = calibrated
-    k = len(bundle.cuts) // 2
+    measured = _measured(bundle)
+    k = measured[len(measured) // 2]
     x = torch.cat([c[0] for c in calibration])
     codec = bundle.codec_for(k, "q2c")
     frontier = bundle.head(k, x)
@@ -75,14 +112,14 @@ def test_fidelity_is_what_the_tail_gives_on_decoded_frontiers(calibrated):
 
 def test_ranges_are_stored_per_cut_and_survive_save_and_load(tmp_path, calibrated):
     _, bundle, _ = calibrated
-    for k in range(bundle.last_cut):
+    for k in _measured(bundle):
         assert {"q8", "q4c", "q2c"} <= set(bundle.calibration[str(k)])
         ClipRanges.from_json(bundle.calibration[str(k)]["q4c"])
     loaded = si.Bundle.load(bundle.save(tmp_path / "b"))
     assert loaded.fidelity == bundle.fidelity
     assert loaded.calibration == bundle.calibration
     assert loaded.codecs == bundle.codecs
-    assert loaded.codec_for(3, "q4c+zstd1").clip is not None
+    assert loaded.codec_for(_measured(bundle)[1], "q4c+zstd1").clip is not None
 
 
 def test_inspect_shows_the_smallest_codec_within_budget(tmp_path, calibrated):
@@ -119,3 +156,26 @@ def test_without_calibration_only_lossless_codecs_are_offered():
     bundle = si.compile(model, inputs, name="m")
     assert bundle.codecs == ["f32", "f32+zstd1"]
     assert all(r["fidelity"] == 1.0 for r in bundle.fidelity["table"])
+
+
+class _ViewNet(torch.nn.Module):
+    """x.view(n, -1) after a convolution: needs contiguous tensors, not channels-last ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        y = self.conv(x).relu()
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def test_tails_that_need_contiguous_tensors_are_measured_too():
+    torch.manual_seed(0)
+    model, x = _ViewNet().eval(), torch.randn(1, 3, 8, 8)
+    calibration = [torch.randn(1, 3, 8, 8) for _ in range(4)]
+    bundle = si.compile(model, (x,), name="v", calibration=calibration, codecs=["f32", "f16"])
+    assert all(
+        r["fidelity"] == 1.0 for r in bundle.fidelity["table"] if r["codec"] == "f16" and r["cut"] == 0
+    )
