@@ -44,6 +44,9 @@ def create_app(config: ServerConfig, registry: CollectorRegistry | None = None) 
     app = web.Application(
         middlewares=[h.problem_middleware, h.auth_middleware(open_paths)],
         client_max_size=config.max_body_bytes,
+        # Bodies are read as sent: a gzip or deflate Content-Encoding is refused (415), never
+        # inflated by aiohttp outside the limits the codecs enforce.
+        handler_args={"auto_decompress": False},
     )
     app[CONFIG] = config
     app[METRICS] = ServerMetrics(CollectorRegistry() if registry is None else registry, __version__)

@@ -65,6 +65,9 @@ class ServerConfig:
     metrics_port: int | None = None
     #: After SIGTERM: seconds to let admitted requests finish before the process exits.
     drain_timeout_s: float = 30.0
+    #: Longest a client may take to send a request's body (and, under ``serve``, its headers;
+    #: idle kept-alive connections close after it too): a slow client gets 408 and is cut off.
+    read_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("repository", "token_file", "tls_cert", "tls_key", "tls_client_ca"):
@@ -102,6 +105,11 @@ class ServerConfig:
         _at_least("max_decoded_bytes", self.max_decoded_bytes, 1024, "it bounds one request's frontier")
         if not 0 < self.drain_timeout_s <= 3600:
             raise ConfigError(f"drain_timeout_s must be in (0, 3600] seconds, got {self.drain_timeout_s}")
+        if not 0 < self.read_timeout_s <= 3600:
+            raise ConfigError(
+                f"read_timeout_s must be in (0, 3600] seconds, got {self.read_timeout_s}; allow the "
+                "largest body over the slowest uplink you serve"
+            )
         try:
             get_codec(self.response_codec)
         except CodecError as exc:

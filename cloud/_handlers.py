@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestPayloadError
 from torch.utils import _pytree as pytree
 
 from splitinfer import protocol
@@ -155,6 +156,13 @@ def _admit(state: ServerState, request: web.Request) -> None:
         raise Problem(
             "too_large", f"body of {length} bytes exceeds the limit of {state.config.max_body_bytes}"
         )
+    encoding = request.headers.get("Content-Encoding", "identity")
+    if encoding.strip().lower() != "identity":  # aiohttp would inflate it: a decompression bomb
+        raise Problem(
+            "unsupported_media_type",
+            f"Content-Encoding {encoding[:40]!r} is not accepted: a frame carries its own compression "
+            "(its codec); send it as it is",
+        )
     ctype = request.headers.get("Content-Type")
     if ctype and ctype.split(";")[0].strip().lower() not in _FRAME_TYPES:
         raise Problem(
@@ -186,8 +194,25 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body (Content-Length or chunked), refused with 413 as soon as it exceeds ``limit``."""
+async def read_body(request: web.Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The whole body (Content-Length or chunked), refused with 413 as soon as it exceeds ``limit``.
+
+    A body that has not fully arrived ``timeout_s`` seconds after reading began is refused with
+    408 ``request_timeout`` and its connection is closed: a client trickling bytes (slow loris)
+    holds a queue slot and a connection for at most that long.
+    """
+    try:
+        return await asyncio.wait_for(_read_body(request, limit), timeout_s)
+    except asyncio.TimeoutError:
+        request[UNREAD_BODY] = True
+        raise Problem(
+            "request_timeout",
+            f"the body did not arrive within {timeout_s:g} s; send it faster, or ask the operator "
+            "to raise --read-timeout-s",
+        ) from None
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
     try:
         length = request.content_length
         if length is not None:
@@ -202,7 +227,12 @@ async def read_body(request: web.Request, limit: int) -> bytes:
                 await _discard(request)
                 raise Problem("too_large", f"streamed body exceeds the limit of {limit} bytes")
             chunks.append(chunk)
-    except (asyncio.IncompleteReadError, http_exceptions.HttpProcessingError, ConnectionError) as exc:
+    except (
+        asyncio.IncompleteReadError,
+        http_exceptions.HttpProcessingError,
+        RequestPayloadError,
+        ConnectionError,
+    ) as exc:
         raise Problem(
             "malformed_frame", f"the body is truncated or its encoding is broken ({type(exc).__name__})"
         ) from None
@@ -242,6 +272,11 @@ def _check(bundle: Bundle, header: protocol.RequestHeader, name: str, max_decode
     if header.codec not in bundle.codecs:
         raise Problem(
             "bad_codec", f"model {name!r} accepts codecs {', '.join(bundle.codecs)}; got {header.codec!r}"
+        )
+    if header.deadline_s is not None and not header.deadline_s > 0:
+        raise Problem(
+            "malformed_frame",
+            f"deadline_s must be a positive number of seconds (the time left), got {header.deadline_s}",
         )
     expected = bundle.cuts[header.cut].tensors
     if len(header.tensors) != len(expected) or not all(
@@ -290,7 +325,7 @@ async def _infer(
     config, scheduler = state.config, state.scheduler
     scheduler.admit()
     try:
-        body = await read_body(request, config.max_body_bytes)
+        body = await read_body(request, config.max_body_bytes, config.read_timeout_s)
         received = time.perf_counter()
         try:
             header, payload = protocol.decode_request(body, max_payload=config.max_body_bytes)
@@ -303,7 +338,8 @@ async def _infer(
             raise Problem("deadline_exceeded", "the request's deadline passed before it was queued")
         frame = Frame(header, payload, rows)
         if len(payload) <= SMALL_BYTES:  # decoded here: cheaper than a handoff to a thread
-            frame = Frame(header, payload, rows, decode_frame(header, payload), time.perf_counter() - now)
+            frontier = decode_frame(header, payload, bundle)
+            frame = Frame(header, payload, rows, frontier, time.perf_counter() - now)
         future = asyncio.get_running_loop().create_future()
         job = Job(frame, now, deadline, future, alone=not _batchable(bundle, header.cut))
         batcher = scheduler.batcher(bundle, header.cut)

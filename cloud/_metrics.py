@@ -18,7 +18,16 @@ __all__ = ["REJECTION_CODES", "ServerMetrics"]
 
 #: Problem codes counted as rejections: requests refused by a limit or a policy, not by a bug.
 REJECTION_CODES = frozenset(
-    {"overloaded", "not_ready", "too_large", "unauthorized", "forbidden", "deadline_exceeded"}
+    {
+        "overloaded",
+        "not_ready",
+        "too_large",
+        "unauthorized",
+        "forbidden",
+        "deadline_exceeded",
+        "request_timeout",
+        "bad_request",
+    }
 )
 STAGES = ("queue", "decode", "compute", "encode", "total")
 
@@ -88,7 +97,7 @@ class ServerMetrics:
         self.rejections = Counter(
             "splitinfer_rejections",
             "Requests refused by a limit or policy, by reason (overloaded, not_ready, too_large, "
-            "unauthorized, forbidden, deadline_exceeded).",
+            "unauthorized, forbidden, deadline_exceeded, request_timeout, bad_request).",
             ["reason"],
             registry=registry,
         )

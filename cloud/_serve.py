@@ -7,23 +7,130 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from prometheus_client import CollectorRegistry
 
 from splitinfer.cloud._app import create_app, create_probe_app
 from splitinfer.cloud._config import ServerConfig
-from splitinfer.cloud._state import STATE
+from splitinfer.cloud._metrics import ServerMetrics
+from splitinfer.cloud._problem import Problem, problem_response
+from splitinfer.cloud._state import CONFIG, METRICS, STATE
 from splitinfer.cloud._tls import server_ssl_context
 from splitinfer.errors import ConfigError
 
-__all__ = ["serve"]
+__all__ = ["ServeRunner", "serve"]
 
 log = logging.getLogger("splitinfer.cloud")
 
 #: Exit status when the drain timeout forced the process out with requests unfinished.
 EXIT_DRAIN_TIMEOUT = 3
+
+
+#: Problem codes for the statuses aiohttp answers by itself, outside the middlewares (other
+#: 4xx, such as 417 for an unknown ``Expect``, become 400 ``bad_request``).
+_AIOHTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+    500: "internal",
+}
+
+
+class _ProblemRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering what it refuses itself (a broken request line,
+    malformed headers) with problem+json, counted, and logged in one debug line instead of an
+    error with a traceback (a hostile client must not flood the log)."""
+
+    metrics: ServerMetrics | None = None
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if isinstance(exc, ConnectionError):  # the client hung up (e.g. before a 100 Continue)
+            raise exc  # aiohttp drops the connection quietly
+        if status == 500:
+            return super().handle_error(request, status, exc, message)  # logs the trace
+        if request.writer.output_size > 0:  # an answer has begun: nothing clean is left to send
+            raise ConnectionError("the answer was already being sent")
+        code = _AIOHTTP_CODES.get(status, "bad_request")
+        detail = f"the HTTP request is malformed: {str(message or exc or 'unparsable')[:200]}"
+        self.logger.debug("refused a malformed HTTP request from %s: %s", request.remote, detail)
+        if self.metrics is not None and code != "internal":
+            try:
+                self.metrics.rejections.labels(reason=code).inc()
+            except Exception:  # metrics never fail an answer
+                self.logger.exception("counting a rejection failed")
+        response = problem_response(Problem(code, detail))
+        response.force_close()
+        return response
+
+
+class _ProblemServer(web.Server):
+    metrics: ServerMetrics | None = None
+
+    def __call__(self) -> RequestHandler:
+        handler = _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler.metrics = self.metrics
+        return handler
+
+
+class ServeRunner(web.AppRunner):
+    """The AppRunner ``serve`` uses: aiohttp's own refusals (a broken request line, malformed
+    headers) become problem+json 400 answers counted in ``splitinfer_rejections_total``, and a
+    client that sends no complete request head within ``read_timeout_s`` (the keep-alive timer)
+    is disconnected."""
+
+    def __init__(self, app: web.Application, **kwargs: Any):
+        kwargs.setdefault("keepalive_timeout", app[CONFIG].read_timeout_s)
+        super().__init__(app, **kwargs)
+
+    async def _make_server(self) -> web.Server:
+        base = await super()._make_server()
+        # aiohttp has no hook for its connection handler class: rebuild the Server it made with
+        # the same arguments, whose connections use the handler above.
+        metrics = self.app.get(METRICS)
+        server = _ProblemServer(
+            _problem_errors(base.request_handler, metrics),
+            request_factory=base.request_factory,
+            handler_cancellation=base.handler_cancellation,
+            loop=base._loop,
+            **base._kwargs,
+        )
+        server.metrics = metrics
+        return server
+
+
+def _problem_errors(
+    handle: Callable[[BaseRequest], Awaitable[web.StreamResponse]], metrics: ServerMetrics | None
+) -> Callable[[BaseRequest], Awaitable[web.StreamResponse]]:
+    """The application's handler, with the HTTP errors aiohttp raises before the middlewares run
+    (an ``Expect`` it does not know, on a route without its own expect handler) as problem+json."""
+
+    async def handler(request: BaseRequest) -> web.StreamResponse:
+        try:
+            return await handle(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = _AIOHTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else "internal")
+            if metrics is not None and code == "bad_request":
+                metrics.rejections.labels(reason=code).inc()
+            response = problem_response(Problem(code, exc.text or exc.reason))
+            response.force_close()
+            return response
+
+    return handler
 
 
 def serve(
@@ -50,7 +157,7 @@ async def _run(
     app = create_app(config, registry=registry)
     # The runner's shutdown timeout covers only stragglers: the drain itself waits first.
     reserve = min(1.0, 0.2 * config.drain_timeout_s)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=reserve / 2)
+    runner = ServeRunner(app, access_log=None, handle_signals=False, shutdown_timeout=reserve / 2)
     probe_runner: web.AppRunner | None = None
     watchdog: threading.Timer | None = None
     drained = False
@@ -62,7 +169,7 @@ async def _run(
         for host, port, *_ in runner.addresses:
             announce(f"splitinfer serve: listening on {scheme}://{_hostport(host, port)}")
         if config.metrics_port is not None:
-            probe_runner = web.AppRunner(create_probe_app(app), access_log=None, handle_signals=False)
+            probe_runner = ServeRunner(create_probe_app(app), access_log=None, handle_signals=False)
             await probe_runner.setup()
             await _listen(
                 web.TCPSite(probe_runner, config.host, config.metrics_port), config.host, config.metrics_port

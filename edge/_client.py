@@ -25,6 +25,7 @@ from splitinfer.errors import (
     AuthError,
     CloudError,
     CloudTimeoutError,
+    CloudUnavailableError,
     CodecError,
     ConfigError,
     CutNotLoadedError,
@@ -69,6 +70,10 @@ class EdgeClient:
     cut the device cannot finish a request alone, and a cloud failure raises instead of falling
     back. ``device_slowdown=N`` makes head and encode take N times their measured time: an
     emulation of a slower device for experiments on one machine.
+
+    A cloud that sheds a request (503) with ``Retry-After: S`` is left alone for S seconds:
+    requests meanwhile finish on the device (fallback reason ``backoff``), or, when the device
+    cannot finish them, are still sent.
     """
 
     def __init__(
@@ -124,6 +129,8 @@ class EdgeClient:
         self.breaker = breaker or CircuitBreaker()
         self.metrics = EdgeMetrics(registry) if registry is not None else None
         self.last_trace: Trace | None = None
+        #: time.monotonic() before which the cloud asked not to be sent requests (Retry-After).
+        self._cloud_back_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -140,6 +147,8 @@ class EdgeClient:
             return decision, None
         if self.deadline_s is not None and decision.predicted_s > self.deadline_s and self.can_finish_locally:
             return decision, "deadline"
+        if self.can_finish_locally and time.monotonic() < self._cloud_back_at:
+            return decision, "backoff"
         if not self.breaker.allow() and self.can_finish_locally:
             return decision, "circuit_open"
         return decision, None
@@ -238,6 +247,9 @@ class EdgeClient:
         reason = _reason(exc)
         if reason not in ("graph_mismatch", "bad_request"):
             self.breaker.failure()
+        if isinstance(exc, CloudUnavailableError) and exc.retry_after_s:
+            back_at = time.monotonic() + min(exc.retry_after_s, 300.0)
+            self._cloud_back_at = max(self._cloud_back_at, back_at)
         if not self.can_finish_locally:
             raise exc
         t0 = time.perf_counter()

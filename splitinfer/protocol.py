@@ -73,11 +73,13 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PROBLEM_STATUS: dict[str, int] = {
     "malformed_frame": 400,
     "unsupported_version": 400,
+    "bad_request": 400,
     "unauthorized": 401,
     "forbidden": 403,
     "unknown_model": 404,
     "not_found": 404,
     "method_not_allowed": 405,
+    "request_timeout": 408,
     "graph_mismatch": 409,
     "too_large": 413,
     "unsupported_media_type": 415,
@@ -313,7 +315,7 @@ def error_from_problem(status: int, body: bytes, retry_after: str | None = None)
         return AuthError(message, code=code, status=status)
     if status == 409:
         return GraphMismatchError(message, code=code, status=status)
-    if status == 504:
+    if status in (408, 504):
         return CloudTimeoutError(message, code=code, status=status)
     if status == 503 or status >= 500:
         retry = None

@@ -23,7 +23,7 @@ from tests.test_cloud_support import INFER, frame, post, problem_code, running
 
 
 def test_public_surface():
-    assert sorted(splitinfer.cloud.__all__) == ["ServerConfig", "create_app", "serve"]
+    assert sorted(splitinfer.cloud.__all__) == ["ServerConfig", "create_app", "create_probe_app", "serve"]
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import os
 import shutil
 import ssl
 import subprocess
+import warnings
 from pathlib import Path
 
 import aiohttp
@@ -205,3 +206,20 @@ def test_tls_configuration_errors_say_how_to_fix(repository, pki, tmp_path):
     )
     with pytest.raises(ConfigError, match="client CA"):
         server_ssl_context(broken)
+
+
+async def test_tls_below_1_2_is_refused(repository, pki):
+    config = ServerConfig(repository=repository, tls_cert=pki / "server.pem", tls_key=pki / "server.key")
+    assert server_ssl_context(config).minimum_version == ssl.TLSVersion.TLSv1_2
+    runner, url = await _serve_tls(config)
+    try:
+        old = _client_context(pki)
+        with warnings.catch_warnings():  # the ssl module deprecates TLS 1.1, as it should
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+            old.maximum_version = ssl.TLSVersion.TLSv1_1
+        with pytest.raises((aiohttp.ClientError, ssl.SSLError)):
+            await _get(url, old)
+        assert await _get(url, _client_context(pki)) == 200
+    finally:
+        await runner.cleanup()

@@ -34,7 +34,7 @@ PUBLIC = {
         "Transport",
         "TransportResponse",
     ],
-    "splitinfer.cloud": ["ServerConfig", "create_app", "serve"],
+    "splitinfer.cloud": ["ServerConfig", "create_app", "create_probe_app", "serve"],
 }
 
 
