@@ -47,6 +47,7 @@ from _common import RESULTS, machine
 from splitinfer.bundle import Bundle, Cut, update_manifest
 from splitinfer.partitioner import Estimates, Estimator, make_policy
 from splitinfer.partitioner._cli import load_metadata
+from splitinfer.partitioner._hindsight import Link, World, kind_of
 from splitinfer.partitioner._policy import TablePolicy
 from splitinfer.tensors import TensorSpec
 
@@ -63,7 +64,6 @@ CLOUD_SLOWDOWN = 1.0
 #: Device slowdowns swept; by default the runs use the one where the two fixed ends (all on the
 #: device, all in the cloud) tie in mean latency: neither wins outright (tie_slowdown).
 SLOWDOWNS = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
-MIN_MBIT = 1e-3  # a trace's 0 is a link that barely moves, so transfers wait for it to recover
 POLICIES = ("adaptive", "neurosurgeon", "cloud", "local", "static")
 
 
@@ -153,44 +153,6 @@ def load_bundle(cache: Path, *, fresh: bool, reprofile: bool, repeats: int) -> t
 # -- traces ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Link:
-    """A trace as cumulative capacity, tiled three times so transfers may run past its end."""
-
-    name: str
-    duration: float
-    knots: np.ndarray  # seconds
-    cum_bits: np.ndarray
-    times: np.ndarray  # the trace's own samples (one period)
-    mbit: np.ndarray
-
-    @classmethod
-    def read(cls, path: Path) -> Link:
-        data = np.loadtxt(path, ndmin=2)
-        t, r = data[:, 0] - data[0, 0], np.maximum(data[:, 1], MIN_MBIT)
-        step = float(np.median(np.diff(t))) if len(t) > 1 else 1.0
-        duration = float(t[-1] + step)
-        starts = np.concatenate([t + i * duration for i in range(3)])
-        rates = np.tile(r, 3) * 1e6
-        ends = np.append(starts[1:], 3 * duration)
-        cum = np.concatenate([[0.0], np.cumsum(rates * (ends - starts))])
-        return cls(path.name, duration, np.append(starts, 3 * duration), cum, t, r)
-
-    def rate_at(self, t: float) -> float:
-        """The trace's rate (bit/s) at ``t`` (within the first period)."""
-        i = int(np.searchsorted(self.times, t, side="right")) - 1
-        return float(self.mbit[max(i, 0)]) * 1e6
-
-    def rates_at(self, t: np.ndarray) -> np.ndarray:
-        i = np.searchsorted(self.times, t, side="right") - 1
-        return self.mbit[np.maximum(i, 0)] * 1e6
-
-    def done(self, start: np.ndarray | float, bits: np.ndarray | float) -> np.ndarray:
-        """When a transfer of ``bits`` started at ``start`` ends."""
-        c0 = np.interp(start, self.knots, self.cum_bits)
-        return np.interp(c0 + bits, self.cum_bits, self.knots)
-
-
 def read_traces(folder: Path, limit: int | None) -> list[Link]:
     files = sorted(p for p in folder.iterdir() if p.is_file())
     if limit is not None:
@@ -249,35 +211,6 @@ def apply_event(est: Estimator, t: float, kind: str, args: tuple[Any, ...]) -> N
         est.observe_head(args[0], args[1], now=t)
     elif kind == "rtt":
         est.observe_rtt(args[0], now=t)
-
-
-class World:
-    """True costs of every candidate of one cost model over one link."""
-
-    def __init__(self, policy: TablePolicy, link: Link, ds: float, rng: np.random.Generator):
-        m = policy.model
-        self.model = m
-        self.link = link
-        self.ds = ds
-        self.rng = rng
-        self.device_s = m.features[:, 0] * ds
-        self.cloud_s = m.features[:, 1] * CLOUD_SLOWDOWN
-        self.bits = np.nan_to_num(m.bytes) * 8
-        self.response_bits = m.response_bytes * 8
-        self.rows = {(int(m.cut[i]), m.codec(i)): i for i in range(len(m))}
-        self.local = m.local
-        self.head = m.head * ds
-
-    def row(self, cut: int, codec: str) -> int:
-        return self.local if cut == self.model.n else self.rows[(cut, codec)]
-
-    def realize(self, row: int | np.ndarray, t: float, rtt: float) -> tuple[Any, Any, Any]:
-        """(start of upload, first answer byte, end) of candidate(s) ``row`` arriving at ``t``."""
-        start = t + self.device_s[row]
-        up_done = self.link.done(start, self.bits[row])
-        first = up_done + rtt + QUEUE_S + self.cloud_s[row]
-        end = self.link.done(first, self.response_bits)
-        return start, first, end
 
 
 def simulate(
@@ -366,10 +299,6 @@ def simulate(
 
 
 DUMMY = Estimates(uplink_bps=1e6, downlink_bps=1e6, rtt_s=RTT_S)
-
-
-def kind_of(cut: int, n: int) -> str:
-    return "local" if cut == n else ("cloud" if cut == 0 else "split")
 
 
 def p95(xs: list[float]) -> float:

@@ -109,7 +109,17 @@ class HttpTransport:
             first_byte = time.perf_counter()
             if resp.content_length is not None and resp.content_length > self._max_response:
                 raise CloudUnavailableError(f"cloud answer of {resp.content_length} bytes is too large")
-            payload = await resp.content.read(self._max_response + 1)
+            # read(n) returns what has arrived so far: loop until the end of the body (a slow link
+            # delivers it in many pieces).
+            chunks: list[bytes] = []
+            size = 0
+            while size <= self._max_response:
+                chunk = await resp.content.read(self._max_response + 1 - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            payload = b"".join(chunks)
             if len(payload) > self._max_response:
                 raise CloudUnavailableError(f"cloud answer exceeds {self._max_response} bytes")
             return TransportResponse(

@@ -1,22 +1,64 @@
-"""``splitinfer demo``: one edge client, one real cloud server on 127.0.0.1, real requests."""
+"""``splitinfer demo``: every policy, live, on a real model over a real 3G trace.
+
+What runs (all on 127.0.0.1, all real):
+
+1. EfficientNet-Lite0 with its ImageNet weights is compiled with ``si.compile``, calibrated on
+   real photos (crops and flips of skimage's and sklearn's sample images), with a restricted
+   codec set and cut set so that the first run takes about a minute, then profiled on this
+   machine; the bundle is cached (``$XDG_CACHE_HOME/splitinfer/demo``, keyed by everything it
+   depends on), so later runs start at once.
+2. ``splitinfer serve`` runs as a subprocess: the cloud.
+3. One :class:`~splitinfer.netem.LinkEmulator` per policy replays the same stretch of a real
+   3G trace (plus a round trip), and one :class:`~splitinfer.edge.EdgeClient` per policy sends
+   requests through it with an emulated device ``N`` times slower than this machine. The
+   policies run side by side over the same stretch at the same time, so they share the
+   machine's load and the cloud alike. ``N`` defaults to the slowdown at which running
+   everything on the device takes as long, on this stretch, as sending the input to the cloud:
+   neither end wins outright, and the choice in between is what matters (:mod:`splitinfer._live`).
+4. Every request is priced in hindsight (:mod:`splitinfer.partitioner._hindsight`); the table
+   and a report (Markdown, CSV, PNG plots) are written by :mod:`splitinfer._report`.
+
+Ctrl-C stops everything it started (the server subprocess, emulators, clients).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import tempfile
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from aiohttp import web
 from torch import nn
 
+from splitinfer._live import POLICIES
+from splitinfer._version import __version__
 from splitinfer.bundle import Bundle
+from splitinfer.errors import ConfigError, SplitInferError
+from splitinfer.netem import BandwidthTrace
 
-__all__ = ["demo_model", "run_demo"]
+__all__ = ["DemoConfig", "demo_model", "run_demo"]
+
+DEFAULT_TRACE = "norway-3g-train-1"
+#: Codecs the demo offers besides lossless f32 (neurosurgeon's): the fidelity table measures
+#: one tail per cut and lossy codec, so three keep the first compile near a minute.
+DEMO_CODECS = ("f32", "f16+zstd1", "q8+zstd1", "q4c+zstd1")
 
 
 def demo_model(seed: int = 0) -> nn.Sequential:
-    """A small CNN classifier for 3x32x32 images, with seeded weights."""
+    """A small CNN classifier for 3x32x32 images, with seeded weights (``--quick`` and the tests)."""
     torch.manual_seed(seed)
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1),
@@ -32,60 +74,406 @@ def demo_model(seed: int = 0) -> nn.Sequential:
     ).eval()
 
 
-async def _serve_and_send(bundle_dir: Path, model: nn.Module, requests: int, cut: int, codec: str) -> int:
-    from splitinfer.cloud import ServerConfig, create_app
-    from splitinfer.edge import EdgeClient
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model the demo can run and how it is compiled."""
 
-    config = ServerConfig(repository=bundle_dir.parent, port=0)
-    runner = web.AppRunner(create_app(config), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    name: str
+    factory: Callable[[], nn.Module]
+    image_size: int
+    #: Cuts whose float32 frontier is larger are not offered (fewer cuts: a faster compile).
+    max_frontier_bytes: int | None
+    calibration: int
+    profile_repeats: int
+
+
+def _efficientnet() -> nn.Module:
+    from splitinfer._models import efficientnet_lite0
+
+    return efficientnet_lite0()
+
+
+MODELS = {
+    # 130 KB keeps 33 of 162 cuts: the input, every block boundary from block 3 on and the head.
+    "efficientnet-lite0": ModelSpec("efficientnet-lite0", _efficientnet, 224, 130_000, 24, 3),
+    "democnn": ModelSpec("democnn", demo_model, 32, None, 8, 2),
+}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of one demo run; checked when built."""
+
+    model: str = "efficientnet-lite0"
+    trace: str = DEFAULT_TRACE
+    #: Seconds into the trace where the stretch starts.
+    offset_s: float = 30.0
+    duration_s: float = 90.0
+    #: Emulated device slowdown; None: where all-on-device ties with all-in-the-cloud.
+    slowdown: float | None = None
+    budget: float = 0.99
+    #: One-way delay the emulator adds (the round trip is twice this).
+    delay_s: float = 0.04
+    #: Least time between the starts of two requests of one policy.
+    interval_s: float = 0.25
+    deadline_s: float | None = 10.0
+    out_dir: Path = Path("splitinfer-demo")
+    cache_dir: Path | None = None
+    policies: tuple[str, ...] = POLICIES
+    progress: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ConfigError(f"model must be one of {', '.join(MODELS)}; got {self.model!r}")
+        if not self.duration_s > 0 or not self.interval_s > 0:
+            raise ConfigError("--duration and the request interval must be positive seconds")
+        if self.offset_s < 0 or self.delay_s < 0:
+            raise ConfigError("--offset and --delay must be >= 0 seconds")
+        if self.slowdown is not None and self.slowdown < 1:
+            raise ConfigError(
+                f"--slowdown is how many times slower the device is (>= 1), got {self.slowdown}"
+            )
+        if not 0 <= self.budget <= 1:
+            raise ConfigError(f"--budget is a top-1 agreement between 0 and 1, got {self.budget}")
+        unknown = set(self.policies) - set(POLICIES)
+        if unknown or not self.policies:
+            raise ConfigError(f"policies must be among {', '.join(POLICIES)}; got {sorted(unknown)}")
+
+
+# -- the bundle, cached ----------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "splitinfer" / "demo"
+
+
+def bundle_key(spec: ModelSpec) -> str:
+    """Digest of everything the cached bundle depends on."""
+    facts = {
+        "model": spec.name,
+        "max_frontier_bytes": spec.max_frontier_bytes,
+        "calibration": spec.calibration,
+        "codecs": DEMO_CODECS,
+        "repeats": spec.profile_repeats,
+        "splitinfer": __version__,
+        "torch": torch.__version__,
+        "machine": [platform.machine(), platform.node(), os.cpu_count()],
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_bundle(spec: ModelSpec, cache_dir: Path, say: Callable[[str], None], progress: bool) -> Path:
+    """The repository directory holding the compiled, profiled bundle (built once, then cached)."""
+    repo = cache_dir / f"{spec.name}-{bundle_key(spec)}"
+    if (repo / spec.name / "manifest.json").is_file():
+        say(f"bundle: cached in {repo / spec.name}")
+        return repo
+    import splitinfer as si
+    from splitinfer._images import photo_batch
+    from splitinfer.partitioner import profile_bundle
+
+    say(f"bundle: compiling {spec.name} once (cached afterwards in {repo})")
+    started = time.perf_counter()
+    calibration = [(x.unsqueeze(0),) for x in photo_batch(spec.calibration, size=spec.image_size, seed=1)]
+    bundle = si.compile(
+        spec.factory(),
+        (torch.randn(1, 3, spec.image_size, spec.image_size),),
+        name=spec.name,
+        max_frontier_bytes=spec.max_frontier_bytes,
+        calibration=calibration,
+        codecs=list(DEMO_CODECS),
+        progress=progress,
+    )
+    compiled = time.perf_counter() - started
+    bundle.profiles["host"] = profile_bundle(
+        bundle, batch_sizes=(1,), repeats=spec.profile_repeats, threads=1, progress=progress
+    )
+    tmp = cache_dir / f".build-{spec.name}-{os.getpid()}"
     try:
-        port = runner.addresses[0][1]
-        url = f"http://127.0.0.1:{port}"
-        print(f"cloud server listening on {url}")
-        bundle = Bundle.load(bundle_dir, upto_cut=cut)
-        print(f"edge runs segments 0..{cut - 1}, the cloud the rest: {bundle.cuts[cut].name}")
-        print(
-            f"{'request':>7}  {'bytes up':>9}  {'bytes down':>10}  {'round trip':>10}  "
-            f"{'max |diff|':>10}  top-1"
-        )
-        generator = torch.Generator().manual_seed(1)
-        worst = 0.0
-        async with EdgeClient(
-            url, bundle=bundle, policy="static", cut=cut, codec=codec, max_cut=cut
-        ) as client:
-            for i in range(requests):
-                x = torch.rand(1, 3, 32, 32, generator=generator)
-                out = await client.ainfer(x)
-                with torch.no_grad():
-                    want = model(x)
-                diff = float((out - want).abs().max())
-                worst = max(worst, diff)
-                trace = client.last_trace
-                assert trace is not None
-                total_ms = sum(trace.stages[s] for s in ("head", "encode", "network", "decode")) * 1000
-                same = "same" if out.argmax() == want.argmax() else "DIFFERENT"
-                print(
-                    f"{i + 1:>7}  {trace.bytes_up:>9}  {trace.bytes_down:>10}  {total_ms:>8.1f}ms  "
-                    f"{diff:>10.2e}  {same}"
-                )
-        ok = worst <= 1e-5
-        print(f"split outputs {'match' if ok else 'DO NOT match'} the unsplit model (max |diff| {worst:.2e})")
-        return 0 if ok else 1
+        shutil.rmtree(tmp, ignore_errors=True)
+        bundle.save(tmp / spec.name)
+        try:
+            tmp.rename(repo)
+        except OSError:  # another run cached it meanwhile
+            if not (repo / spec.name / "manifest.json").is_file():
+                raise
     finally:
-        await runner.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(
+        f"bundle: {len(bundle.cuts)} cuts x {len(DEMO_CODECS)} codecs, compiled with fidelity in "
+        f"{compiled:.0f} s, profiled in {time.perf_counter() - started - compiled:.0f} s"
+    )
+    return repo
 
 
-def run_demo(requests: int = 5, cut: int | None = None, codec: str = "f32+zstd1") -> int:
-    from splitinfer.partitioner import compile
+# -- the cloud: `splitinfer serve` as a subprocess -------------------------------------------
 
-    model = demo_model()
-    bundle = compile(model, (torch.rand(1, 3, 32, 32),), name="democnn")
-    cut = bundle.last_cut // 2 if cut is None else cut
-    bundle.cut(cut)
-    print(f"compiled democnn: {len(bundle.cuts)} cuts, graph {bundle.graph_hash}")
-    with tempfile.TemporaryDirectory(prefix="splitinfer-demo-") as tmp:
-        bundle_dir = bundle.save(Path(tmp) / "democnn")
-        return asyncio.run(_serve_and_send(bundle_dir, model, requests, cut, codec))
+
+class CloudServer:
+    """``splitinfer serve`` in a subprocess of its own session; stopped (then killed) on exit."""
+
+    def __init__(self, repository: Path, *, startup_timeout_s: float = 120.0):
+        self.repository = repository
+        self.startup_timeout_s = startup_timeout_s
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+        self.output: deque[str] = deque(maxlen=50)
+        self._listening = threading.Event()
+
+    def launch(self) -> CloudServer:
+        """Start the process; :meth:`wait_ready` waits until it listens (load the edge meanwhile)."""
+        cmd = [
+            sys.executable,
+            "-m",
+            "splitinfer",
+            "serve",
+            "--repository",
+            str(self.repository),
+            "--port",
+            "0",
+            "--compute-threads",
+            "1",
+            "--torch-threads",
+            "1",
+            "--drain-timeout-s",
+            "2",
+            "--log-level",
+            "WARNING",
+        ]
+        # Its own session: a Ctrl-C in the terminal reaches the demo, which stops the server.
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        threading.Thread(target=self._drain, daemon=True, name="splitinfer-demo-server").start()
+        return self
+
+    def wait_ready(self) -> str:
+        """The server's URL once it listens; stops it and raises if it exits or takes too long."""
+        assert self.proc is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        try:
+            while not self._listening.wait(0.1):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SplitInferError(
+                        "the cloud server did not start; its output:\n" + "\n".join(self.output)
+                    )
+        except BaseException:  # Ctrl-C while it starts, too
+            self.stop()
+            raise
+        return self.url
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line.rstrip())
+            if "listening on http://" in line and not self._listening.is_set():
+                self.url = line.split("listening on ", 1)[1].split()[0]
+                self._listening.set()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> CloudServer:
+        return self.launch()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- the trace, the slowdown and the static choice -------------------------------------------
+
+
+def stretch(trace: BandwidthTrace, offset_s: float) -> BandwidthTrace:
+    """``trace`` started ``offset_s`` seconds in (it loops, so any offset is a valid start)."""
+    offset = offset_s % trace.period
+    if offset == 0:
+        return trace
+    times = np.array(trace.times)
+    rates = list(trace.rates_bps)
+    i = int(np.searchsorted(times, offset, side="right")) - 1
+    new_times = [0.0] + [t - offset for t in trace.times[i + 1 :]]
+    new_times += [t + trace.period - offset for t in trace.times]
+    new_rates = [rates[i], *rates[i + 1 :], *rates]
+    # Keep one period: drop what falls at or beyond it (the loop brings it back).
+    kept = [(t, r) for t, r in zip(new_times, new_rates) if t < trace.period]
+    return BandwidthTrace(
+        tuple(t for t, _ in kept),
+        tuple(r for _, r in kept),
+        trace.period,
+        f"{trace.name} from {offset_s:g} s",
+    )
+
+
+def tie_slowdown(
+    bundle: Bundle, trace: BandwidthTrace, *, duration_s: float, rtt_s: float, budget: float
+) -> float:
+    """The device slowdown at which all-on-device ties with all-in-the-cloud on this stretch.
+
+    Local latency is ``head(n) * ds``; the cloud's barely depends on ``ds`` (only its encode runs
+    on the device), so a few fixed-point steps suffice. Rounded to an integer, at least 1.
+    """
+    from splitinfer.partitioner import make_policy
+    from splitinfer.partitioner._hindsight import Link, World
+
+    cloud = make_policy("cloud", bundle, fidelity_budget=budget)
+    head_n = float(make_policy("local", bundle).model.head[-1])
+    link = Link.from_trace(trace, duration_s + 60)
+    ds = 32.0
+    for _ in range(3):
+        world = World(cloud, link, ds)
+        mean = float(
+            np.mean(
+                [world.latencies(cloud._rows, float(t), rtt_s).min() for t in np.arange(0, duration_s, 0.25)]
+            )
+        )
+        ds = max(1.0, mean / head_n)
+    return float(max(1, round(ds)))
+
+
+def median_rate(traces: Sequence[BandwidthTrace], duration_s: float) -> float:
+    """The median rate (bit/s) over the first ``duration_s`` of each trace."""
+    grid = np.arange(0, duration_s, 0.1)
+    return float(np.median([tr.rate_at(t) for tr in traces for t in grid]))
+
+
+def static_choice(
+    bundle: Bundle, *, rate_bps: float, ds: float, rtt_s: float, budget: float
+) -> tuple[int, str]:
+    """What adaptive picks at ``rate_bps`` (a median rate): a good static choice, tuned once."""
+    from splitinfer.partitioner import Estimates, make_policy
+
+    est = Estimates(
+        uplink_bps=rate_bps, downlink_bps=rate_bps, rtt_s=rtt_s, cloud_queue_s=0.002, device_slowdown=ds
+    )
+    d = make_policy("adaptive", bundle, fidelity_budget=budget, explore=0.0).decide(est)
+    return d.cut, d.codec
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def run_demo(config: DemoConfig) -> int:
+    """Run the demo; prints the table and where the report is. Returns the exit status.
+
+    SIGTERM is handled as Ctrl-C is: everything started is stopped.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return _run_demo(config)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run_demo(config)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    signal.raise_signal(signal.SIGINT)  # whatever handles Ctrl-C at the moment (asyncio's, or Python's)
+
+
+def _run_demo(config: DemoConfig) -> int:
+    from splitinfer._images import photo_batch
+    from splitinfer._live import Session, reference_classes, run_session, warm_up, warm_up_server
+    from splitinfer._report import add_oracle, format_table, summarize, write_report
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    started = time.perf_counter()
+    spec = MODELS[config.model]
+    trace = stretch(BandwidthTrace.load(config.trace), config.offset_s)
+    cache_dir = config.cache_dir or cache_root()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    repo = prepare_bundle(spec, cache_dir, say, config.progress)
+    rtt = 2 * config.delay_s
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the emulated device: one thread, as profiled
+    try:
+        with CloudServer(repo) as server:  # it starts while the edge gets ready
+            bundle = Bundle.load(repo / spec.name)
+            ds = config.slowdown or tie_slowdown(
+                bundle, trace, duration_s=config.duration_s, rtt_s=rtt, budget=config.budget
+            )
+            rate = median_rate([trace], config.duration_s)
+            static = static_choice(bundle, rate_bps=rate, ds=ds, rtt_s=rtt, budget=config.budget)
+            images = photo_batch(16, size=spec.image_size, seed=2)
+            reference = reference_classes(bundle, images)
+            warm_up(bundle, images[:1])
+            server.wait_ready()
+            say(f"cloud: splitinfer serve (pid {server.pid}) on {server.url}")
+            asyncio.run(warm_up_server(server.url, bundle, images[:1]))
+            say(
+                f"link: {trace.name}, mean {trace.mean_bps() / 1e6:.2f} Mbit/s over the whole trace, "
+                f"round trip {rtt * 1000:.0f} ms; device {ds:g}x slower than this machine"
+                + (" (where all-on-device ties with all-in-the-cloud)" if config.slowdown is None else "")
+            )
+            say(
+                f"policies: {', '.join(config.policies)} side by side for {config.duration_s:g} s "
+                f"(static = cut {static[0]} {static[1]}: adaptive's choice at the stretch's median rate)"
+            )
+            session = Session(
+                url=server.url,
+                bundle=bundle,
+                trace=trace,
+                duration_s=config.duration_s,
+                device_slowdown=ds,
+                static=static,
+                images=images,
+                reference=reference,
+                budget=config.budget,
+                delay_s=config.delay_s,
+                interval_s=config.interval_s,
+                deadline_s=config.deadline_s,
+                policies=config.policies,
+                seed=config.seed,
+                progress=config.progress,
+            )
+            records = asyncio.run(run_session(session))
+    finally:
+        torch.set_num_threads(threads)
+    records = add_oracle(records, bundle, trace, device_slowdown=ds, rtt_s=rtt, budget=config.budget)
+    summaries = summarize(records, bundle.last_cut, config.policies)
+    say("")
+    say(format_table(summaries))
+    facts = [
+        f"model: {spec.name}, {len(bundle.cuts)} cuts, codecs {', '.join(bundle.codecs)}, fidelity "
+        f"budget {config.budget} (top-1 agreement on {bundle.fidelity.get('samples')} calibration photos)",
+        f"link: {trace.name} (a real 3G trace, looped), {config.duration_s:g} s, round trip "
+        f"{rtt * 1000:.0f} ms, through splitinfer's link emulator on 127.0.0.1",
+        f"device: {ds:g}x slower than this machine ({_machine()}); cloud: a `splitinfer serve` "
+        "subprocess with one compute thread",
+        f"static: cut {static[0]} ({bundle.cuts[static[0]].name}) with {static[1]}",
+        "the policies ran side by side, one emulated link each, a request at most every "
+        f"{config.interval_s:g} s each",
+        f"the whole run took {time.perf_counter() - started:.0f} s",
+    ]
+    report = write_report(
+        config.out_dir,
+        title="splitinfer demo: split policies over a real 3G trace",
+        facts=facts,
+        records=records,
+        summaries=summaries,
+        trace=trace,
+        duration_s=config.duration_s,
+        bundle=bundle,
+    )
+    say("")
+    say(f"report: {report.resolve()} (plots and every request next to it)")
+    return 0
+
+
+def _machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"

@@ -61,13 +61,6 @@ def test_serve_without_repository_says_how_to_fix(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_the_slice_end_to_end():
-    out = run("demo", "--requests", "2")
-    assert out.returncode == 0, out.stderr
-    assert "split outputs match the unsplit model" in out.stdout
-
-
-@pytest.mark.slow
 def test_serve_answers_real_requests_and_stops_on_sigterm(repository, cnn):
     proc = subprocess.Popen(
         [*CLI, "serve", "--repository", str(repository), "--port", "0"],

@@ -1,0 +1,142 @@
+"""The per-request hindsight oracle: what each candidate would really have cost on a known link.
+
+Shared by the policy replay (``benchmarks/bench_policy.py``), the live demo and the end-to-end
+benchmark (``splitinfer demo``, ``benchmarks/bench_e2e.py``). Given the bundle's cost model
+(profiles and fidelity table), the true bandwidth trace and the true device slowdown, a
+:class:`World` computes when a request arriving at trace time ``t`` would have ended with every
+candidate; the oracle takes the allowed candidate of least realized latency.
+
+>>> policy = make_policy("adaptive", bundle, fidelity_budget=0.99, explore=0.0)
+>>> world = World(policy, Link.from_trace(trace), ds=20.0)
+>>> latency, row = world.oracle(policy._rows, t=3.2, rtt=0.08)
+
+A transfer of ``B`` bits started at ``t`` ends when the trace's cumulative capacity from ``t``
+reaches ``B`` (uplink and downlink alike, as :class:`splitinfer.netem.LinkEmulator` with one
+trace shapes them); device work is the profile's head and encode times the slowdown, cloud work
+the profile's decode and tail times ``cloud_slowdown``, plus ``queue_s`` of queueing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from splitinfer.netem import BandwidthTrace
+from splitinfer.partitioner._policy import TablePolicy
+
+__all__ = ["MIN_MBIT", "Link", "World", "kind_of"]
+
+#: A trace's 0 is a link that barely moves, so transfers wait for it to recover.
+MIN_MBIT = 1e-3
+
+
+@dataclass
+class Link:
+    """A trace as cumulative capacity, tiled ``periods`` times so transfers may run past its end."""
+
+    name: str
+    duration: float
+    knots: np.ndarray  # seconds
+    cum_bits: np.ndarray
+    times: np.ndarray  # the trace's own samples (one period)
+    mbit: np.ndarray
+
+    @classmethod
+    def from_samples(
+        cls, name: str, t: np.ndarray, mbit: np.ndarray, duration: float, periods: int = 3
+    ) -> Link:
+        t = np.asarray(t, dtype=float)
+        r = np.maximum(np.asarray(mbit, dtype=float), MIN_MBIT)
+        starts = np.concatenate([t + i * duration for i in range(periods)])
+        rates = np.tile(r, periods) * 1e6
+        ends = np.append(starts[1:], periods * duration)
+        cum = np.concatenate([[0.0], np.cumsum(rates * (ends - starts))])
+        return cls(name, duration, np.append(starts, periods * duration), cum, t, r)
+
+    @classmethod
+    def read(cls, path: Path) -> Link:
+        """A ``<seconds> <Mbit/s>`` trace file."""
+        data = np.loadtxt(path, ndmin=2)
+        t = data[:, 0] - data[0, 0]
+        step = float(np.median(np.diff(t))) if len(t) > 1 else 1.0
+        return cls.from_samples(path.name, t, data[:, 1], float(t[-1] + step))
+
+    @classmethod
+    def from_trace(cls, trace: BandwidthTrace, horizon_s: float = 0.0) -> Link:
+        """The link an emulator replaying ``trace`` (looped) offers, covering at least ``horizon_s``."""
+        periods = max(3, int(np.ceil(horizon_s / trace.period)) + 2)
+        return cls.from_samples(
+            trace.name, np.array(trace.times), np.array(trace.rates_bps) / 1e6, trace.period, periods
+        )
+
+    def rate_at(self, t: float) -> float:
+        """The trace's rate (bit/s) at ``t`` (within the first period)."""
+        i = int(np.searchsorted(self.times, t, side="right")) - 1
+        return float(self.mbit[max(i, 0)]) * 1e6
+
+    def rates_at(self, t: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(self.times, t, side="right") - 1
+        return self.mbit[np.maximum(i, 0)] * 1e6
+
+    def done(self, start: np.ndarray | float, bits: np.ndarray | float) -> np.ndarray:
+        """When a transfer of ``bits`` started at ``start`` ends."""
+        c0 = np.interp(start, self.knots, self.cum_bits)
+        return np.interp(c0 + bits, self.cum_bits, self.knots)
+
+
+class World:
+    """True costs of every candidate of one cost model over one link."""
+
+    def __init__(
+        self,
+        policy: TablePolicy,
+        link: Link,
+        ds: float,
+        rng: np.random.Generator | None = None,
+        *,
+        queue_s: float = 0.002,
+        cloud_slowdown: float = 1.0,
+    ):
+        m = policy.model
+        self.model = m
+        self.link = link
+        self.ds = ds
+        self.rng = rng
+        self.queue_s = queue_s
+        self.device_s = m.features[:, 0] * ds
+        self.cloud_s = m.features[:, 1] * cloud_slowdown
+        self.bits = np.nan_to_num(m.bytes) * 8
+        self.response_bits = m.response_bytes * 8
+        self.rows = {(int(m.cut[i]), m.codec(i)): i for i in range(len(m))}
+        self.local = m.local
+        self.head = m.head * ds
+
+    def row(self, cut: int, codec: str) -> int:
+        return self.local if cut == self.model.n else self.rows[(cut, codec)]
+
+    def realize(self, row: int | np.ndarray, t: float, rtt: float) -> tuple[Any, Any, Any]:
+        """(start of upload, first answer byte, end) of candidate(s) ``row`` arriving at ``t``."""
+        start = t + self.device_s[row]
+        up_done = self.link.done(start, self.bits[row])
+        first = up_done + rtt + self.queue_s + self.cloud_s[row]
+        end = self.link.done(first, self.response_bits)
+        return start, first, end
+
+    def latencies(self, rows: np.ndarray, t: float, rtt: float) -> np.ndarray:
+        """Realized latency of each candidate in ``rows`` for a request arriving at ``t``."""
+        _, _, ends = self.realize(rows, t, rtt)
+        return np.where(rows == self.local, self.device_s[self.local], ends - t)
+
+    def oracle(self, allowed: np.ndarray, t: float, rtt: float) -> tuple[float, int]:
+        """The least realized latency among ``allowed`` rows at ``t``, and its row."""
+        realized = self.latencies(allowed, t, rtt)
+        best = int(np.argmin(realized))
+        return float(realized[best]), int(allowed[best])
+
+
+def kind_of(cut: int, n: int) -> str:
+    """``local`` (the last cut), ``cloud`` (cut 0) or ``split``."""
+    return "local" if cut == n else ("cloud" if cut == 0 else "split")

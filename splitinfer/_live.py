@@ -1,0 +1,172 @@
+"""The live part of a policy comparison: edge clients through link emulators to a real server.
+
+:func:`run_session` runs every policy side by side over the same stretch of a trace: one
+:class:`~splitinfer.netem.LinkEmulator` and one :class:`~splitinfer.edge.EdgeClient` per policy,
+all started together against one cloud server, each policy sending one request at a time (at
+most one every ``interval_s``) until ``duration_s`` has passed on the trace's clock. It returns
+one :class:`~splitinfer._report.Record` per request. Used by ``splitinfer demo`` and
+``benchmarks/bench_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from splitinfer.bundle import Bundle
+from splitinfer.netem import BandwidthTrace
+
+__all__ = ["POLICIES", "Session", "reference_classes", "run_session", "warm_up", "warm_up_server"]
+
+POLICIES = ("adaptive", "neurosurgeon", "cloud", "local", "static")
+
+
+@dataclass
+class Session:
+    """One live comparison: the server URL, the edge's bundle and what to replay."""
+
+    url: str
+    bundle: Bundle
+    trace: BandwidthTrace
+    duration_s: float
+    device_slowdown: float
+    static: tuple[int, str]
+    images: torch.Tensor
+    reference: list[int]
+    budget: float = 0.99
+    delay_s: float = 0.04
+    interval_s: float = 0.25
+    deadline_s: float | None = 10.0
+    policies: Sequence[str] = POLICIES
+    seed: int = 0
+    progress: bool = True
+    label: str = "policies"
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def reference_classes(bundle: Bundle, images: torch.Tensor) -> list[int]:
+    """Top-1 of the uncompressed model (the whole segment chain, exact) for each image."""
+    with torch.inference_mode():
+        out = bundle.run_segments(0, bundle.n_segments, bundle.flatten_inputs((images,)))
+    return [int(i) for i in out[0].argmax(dim=-1)]
+
+
+def warm_up(bundle: Bundle, image: torch.Tensor) -> None:
+    """Build every head runner once, so no request pays for it (the server warms its own)."""
+    for k in range(bundle.last_cut + 1):
+        bundle.head(k, image)
+
+
+async def warm_up_server(url: str, bundle: Bundle, image: torch.Tensor) -> None:
+    """One request per cut straight to the server (no emulator): its tails are built before timing."""
+    from splitinfer.edge import EdgeClient
+
+    for k in range(bundle.last_cut):
+        async with EdgeClient(url, bundle=bundle, policy="static", cut=k, codec="f32", deadline_s=60) as c:
+            await c.ainfer(image)
+
+
+async def run_session(session: Session) -> list[Any]:
+    """Every policy side by side over the same stretch; one :class:`Record` per request."""
+    from splitinfer._progress import Progress
+    from splitinfer._report import Record
+    from splitinfer.edge import EdgeClient
+    from splitinfer.netem import LinkEmulator
+
+    host, port = session.url.removeprefix("http://").rsplit(":", 1)
+    s = session
+    emulators = [LinkEmulator((host, int(port)), uplink=s.trace, delay_s=s.delay_s) for _ in s.policies]
+    clients: list[EdgeClient] = []
+    drivers: list[asyncio.Future[None]] = []
+    records: list[Record] = []
+    try:
+        t0 = time.monotonic()  # the trace's clock: every emulator starts now, at its time 0
+        for em in emulators:
+            await em.start()
+        for name, em in zip(s.policies, emulators):
+            options: dict[str, Any] = {}
+            if name == "static":
+                options = {"cut": s.static[0], "codec": s.static[1]}
+            elif name == "adaptive":
+                options = {"seed": s.seed}
+            clients.append(
+                EdgeClient(
+                    f"http://127.0.0.1:{em.port}",
+                    bundle=s.bundle,
+                    policy=name,
+                    device_slowdown=s.device_slowdown,
+                    fidelity_budget=s.budget,
+                    deadline_s=s.deadline_s,
+                    **options,
+                )
+            )
+        s.counts = dict.fromkeys(s.policies, 0)
+        drivers = [
+            asyncio.ensure_future(_drive(name, client, t0, s, records))
+            for name, client in zip(s.policies, clients)
+        ]
+        with Progress(round(s.duration_s), s.label, enabled=s.progress) as bar:
+            while not all(d.done() for d in drivers):
+                await asyncio.wait(drivers, timeout=0.5)
+                elapsed = min(round(time.monotonic() - t0), bar.total)
+                note = " ".join(f"{n[0]}{c}" for n, c in s.counts.items())
+                bar.step(elapsed - bar.done, note)
+        for d in drivers:
+            d.result()  # raise what a driver raised
+    finally:
+        for d in drivers:
+            d.cancel()
+        await asyncio.gather(*drivers, return_exceptions=True)
+        for client in clients:
+            await client.aclose()
+        # Cut the connections and let their handlers end before stopping the emulators: stop()
+        # cancels live handlers, which Python 3.11's asyncio streams log as errors.
+        for em in emulators:
+            em.disconnect_all()
+        if clients:
+            await asyncio.sleep(0.2)
+        for em in emulators:
+            await em.stop()
+    return records
+
+
+async def _drive(name: str, client: Any, t0: float, s: Session, records: list[Any]) -> None:
+    from splitinfer._report import Record
+
+    i = 0
+    next_at = t0
+    while True:
+        now = time.monotonic()
+        if now - t0 >= s.duration_s:
+            return
+        if now < next_at:
+            await asyncio.sleep(next_at - now)
+        t = time.monotonic() - t0
+        j = i % len(s.reference)
+        uplink = client.estimator.estimates().uplink_bps
+        out = await client.ainfer(s.images[j : j + 1])
+        trace = client.last_trace
+        records.append(
+            Record(
+                policy=name,
+                t=t,
+                latency_s=trace.stages["total"],
+                cut=trace.cut,
+                codec=trace.codec,
+                bytes_up=trace.bytes_up,
+                bytes_down=trace.bytes_down,
+                fallback=trace.fallback or "",
+                agree=int(out.argmax()) == s.reference[j],
+                predicted_s=sum(trace.predicted.values()) if trace.predicted else math.nan,
+                uplink_est_bps=uplink,
+            )
+        )
+        s.counts[name] += 1
+        i += 1
+        next_at = t0 + t + s.interval_s

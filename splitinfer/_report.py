@@ -1,0 +1,306 @@
+"""What a live policy comparison measured: per-request records, summaries, the table and the report.
+
+Used by ``splitinfer demo`` and ``benchmarks/bench_e2e.py``. A :class:`Record` is one real
+request (its start on the trace's clock, measured latency, cut, codec, bytes, fallback and
+whether its top-1 class matches the uncompressed model's); :func:`add_oracle` prices every
+request in hindsight (:mod:`splitinfer.partitioner._hindsight`); :func:`summarize` turns them
+into a :class:`Summary` per policy; :func:`format_table` prints them; :func:`write_report`
+writes ``report.md``, ``requests.csv`` and two PNG plots (needs matplotlib, the ``plot`` extra).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+
+from splitinfer.bundle import Bundle
+from splitinfer.netem import BandwidthTrace
+from splitinfer.partitioner import make_policy
+from splitinfer.partitioner._hindsight import Link, World, kind_of
+
+__all__ = ["Record", "Summary", "add_oracle", "format_table", "summarize", "write_report"]
+
+#: Fallbacks decided before anything was sent: the request ran entirely on the device.
+_LOCAL_FALLBACKS = ("deadline", "circuit_open")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One request as the edge saw it."""
+
+    policy: str
+    #: Seconds since the policy's link emulator started (the trace's clock) when it was issued.
+    t: float
+    latency_s: float
+    cut: int
+    codec: str
+    bytes_up: int
+    bytes_down: int
+    fallback: str
+    #: Top-1 class equals the uncompressed model's on the same input.
+    agree: bool
+    predicted_s: float
+    #: Hindsight: the best allowed candidate's latency at ``t`` on the true trace (NaN if unknown).
+    oracle_s: float = math.nan
+    #: Hindsight: what the cost model and the true trace say this request's choice costs.
+    world_s: float = math.nan
+    #: The edge's uplink estimate when it decided (bit/s).
+    uplink_est_bps: float = math.nan
+    #: The trace's true uplink rate when the request was issued (bit/s).
+    uplink_true_bps: float = math.nan
+    #: Hindsight: the cut the oracle would have taken (-1 if unknown).
+    oracle_cut: int = -1
+
+    def ran_cut(self, last_cut: int) -> int:
+        """The cut that really ran: the last one when the request stayed on the device."""
+        return last_cut if self.fallback in _LOCAL_FALLBACKS else self.cut
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One policy over one run."""
+
+    policy: str
+    requests: int
+    mean_s: float
+    p95_s: float
+    bytes_per_request: float
+    agreement: float
+    fallbacks: int
+    #: Shares of requests run all on the device, split, all in the cloud.
+    local: float
+    split: float
+    cloud: float
+    #: The most frequent (cut, codec) choices with their shares, most frequent first.
+    mix: tuple[tuple[str, float], ...]
+    oracle_mean_s: float
+    #: Mean latency the cost model predicts on the true trace for this policy's own choices.
+    world_mean_s: float
+
+    @property
+    def vs_oracle(self) -> float:
+        return self.mean_s / self.oracle_mean_s if self.oracle_mean_s > 0 else math.nan
+
+
+def p95(xs: Sequence[float]) -> float:
+    return float(np.percentile(xs, 95)) if len(xs) else math.nan
+
+
+def add_oracle(
+    records: Sequence[Record],
+    bundle: Bundle,
+    trace: BandwidthTrace,
+    *,
+    device_slowdown: float,
+    rtt_s: float,
+    budget: float,
+    queue_s: float = 0.002,
+) -> list[Record]:
+    """Each record with its hindsight oracle latency and its choice's latency in the model world."""
+    oracle_policy = make_policy("adaptive", bundle, fidelity_budget=budget, explore=0.0)
+    horizon = max((r.t + r.latency_s for r in records), default=0.0) + 60.0
+    world = World(oracle_policy, Link.from_trace(trace, horizon), device_slowdown, queue_s=queue_s)
+    allowed = oracle_policy._rows
+    last = bundle.last_cut
+    out = []
+    for r in records:
+        oracle_s, best = world.oracle(allowed, r.t, rtt_s)
+        oracle_cut = last if best == world.local else int(world.model.cut[best])
+        cut = r.ran_cut(last)
+        try:
+            row = world.row(cut, r.codec)
+            world_s = float(world.latencies(np.array([row]), r.t, rtt_s)[0])
+        except KeyError:
+            world_s = math.nan
+        rate = trace.rate_at(r.t)
+        out.append(
+            replace(r, oracle_s=oracle_s, world_s=world_s, uplink_true_bps=rate, oracle_cut=oracle_cut)
+        )
+    return out
+
+
+def summarize(records: Sequence[Record], last_cut: int, policies: Sequence[str]) -> dict[str, Summary]:
+    """A :class:`Summary` per policy, in the order of ``policies`` (those with records)."""
+    out: dict[str, Summary] = {}
+    for name in policies:
+        rs = [r for r in records if r.policy == name]
+        if not rs:
+            continue
+        lat = [r.latency_s for r in rs]
+        kinds = Counter(kind_of(r.ran_cut(last_cut), last_cut) for r in rs)
+        mix = Counter(_choice(r, last_cut) for r in rs)
+        oracle = [r.oracle_s for r in rs if not math.isnan(r.oracle_s)]
+        world = [r.world_s for r in rs if not math.isnan(r.world_s)]
+        out[name] = Summary(
+            policy=name,
+            requests=len(rs),
+            mean_s=statistics.mean(lat),
+            p95_s=p95(lat),
+            bytes_per_request=statistics.mean(r.bytes_up for r in rs),
+            agreement=sum(r.agree for r in rs) / len(rs),
+            fallbacks=sum(bool(r.fallback) for r in rs),
+            local=kinds["local"] / len(rs),
+            split=kinds["split"] / len(rs),
+            cloud=kinds["cloud"] / len(rs),
+            mix=tuple((c, n / len(rs)) for c, n in mix.most_common()),
+            oracle_mean_s=statistics.mean(oracle) if oracle else math.nan,
+            world_mean_s=statistics.mean(world) if world else math.nan,
+        )
+    return out
+
+
+def _choice(r: Record, last_cut: int) -> str:
+    cut = r.ran_cut(last_cut)
+    return "device" if cut == last_cut else f"{cut}:{r.codec}"
+
+
+def _mix_text(mix: Sequence[tuple[str, float]], top: int = 3) -> str:
+    text = ", ".join(f"{c} {share:.0%}" for c, share in mix[:top])
+    return text + (f", +{len(mix) - top} more" if len(mix) > top else "")
+
+
+def format_table(summaries: dict[str, Summary]) -> str:
+    """A fixed-width table, one line per policy."""
+    head = (
+        f"{'policy':<14}{'requests':>9}{'mean ms':>9}{'p95 ms':>9}{'/oracle':>9}{'KiB/req':>9}"
+        f"{'agree':>8}{'fallbacks':>10}  {'device/split/cloud':<19} cut:codec mix"
+    )
+    lines = [head, "-" * len(head)]
+    for s in summaries.values():
+        shares = f"{s.local:.0%}/{s.split:.0%}/{s.cloud:.0%}"
+        lines.append(
+            f"{s.policy:<14}{s.requests:>9}{s.mean_s * 1000:>9.0f}{s.p95_s * 1000:>9.0f}{s.vs_oracle:>9.2f}"
+            f"{s.bytes_per_request / 1024:>9.1f}{s.agreement:>8.1%}{s.fallbacks:>10}  {shares:<19} "
+            f"{_mix_text(s.mix)}"
+        )
+    return "\n".join(lines)
+
+
+def markdown_table(summaries: dict[str, Summary]) -> list[str]:
+    lines = [
+        "| policy | requests | mean ms | p95 ms | mean / oracle | KiB / request | top-1 agreement | "
+        "fallbacks | device / split / cloud | cut:codec mix |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for s in summaries.values():
+        lines.append(
+            f"| {s.policy} | {s.requests} | {s.mean_s * 1000:.0f} | {s.p95_s * 1000:.0f} | "
+            f"{s.vs_oracle:.2f} | "
+            f"{s.bytes_per_request / 1024:.1f} | {s.agreement:.1%} | {s.fallbacks} | "
+            f"{s.local:.0%} / {s.split:.0%} / {s.cloud:.0%} | {_mix_text(s.mix, 4)} |"
+        )
+    return lines
+
+
+def write_csv(path: Path, records: Sequence[Record]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[f.name for f in fields(Record)])
+        writer.writeheader()
+        for r in records:
+            writer.writerow(asdict(r))
+
+
+def write_report(
+    out_dir: Path,
+    *,
+    title: str,
+    facts: Sequence[str],
+    records: Sequence[Record],
+    summaries: dict[str, Summary],
+    trace: BandwidthTrace,
+    duration_s: float,
+    bundle: Bundle,
+) -> Path:
+    """``report.md``, ``requests.csv``, ``latency.png`` and ``cuts.png`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(out_dir / "requests.csv", records)
+    plots = _plots(out_dir, records, list(summaries), trace, duration_s, bundle)
+    lines = [f"# {title}", "", *[f"- {f}" for f in facts], "", *markdown_table(summaries), ""]
+    lines += [
+        "`mean / oracle`: the policy's mean latency over the hindsight oracle's for the same request "
+        "times (the best allowed cut and codec under the trace's true rate at that moment and the "
+        "measured profile). Cut `device` means everything ran on the device.",
+        "",
+    ]
+    if plots:
+        lines += [f"![{name}]({name})" for name in plots] + [""]
+    else:
+        lines += ["(No plots: install matplotlib, `pip install 'splitinfer[plot]'`.)", ""]
+    lines += ["Every request: [`requests.csv`](requests.csv).", ""]
+    cut_lines = sorted({r.ran_cut(bundle.last_cut) for r in records})
+    lines += ["Cuts chosen:", ""] + [f"- {k}: {bundle.cuts[k].name}" for k in cut_lines] + [""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _plots(
+    out_dir: Path,
+    records: Sequence[Record],
+    policies: list[str],
+    trace: BandwidthTrace,
+    duration_s: float,
+    bundle: Bundle,
+) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    last = bundle.last_cut
+    ts = np.arange(0.0, duration_s, 0.1)
+    rate = np.array([trace.rate_at(t) for t in ts]) / 1e6
+    fig, ax = plt.subplots(figsize=(11, 5))
+    bw = ax.twinx()
+    bw.fill_between(ts, rate, step="post", color="0.85", label="uplink (trace)")
+    bw.set_ylabel("trace bandwidth, Mbit/s")
+    bw.set_ylim(0, max(rate.max(), 1e-3) * 1.1)
+    ax.set_zorder(bw.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    for name in policies:
+        rs = sorted((r for r in records if r.policy == name), key=lambda r: r.t)
+        ax.plot([r.t for r in rs], [r.latency_s * 1000 for r in rs], marker=".", lw=1, label=name)
+    ax.set_xlabel("seconds into the trace stretch (request issued)")
+    ax.set_ylabel("latency, ms")
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"Latency per request against the trace ({trace.name})")
+    fig.tight_layout()
+    fig.savefig(out_dir / "latency.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(11, 5))
+    bw = ax.twinx()
+    bw.fill_between(ts, rate, step="post", color="0.85")
+    bw.set_ylabel("trace bandwidth, Mbit/s")
+    ax.set_zorder(bw.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    for i, name in enumerate(policies):
+        rs = sorted((r for r in records if r.policy == name), key=lambda r: r.t)
+        jitter = (i - len(policies) / 2) * 0.12
+        ax.step(
+            [r.t for r in rs],
+            [r.ran_cut(last) + jitter for r in rs],
+            where="post",
+            marker=".",
+            lw=1,
+            label=name,
+        )
+    ax.set_ylim(-1, last + 1)
+    ax.set_xlabel("seconds into the trace stretch (request issued)")
+    ax.set_ylabel(f"cut (0: all in the cloud, {last}: all on the device)")
+    ax.legend(loc="center left", fontsize=8)
+    ax.set_title("Chosen cut over time")
+    fig.tight_layout()
+    fig.savefig(out_dir / "cuts.png", dpi=110)
+    plt.close(fig)
+    return ["latency.png", "cuts.png"]

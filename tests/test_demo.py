@@ -1,0 +1,199 @@
+"""``splitinfer demo``: the real CLI in a subprocess (server, link emulators, edge clients), and its parts."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from splitinfer._demo import POLICIES, DemoConfig, stretch
+from splitinfer._report import Record, format_table, summarize
+from splitinfer.errors import ConfigError
+from splitinfer.netem import BandwidthTrace
+from splitinfer.partitioner._hindsight import Link
+
+CLI = [sys.executable, "-m", "splitinfer", "demo", "--quick", "--no-progress"]
+ROW = re.compile(
+    r"^(?P<policy>\w+)\s+(?P<n>\d+)\s+(?P<mean>\d+)\s+(?P<p95>\d+)\s+(?P<ratio>[\d.]+)\s+(?P<kib>[\d.]+)\s+"
+    r"(?P<agree>[\d.]+)%\s+(?P<fallbacks>\d+)\s+(?P<shares>\d+%/\d+%/\d+%)\s+(?P<mix>.+)$"
+)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("demo-cache")
+
+
+@pytest.mark.slow
+def test_quick_demo_prints_every_policy_and_writes_the_report(tmp_path, cache):
+    out_dir = tmp_path / "report"
+    proc = subprocess.run(
+        [*CLI, "--duration", "6", "--out", str(out_dir), "--cache-dir", str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {m["policy"]: m for m in map(ROW.match, proc.stdout.splitlines()) if m}
+    assert set(rows) == set(POLICIES), proc.stdout
+    for m in rows.values():
+        assert int(m["n"]) >= 1
+        assert 0 < int(m["mean"]) < 10_000 and 0 < int(m["p95"]) < 20_000
+        assert math.isfinite(float(m["ratio"])) and float(m["ratio"]) > 0
+        assert 0 <= float(m["agree"]) <= 100
+        assert abs(sum(int(x) for x in re.findall(r"\d+", m["shares"])) - 100) <= 2  # rounding
+    assert rows["local"]["shares"] == "100%/0%/0%" and float(rows["local"]["kib"]) == 0
+    assert rows["cloud"]["shares"] == "0%/0%/100%" and float(rows["cloud"]["kib"]) > 0
+    assert float(rows["local"]["agree"]) == 100.0  # nothing lossy on the device
+    report = out_dir / "report.md"
+    assert f"report: {report.resolve()}" in proc.stdout
+    text = report.read_text()
+    for policy in POLICIES:
+        assert f"| {policy} |" in text
+    for plot in ("latency.png", "cuts.png"):
+        assert (out_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({plot})" in text
+    lines = (out_dir / "requests.csv").read_text().splitlines()
+    assert lines[0].startswith("policy,t,latency_s,cut,codec")
+    assert len(lines) - 1 == sum(int(m["n"]) for m in rows.values())
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_demo_and_everything_it_started(tmp_path, cache):
+    proc = subprocess.Popen(
+        [*CLI, "--duration", "120", "--out", str(tmp_path / "report"), "--cache-dir", str(cache)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    server_pid = None
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "the demo exited before it ran"
+            match = re.search(r"splitinfer serve \(pid (\d+)\)", line)
+            if match:
+                server_pid = int(match.group(1))
+            if line.startswith("policies:"):
+                break
+        assert server_pid is not None and _alive(server_pid)
+        time.sleep(1.5)  # requests in flight through the emulators
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        stderr = proc.stderr.read()
+        assert "interrupted" in stderr and "Traceback" not in stderr, stderr
+        deadline = time.monotonic() + 10
+        while _alive(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(server_pid), "the cloud server outlived the demo"
+        assert not (tmp_path / "report").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if server_pid is not None and _alive(server_pid):
+            os.kill(server_pid, signal.SIGKILL)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return not (status.exists() and status.read_text().split(") ", 1)[1].startswith("Z"))
+
+
+async def test_an_answer_that_arrives_in_pieces_is_read_whole():
+    """Through a slow link the answer comes in many reads; the edge must read to its end."""
+    from aiohttp import web
+
+    from splitinfer.edge._transport import HttpTransport
+    from splitinfer.netem import LinkEmulator
+
+    body = bytes(range(256)) * 256
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=body)
+
+    app = web.Application()
+    app.router.add_post("/x", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        upstream = ("127.0.0.1", runner.addresses[0][1])
+        async with LinkEmulator(upstream, uplink=BandwidthTrace.constant(4e6)) as emulator:
+            transport = HttpTransport(f"http://127.0.0.1:{emulator.port}")
+            try:
+                resp = await transport.post("/x", b"hi", {}, 10.0)
+            finally:
+                await transport.close()
+                emulator.disconnect_all()
+        assert resp.status == 200 and resp.body == body
+    finally:
+        await runner.cleanup()
+
+
+def test_a_stretch_is_the_trace_started_later():
+    trace = BandwidthTrace((0.0, 1.0, 2.5), (1e6, 2e6, 3e6), 4.0, "t")
+    later = stretch(trace, 1.5)
+    assert later.period == trace.period
+    for t in np.arange(0.0, 8.0, 0.25):
+        assert later.rate_at(t) == trace.rate_at(t + 1.5)
+    assert stretch(trace, 0.0) is trace
+    assert stretch(trace, 5.5).rate_at(0.2) == trace.rate_at(1.7)
+
+
+def test_the_oracles_link_matches_the_emulators_trace():
+    trace = BandwidthTrace((0.0, 1.0, 2.5), (1e6, 0.0, 3e6), 4.0, "t")
+    link = Link.from_trace(trace, horizon_s=30)
+    for start, bits in [(0.0, 5e5), (0.5, 2e6), (3.9, 1e7), (12.2, 4e6)]:
+        assert float(link.done(start, bits)) == pytest.approx(trace.finish_time(start, bits), abs=0.01)
+
+
+def test_summary_and_table_of_records():
+    def rec(policy, latency, cut, fallback="", agree=True):
+        return Record(
+            policy, 0.0, latency, cut, "q8+zstd1", 100 if cut < 4 else 0, 10, fallback, agree, 0.1, 0.1, 0.1
+        )
+
+    records = [
+        rec("adaptive", 0.1, 2),
+        rec("adaptive", 0.3, 4),
+        rec("local", 0.2, 4),
+        rec("local", 0.2, 2, "deadline"),
+    ]
+    s = summarize(records, last_cut=4, policies=["adaptive", "local", "cloud"])
+    assert list(s) == ["adaptive", "local"]
+    assert s["adaptive"].mean_s == pytest.approx(0.2) and s["adaptive"].split == 0.5
+    assert s["local"].local == 1.0 and s["local"].fallbacks == 1
+    assert s["adaptive"].vs_oracle == pytest.approx(2.0)
+    table = format_table(s)
+    assert table.splitlines()[2].split()[:4] == ["adaptive", "2", "200", "290"]
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"model": "resnet"}, "model must be one of"),
+        ({"duration_s": 0}, "--duration"),
+        ({"slowdown": 0.5}, "--slowdown"),
+        ({"budget": 1.5}, "--budget"),
+        ({"policies": ("adaptive", "best")}, "policies must be among"),
+    ],
+)
+def test_bad_settings_say_what_to_fix(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        DemoConfig(**kw)
