@@ -150,9 +150,18 @@ class Batcher:
         free = max(1, sched.threads - len(sched.running))
         return self.rows * free < sched.recent_peak() - sched.computing
 
-    def _take(self) -> list[Job]:
-        """The next batch: the oldest job and the following ones that fit it."""
-        limit = self.scheduler.max_batch_size
+    def _take(self, *, share: bool = True) -> list[Job]:
+        """The next batch: the oldest job and the following ones that fit it.
+
+        With ``share``, a batch takes at most its share of the queued rows over the free compute
+        threads, so that C requests arriving together become one batch per thread rather than one
+        big batch while the other threads idle (in a closed loop they would stay in lockstep on
+        one core: measured at the mid cut, 0.97 cores of 2 used at C = 8)."""
+        sched = self.scheduler
+        limit = sched.max_batch_size
+        if share:
+            free = max(1, sched.threads - len(sched.running))
+            limit = min(limit, max(1, -(-self.rows // free)))
         now = time.perf_counter()
         for job in [j for j in self.queue if j.deadline is not None and j.deadline <= now]:
             self._expire(job)
@@ -180,7 +189,7 @@ class Batcher:
             if sched.max_batch_size > 1:
                 await self._fill()
             if self._light():
-                self._run_inline(self._take())
+                self._run_inline(self._take(share=False))
                 await asyncio.sleep(0)  # let the loop serve others between inline batches
                 continue
             await sched.slots.acquire()

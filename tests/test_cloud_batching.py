@@ -57,8 +57,30 @@ async def test_concurrent_requests_form_real_batches_and_answer_each_its_own(rep
         assert full == 1.0
 
 
+async def test_queued_jobs_are_shared_out_over_the_free_compute_threads(repository, cnn_bundle, cnn):
+    # 8 requests that arrive together on 2 free threads: two batches of 4, one per thread, rather
+    # than one batch of 8 while the other thread idles.
+    async with running(repository, max_batch_size=16, compute_threads=2) as server:
+        state = server.app[STATE]
+        xs = [torch.rand(1, 3, 32, 32) for _ in range(8)]
+        async with aiohttp.ClientSession() as s:
+            async with compute_held(server):
+                tasks = [
+                    asyncio.create_task(post(s, server.url + INFER, frame(cnn_bundle, 3, x))) for x in xs
+                ]
+                await until(lambda: state.scheduler.queued >= len(xs))
+            answers = await asyncio.gather(*tasks)
+        for x, (status, _, body) in zip(xs, answers):
+            assert status == 200
+            assert torch.allclose(outputs(body)[0], _expected(cnn, x), atol=1e-5)
+        get = server.registry.get_sample_value
+        assert get("splitinfer_batch_size_count", {"model": "democnn"}) == 2.0
+        assert get("splitinfer_batch_size_bucket", {"model": "democnn", "le": "4.0"}) == 2.0
+
+
 async def test_requests_at_different_cuts_batch_separately(repository, cnn_bundle, cnn):
-    async with running(repository, max_batch_size=16) as server:
+    # One compute thread: with more, a cut's queued jobs are also shared out between threads.
+    async with running(repository, max_batch_size=16, compute_threads=1) as server:
         state = server.app[STATE]
         cuts = [2, 5, 2, 5, 8, 2]
         xs = [torch.rand(2, 3, 32, 32) for _ in cuts]
