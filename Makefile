@@ -7,8 +7,10 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
+LOADTEST_ARGS ?=
 
-.PHONY: demo test bench loadtest lint clean venv
+.PHONY: demo test bench fuzz loadtest lint clean venv prometheus
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,22 +27,38 @@ comma := ,
 venv: $(VENV)/.stamp-dev-examples-plot
 
 demo: $(VENV)/.stamp-examples-plot
-	$(VENV)/bin/splitinfer demo
+	$(VENV)/bin/splitinfer demo $(DEMO_ARGS)
 
-test: $(VENV)/.stamp-dev-examples-plot
+test: $(VENV)/.stamp-dev-examples-plot-loadtest prometheus
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# tests/test_prometheus.py runs a real Prometheus, and tests/test_deploy.py its promtool: Debian's
+# `prometheus` package, installed here when missing (needs root and apt-get).
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	} || { echo "make test needs prometheus and promtool on PATH: run 'apt-get install prometheus' as root (Debian/Ubuntu), or install Prometheus another way" >&2; exit 1; }
 
 lint: $(VENV)/.stamp-dev-examples-plot
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: $(VENV)/.stamp-dev-examples-plot
+bench: $(VENV)/.stamp-dev-examples-plot-bench
 	@set -e; for b in benchmarks/bench_*.py; do \
 	  [ -e "$$b" ] || { echo "no benchmarks yet"; break; }; \
 	  echo "== $$b"; $(PY) "$$b"; done
 
+# Headless locust run against a local server (loadtests/README.md); about 3.5 minutes plus a
+# one-time compile. E.g. make loadtest LOADTEST_ARGS="--run-time 60 --shape spike --workers 2"
+# Fuzz the frame and codec decoders and the HTTP endpoint with 100,000 inputs (FUZZ_EXAMPLES=N for
+# more); `make test` runs a few hundred, `make bench` records the figures in results/reliability.md.
+FUZZ_EXAMPLES ?= 100000
+fuzz: $(VENV)/.stamp-dev-examples-plot
+	$(PY) benchmarks/bench_reliability.py --fuzz-only --fuzz-examples $(FUZZ_EXAMPLES)
+
 loadtest: $(VENV)/.stamp-dev-examples-plot-loadtest
-	@if [ -e loadtests/run.py ]; then $(PY) loadtests/run.py; else echo "no load tests yet"; fi
+	$(PY) loadtests/run.py $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

@@ -127,5 +127,7 @@ def test_locust_run_serves_every_policy(prepared: tuple[Path, Path], server_url:
         sent[r["policy"]] += r["sent"]
     # The mix may also hold requests that ended after locust's last CSV write.
     assert all(served[p] >= int(rows[p]["Request Count"]) for p in POLICIES), served
-    assert sent["local"] == 0 and all(sent[p] > 0 for p in POLICIES - {"local", "adaptive"}), sent
+    # `cloud` and `static` always send and `local` never does; `adaptive` and `neurosurgeon` may
+    # keep every request on the device, depending on the profile this machine just measured.
+    assert sent["local"] == 0 and sent["cloud"] > 0 and sent["static"] > 0, sent
     assert any(r["compute_s"] > 0 for r in mix["rows"] if r["sent"])  # Server-Timing was read
