@@ -564,16 +564,15 @@ def report(results: list[Result], args: argparse.Namespace, load: tuple[float, f
         "whole batches to a compute thread, against uvicorn processes that pass every request through "
         "ZeroMQ to worker processes and back.",
         "- At the mid cut the tail's compute is nearly all the time, and both servers run the same "
-        "tail, one batch per core, each with one torch thread. splitinfer spends less CPU per request "
-        "(the `CPU ms/req` column), so where its throughput is lower it was given less CPU time (see "
-        "the cores line above). Our reading, which these runs support but do not prove: on a machine "
-        "shared with other sessions, Linux's scheduler (EEVDF, an autogroup per session) favours a "
-        "session whose threads wake up often over one whose threads compute steadily, and LitServe's "
-        "processes wake up hundreds of times a second even when idle (they poll their queues; an "
-        "idle LitServe uses about a fifth of a core here). `--waker` measures a control: the same "
-        "splitinfer server plus a process in its session that does nothing but wake up. On cores of "
-        "its own (a container with its own CPU quota, as deployed) the effect should not arise; that "
-        "was not measured here.",
+        "tail, one batch per core, each with one torch thread. What decides the throughput is "
+        "whether both cores stay busy: until 2026-11-24 splitinfer's batcher put every queued request "
+        "into one batch, so C clients in a closed loop stayed in lockstep on one compute thread while "
+        "the other idled (0.97 of 2 cores used at C = 8; 0.69x-0.92x LitServe there). The batcher now "
+        "shares the queued rows out over the free compute threads (cloud/_batcher.py), and the mid "
+        "cut went from 82 to 165 req/s at C = 8 on a quiet machine. splitinfer also spends less CPU "
+        "per request (the `CPU ms/req` column). On a machine loaded by other sessions, LitServe's "
+        "processes, which wake up hundreds of times a second even when idle, get a larger share of "
+        "the CPU; `--waker` measures that control.",
         "- The server-overhead target is read from the server's own Server-Timing header (total minus "
         "compute, both measured inside the server); the client-side figure adds the loopback round "
         "trip and the Python client, which are not the server's.",

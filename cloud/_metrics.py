@@ -29,7 +29,7 @@ REJECTION_CODES = frozenset(
         "bad_request",
     }
 )
-STAGES = ("queue", "decode", "compute", "encode", "total")
+STAGES = ("receive", "queue", "decode", "compute", "encode", "total")
 
 # Latency buckets from 0.1 ms to 10 s: tails run from sub-millisecond to seconds.
 _LATENCY_BUCKETS = (
@@ -67,8 +67,9 @@ class ServerMetrics:
         )
         self.duration = Histogram(
             "splitinfer_request_duration_seconds",
-            "Server-side seconds per successful request, by stage (queue, decode, compute, encode, "
-            "total); compute is the time of the batch the request ran in.",
+            "Server-side seconds per successful request, by stage (receive: reading the body; queue, "
+            "decode, compute, encode; total: from the body's last byte); compute is the time of the "
+            "batch the request ran in.",
             ["model", "stage"],
             buckets=_LATENCY_BUCKETS,
             registry=registry,
