@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+from abc import abstractmethod
 
 from locust import LoadTestShape
 
@@ -49,9 +50,9 @@ class _PolicyShape(LoadTestShape):
     def spawn_rate(self) -> float:
         return float(getattr(self._options(), "spawn_rate", None) or 5.0)
 
+    @abstractmethod
     def fraction(self, t: float) -> float:
-        """Share of the peak active ``t`` (0..1) of the way through the run."""
-        raise NotImplementedError
+        """Share of the peak active ``t`` (0..1) of the way through the run; each shape defines it."""
 
     def tick(self) -> tuple[int, float] | None:
         elapsed = self.get_run_time()
