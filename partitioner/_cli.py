@@ -15,9 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from splitinfer.bundle import Bundle, Cut, read_manifest, update_manifest
+from splitinfer.bundle import Bundle, read_manifest, update_manifest
 from splitinfer.errors import ConfigError
-from splitinfer.tensors import TensorSpec
 
 __all__ = ["add_plan_parser", "add_profile_parser", "parse_duration", "parse_rate"]
 
@@ -64,23 +63,7 @@ def parse_duration(text: str, what: str = "time") -> float:
 
 def load_metadata(path: str | Path) -> Bundle:
     """A bundle's cuts, codecs, fidelity and profiles from its manifest, without its segments."""
-    root = Path(path)
-    manifest = read_manifest(root)
-    cuts = [Cut.from_json(c) for c in manifest["cuts"]]
-    return Bundle(
-        name=manifest["name"],
-        cuts=cuts,
-        inputs=tuple(TensorSpec.from_json(s) for s in manifest["inputs"]),
-        in_spec=manifest["in_spec"],
-        out_spec=manifest["out_spec"],
-        graph_hash=manifest["graph_hash"],
-        segments=[None] * (len(cuts) - 1),
-        version=str(manifest.get("version", "1")),
-        codecs=list(manifest.get("codecs", [])),
-        fidelity=dict(manifest.get("fidelity", {})),
-        profiles=dict(manifest.get("profiles", {})),
-        calibration=dict(manifest.get("calibration", {})),
-    )
+    return Bundle.load(path, upto_cut=0)  # a range of no segments: only the manifest is read
 
 
 # -- plan --------------------------------------------------------------------------------
