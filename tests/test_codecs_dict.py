@@ -115,3 +115,49 @@ def test_the_server_refuses_a_payload_made_with_another_dictionary(mlp_bundle, d
         decode_frame(header, memoryview(bad), bundle)
     assert caught.value.code == "malformed_frame"
     assert f"zstd dictionary '{other.id}', this decoder has dictionary {dictionary.id}" in str(caught.value)
+
+
+def _relu_model():
+    """A model whose hidden ReLU features are a small, recurring payload (a pooled-features-like
+    cut): similar inputs switch on the same units with similar values."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 512), torch.nn.ReLU(), torch.nn.Linear(512, 4)).eval()
+
+
+def _similar_inputs(count: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(1, 16, generator=torch.Generator().manual_seed(99))
+    return [(base + 0.02 * torch.randn(1, 16, generator=gen),) for _ in range(count)]
+
+
+def test_compile_keeps_a_dictionary_that_pays_and_the_bundle_serves_with_it(tmp_path):
+    model, calibration = _relu_model(), _similar_inputs(40, seed=1)
+    options = dict(
+        name="dict", calibration=calibration, codecs=["f32", "q8+zstd3"], calibration_method="minmax"
+    )
+    plain = si.compile(model, calibration[0], **options)
+    bundle = si.compile(model, calibration[0], zstd_dictionaries=True, **options)
+    assert plain.dictionaries == {}
+    assert bundle.dictionaries, "no dictionary kept on a recurring 512-value payload"
+    for cut, by_spec in bundle.dictionaries.items():
+        assert set(by_spec) == {"q8+zstd3"}  # f32 has no zstd stage
+        k = int(cut)
+        with_dict = next(r for r in bundle.fidelity["table"] if r["cut"] == k and r["codec"] == "q8+zstd3")
+        without = next(r for r in plain.fidelity["table"] if r["cut"] == k and r["codec"] == "q8+zstd3")
+        assert with_dict["bytes"] <= 0.97 * without["bytes"]  # kept only when it saves >= 3 %
+
+    loaded = si.Bundle.load(bundle.save(tmp_path / "b"))
+    assert loaded.dictionaries == bundle.dictionaries
+    k = int(next(iter(loaded.dictionaries)))
+    (x,) = _similar_inputs(1, seed=7)[0]
+    frontier = list(loaded.head(k, x))
+    encoder = loaded.codec_for(k, "q8+zstd3")
+    without = get_codec("q8+zstd3", clip=encoder.clip)  # the same calibrated ranges, no dictionary
+    blob = encoder.encode(frontier)
+    assert len(blob) < len(without.encode(frontier))
+    decoded = loaded.decoder_for(k, "q8+zstd3").decode(blob)
+    assert torch.equal(decoded[0], without.decode(without.encode(frontier))[0])
+    with pytest.raises(CodecError, match="dictionary"):
+        get_codec("q8+zstd3").decode(blob)  # a peer without the bundle's dictionary refuses it
+    out = loaded.tail(k, decoded)
+    assert torch.allclose(out, model(x), atol=0.05)
