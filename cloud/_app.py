@@ -58,6 +58,7 @@ def create_app(config: ServerConfig, registry: CollectorRegistry | None = None) 
     app.router.add_post(
         "/v1/models/{name}/infer", h.infer, name=h.INFER_ROUTE, expect_handler=h.expect_continue
     )
+    app.router.add_post("/v1/link-probe", h.link_probe)
     app.router.add_get("/v1/models", h.list_models)
     app.router.add_get("/v1/models/{name}", h.get_model)
     app.router.add_get("/v2/health/live", h.live)

@@ -17,7 +17,7 @@ from splitinfer.cloud._auth import check_authorization
 from splitinfer.cloud._batcher import Job
 from splitinfer.cloud._compute import SMALL_BYTES, Frame, decode_frame
 from splitinfer.cloud._problem import Problem, problem_response
-from splitinfer.cloud._state import METRICS, STATE, TOKENS, ServerState
+from splitinfer.cloud._state import CONFIG, METRICS, STATE, TOKENS, ServerState
 from splitinfer.errors import ProtocolError
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "expect_continue",
     "get_model",
     "infer",
+    "link_probe",
     "list_models",
     "live",
     "metrics",
@@ -365,6 +366,31 @@ async def _infer(
         content_type=protocol.FRAME_CONTENT_TYPE,
         headers={"Server-Timing": server_timing(stages)},
     )
+
+
+# -- link probes ---------------------------------------------------------------------------
+
+#: Largest body a link probe may upload (``Estimator.probe_bytes()`` is at most 256 KiB).
+LINK_PROBE_MAX_BYTES = 1024 * 1024
+
+
+async def link_probe(request: web.Request) -> web.Response:
+    """``POST /v1/link-probe``: what an edge client sends when its link estimates are stale.
+
+    The body (at most :data:`LINK_PROBE_MAX_BYTES`, any content) is read and dropped; the answer
+    is 204 with ``Server-Timing`` (``receive``: reading the body, ``total``: the server's own time
+    after it), so the client can set the server's time aside as it does for an inference. An
+    empty body measures the round trip. Behind the same bearer tokens as inference.
+    """
+    started = time.perf_counter()
+    length = request.content_length
+    if length is not None and length > LINK_PROBE_MAX_BYTES:
+        raise Problem("too_large", f"a link probe carries at most {LINK_PROBE_MAX_BYTES} bytes, not {length}")
+    if length != 0:  # aiohttp refuses to read exactly 0 bytes
+        await read_body(request, LINK_PROBE_MAX_BYTES, request.app[CONFIG].read_timeout_s)
+    received = time.perf_counter()
+    stages = {"receive": received - started, "total": time.perf_counter() - received}
+    return web.Response(status=204, headers={"Server-Timing": server_timing(stages)})
 
 
 # -- discovery, health, metrics ------------------------------------------------------------

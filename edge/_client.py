@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -20,7 +21,7 @@ from splitinfer.bundle import Bundle
 from splitinfer.compression import get_codec
 from splitinfer.edge._breaker import CircuitBreaker
 from splitinfer.edge._metrics import EdgeMetrics
-from splitinfer.edge._transport import HttpTransport, Transport, make_ssl_context
+from splitinfer.edge._transport import HttpTransport, Transport, TransportResponse, make_ssl_context
 from splitinfer.errors import (
     AuthError,
     CloudError,
@@ -38,6 +39,12 @@ from splitinfer.tensors import specs_of
 __all__ = ["EdgeClient", "Trace"]
 
 T = TypeVar("T")
+log = logging.getLogger("splitinfer.edge")
+
+#: The server's endpoint for link probes (cloud/_handlers.py, ``link_probe``).
+LINK_PROBE_PATH = "/v1/link-probe"
+#: Seconds a link probe may take before it counts as failed.
+PROBE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,17 @@ class EdgeClient:
     A cloud that sheds a request (503) with ``Retry-After: S`` is left alone for S seconds:
     requests meanwhile finish on the device (fallback reason ``backoff``), or, when the device
     cannot finish them, are still sent.
+
+    Every request sent is registered with the estimator while it is in flight
+    (``start_transfer``), so one hanging on a dead link lowers the uplink estimate before it
+    ends. With ``probe`` (by default unless the policy is ``static`` or ``local``, which never
+    look at the link), the client measures the link in the background when its estimates are
+    stale, with requests to ``POST /v1/link-probe``: an empty one for the round trip when it has
+    no recent sample (``Estimator.needs_rtt_probe``), and an upload of
+    ``Estimator.probe_bytes()`` when the uplink estimate is stale (``Estimator.needs_probe``)
+    and the request at hand stays on the device, so a client that keeps every request local
+    notices when the link comes back. At most one probe runs at a time; none while the cloud
+    asked to be left alone.
     """
 
     def __init__(
@@ -94,6 +112,7 @@ class EdgeClient:
         transport: Transport | None = None,
         breaker: CircuitBreaker | None = None,
         prior: Estimates | None = None,
+        probe: bool | None = None,
         **policy_options: Any,
     ):
         if deadline_s is not None and deadline_s <= 0:
@@ -129,6 +148,10 @@ class EdgeClient:
         self.breaker = breaker or CircuitBreaker()
         self.metrics = EdgeMetrics(registry) if registry is not None else None
         self.last_trace: Trace | None = None
+        self.probe = self.policy.name not in ("static", "local") if probe is None else bool(probe)
+        self._probe_task: asyncio.Task[None] | None = None
+        #: Requests (and probe uploads) of this client on the link now.
+        self._sending = 0
         #: time.monotonic() before which the cloud asked not to be sent requests (Retry-After).
         self._cloud_back_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -168,6 +191,7 @@ class EdgeClient:
         decision, local_reason = self._decide()
         last = self.bundle.last_cut
         k = last if local_reason else decision.cut
+        self._maybe_probe(sending=k != last)
         request_id = uuid.uuid4().hex
         stages: dict[str, float] = {}
         frontier, stages["head"] = await self._emulated(self.bundle.head, k, *inputs)
@@ -209,11 +233,12 @@ class EdgeClient:
             deadline_s=remaining,
         )
         body = protocol.encode_request(header, payload)
-        resp = await self.transport.post(
+        resp = await self._post_measured(
             f"/v1/models/{self.bundle.name}/infer",
             body,
             {"Content-Type": protocol.FRAME_CONTENT_TYPE},
             remaining,
+            cut=decision.cut,
         )
         trace.stages["network"] = resp.ended - resp.started
         if resp.status != 200:
@@ -226,19 +251,100 @@ class EdgeClient:
         trace.stages["decode"] = time.perf_counter() - t0
         timing = resp.headers.get("Server-Timing")
         trace.stages.update({f"cloud_{k}": v for k, v in protocol.parse_server_timing(timing).items()})
+        self.breaker.success()
+        return tuple(outputs), replace(
+            trace, bytes_up=len(body), bytes_down=len(resp.body), retried=resp.retried
+        )
+
+    async def _post_measured(
+        self,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        timeout_s: float | None,
+        *,
+        cut: int | None,
+        answer_bytes: float | None = None,
+    ) -> TransportResponse:
+        """POST ``body``, in flight for the estimator until it ends; a 2xx answer feeds it.
+
+        ``cut`` and ``answer_bytes`` (default: the profile's response size) say how long the
+        cloud and the answer should take, which the in-flight cap sets aside.
+        """
+        transfer = self.estimator.start_transfer(
+            len(body), time.perf_counter(), cut=cut, down_bytes=answer_bytes
+        )
+        self._sending += 1
+        try:
+            resp = await self.transport.post(path, body, headers, timeout_s)
+        except BaseException:
+            self.estimator.cancel_transfer(transfer)
+            raise
+        finally:
+            self._sending -= 1
+        if resp.status // 100 != 2:
+            self.estimator.cancel_transfer(transfer)
+            return resp
         self.estimator.observe_transfer(
             up_bytes=len(body),
             down_bytes=len(resp.body),
             start=resp.started,
             first_byte=resp.first_byte,
             end=resp.ended,
-            server_timing=timing,
-            cut=decision.cut,
+            server_timing=resp.headers.get("Server-Timing"),
+            cut=cut,
+            transfer_id=transfer,
         )
-        self.breaker.success()
-        return tuple(outputs), replace(
-            trace, bytes_up=len(body), bytes_down=len(resp.body), retried=resp.retried
-        )
+        return resp
+
+    # -- link probes ---------------------------------------------------------------------
+
+    def _maybe_probe(self, *, sending: bool) -> None:
+        """Start a probe in the background if the estimates are stale (see the class docstring).
+
+        The round trip is probed only while no request is on the link (it would queue behind
+        the upload and look long); the uplink only when the request at hand stays on the device
+        (one that is sent measures it).
+        """
+        if not self.probe or (self._probe_task is not None and not self._probe_task.done()):
+            return
+        if time.monotonic() < self._cloud_back_at:
+            return
+        rtt = self._sending == 0 and self.estimator.needs_rtt_probe()
+        upload = not sending and self.estimator.needs_probe()
+        if rtt or upload:
+            self._probe_task = asyncio.ensure_future(self._probe(rtt=rtt, upload=upload))
+
+    async def _probe(self, *, rtt: bool, upload: bool) -> None:
+        """An empty probe for the round trip, then an upload of ``probe_bytes()``; never raises."""
+        if rtt and not await self._probe_part("rtt", b""):
+            return
+        if upload:
+            await self._probe_part("upload", bytes(self.estimator.probe_bytes()))
+
+    async def _probe_part(self, part: str, body: bytes) -> bool:
+        """One probe request, its measurement given to the estimator; whether it was answered."""
+        try:
+            if body:
+                resp = await self._post_measured(
+                    LINK_PROBE_PATH, body, {}, PROBE_TIMEOUT_S, cut=None, answer_bytes=0
+                )
+            else:
+                resp = await self.transport.post(LINK_PROBE_PATH, body, {}, PROBE_TIMEOUT_S)
+                if resp.status == 204:
+                    server = sum(protocol.parse_server_timing(resp.headers.get("Server-Timing")).values())
+                    self.estimator.observe_rtt(max(0.0, resp.first_byte - resp.started - server))
+            ok = resp.status == 204
+            if resp.status in (404, 405):
+                self.probe = False  # a server from before link probes: do not ask again
+                log.warning("the cloud does not answer link probes (HTTP %s); probing stops", resp.status)
+        except (CloudError, ProtocolError) as exc:
+            log.debug("link probe (%s) failed: %s", part, exc)
+            ok = False
+        if self.metrics is not None:
+            outcome = "ok" if ok else "failed"
+            self.metrics.probes.labels(model=self.bundle.name, part=part, outcome=outcome).inc()
+        return ok
 
     async def _fall_back(
         self, decision: Decision, frontier: tuple[Any, ...], trace: Trace, exc: Exception
@@ -284,6 +390,9 @@ class EdgeClient:
     # -- async lifecycle -----------------------------------------------------------------
 
     async def aclose(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            await asyncio.gather(self._probe_task, return_exceptions=True)
         await self.transport.close()
 
     async def __aenter__(self) -> EdgeClient:

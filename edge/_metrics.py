@@ -52,3 +52,9 @@ class EdgeMetrics:
             ["model", "reason"],
             registry=registry,
         )
+        self.probes = Counter(
+            "splitinfer_edge_link_probes",
+            "Link probes sent because the estimates were stale, by part (rtt, upload) and outcome.",
+            ["model", "part", "outcome"],
+            registry=registry,
+        )

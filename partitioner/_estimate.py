@@ -42,7 +42,11 @@ Idle periods: an estimate keeps its value, but its uncertainty (standard deviati
 grows with its age, ``sqrt(dev^2 + drift * age)``. :meth:`Estimator.needs_probe` says when the
 uplink estimate is older than ``probe_after_s``: a client that kept every request on the device
 (because the link looked bad) then sends a small probe (``probe_bytes()``) so it notices when
-the link comes back. Everything is thread-unsafe and clock-agnostic: pass times from one clock
+the link comes back. :meth:`Estimator.needs_rtt_probe` says when the round trip has no sample
+younger than ``rtt_probe_after_s``: requests whose upload dominates their wait never yield one,
+and without a measured round trip every uplink sample absorbs the prior's error (a prior 30 ms
+short made 15 KB uploads on a 2 Mbit/s link look 0.6x as fast as they were).
+Everything is thread-unsafe and clock-agnostic: pass times from one clock
 (``time.monotonic`` by default, or ``now=`` for a simulation).
 """
 
@@ -189,7 +193,8 @@ class Estimator:
     ``prior``'s. ``tau_s`` is the rate estimators' time constant in seconds of transfer;
     ``risk`` how much the uplink's spread lowers the rate reported (0: the geometric mean; 0.5:
     the rate predicting the expected transfer time); ``probe_after_s`` how old the uplink
-    estimate may grow before :meth:`needs_probe`; ``window`` the samples of the medians.
+    estimate may grow before :meth:`needs_probe`, ``rtt_probe_after_s`` the round trip's
+    newest sample before :meth:`needs_rtt_probe`; ``window`` the samples of the medians.
 
     The edge should call :meth:`observe_head` once at start-up with a warm-up inference at the
     last cut, so that the device's speed is known before the first decision.
@@ -204,16 +209,21 @@ class Estimator:
         tau_s: float = 0.5,
         risk: float = 0.5,
         probe_after_s: float = 1.0,
+        rtt_probe_after_s: float = 30.0,
         window: int = 15,
         clock: Callable[[], float] = time.monotonic,
     ):
-        if probe_after_s <= 0:
-            raise ConfigError(f"probe_after_s must be > 0 seconds, got {probe_after_s}")
+        if probe_after_s <= 0 or rtt_probe_after_s <= 0:
+            raise ConfigError(
+                f"probe_after_s and rtt_probe_after_s must be > 0 seconds, got {probe_after_s}, "
+                f"{rtt_probe_after_s}"
+            )
         if window < 1:
             raise ConfigError(f"window must be >= 1 sample, got {window}")
         self.prior = prior
         self.risk = risk
         self.probe_after_s = probe_after_s
+        self.rtt_probe_after_s = rtt_probe_after_s
         self.clock = clock
         self.uplink = LogEwma(tau=tau_s, min_duration=0.002)
         self.downlink = LogEwma(tau=tau_s, min_duration=0.002)
@@ -300,6 +310,10 @@ class Estimator:
         self._in_flight[self._next_id] = (up_bytes * 8, start + others)
         return self._next_id
 
+    def cancel_transfer(self, transfer_id: int) -> None:
+        """Forget a :meth:`start_transfer` whose request failed (it tells nothing about the link)."""
+        self._in_flight.pop(transfer_id, None)
+
     def observe_transfer(
         self,
         *,
@@ -315,7 +329,7 @@ class Estimator:
         """One request: ``up_bytes`` sent from ``start``; the answer's first byte at
         ``first_byte``, its last (``down_bytes`` in all) at ``end``; times on this estimator's
         clock. See the module docstring for how it is decomposed. ``transfer_id`` finishes a
-        :meth:`start_transfer` (also pass it, with any times, for a request that failed)."""
+        :meth:`start_transfer` (:meth:`cancel_transfer` ends one whose request failed)."""
         if transfer_id is not None:
             self._in_flight.pop(transfer_id, None)
         if not start <= first_byte <= end:
@@ -402,6 +416,11 @@ class Estimator:
     def needs_probe(self, now: float | None = None) -> bool:
         """Whether the uplink estimate is older than ``probe_after_s`` (or was never measured)."""
         return self.uplink.age(self._now(now)) > self.probe_after_s
+
+    def needs_rtt_probe(self, now: float | None = None) -> bool:
+        """Whether the round trip's newest sample is older than ``rtt_probe_after_s`` (or none)."""
+        last = self.rtt.last
+        return last is None or self._now(now) - last > self.rtt_probe_after_s
 
     def probe_bytes(self) -> int:
         """A probe size that takes about 0.2 s at the estimated uplink: 4 KiB to 256 KiB."""

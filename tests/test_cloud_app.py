@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import aiohttp
@@ -202,3 +203,19 @@ async def test_unexpected_errors_are_500_problem_json_without_a_trace(repository
     assert (status, problem_code(status, headers, body)) == (500, "internal")
     assert b"secret" not in body and b"Traceback" not in body
     assert protocol.parse_server_timing(headers["Server-Timing"])["total"] > 0
+
+
+async def test_a_link_probe_is_read_dropped_and_timed(repository, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret\n")
+    async with running(repository, token_file=tokens) as server, aiohttp.ClientSession() as s:
+        url, auth = server.url + "/v1/link-probe", {"Authorization": "Bearer s3cret"}
+        status, headers, body = await post(s, url, bytes(64 * 1024), headers=auth)
+        assert (status, body) == (204, b"")
+        assert set(protocol.parse_server_timing(headers["Server-Timing"])) == {"receive", "total"}
+        status, headers, body = await post(s, url, b"", headers=auth)  # the round-trip probe
+        assert status == 204
+        status, headers, body = await post(s, url, io.BytesIO(bytes(2 * 1024 * 1024)), headers=auth)
+        assert problem_code(status, headers, body) == "too_large"
+        status, headers, body = await post(s, url, b"")  # behind the same tokens as inference
+        assert status == 401

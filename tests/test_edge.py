@@ -283,3 +283,69 @@ async def test_estimates_converge_on_a_rate_limited_link(profiled):
         assert 0.02 < est.rtt_s < 0.1, est
     finally:
         await runner.cleanup()
+
+
+async def test_a_client_kept_on_the_device_probes_the_link_and_sees_it_is_good(profiled, cnn):
+    """The prior says the link is dead, so the first request stays on the device; the probe it
+    starts measures the real (loopback) link, and the next request goes to the cloud."""
+    dead = Estimates(uplink_bps=1e3, downlink_bps=8e6, rtt_s=5.0)
+    runner, server = await _server(profiled)
+    registry = CollectorRegistry()
+    x = torch.rand(1, 3, 32, 32)
+    try:
+        async with EdgeClient(
+            server.url,
+            bundle=profiled / "democnn",
+            policy="adaptive",
+            explore=0.0,
+            prior=dead,
+            device_slowdown=50.0,
+            registry=registry,
+        ) as client:
+            assert same(await client.ainfer(x), _want(cnn, x))
+            assert client.last_trace.cut == client.bundle.last_cut
+            while client.estimator.summary()["uplink_samples"] == 0:  # the probe runs in the background
+                await asyncio.sleep(0.01)
+            est = client.estimator.estimates()
+            assert est.rtt_s < dead.rtt_s / 10 and est.uplink_bps > 100 * dead.uplink_bps
+            await client.ainfer(x)
+            assert client.last_trace.cut < client.bundle.last_cut and client.last_trace.fallback is None
+        for part in ("rtt", "upload"):
+            labels = {"model": "democnn", "part": part, "outcome": "ok"}
+            assert registry.get_sample_value("splitinfer_edge_link_probes_total", labels) == 1, part
+        async with EdgeClient(server.url, bundle=profiled / "democnn", policy="local") as local:
+            for _ in range(3):
+                await local.ainfer(x)
+            assert not local.probe and local.estimator.summary()["rtt_samples"] == 0  # it never looks
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_request_hanging_on_a_dead_link_lowers_the_uplink_estimate_while_it_hangs(profiled):
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # takes the request and never answers
+        writer.close()
+
+    hole = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = hole.sockets[0].getsockname()[1]
+    try:
+        async with EdgeClient(
+            f"http://127.0.0.1:{port}",
+            bundle=profiled / "democnn",
+            policy="static",
+            cut=0,
+            codec="f32",
+            deadline_s=60.0,
+        ) as client:
+            before = client.estimator.estimates().uplink_bps
+            request = asyncio.ensure_future(client.ainfer(torch.rand(1, 3, 32, 32)))
+            while client.estimator.estimates().uplink_bps > before / 4:
+                await asyncio.sleep(0.02)
+            assert not request.done()  # noticed while the request hangs, not when it ends
+            request.cancel()
+            await asyncio.gather(request, return_exceptions=True)
+            assert client.estimator.estimates().uplink_bps == before  # a failed request says nothing
+            assert client.estimator.summary()["uplink_samples"] == 0
+    finally:
+        hole.close()
+        await hole.wait_closed()

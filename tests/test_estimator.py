@@ -178,3 +178,25 @@ def test_risk_prices_in_the_rates_spread():
         return est.estimates(now=t).uplink_bps
 
     assert run(0.5) < run(0.0)
+
+
+def test_the_round_trip_asks_for_a_probe_when_it_has_no_recent_sample():
+    now = [0.0]
+    est = Estimator(clock=lambda: now[0], rtt_probe_after_s=30.0)
+    assert est.needs_rtt_probe()  # never measured: uplink samples would absorb the prior's error
+    est.observe_rtt(RTT)
+    assert not est.needs_rtt_probe()
+    now[0] = 31.0
+    assert est.needs_rtt_probe()
+    with pytest.raises(ConfigError, match="rtt_probe_after_s"):
+        Estimator(rtt_probe_after_s=0)
+
+
+def test_a_cancelled_transfer_no_longer_caps_the_uplink():
+    est = fresh(clock=lambda: 0.0)
+    tid = est.start_transfer(20_000, 0.0)
+    capped = est.estimates(now=5.0).uplink_bps
+    assert capped < est.prior.uplink_bps
+    est.cancel_transfer(tid)
+    assert est.estimates(now=5.0).uplink_bps == est.prior.uplink_bps
+    assert est.summary()["uplink_samples"] == 0  # a failed request says nothing about the link
