@@ -1,7 +1,7 @@
 """Codec benchmark on real EfficientNet-Lite0 activations: size, top-1 agreement, speed.
 
-    python benchmarks/bench_codecs.py            # 2-3 minutes on 2 cores; writes results/codecs.md
-    python benchmarks/bench_codecs.py --quick    # a smoke run of ~15 s that writes nothing
+    python benchmarks/bench_codecs.py            # 15-25 minutes on 2 cores; writes results/codecs.md
+    python benchmarks/bench_codecs.py --quick    # a smoke run of ~30 s that writes nothing
 
 Photos from scikit-image and scikit-learn, cut into random crops (with flips) resized to 224 x
 224, are split into a calibration set and a disjoint evaluation set (different photos). The
@@ -62,8 +62,11 @@ POOL_ONLY = ("q6+zstd1", "q5+zstd1", "q3+zstd1")
 DICT_CODECS = ("f16+zstd1", "q8+zstd1", "q4+zstd1", "q4c+zstd1", "q2c+zstd1")
 # (spec, calibration method): codecs also run with ranges calibrated on the calibration photos
 CALIBRATED = (("q4+zstd1", "percentile"), ("q4+zstd1", "mse"), ("q4c+zstd1", "mse"), ("q2c+zstd1", "mse"))
-# codecs measured on many more images at the pooled cut for the 10x-at-99% target
+# codecs measured on many more images for the 10x-at-99% target, at the cuts in TEN_X_CUTS
 TEN_X = ("q8+zstd1", "q6+zstd1", "q5+zstd1", "q4+zstd1", "q3+zstd1")
+# `head`: the post-ReLU6 output of the head conv (1280 x 7 x 7, the input of the global pooling),
+# the sparsest activation of the network; `pool`: the pooled features (1280 values)
+TEN_X_CUTS = ("head", "pool")
 BATCH = 32  # images per forward pass, for the reference and for every tail
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -148,6 +151,9 @@ def tail(m: torch.nn.Module, cut: str, x: torch.Tensor) -> torch.Tensor:
             if cut == "pool":
                 outs.append(m._fc(m._dropout(chunk)))
                 continue
+            if cut == "head":
+                outs.append(m._fc(m._dropout(m._avg_pooling(chunk).flatten(1))))
+                continue
             h = chunk
             for block in m._blocks[int(cut.removeprefix("block")) + 1 :]:
                 h = block(h)
@@ -157,7 +163,8 @@ def tail(m: torch.nn.Module, cut: str, x: torch.Tensor) -> torch.Tensor:
 
 def capture(m: torch.nn.Module, images: torch.Tensor, n_relu: int) -> tuple[dict, torch.Tensor, dict]:
     """Cut activations (``{cut: (n, ...)}``), logits, and the post-ReLU6 tensors of the first
-    ``n_relu`` images (the input of each cut block's projection conv; block 0: the stem output)."""
+    ``n_relu`` images (the input of each cut block's projection conv; block 0: the stem output;
+    and the ``head`` cut, itself post-ReLU6)."""
     acts: dict[str, list[torch.Tensor]] = {f"block{i}": [] for i in CUT_BLOCKS}
     relu: dict[str, torch.Tensor] = {}
 
@@ -174,7 +181,9 @@ def capture(m: torch.nn.Module, images: torch.Tensor, n_relu: int) -> tuple[dict
         return hook
 
     hooks = [m._blocks[i].register_forward_hook(keep_output(i)) for i in CUT_BLOCKS]
-    acts["pool"] = []
+    acts["head"], acts["pool"] = [], []
+    pool = m._avg_pooling
+    hooks.append(pool.register_forward_pre_hook(lambda mod, i: acts["head"].append(i[0].contiguous())))
     hooks.append(m._avg_pooling.register_forward_hook(lambda mod, i, o: acts["pool"].append(o.flatten(1))))
     relu_hooks = [m._blocks[i]._project_conv.register_forward_pre_hook(keep_relu(i)) for i in CUT_BLOCKS]
     logits = []
@@ -186,6 +195,8 @@ def capture(m: torch.nn.Module, images: torch.Tensor, n_relu: int) -> tuple[dict
     for h in hooks:
         h.remove()
     cut_acts = {"input": images, **{k: torch.cat(v) for k, v in acts.items()}}
+    if n_relu:
+        relu["head"] = cut_acts["head"][:n_relu].clone()
     return cut_acts, torch.cat(logits), relu if n_relu else {}
 
 
@@ -398,58 +409,113 @@ def dictionary_verdict(rows: list[DictRow]) -> str:
 # ------------------------------------------------------------------ 10x at 99 %
 
 
+TenX = tuple[str, str, str, float, int]  # (cut, codec, ranges, f32 / codec, images that agree)
+
+
 def ten_x_section(
-    m: torch.nn.Module, eval_photos: dict[str, np.ndarray], cal_pool: torch.Tensor, count: int, seed: int
-) -> tuple[list[str], list[tuple[str, str, float, int]], int]:
-    """Per-tensor codes of the pooled features on ``count`` fresh evaluation crops."""
+    m: torch.nn.Module,
+    eval_photos: dict[str, np.ndarray],
+    cal_acts: dict[str, torch.Tensor],
+    count: int,
+    seed: int,
+) -> tuple[list[str], list[TenX], int]:
+    """Per-tensor codes at each of TEN_X_CUTS on ``count`` fresh evaluation crops."""
     images = crops(eval_photos, count, np.random.default_rng(seed + 1000))
-    pooled: list[torch.Tensor] = []
-    hook = m._avg_pooling.register_forward_hook(lambda mod, i, o: pooled.append(o.flatten(1)))
-    with torch.no_grad():
-        logits = tail(m, "input", images)
-    hook.remove()
-    pool = torch.cat(pooled)
+    acts, logits, _ = capture(m, images, n_relu=0)
     ref = logits.argmax(1)
     with torch.no_grad():
         noisy = tail(
             m, "input", images + 1e-3 * torch.randn(images.shape, generator=torch.Generator().manual_seed(2))
         )
-    hook_noise = int((noisy.argmax(1) == ref).sum())
-    f32 = float(np.mean([len(get_codec("f32").encode([p.unsqueeze(0)])) for p in pool]))
-    cal = [[c.unsqueeze(0)] for c in cal_pool]
-    results = []
-    for spec in TEN_X:
-        for label, clip in [("min/max", None)] + [
-            (mth, calibrate(cal, spec, mth)) for mth in ("minmax", "percentile", "mse")
-        ]:
-            codec = get_codec(spec, clip=clip)
-            blobs = [codec.encode([p.unsqueeze(0)]) for p in pool]
-            decoded = torch.cat([codec.decode(b)[0] for b in blobs])
-            agree = int((tail(m, "pool", decoded).argmax(1) == ref).sum())
-            results.append(
-                (
-                    spec,
-                    label if clip is None else f"{label} (cal)",
-                    f32 / float(np.mean([len(b) for b in blobs])),
-                    agree,
-                )
-            )
+    noise_floor = int((noisy.argmax(1) == ref).sum())
+    results: list[TenX] = []
+    sizes = {}
+    for cut in TEN_X_CUTS:
+        samples = [a.unsqueeze(0) for a in acts[cut]]
+        f32 = float(np.mean([len(get_codec("f32").encode([s])) for s in samples]))
+        sizes[cut] = (tuple(samples[0].shape), f32)
+        cal = [[c.unsqueeze(0)] for c in cal_acts[cut]]
+        for spec in TEN_X:
+            for label, clip in [("min/max", None)] + [
+                (mth, calibrate(cal, spec, mth)) for mth in ("minmax", "percentile", "mse")
+            ]:
+                codec = get_codec(spec, clip=clip)
+                blobs = [codec.encode([s]) for s in samples]
+                decoded = torch.cat([codec.decode(b)[0] for b in blobs])
+                agree = int((tail(m, cut, decoded).argmax(1) == ref).sum())
+                label = label if clip is None else f"{label} (cal)"
+                results.append((cut, spec, label, f32 / float(np.mean([len(b) for b in blobs])), agree))
+    described = "; ".join(
+        f"`{cut}` ({'x'.join(map(str, shape))}, f32 blob {f32:.0f} B)" for cut, (shape, f32) in sizes.items()
+    )
     lines = [
         f"## Ten times smaller at 99 % top-1 agreement? ({count} more images)",
         "",
         f"With 64 images one flip costs 1.6 %, so 99 % means no flip at all. Here: {count} fresh",
         f"crops of the evaluation photos (seed {seed + 1000}; crops of six photos, so far from {count}",
-        "independent images), at the pooled features (1 x 1280, f32 blob "
-        f"{f32:.0f} B): per-tensor codes, with encode-time min/max ranges or ranges calibrated on the",
-        "calibration photos. The same images with Gaussian noise of std 0.001 added to the input keep "
-        f"the top-1 class of {hook_noise}/{count} ({100 * hook_noise / count:.1f} %): the noise floor.",
+        f"independent images), at {described}: per-tensor codes, with encode-time min/max ranges or",
+        "ranges calibrated on the calibration photos. The same images with Gaussian noise of std 0.001",
+        f"added to the input keep the top-1 class of {noise_floor}/{count}",
+        f"({100 * noise_floor / count:.1f} %): the noise floor.",
         "",
-        "| codec | ranges | f32 / codec | top-1 agreement |",
-        "|---|---|---:|---:|",
+        "`head` is the sparsest tensor of the network: the head conv's ReLU6 output, about nine",
+        "values in ten exactly 0, which zstd stores almost for free; and the global average pooling",
+        "after it averages the quantization error of 49 positions away. The pooled features are 49x",
+        "smaller in f32 but dense, so every bit of their codes is paid for.",
+        "",
+        "| cut | codec | ranges | f32 / codec | top-1 agreement |",
+        "|---|---|---|---:|---:|",
     ]
-    for spec, label, ratio, agree in results:
-        lines.append(f"| {spec} | {label} | {ratio:.2f}x | {agree}/{count} ({100 * agree / count:.1f} %) |")
-    return [*lines, ""], results, hook_noise
+    for cut, spec, label, ratio, agree in results:
+        lines.append(
+            f"| {cut} | {spec} | {label} | {ratio:.2f}x | {agree}/{count} ({100 * agree / count:.1f} %) |"
+        )
+    return [*lines, ""], results, noise_floor
+
+
+JPEG_NORMALISED = ("jpeg90", "jpeg95")
+
+
+def jpeg_normalised_section(m: torch.nn.Module, count: int, cal_count: int) -> list[str]:
+    """JPEG at cut 0 of a model whose input is already ImageNet-normalised (as the demo's)."""
+    from splitinfer._images import photo_batch
+
+    images, cal_images = photo_batch(count, seed=5), photo_batch(cal_count, seed=9)
+    with torch.no_grad():
+        ref = torch.cat([m(c.contiguous(memory_format=torch.channels_last)) for c in images.split(BATCH)])
+    ref_top1 = ref.argmax(1)
+    samples = [x.unsqueeze(0) for x in images]
+    cal = [[x.unsqueeze(0)] for x in cal_images]
+    f32 = float(np.mean([len(get_codec("f32").encode([x])) for x in samples]))
+    unit = ClipRanges.from_arrays([((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))], per_channel=True)
+    columns = ("[0, 1]", "min/max per image", "calibrated min/max", "calibrated MSE")
+    lines = [
+        "## JPEG on normalised inputs",
+        "",
+        "The benchmark above feeds the model images in [0, 1]. A bundle compiled from a model whose",
+        "input is already ImageNet-normalised (as `splitinfer._images.photo_batch` and the demo produce)",
+        "sees values from about -2.1 to 2.6, so the codec maps each colour channel's calibrated range,",
+        "or else its min/max over the batch, to 0..255 (mapping [0, 1], an earlier default, clips them).",
+        f"On {count} normalised crops (`photo_batch({count}, seed=5)`, ranges calibrated on",
+        f"`photo_batch({cal_count}, seed=9)`), top-1 agreement with the uncompressed model (f32 / codec):",
+        "",
+        "| codec | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for spec in JPEG_NORMALISED:
+        cells = []
+        for clip in (unit, None, calibrate(cal, spec, "minmax"), calibrate(cal, spec, "mse")):
+            codec = get_codec(spec, clip=clip)
+            blobs = [codec.encode([x]) for x in samples]
+            decoded = torch.cat([codec.decode(b)[0] for b in blobs])
+            with torch.no_grad():
+                out = torch.cat(
+                    [m(c.contiguous(memory_format=torch.channels_last)) for c in decoded.split(BATCH)]
+                )
+            agree = int((out.argmax(1) == ref_top1).sum())
+            cells.append(f"{agree}/{count} ({f32 / float(np.mean([len(b) for b in blobs])):.1f}x)")
+        lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 # ------------------------------------------------------------------ sparsity
@@ -623,10 +689,11 @@ def report(
         "",
         "## Sparsity: does an explicit zero encoding beat zstd?",
         "",
-        "The cut activations (block outputs) are not sparse: EfficientNet's blocks end in a linear",
-        "projection (plus the residual), so they hold no exact zeros. The post-ReLU6 tensors inside the",
-        "blocks (the input of each block's projection conv; block 0: the stem output) are. On those,",
-        "the same values or codes were stored two ways, each followed by zstd level 1: dense, or as a",
+        "The block outputs are not sparse: EfficientNet's blocks end in a linear projection (plus the",
+        "residual), so they hold no exact zeros. The post-ReLU6 tensors are: inside the blocks (the",
+        "input of each block's projection conv; block 0: the stem output; cuts the partitioner offers",
+        "too) and the `head` cut (the head conv's ReLU6 output). On those, the same values or codes",
+        "were stored two ways, each followed by zstd level 1: dense, or as a",
         "bitmap of nonzeros (1 bit a value) followed by the nonzero values or codes (packed). Sizes",
         "are relative to f32; speeds are of that stage alone (the quantization before it is the same",
         "for both), in MB/s of float32 activation.",
@@ -697,12 +764,12 @@ def evaluate_targets(
         share = f"{x.agree}/{x.total} ({100 * x.agree / x.total:.1f} %)"
         return f"{x.codec} ({x.ranges}) at {cut}: {ratio:.1f}x smaller, {share}"
 
-    ten_big = [(r, a / ten_n, s, lbl) for s, lbl, r, a in ten]
+    ten_big = [(r, a / ten_n, s, lbl, cut) for cut, s, lbl, r, a in ten]
     n_main = results[0].rows[0].total
     good_big = [c for c in ten_big if c[0] >= 10 and c[1] >= 0.99]
 
-    def describe_big(c: tuple[float, float, str, str]) -> str:
-        return f"{c[2]} ({c[3]}) at pool: {c[0]:.1f}x smaller, {100 * c[1]:.1f} % of {ten_n}"
+    def describe_big(c: tuple[float, float, str, str, str]) -> str:
+        return f"{c[2]} ({c[3]}) at {c[4]}: {c[0]:.1f}x smaller, {100 * c[1]:.1f} % of {ten_n}"
 
     if good or good_big:
         ten_ok = True
@@ -818,8 +885,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dictionaries {time.perf_counter() - t0:5.1f}s")
     n_ten = args.ten_x_images or (32 if args.quick else 512)
     t0 = time.perf_counter()
-    ten_lines, ten, _ = ten_x_section(m, eval_photos, cal_acts["pool"], n_ten, args.seed)
+    ten_lines, ten, _ = ten_x_section(m, eval_photos, cal_acts, n_ten, args.seed)
     print(f"10x at 99% {time.perf_counter() - t0:5.1f}s")
+    t0 = time.perf_counter()
+    jpeg_lines = jpeg_normalised_section(m, 16 if args.quick else 96, 8 if args.quick else 32)
+    print(f"jpeg on normalised inputs {time.perf_counter() - t0:5.1f}s")
     targets = evaluate_targets(results, ten, n_ten)
     meta = {
         "seconds": f"{time.perf_counter() - t_start:.0f}",
@@ -831,8 +901,9 @@ def main(argv: list[str] | None = None) -> int:
         "timing_n": str(timing_n),
         "data": f"{n_cal} calibration crops of {', '.join(cal_photos)}; {n_eval} evaluation crops of "
         f"{', '.join(eval_photos)} (skimage.data and sklearn.datasets.load_sample_images, seed {args.seed}). "
-        f"Cuts: the model input, the outputs of blocks {', '.join(map(str, CUT_BLOCKS))}, and the pooled "
-        "features (`pool`, the input of the classifier).",
+        f"Cuts: the model input, the outputs of blocks {', '.join(map(str, CUT_BLOCKS))}, the head conv's "
+        "ReLU6 output (`head`, the input of the global pooling) and the pooled features (`pool`, the input "
+        "of the classifier).",
         "sparsity_verdict": sparsity_verdict(sparsity),
         "sensitivity": f"The model's top-1 on these crops is fragile: the gap between its two largest logits "
         f"is {gap[1]:.2f} at the median and {gap[0]:.3f} at the 5th percentile, and adding Gaussian noise of "
@@ -842,7 +913,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None or not args.quick:
         out = args.out or RESULTS
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report(results, sparsity, meta, targets, [*dictionary_section(dict_rows), *ten_lines]))
+        extra = [*dictionary_section(dict_rows), *ten_lines, *jpeg_lines]
+        out.write_text(report(results, sparsity, meta, targets, extra))
         print(f"wrote {out}")
     print()
     if args.quick:
