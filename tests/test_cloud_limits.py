@@ -71,7 +71,7 @@ def _header(bundle, **fields) -> dict:
 def _hostile(bundle) -> list[tuple[str, bytes, int, str]]:
     good = frame(bundle, 3, torch.rand(1, 3, 32, 32), codec="f32+zstd1")
     huge = _header(bundle, tensors=[["float32", [1 << 20, 16, 16, 16]]])
-    bomb = get_codec("f32+zstd1").encode([torch.zeros(1000, 16, 16, 16)])  # 64 MiB in a few KiB
+    bomb = get_codec("f32+zstd1").encode([torch.zeros(1000, 16, 16, 16)])  # 15.6 MiB of zeros in a few KiB
     narrow = get_codec("f32+zstd1").encode([torch.zeros(1, 16, 16, 8)])
     return [
         ("empty body", b"", 400, "malformed_frame"),
