@@ -160,9 +160,9 @@ class EdgeClient:
 
     # -- the request ---------------------------------------------------------------------
 
-    def _decide(self) -> tuple[Decision, str | None]:
+    def _decide(self, est: Estimates) -> tuple[Decision, str | None]:
         """The decision for the next request, and why it stays local if the plan was the cloud."""
-        decision = self.policy.decide(self.estimator.estimates())
+        decision = self.policy.decide(est)
         last = self.bundle.last_cut
         if decision.cut > self.max_cut:
             raise ConfigError(f"policy chose cut {decision.cut}, beyond this client's max_cut {self.max_cut}")
@@ -188,7 +188,8 @@ class EdgeClient:
     async def ainfer(self, *inputs: Any) -> Any:
         """The model's outputs for ``inputs``, computed across the device and the cloud."""
         started = time.perf_counter()
-        decision, local_reason = self._decide()
+        est = self.estimator.estimates()
+        decision, local_reason = self._decide(est)
         last = self.bundle.last_cut
         k = last if local_reason else decision.cut
         self._maybe_probe(sending=k != last)
@@ -203,7 +204,7 @@ class EdgeClient:
             outputs = frontier
         else:
             try:
-                outputs, trace = await self._remote(decision, frontier, trace, started)
+                outputs, trace = await self._remote(decision, est, frontier, trace, started)
             except AuthError:
                 raise
             except (CloudError, ProtocolError, CodecError) as exc:
@@ -213,10 +214,14 @@ class EdgeClient:
         return pytree.tree_unflatten(list(outputs), pytree.treespec_loads(self.bundle.out_spec))
 
     async def _remote(
-        self, decision: Decision, frontier: tuple[Any, ...], trace: Trace, started: float
+        self, decision: Decision, est: Estimates, frontier: tuple[Any, ...], trace: Trace, started: float
     ) -> tuple[tuple[Any, ...], Trace]:
         codec = self.bundle.codec_for(decision.cut, decision.codec)
         payload, trace.stages["encode"] = await self._emulated(codec.encode, list(frontier))
+        # The encode is device work too (at cut 0 the only one): its profiled time is the
+        # decision's prediction without the device slowdown that went into it.
+        profiled = decision.stages.get("encode", 0.0) / est.device_slowdown
+        self.estimator.observe_device(profiled, trace.stages["encode"])
         remaining = None
         if self.deadline_s is not None:
             remaining = self.deadline_s - (time.perf_counter() - started)
@@ -386,6 +391,28 @@ class EdgeClient:
         est = self.estimator.estimates()
         self.metrics.uplink.labels(model=model).set(est.uplink_bps / 8)
         self.metrics.rtt.labels(model=model).set(est.rtt_s)
+
+    # -- warm-up ---------------------------------------------------------------------------
+
+    async def awarm_up(self, *inputs: Any) -> float:
+        """Run the whole model on the device twice: once to build its runners, once timed, so the
+        device's speed is measured before the first decision (``Estimator.observe_head`` at the
+        last cut) rather than from a first request slowed by cold start. Returns the seconds
+        the device (with ``device_slowdown``: scaled, not waited out) takes for the whole
+        model. Needs the full model."""
+        last = self.bundle.last_cut
+        if not self.can_finish_locally:
+            raise ConfigError("warm_up runs the whole model on the device; this client holds only a head")
+        await asyncio.to_thread(self.bundle.head, last, *inputs)
+        t0 = time.perf_counter()
+        await asyncio.to_thread(self.bundle.head, last, *inputs)
+        seconds = (time.perf_counter() - t0) * self.device_slowdown
+        self.estimator.observe_head(last, seconds)
+        return seconds
+
+    def warm_up(self, *inputs: Any) -> float:
+        """Synchronous :meth:`awarm_up`."""
+        return self._run(self.awarm_up(*inputs))
 
     # -- async lifecycle -----------------------------------------------------------------
 

@@ -11,7 +11,8 @@ asks for a probe (:meth:`Estimator.needs_probe`):
   server's ``Server-Timing`` header) yields one sample each of the uplink rate, the round trip,
   the downlink rate, the cloud's queueing and the cloud's speed (its compute time against the
   profiled tail at that cut);
-- ``observe_head`` (measured head time at a cut) yields the device's speed against the profile;
+- ``observe_head`` (measured head time at a cut) and ``observe_device`` (any device work, such
+  as an encode, with its profiled time) yield the device's speed against the profile;
 - ``observe_upload`` / ``observe_download`` / ``observe_rtt`` take a probe's direct measurements.
 
 The request's wait for its first answer byte is ``rtt + up_bytes / uplink + server``, with the
@@ -268,9 +269,14 @@ class Estimator:
         """The device took ``seconds`` to run the head of ``cut`` (the whole model at the last cut)."""
         if self._head_s is None or not 0 <= cut < len(self._head_s):
             return
-        profiled = self._head_s[cut]
-        if profiled > 1e-5 and seconds > 0:
-            self.device.update(seconds / profiled, profiled, self._now(now))
+        self.observe_device(self._head_s[cut], seconds, now=now)
+
+    def observe_device(self, profiled_s: float, seconds: float, *, now: float | None = None) -> None:
+        """The device took ``seconds`` for work the profile times at ``profiled_s`` (an encode,
+        say: at cut 0 it is the only device work, and without it a device estimate that ran
+        high would keep every request at cut 0, where it is never measured again)."""
+        if profiled_s > 1e-5 and seconds > 0:
+            self.device.update(seconds / profiled_s, profiled_s, self._now(now))
 
     def observe_server_timing(
         self, timing: str | Mapping[str, float] | None, *, cut: int | None = None, now: float | None = None

@@ -86,7 +86,6 @@ async def run_session(session: Session) -> list[Any]:
     drivers: list[asyncio.Future[None]] = []
     records: list[Record] = []
     try:
-        t0 = time.monotonic()  # the trace's clock: every emulator starts now, at its time 0
         for em in emulators:
             await em.start()
         for name, em in zip(s.policies, emulators):
@@ -106,6 +105,11 @@ async def run_session(session: Session) -> list[Any]:
                     **options,
                 )
             )
+        for client in clients:  # one at a time: the device speed measured without contention
+            await client.awarm_up(s.images[:1])
+        for em in emulators:
+            em.rewind()
+        t0 = time.monotonic()  # the trace's clock: every emulator is at its time 0 now
         s.counts = dict.fromkeys(s.policies, 0)
         drivers = [
             asyncio.ensure_future(_drive(name, client, t0, s, records))

@@ -102,12 +102,12 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="every split policy, live, on EfficientNet-Lite0 over a real 3G trace (about 2 minutes)",
         description=(
             "Compile EfficientNet-Lite0 with its real weights (calibrated on real photos; cached, so "
-            "only the first run compiles: a minute or a few on a busy machine), start the cloud server "
-            "on 127.0.0.1, and run "
-            "the edge client with each policy (adaptive, neurosurgeon, cloud, local, static) side by "
-            "side through the link emulator replaying the same stretch of a real 3G trace, with a device "
-            "N times slower than this machine. Prints a table per policy and writes a report (Markdown, "
-            "CSV, PNG plots). Ctrl-C stops everything it started."
+            "only the first run compiles: under a minute, or a few on a busy machine), start the "
+            "cloud server on 127.0.0.1, and run the edge client with each policy (adaptive, "
+            "neurosurgeon, cloud, local, static) side by side through the link emulator replaying "
+            "the same stretch of a real 3G trace, with a device N times slower than this machine. "
+            "Prints a table per policy and writes a report (Markdown, CSV, PNG plots). Ctrl-C stops "
+            "everything it started."
         ),
     )
     p.add_argument(
@@ -124,7 +124,7 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=float,
         default=None,
         metavar="S",
-        help="seconds to run (default 90; 8 with --quick)",
+        help="seconds to run (default 90, or 60 when the bundle had to be compiled first; 8 with --quick)",
     )
     p.add_argument(
         "--slowdown",
@@ -166,7 +166,7 @@ def _demo(args: argparse.Namespace) -> int:
         model="democnn" if args.quick else "efficientnet-lite0",
         trace=args.trace or DEFAULT_TRACE,
         offset_s=args.offset,
-        duration_s=args.duration or (8.0 if args.quick else 90.0),
+        duration_s=args.duration or (8.0 if args.quick else None),
         slowdown=args.slowdown,
         budget=args.budget,
         delay_s=parse_duration(args.delay),

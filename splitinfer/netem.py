@@ -230,6 +230,12 @@ class LinkEmulator:
             self._spawn(self._disconnect_later(started + at))
         return self
 
+    def rewind(self) -> None:
+        """Start both traces over from their time 0 now (open connections stay open)."""
+        started = time.monotonic()
+        for link in (self._up, self._down):
+            link.started, link.free_at = started, 0.0
+
     async def stop(self) -> None:
         self._stopping = True
         if self._server is not None:

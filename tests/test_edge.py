@@ -349,3 +349,19 @@ async def test_a_request_hanging_on_a_dead_link_lowers_the_uplink_estimate_while
     finally:
         hole.close()
         await hole.wait_closed()
+
+
+async def test_a_warm_up_measures_the_device_before_the_first_decision(profiled):
+    async with EdgeClient(
+        "http://127.0.0.1:9", bundle=profiled / "democnn", policy="local", device_slowdown=20.0
+    ) as client:
+        assert client.estimator.summary()["device_samples"] == 0
+        seconds = await client.awarm_up(torch.rand(1, 3, 32, 32))
+        assert seconds > 0 and client.estimator.summary()["device_samples"] == 1
+        # The emulated slowdown is in the measurement: the device is ~20x the profiled host.
+        assert client.estimator.estimates().device_slowdown > 5.0
+    async with EdgeClient(
+        "http://127.0.0.1:9", bundle=profiled / "democnn", policy="static", cut=2, codec="f32", max_cut=2
+    ) as head_only:
+        with pytest.raises(ConfigError, match="whole model"):
+            await head_only.awarm_up(torch.rand(1, 3, 32, 32))

@@ -200,3 +200,15 @@ def test_a_cancelled_transfer_no_longer_caps_the_uplink():
     est.cancel_transfer(tid)
     assert est.estimates(now=5.0).uplink_bps == est.prior.uplink_bps
     assert est.summary()["uplink_samples"] == 0  # a failed request says nothing about the link
+
+
+def test_any_device_work_with_its_profiled_time_measures_the_device():
+    """At cut 0 the head is empty and the encode is the device's only work: it must count, or a
+    device estimate that ran high would keep every request at cut 0 for good."""
+    est = Estimator(profiled_bundle(), clock=lambda: 0.0)
+    est.observe_head(3, 0.06 * 40)  # a cold first run: 40x the profile
+    for _ in range(60):
+        est.observe_device(0.004, 0.004 * 8)  # encodes profiled at 4 ms, taking 8x that
+    assert est.estimates().device_slowdown == pytest.approx(8.0, rel=0.05)
+    est.observe_device(0.0, 1.0)  # nothing profiled: no information
+    assert est.estimates().device_slowdown == pytest.approx(8.0, rel=0.05)
