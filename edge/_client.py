@@ -397,9 +397,10 @@ class EdgeClient:
     async def awarm_up(self, *inputs: Any) -> float:
         """Run the whole model on the device twice: once to build its runners, once timed, so the
         device's speed is measured before the first decision (``Estimator.observe_head`` at the
-        last cut) rather than from a first request slowed by cold start. Returns the seconds
-        the device (with ``device_slowdown``: scaled, not waited out) takes for the whole
-        model. Needs the full model."""
+        last cut) rather than from a first request slowed by cold start; a client that probes
+        also measures the round trip then, before any request is on the link. Returns the
+        seconds the device (with ``device_slowdown``: scaled, not waited out) takes for the
+        whole model. Needs the full model."""
         last = self.bundle.last_cut
         if not self.can_finish_locally:
             raise ConfigError("warm_up runs the whole model on the device; this client holds only a head")
@@ -408,6 +409,8 @@ class EdgeClient:
         await asyncio.to_thread(self.bundle.head, last, *inputs)
         seconds = (time.perf_counter() - t0) * self.device_slowdown
         self.estimator.observe_head(last, seconds)
+        if self.probe and self.estimator.needs_rtt_probe():  # while no request is on the link
+            await self._probe_part("rtt", b"")
         return seconds
 
     def warm_up(self, *inputs: Any) -> float:
