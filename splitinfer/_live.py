@@ -3,8 +3,10 @@
 :func:`run_session` runs every policy side by side over the same stretch of a trace: one
 :class:`~splitinfer.netem.LinkEmulator` and one :class:`~splitinfer.edge.EdgeClient` per policy,
 all started together against one cloud server, each policy sending one request at a time (at
-most one every ``interval_s``) until ``duration_s`` has passed on the trace's clock. It returns
-one :class:`~splitinfer._report.Record` per request. Used by ``splitinfer demo`` and
+most one every ``interval_s``) until ``duration_s`` has passed on the trace's clock. Before the
+trace starts, every client warms up in turn (``EdgeClient.awarm_up``: the device's speed, and the
+round trip for the policies that probe), so no estimate starts from a cold, contended first
+request. It returns one :class:`~splitinfer._report.Record` per request. Used by ``splitinfer demo`` and
 ``benchmarks/bench_e2e.py``.
 """
 
@@ -154,6 +156,7 @@ async def _drive(name: str, client: Any, t0: float, s: Session, records: list[An
         t = time.monotonic() - t0
         j = i % len(s.reference)
         uplink = client.estimator.estimates().uplink_bps
+        uplink_mean = client.estimator.uplink.value(math.nan)
         out = await client.ainfer(s.images[j : j + 1])
         trace = client.last_trace
         records.append(
@@ -169,6 +172,7 @@ async def _drive(name: str, client: Any, t0: float, s: Session, records: list[An
                 agree=int(out.argmax()) == s.reference[j],
                 predicted_s=sum(trace.predicted.values()) if trace.predicted else math.nan,
                 uplink_est_bps=uplink,
+                uplink_mean_bps=uplink_mean,
             )
         )
         s.counts[name] += 1

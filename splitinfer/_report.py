@@ -53,6 +53,9 @@ class Record:
     world_s: float = math.nan
     #: The edge's uplink estimate when it decided (bit/s).
     uplink_est_bps: float = math.nan
+    #: The same estimator's running geometric mean of the uplink, before the discount for its
+    #: spread that the estimate carries (``Estimator`` ``risk``), when it decided (bit/s).
+    uplink_mean_bps: float = math.nan
     #: The trace's true uplink rate when the request was issued (bit/s).
     uplink_true_bps: float = math.nan
     #: Hindsight: the cut the oracle would have taken (-1 if unknown).
