@@ -45,11 +45,17 @@ def _is_tensor(node: fx.Node) -> bool:
 
 
 def _module_path(node: fx.Node) -> str:
+    """The innermost module that ``node`` runs in, e.g. ``layer2.1``; a module called more than
+    once (one activation module reused, say) names the call: ``_swish (call 2)``, so that every
+    cut's name says where it is (torch.export keys the n-th call ``...@{n-1}``)."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
-    return "" if path.startswith("_empty_nn_module_stack") else str(path)
+    key, (path, _) = list(stack.items())[-1]
+    if str(path).startswith("_empty_nn_module_stack"):
+        return ""
+    call = str(key).rpartition("@")[2] if "@" in str(key) else ""
+    return f"{path} (call {int(call) + 1})" if call.isdigit() else str(path)
 
 
 @dataclass
