@@ -406,7 +406,7 @@ def _interrupt(signum: int, frame: object) -> None:
 def _run_demo(config: DemoConfig) -> int:
     from splitinfer._images import photo_batch
     from splitinfer._live import Session, reference_classes, run_session, warm_up, warm_up_server
-    from splitinfer._report import add_oracle, format_table, summarize, write_report
+    from splitinfer._report import add_oracle, device_as_run, format_table, summarize, write_report
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -468,7 +468,8 @@ def _run_demo(config: DemoConfig) -> int:
             records = asyncio.run(run_session(session))
     finally:
         torch.set_num_threads(threads)
-    records = add_oracle(records, bundle, trace, device_slowdown=ds, rtt_s=rtt, budget=config.budget)
+    ds_run = device_as_run(records, bundle, trace, device_slowdown=ds, rtt_s=rtt, budget=config.budget)
+    records = add_oracle(records, bundle, trace, device_slowdown=ds_run, rtt_s=rtt, budget=config.budget)
     summaries = summarize(records, bundle.last_cut, config.policies)
     say("")
     say(format_table(summaries))
@@ -477,8 +478,9 @@ def _run_demo(config: DemoConfig) -> int:
         f"budget {config.budget} (top-1 agreement on {bundle.fidelity.get('samples')} calibration photos)",
         f"link: {trace.name} (a real 3G trace, looped), {duration_s:g} s, round trip "
         f"{rtt * 1000:.0f} ms, through splitinfer's link emulator on 127.0.0.1",
-        f"device: {ds:g}x slower than this machine ({_machine()}); cloud: a `splitinfer serve` "
-        "subprocess with one compute thread",
+        f"device: {ds:g}x slower than this machine ({_machine()}); it ran {ds_run:.1f}x slower, "
+        "sharing the machine (the `local` policy's measured time over the profile's), which is "
+        "how the oracle prices it; cloud: a `splitinfer serve` subprocess with one compute thread",
         f"static: cut {static[0]} ({bundle.cuts[static[0]].name}) with {static[1]}",
         "the policies ran side by side, one emulated link each, a request at most every "
         f"{config.interval_s:g} s each",

@@ -25,7 +25,7 @@ from splitinfer.netem import BandwidthTrace
 from splitinfer.partitioner import make_policy
 from splitinfer.partitioner._hindsight import Link, World, kind_of
 
-__all__ = ["Record", "Summary", "add_oracle", "format_table", "summarize", "write_report"]
+__all__ = ["Record", "Summary", "add_oracle", "device_as_run", "format_table", "summarize", "write_report"]
 
 #: Fallbacks decided before anything was sent: the request ran entirely on the device.
 _LOCAL_FALLBACKS = ("deadline", "circuit_open")
@@ -127,6 +127,35 @@ def add_oracle(
             replace(r, oracle_s=oracle_s, world_s=world_s, uplink_true_bps=rate, oracle_cut=oracle_cut)
         )
     return out
+
+
+def device_as_run(
+    records: Sequence[Record],
+    bundle: Bundle,
+    trace: BandwidthTrace,
+    *,
+    device_slowdown: float,
+    rtt_s: float,
+    budget: float,
+) -> float:
+    """The device slowdown the run really had, for :func:`add_oracle`.
+
+    ``device_slowdown`` times the median measured / modelled latency of the ``local`` policy's
+    requests (device time and nothing else), or ``device_slowdown`` without any: the emulated
+    device runs on a host shared with the other policies, the server and the emulators, so it
+    is slower than the profile (measured alone) says, and an oracle priced with the profile
+    alone would be no lower bound, or too low a one.
+    """
+    local = add_oracle(
+        [r for r in records if r.policy == "local" and not r.fallback],
+        bundle,
+        trace,
+        device_slowdown=device_slowdown,
+        rtt_s=rtt_s,
+        budget=budget,
+    )
+    ratios = [r.latency_s / r.world_s for r in local if r.world_s > 0]
+    return device_slowdown * float(np.median(ratios)) if ratios else device_slowdown
 
 
 def summarize(records: Sequence[Record], last_cut: int, policies: Sequence[str]) -> dict[str, Summary]:
