@@ -187,3 +187,21 @@ def test_parse_errors_say_the_form():
         BandwidthTrace.parse("0 0\n1 0\n")
     with pytest.raises(ConfigError, match="shipped traces"):
         BandwidthTrace.load("no-such-trace")
+
+
+async def test_rewind_starts_the_trace_over():
+    """A trace that is dead for its first second, then fast: after a rewind the link is dead again."""
+    from splitinfer.netem import BandwidthTrace, LinkEmulator
+
+    trace = BandwidthTrace((0.0, 1.0), (0.0, 1e9), 2.0, "dead-then-fast")
+    em = LinkEmulator(("127.0.0.1", 9), uplink=trace)
+    await em.start()
+    try:
+        started = em._up.started
+        assert em._up.schedule(1000, started + 1.5) - started < 1.6  # in the fast second: at once
+        em.rewind()
+        started = em._up.started
+        # Time 0 again, and the link free: a chunk now waits out the dead second, and no more.
+        assert 1.0 <= em._up.schedule(1000, started) - started < 1.1
+    finally:
+        await em.stop()
