@@ -180,6 +180,24 @@ async def test_deadline_shorter_than_the_cloud_path_falls_back(profiled, cnn):
         await runner.cleanup()
 
 
+async def test_a_fallback_runs_the_tail_at_the_emulated_device_speed(profiled, cnn):
+    """Finishing on the device after a cloud failure is device work: an N-times-slower device
+    takes about N times as long for it (the worker thread's hand-off is not scaled)."""
+    x = torch.rand(1, 3, 32, 32)
+    bundle = si.Bundle.load(profiled / "democnn")
+
+    async def fallback_tail(slowdown: float) -> float:
+        async with EdgeClient(  # a new client each time: its circuit breaker is closed
+            "http://127.0.0.1:9", bundle=bundle, policy="static", cut=2, codec="f32", device_slowdown=slowdown
+        ) as client:
+            assert same(await client.ainfer(x), _want(cnn, x))
+            assert client.last_trace.fallback == "unreachable"
+            return client.last_trace.stages["local_tail"]
+
+    fast = min([await fallback_tail(1.0) for _ in range(5)])
+    assert await fallback_tail(200.0) >= 10 * fast
+
+
 async def test_without_the_full_model_a_dead_cloud_fails_loudly(profiled):
     async with EdgeClient(
         "http://127.0.0.1:9", bundle=profiled / "democnn", policy="static", cut=2, codec="f32", max_cut=2
