@@ -66,6 +66,12 @@ TARGET = 1.15
 #: Headline numbers of earlier full runs, kept here so that a re-run's report still says what
 #: changed (the report is generated; nothing in it is written by hand).
 EARLIER_RUNS = (
+    "2026-12-03 19:39 UTC, before the device emulation stopped scaling the worker thread's hand-off "
+    "(load 0.4-0.8): norway-3g adaptive 791 / 1249 ms, mean / oracle 1.240, / neurosurgeon 0.68, / "
+    "cloud 0.77, / local 0.62, / static 1.00 (p95 1.00), per trace against static 0.85-1.17 (lower "
+    "on 3 of 8); fcc-hsdpa 770 / 1229 ms, mean / oracle 1.240, / neurosurgeon 0.69, / cloud 0.84, / "
+    "local 0.62, / static 0.99 (p95 1.00), per trace 0.92-1.08 (lower on 5 of 8). Measured / "
+    "modelled 1.20 and 1.18 for adaptive.",
     "2026-12-03 19:26 UTC, the same code (load 0.2-0.6): norway-3g adaptive 703 / 1075 ms, mean / "
     "oracle 1.201, / neurosurgeon 0.68, / cloud 0.70, / local 0.63, / static 1.00 (p95 1.07); "
     "fcc-hsdpa 740 / 1170 ms, mean / oracle 1.221, / static 1.00 (p95 1.07). Per trace against "
