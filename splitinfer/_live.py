@@ -126,8 +126,13 @@ async def run_session(session: Session) -> list[Any]:
         for d in drivers:
             d.result()  # raise what a driver raised
     finally:
-        for d in drivers:
-            d.cancel()
+        # Cancel until every driver is done: a cancellation that lands as an HTTP timeout fires
+        # is turned into a timeout (and a fallback) on Python 3.11, and the driver would go on
+        # sending until the end of the run (a Ctrl-C that seemed ignored).
+        while not all(d.done() for d in drivers):
+            for d in drivers:
+                d.cancel()
+            await asyncio.wait(drivers, timeout=0.5)
         await asyncio.gather(*drivers, return_exceptions=True)
         for client in clients:
             await client.aclose()
