@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS, machine
 
-from splitinfer.bundle import Bundle, Cut, update_manifest
+from splitinfer.bundle import Bundle
+from splitinfer.manifest import Cut, Manifest, update_manifest
 from splitinfer.partitioner import Estimates, Estimator, make_policy
 from splitinfer.partitioner._cli import load_metadata
 from splitinfer.partitioner._hindsight import Link, World, kind_of
@@ -429,14 +430,13 @@ def decide_speed(n_cuts: int = 100, n_codecs: int = 10, calls: int = 20000) -> d
         for k in range(n_cuts)
         for c in codecs
     ]
-    bundle = Bundle(
+    bundle = Manifest(
         name="speed",
         cuts=[Cut(k, f"c{k}", spec, int(nbytes[k])) for k in range(n_cuts + 1)],
         inputs=spec,
         in_spec="",
         out_spec="",
         graph_hash="x",
-        segments=[None] * n_cuts,
         codecs=codecs,
         fidelity={"metric": "top1", "samples": 1, "table": table},
         profiles={

@@ -36,20 +36,19 @@ from typing import Any
 
 import numpy as np
 
-from splitinfer.bundle import Bundle
 from splitinfer.errors import ConfigError
+from splitinfer.manifest import Manifest
 from splitinfer.partitioner._estimate import Estimates
+from splitinfer.partitioner._profiles import pick_profile, segment_medians
 
 __all__ = [
     "FEATURES",
     "STAGES",
     "CostModel",
     "EnergyModel",
-    "chain_times",
     "energy_weights",
     "is_lossless",
     "latency_weights",
-    "pick_profile",
 ]
 
 #: Stages of a prediction, in the order a request goes through them (seconds each).
@@ -88,53 +87,6 @@ class EnergyModel:
                 raise ConfigError(f"EnergyModel.{name} must be a finite number of watts >= 0, got {value!r}")
 
 
-def pick_profile(bundle: Bundle, name: str | None) -> tuple[str, dict[str, Any]] | None:
-    """The profile ``name`` of ``bundle`` (by default ``host`` if present, else the first one).
-
-    ``None`` when the bundle has no profile and none was asked for; ConfigError for an unknown
-    name.
-    """
-    profiles = bundle.profiles or {}
-    if name is not None:
-        if name not in profiles:
-            have = ", ".join(sorted(profiles)) or "none"
-            raise ConfigError(
-                f"bundle {bundle.name!r} has no profile {name!r} (it has: {have}); "
-                f"measure one with `splitinfer profile BUNDLE --name {name}`"
-            )
-        return name, profiles[name]
-    if not profiles:
-        return None
-    chosen = "host" if "host" in profiles else next(iter(profiles))
-    return chosen, profiles[chosen]
-
-
-def _segment_medians(bundle: Bundle, name: str, profile: Mapping[str, Any], batch: int) -> np.ndarray | None:
-    seg = profile.get("segments", {}).get(str(batch))
-    if seg is None:
-        return None
-    times = np.asarray(seg.get("median_s", []), dtype=np.float64)
-    if times.shape != (bundle.n_segments,) or not np.all(np.isfinite(times)) or np.any(times < 0):
-        raise ConfigError(
-            f"profile {name!r} of bundle {bundle.name!r} must give {bundle.n_segments} finite, "
-            f"non-negative segment times at batch {batch}, got {times.shape[0] if times.ndim else 0}; "
-            f"profile the bundle again"
-        )
-    return times
-
-
-def chain_times(bundle: Bundle, profile: str | None = None) -> tuple[list[float], list[float]] | None:
-    """Profiled ``head(k)`` and ``tail(k)`` at batch 1 for every cut, or None without a profile."""
-    picked = pick_profile(bundle, profile)
-    if picked is None:
-        return None
-    seg = _segment_medians(bundle, picked[0], picked[1], 1)
-    if seg is None:
-        return None
-    head = np.concatenate([[0.0], np.cumsum(seg)])
-    return head.tolist(), (head[-1] - head).tolist()
-
-
 class CostModel:
     """Every candidate of ``bundle`` with its profiled costs (see the module docstring).
 
@@ -143,7 +95,7 @@ class CostModel:
     sent. Arrays are read-only.
     """
 
-    def __init__(self, bundle: Bundle, *, profile: str | None = None, cloud_batch: int = 1):
+    def __init__(self, bundle: Manifest, *, profile: str | None = None, cloud_batch: int = 1):
         if not bundle.codecs:
             raise ConfigError(f"bundle {bundle.name!r} offers no codecs")
         if not isinstance(cloud_batch, int) or cloud_batch < 1:
@@ -156,10 +108,10 @@ class CostModel:
         self.profile_name = None if picked is None else picked[0]
         prof: Mapping[str, Any] = {} if picked is None else picked[1]
         self.profiled = picked is not None
-        seg1 = None if picked is None else _segment_medians(bundle, picked[0], prof, 1)
+        seg1 = None if picked is None else segment_medians(bundle, picked[0], prof, 1)
         if picked is not None and seg1 is None:
             raise ConfigError(f"profile {picked[0]!r} of bundle {bundle.name!r} has no batch-1 segment times")
-        segb = None if picked is None else _segment_medians(bundle, picked[0], prof, cloud_batch)
+        segb = None if picked is None else segment_medians(bundle, picked[0], prof, cloud_batch)
         if segb is None:
             segb = seg1
         n = self.n

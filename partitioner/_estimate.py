@@ -59,13 +59,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from splitinfer.errors import ConfigError
+from splitinfer.manifest import Manifest
+from splitinfer.partitioner._profiles import chain_times, pick_profile
 from splitinfer.protocol import parse_server_timing
-
-if TYPE_CHECKING:
-    from splitinfer.bundle import Bundle
 
 __all__ = ["DEFAULT_PRIOR", "Estimates", "Estimator", "LogEwma"]
 
@@ -203,7 +202,7 @@ class Estimator:
 
     def __init__(
         self,
-        bundle: Bundle | None = None,
+        bundle: Manifest | None = None,
         *,
         profile: str | None = None,
         prior: Estimates = DEFAULT_PRIOR,
@@ -238,8 +237,6 @@ class Estimator:
         self._tail_s: list[float] | None = None
         self._response_bytes = 0.0
         if bundle is not None:
-            from splitinfer.partitioner._costs import chain_times, pick_profile
-
             picked, times = pick_profile(bundle, profile), chain_times(bundle, profile)
             if picked is not None and times is not None:
                 self._head_s, self._tail_s = times

@@ -41,8 +41,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from splitinfer.bundle import Bundle
 from splitinfer.errors import ConfigError
+from splitinfer.manifest import Manifest
 from splitinfer.partitioner._costs import STAGES, CostModel, EnergyModel, energy_weights, latency_weights
 from splitinfer.partitioner._estimate import Estimates
 
@@ -347,7 +347,7 @@ def _check_range(name: str, value: Any, lo: float, hi: float, *, hi_open: bool =
         raise ConfigError(f"{name} must be a finite number in {bound}, got {value!r}")
 
 
-def _check_floor(bundle: Bundle, privacy_floor: Any) -> int | None:
+def _check_floor(bundle: Manifest, privacy_floor: Any) -> int | None:
     if privacy_floor is None:
         return None
     if not isinstance(privacy_floor, int) or isinstance(privacy_floor, bool):
@@ -359,7 +359,7 @@ def _check_floor(bundle: Bundle, privacy_floor: Any) -> int | None:
     return privacy_floor
 
 
-def _needs_profile(name: str, model: CostModel, bundle: Bundle) -> None:
+def _needs_profile(name: str, model: CostModel, bundle: Manifest) -> None:
     if not model.profiled:
         raise ConfigError(
             f"policy {name} needs a profile of bundle {bundle.name!r}: measure one with "
@@ -368,7 +368,7 @@ def _needs_profile(name: str, model: CostModel, bundle: Bundle) -> None:
 
 
 def adaptive(
-    bundle: Bundle,
+    bundle: Manifest,
     *,
     fidelity_budget: float = 0.99,
     privacy_floor: int | None = None,
@@ -402,7 +402,7 @@ def adaptive(
 
 
 def static(
-    bundle: Bundle, *, cut: int, codec: str, profile: str | None = None, cloud_batch: int = 1
+    bundle: Manifest, *, cut: int, codec: str, profile: str | None = None, cloud_batch: int = 1
 ) -> TablePolicy:
     """Always ``cut`` with ``codec`` (the codec is ignored at the last cut)."""
     bundle.cut(cut)
@@ -418,7 +418,7 @@ def static(
     return TablePolicy("static", model, allowed, [""] * len(model), settings=f"cut {cut}, codec {codec}")
 
 
-def local(bundle: Bundle, *, profile: str | None = None) -> TablePolicy:
+def local(bundle: Manifest, *, profile: str | None = None) -> TablePolicy:
     """Always the last cut: the whole model on the device."""
     model = CostModel(bundle, profile=profile)
     allowed = np.zeros(len(model), dtype=bool)
@@ -427,7 +427,7 @@ def local(bundle: Bundle, *, profile: str | None = None) -> TablePolicy:
 
 
 def cloud(
-    bundle: Bundle, *, fidelity_budget: float = 0.99, profile: str | None = None, cloud_batch: int = 1
+    bundle: Manifest, *, fidelity_budget: float = 0.99, profile: str | None = None, cloud_batch: int = 1
 ) -> TablePolicy:
     """Cut 0 with the input codec of least predicted latency meeting the budget.
 
@@ -457,7 +457,7 @@ def cloud(
 
 
 def neurosurgeon(
-    bundle: Bundle, *, privacy_floor: int | None = None, profile: str | None = None, cloud_batch: int = 1
+    bundle: Manifest, *, privacy_floor: int | None = None, profile: str | None = None, cloud_batch: int = 1
 ) -> TablePolicy:
     """The best cut by predicted latency, sending float32 without compression (codec ``f32``)."""
     if "f32" not in bundle.codecs:
@@ -485,7 +485,7 @@ POLICIES: dict[str, Callable[..., TablePolicy]] = {
 }
 
 
-def make_policy(name: str, bundle: Bundle, **kwargs: Any) -> Policy:
+def make_policy(name: str, bundle: Manifest, **kwargs: Any) -> Policy:
     """The policy ``name`` for ``bundle``; ``kwargs`` are that policy's settings.
 
     ``adaptive``: fidelity_budget=0.99, privacy_floor=None, energy_weight=0.0 (seconds per
@@ -499,8 +499,8 @@ def make_policy(name: str, bundle: Bundle, **kwargs: Any) -> Policy:
     factory = POLICIES.get(name)
     if factory is None:
         raise ConfigError(f"unknown policy {name!r}; valid policies: {', '.join(POLICIES)}")
-    if not isinstance(bundle, Bundle):
-        raise ConfigError(f"make_policy needs a splitinfer.Bundle, got {type(bundle).__name__}")
+    if not isinstance(bundle, Manifest):
+        raise ConfigError(f"make_policy needs a splitinfer.Bundle or Manifest, got {type(bundle).__name__}")
     signature = inspect.signature(factory)
     try:
         signature.bind(bundle, **kwargs)

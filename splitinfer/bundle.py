@@ -11,11 +11,13 @@ flattened model inputs, frontier ``n`` the flattened outputs; so ``head(k)`` run
 ``0..k-1`` and ``tail(k)`` segments ``k..n-1``. Loading verifies every file's sha256 first and
 needs none of the user's Python code. A process may load only a prefix (the edge,
 ``upto_cut``) or a suffix (the cloud, ``from_cut``) of the segments.
+
+A :class:`Bundle` is a :class:`~splitinfer.manifest.Manifest` plus the segments this process
+loaded. Importing this module loads no torch; running, saving or loading segments does.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -25,135 +27,66 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.utils import _pytree as pytree
-
-from splitinfer._version import __version__
-from splitinfer.compression import ClipRanges, Codec, get_codec
-from splitinfer.compression._dictionary import MAX_SIZE as _MAX_DICT_BYTES
-from splitinfer.compression._dictionary import ZstdDictionary
 from splitinfer.errors import BundleError, ConfigError, CutNotLoadedError
+from splitinfer.manifest import (
+    MANIFEST,
+    Cut,
+    Manifest,
+    dict_file,
+    frontier_nbytes,
+    load_dictionaries,
+    read_manifest,
+    segment_file,
+    sha256_of,
+    update_manifest,
+)
 from splitinfer.tensors import TensorSpec
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Bundle", "Cut"]
 
-MANIFEST = "manifest.json"
-FORMAT = "splitinfer-bundle"
-FORMAT_VERSION = 1
+# Re-exported for callers that knew them here (the manifest now owns them).
+_REEXPORTS = (MANIFEST, frontier_nbytes, read_manifest, update_manifest)
 
 #: torch.export.load is not thread-safe (its deserializer keeps module-level state and fails
 #: with "_CURRENT_DESERIALIZER is already set" when two threads load at once): segments of all
 #: bundles in a process are deserialized one at a time (hashing and checks still run in parallel).
 _EXPORT_LOAD_LOCK = threading.Lock()
 
-Segment = Callable[..., Sequence[torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class Cut:
-    """A place where the model may be split: ``index`` segments run before it."""
-
-    index: int
-    name: str
-    tensors: tuple[TensorSpec, ...]
-    #: Bytes of the frontier as float32 at batch 1 (the uncompressed transfer size).
-    nbytes: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "name": self.name,
-            "tensors": [t.to_json() for t in self.tensors],
-            "nbytes": self.nbytes,
-        }
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> Cut:
-        return cls(
-            index=int(obj["index"]),
-            name=str(obj["name"]),
-            tensors=tuple(TensorSpec.from_json(t) for t in obj["tensors"]),
-            nbytes=int(obj["nbytes"]),
-        )
-
-
-def frontier_nbytes(specs: Sequence[TensorSpec]) -> int:
-    """Float32 bytes of a frontier at batch 1 (what crosses the wire uncompressed)."""
-    return sum(TensorSpec(s.shape, "float32").nbytes(1) for s in specs)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+Segment = Callable[..., Sequence["torch.Tensor"]]
 
 
 @dataclass
-class Bundle:
-    """A compiled model: its cuts, and the segments this process loaded.
+class Bundle(Manifest):
+    """A compiled model: its manifest (cuts, codecs, tables), and the segments this process loaded.
 
     Build one with :func:`splitinfer.compile`, or :meth:`load` one from disk.
     """
 
-    name: str
-    cuts: list[Cut]
-    inputs: tuple[TensorSpec, ...]
-    in_spec: str
-    out_spec: str
-    graph_hash: str
     #: Loaded segments by index; ``None`` where this process did not load one.
-    segments: list[Segment | None]
-    version: str = "1"
-    codecs: list[str] = field(default_factory=lambda: ["f32", "f32+zstd1"])
-    #: Fidelity table (docs/bundle-format.md): agreement with the uncompressed model and mean
-    #: encoded bytes per (cut, codec), measured on calibration inputs.
-    fidelity: dict[str, Any] = field(default_factory=dict)
-    #: Device profiles by name: segment latencies and codec costs measured on a machine.
-    profiles: dict[str, Any] = field(default_factory=dict)
-    #: Calibrated clip ranges of quantizing codecs, by cut index (as a string) and codec spec.
-    calibration: dict[str, Any] = field(default_factory=dict)
-    #: zstd dictionaries by cut index (as a string) and codec spec (docs/bundle-format.md).
-    dictionaries: dict[str, dict[str, ZstdDictionary]] = field(default_factory=dict)
+    segments: list[Segment | None] = field(kw_only=True)
     #: The serialized programs, kept after compile so that :meth:`save` can write them.
-    _programs: list[Any] | None = field(default=None, repr=False)
+    _programs: list[Any] | None = field(default=None, repr=False, kw_only=True)
     #: Fused runners of segment ranges, built on first use (see :func:`fuse_segments`).
     _runners: dict[tuple[int, int], Callable[..., Sequence[torch.Tensor]]] = field(
-        default_factory=dict, repr=False, compare=False
+        default_factory=dict, repr=False, compare=False, kw_only=True
     )
 
-    @property
-    def n_segments(self) -> int:
-        return len(self.cuts) - 1
+    def __post_init__(self) -> None:
+        if len(self.segments) != self.n_segments:
+            raise ConfigError(
+                f"bundle {self.name!r} has {len(self.cuts)} cuts, so {self.n_segments} segments; "
+                f"got {len(self.segments)}"
+            )
 
     @property
-    def last_cut(self) -> int:
-        """Index of the cut that keeps everything on the device."""
-        return len(self.cuts) - 1
-
-    def cut(self, k: int) -> Cut:
-        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= self.last_cut:
-            raise ConfigError(f"cut must be an int in 0..{self.last_cut}, got {k!r}")
-        return self.cuts[k]
-
-    def codec_for(self, k: int, spec: str) -> Codec:
-        """The codec ``spec`` as the edge uses it at cut ``k``: bound to the calibrated ranges."""
-        self.cut(k)
-        if spec not in self.codecs:
-            raise ConfigError(f"bundle {self.name!r} offers codecs {', '.join(self.codecs)}; not {spec!r}")
-        ranges = self.calibration.get(str(k), {}).get(spec.split("+", 1)[0])
-        return get_codec(
-            spec,
-            clip=None if ranges is None else ClipRanges.from_json(ranges),
-            dictionary=self.dictionaries.get(str(k), {}).get(spec),
-        )
-
-    def decoder_for(self, k: int, spec: str) -> Codec:
-        """The codec that decodes what :meth:`codec_for` encodes at cut ``k`` (its dictionary)."""
-        return get_codec(spec, dictionary=self.dictionaries.get(str(k), {}).get(spec))
+    def manifest(self) -> Manifest:
+        """This bundle's metadata alone, without its segments."""
+        return Manifest(**{name: getattr(self, name) for name in Manifest.__dataclass_fields__})
 
     def can_head(self, k: int) -> bool:
         """Whether this process holds segments ``0..k-1``."""
@@ -165,6 +98,9 @@ class Bundle:
 
     def flatten_inputs(self, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
         """The model inputs as frontier 0, checked against the compiled input specs."""
+        import torch
+        from torch.utils import _pytree as pytree
+
         leaves, spec = pytree.tree_flatten((tuple(inputs), {}))
         if pytree.treespec_dumps(spec) != self.in_spec:
             raise ConfigError(
@@ -189,6 +125,8 @@ class Bundle:
             )
         if start == stop:
             return tuple(frontier)
+        import torch
+
         runner = self._runners.get((start, stop))
         if runner is None:
             runner = fuse_segments(self.segments[start:stop])  # type: ignore[arg-type]
@@ -206,6 +144,8 @@ class Bundle:
         self.cut(k)
         self.check_frontier(k, frontier)
         leaves = self.run_segments(k, self.n_segments, frontier)
+        from torch.utils import _pytree as pytree
+
         return pytree.tree_unflatten(list(leaves), pytree.treespec_loads(self.out_spec))
 
     def check_frontier(self, k: int, frontier: Sequence[torch.Tensor]) -> None:
@@ -221,51 +161,29 @@ class Bundle:
 
     # -- storage -------------------------------------------------------------------------
 
-    def manifest(self, files: dict[str, str]) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created_by": f"splitinfer {__version__}",
-            "name": self.name,
-            "version": self.version,
-            "graph_hash": self.graph_hash,
-            "inputs": [s.to_json() for s in self.inputs],
-            "in_spec": self.in_spec,
-            "out_spec": self.out_spec,
-            "cuts": [c.to_json() for c in self.cuts],
-            "segments": [f"segment_{i:03d}.pt2" for i in range(self.n_segments)],
-            "codecs": self.codecs,
-            "fidelity": self.fidelity,
-            "profiles": self.profiles,
-            "calibration": self.calibration,
-            "dictionaries": {
-                cut: {spec: {"file": _dict_file(cut, spec), "id": d.id} for spec, d in by_spec.items()}
-                for cut, by_spec in self.dictionaries.items()
-            },
-            "files": files,
-        }
-
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the bundle directory (atomically: a temporary sibling renamed into place)."""
         if self._programs is None:
             raise BundleError(
                 "only a bundle made by splitinfer.compile can be saved; copy the directory instead"
             )
+        import torch
+
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
             files = {}
             for i, program in enumerate(self._programs):
-                seg = tmp / f"segment_{i:03d}.pt2"
+                seg = tmp / segment_file(i)
                 torch.export.save(program, seg)
-                files[seg.name] = _sha256(seg)
+                files[seg.name] = sha256_of(seg)
             for cut, by_spec in self.dictionaries.items():
                 for spec, dictionary in by_spec.items():
-                    path = tmp / _dict_file(cut, spec)
+                    path = tmp / dict_file(cut, spec)
                     path.write_bytes(dictionary.data)
-                    files[path.name] = _sha256(path)
-            (tmp / MANIFEST).write_text(json.dumps(self.manifest(files), indent=1) + "\n")
+                    files[path.name] = sha256_of(path)
+            (tmp / MANIFEST).write_text(json.dumps(self.to_json(files), indent=1) + "\n")
             if out.exists():
                 _remove_bundle_dir(out)
             tmp.rename(out)
@@ -288,111 +206,25 @@ class Bundle:
         ``from_cut=m`` loads segments ``m..n-1`` only (a cloud serving tails from cut m).
         """
         root = Path(path)
-        manifest = read_manifest(root)
-        cuts = [Cut.from_json(c) for c in manifest["cuts"]]
-        n = len(cuts) - 1
+        doc = read_manifest(root)
+        meta = Manifest.from_json(doc, dictionaries=load_dictionaries(root, doc))
+        n = meta.n_segments
         lo = 0 if from_cut is None else from_cut
         hi = n if upto_cut is None else upto_cut
         if not 0 <= lo <= n or not 0 <= hi <= n:
             raise ConfigError(f"upto_cut and from_cut must lie in 0..{n}, got {upto_cut}, {from_cut}")
         segments: list[Segment | None] = [None] * n
-        for i, name in enumerate(manifest["segments"]):
+        for i, name in enumerate(doc["segments"]):
             if lo <= i < hi:
-                segments[i] = _load_segment(root, name, manifest["files"])
+                segments[i] = _load_segment(root, name, doc["files"])
+        return cls.from_manifest(meta, segments)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, segments: list[Segment | None]) -> Bundle:
+        """A bundle of ``manifest`` holding ``segments`` (``None`` where none is loaded)."""
         return cls(
-            name=manifest["name"],
-            cuts=cuts,
-            inputs=tuple(TensorSpec.from_json(s) for s in manifest["inputs"]),
-            in_spec=manifest["in_spec"],
-            out_spec=manifest["out_spec"],
-            graph_hash=manifest["graph_hash"],
-            segments=segments,
-            version=str(manifest.get("version", "1")),
-            codecs=list(manifest.get("codecs", [])),
-            fidelity=dict(manifest.get("fidelity", {})),
-            profiles=dict(manifest.get("profiles", {})),
-            calibration=dict(manifest.get("calibration", {})),
-            dictionaries=_load_dictionaries(root, manifest),
+            **{name: getattr(manifest, name) for name in Manifest.__dataclass_fields__}, segments=segments
         )
-
-
-def read_manifest(root: Path) -> dict[str, Any]:
-    """The manifest of the bundle at ``root``, checked for its format and fields."""
-    path = root / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{root} is not a bundle: it has no {MANIFEST}") from None
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"cannot read {path}: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{path} is not a splitinfer bundle manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"{path} has bundle format version {manifest.get('format_version')!r}; this splitinfer "
-            f"reads version {FORMAT_VERSION}: recompile the model with this version"
-        )
-    required = ("name", "graph_hash", "inputs", "in_spec", "out_spec", "cuts", "segments", "files")
-    missing = [k for k in required if k not in manifest]
-    if missing:
-        raise BundleError(f"{path} lacks the field(s) {', '.join(missing)}")
-    if len(manifest["segments"]) != len(manifest["cuts"]) - 1:
-        raise BundleError(f"{path}: {len(manifest['cuts'])} cuts need {len(manifest['cuts']) - 1} segments")
-    return manifest
-
-
-#: Manifest fields that describe a bundle without changing its graph (updatable in place).
-METADATA_FIELDS = ("codecs", "fidelity", "profiles", "calibration")
-
-
-def update_manifest(root: str | os.PathLike[str], **fields: Any) -> None:
-    """Replace metadata fields (codecs, fidelity, profiles, calibration) of a saved bundle.
-
-    The graph and its hash stay as they are; the manifest is rewritten atomically.
-    """
-    unknown = set(fields) - set(METADATA_FIELDS)
-    if unknown:
-        raise ConfigError(f"only {', '.join(METADATA_FIELDS)} can be updated in place, not {sorted(unknown)}")
-    path = Path(root)
-    manifest = read_manifest(path)
-    manifest.update(fields)
-    tmp = path / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.replace(path / MANIFEST)
-
-
-def _dict_file(cut: str, spec: str) -> str:
-    return f"dict_{int(cut):03d}_{spec.replace('+', '-')}.zstd"
-
-
-def _load_dictionaries(root: Path, manifest: dict[str, Any]) -> dict[str, dict[str, ZstdDictionary]]:
-    """The zstd dictionaries the manifest lists, each checked against its sha256 in ``files``."""
-    out: dict[str, dict[str, ZstdDictionary]] = {}
-    listed = manifest.get("dictionaries") or {}
-    if not isinstance(listed, dict):
-        raise BundleError(f"bundle {root}: 'dictionaries' must be a map of cut to codec to file")
-    for cut, by_spec in listed.items():
-        for spec, entry in (by_spec or {}).items():
-            name = entry.get("file") if isinstance(entry, dict) else None
-            try:
-                expected = _dict_file(str(cut), get_codec(str(spec)).spec)
-            except (ValueError, TypeError):  # CodecError, or a cut that is not a number
-                expected = None
-            if expected is None or name != expected:
-                raise BundleError(f"bundle {root} lists an invalid dictionary file {name!r}")
-            path = root / name
-            try:
-                size = path.stat().st_size
-                data = path.read_bytes() if 0 < size <= _MAX_DICT_BYTES else b""
-            except OSError:
-                raise BundleError(f"bundle {root} is missing {name}: copy the bundle directory") from None
-            if not data or hashlib.sha256(data).hexdigest() != manifest["files"].get(name):
-                raise BundleError(
-                    f"{path} does not match the sha256 in its manifest: the file was modified or "
-                    f"corrupted; recompile or copy the bundle again"
-                )
-            out.setdefault(str(cut), {})[str(spec)] = ZstdDictionary(data)
-    return out
 
 
 def _load_segment(root: Path, name: str, files: dict[str, str]) -> Segment:
@@ -400,7 +232,7 @@ def _load_segment(root: Path, name: str, files: dict[str, str]) -> Segment:
         raise BundleError(f"bundle {root} lists an invalid segment file {name!r}")
     path = root / name
     try:
-        digest = _sha256(path)
+        digest = sha256_of(path)
     except FileNotFoundError:
         raise BundleError(f"bundle {root} is missing {name}: copy the whole bundle directory") from None
     if digest != files[name]:
@@ -409,6 +241,8 @@ def _load_segment(root: Path, name: str, files: dict[str, str]) -> Segment:
             f"corrupted; recompile or copy the bundle again"
         )
     _refuse_pickles(path)
+    import torch
+
     try:
         with _EXPORT_LOAD_LOCK:
             return fast_module(torch.export.load(path))
@@ -424,6 +258,8 @@ def _refuse_pickles(path: Path) -> None:
     ``weights_only=False`` when the safe load fails. A bundle that is tampered with along with
     its manifest must not run code: we check all three before torch sees the file.
     """
+    import torch
+
     try:
         with zipfile.ZipFile(path) as archive:
             for name in archive.namelist():
@@ -448,6 +284,8 @@ def fast_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     every call; a segment is called once per request per segment, and the bundle has already
     checked the frontier against the cut's specs, so both are removed here.
     """
+    import torch
+
     gm = program.module()
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
@@ -466,6 +304,8 @@ def fuse_segments(segments: Sequence[torch.fx.GraphModule]) -> Callable[..., Seq
     """
     if len(segments) == 1:
         return segments[0].forward
+    import torch
+
     root = torch.nn.Module()
     graph = torch.fx.Graph()
     values: list[torch.fx.Node] | None = None

@@ -1,7 +1,9 @@
 """Tensor specs and dtype names: the vocabulary that the bundle, the codecs and the wire share.
 
 Dtypes travel by name (``"float32"``), never as pickled objects; only the dtypes listed in
-:data:`DTYPES` are accepted from a file or a socket.
+:data:`DTYPES` are accepted from a file or a socket. This module imports no torch: a torch
+dtype or a numpy dtype is named by :func:`dtype_name`, and :func:`dtype_from_name` (torch) and
+:func:`numpy_dtype` (numpy) turn a name back into a dtype of either framework.
 """
 
 from __future__ import annotations
@@ -9,45 +11,73 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from splitinfer.errors import ConfigError
 
-__all__ = ["DTYPES", "TensorSpec", "dtype_from_name", "dtype_name"]
+if TYPE_CHECKING:
+    import torch
 
-#: Every dtype that may cross a process boundary, by its wire name.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
+__all__ = ["DTYPES", "TensorSpec", "dtype_from_name", "dtype_name", "numpy_dtype"]
+
+#: Every dtype that may cross a process boundary: its wire name and its size in bytes.
+DTYPES: dict[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float64": 8,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
 }
-_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 #: Most dimensions a tensor on the wire may have.
 MAX_NDIM = 16
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """The wire name of ``dtype``; raises ConfigError for a dtype that cannot travel."""
-    try:
-        return _NAMES[dtype]
-    except KeyError:
-        raise ConfigError(f"dtype {dtype} cannot cross the wire; use one of {', '.join(DTYPES)}") from None
+def dtype_name(dtype: Any) -> str:
+    """The wire name of a torch or numpy ``dtype``; ConfigError for one that cannot travel.
+
+    numpy has no bfloat16: a bfloat16 tensor exists only on torch's side (the numpy codecs
+    carry its bits as uint16 and name it ``bfloat16`` on the wire).
+    """
+    text = str(dtype)
+    if text.startswith("torch."):
+        name = text.removeprefix("torch.")
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = text
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {dtype} cannot cross the wire; use one of {', '.join(DTYPES)}")
+    return name
+
+
+def check_dtype_name(name: object) -> str:
+    """``name`` if it is the wire name of a dtype in DTYPES; ConfigError otherwise."""
+    if not isinstance(name, str) or name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return name
 
 
 def dtype_from_name(name: object) -> torch.dtype:
-    """The torch dtype called ``name``; raises ConfigError for anything not in DTYPES."""
-    if not isinstance(name, str) or name not in DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    """The torch dtype called ``name`` (imports torch); ConfigError for anything not in DTYPES."""
+    import torch
+
+    return getattr(torch, check_dtype_name(name))  # type: ignore[no-any-return]
+
+
+def numpy_dtype(name: object) -> np.dtype[Any]:
+    """The numpy dtype of the wire name ``name``; bfloat16, which numpy lacks, maps to uint16
+    (its bits). ConfigError for anything not in DTYPES."""
+    checked = check_dtype_name(name)
+    return np.dtype(np.uint16 if checked == "bfloat16" else checked)
 
 
 @dataclass(frozen=True)
@@ -58,7 +88,7 @@ class TensorSpec:
     dtype: str
 
     def __post_init__(self) -> None:
-        dtype_from_name(self.dtype)
+        check_dtype_name(self.dtype)
         if len(self.shape) > MAX_NDIM:
             raise ConfigError(f"a tensor may have at most {MAX_NDIM} dims, got {len(self.shape)}")
         for d in self.shape:
@@ -66,13 +96,13 @@ class TensorSpec:
                 raise ConfigError(f"tensor dims must be non-negative ints or None, got {d!r}")
 
     @classmethod
-    def of(cls, tensor: torch.Tensor) -> TensorSpec:
-        """The concrete spec of ``tensor``."""
+    def of(cls, tensor: Any) -> TensorSpec:
+        """The concrete spec of ``tensor`` (a torch tensor or a numpy array)."""
         return cls(tuple(int(d) for d in tensor.shape), dtype_name(tensor.dtype))
 
     @property
     def itemsize(self) -> int:
-        return dtype_from_name(self.dtype).itemsize
+        return DTYPES[self.dtype]
 
     def nbytes(self, batch: int = 1) -> int:
         """Bytes of this tensor in its own dtype, with dynamic dims set to ``batch``."""
@@ -100,6 +130,6 @@ class TensorSpec:
         return f"{self.dtype}[{dims}]"
 
 
-def specs_of(tensors: Sequence[torch.Tensor]) -> tuple[TensorSpec, ...]:
-    """The concrete specs of ``tensors``."""
+def specs_of(tensors: Sequence[Any]) -> tuple[TensorSpec, ...]:
+    """The concrete specs of ``tensors`` (torch tensors or numpy arrays)."""
     return tuple(TensorSpec.of(t) for t in tensors)

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from splitinfer.bundle import Bundle, Cut
 from splitinfer.errors import ConfigError
+from splitinfer.manifest import Cut, Manifest
 from splitinfer.partitioner import Estimates, Estimator
 from splitinfer.partitioner._estimate import LogEwma
 from splitinfer.tensors import TensorSpec
@@ -89,16 +89,15 @@ def test_staleness_grows_uncertainty_and_asks_for_a_probe():
     assert not est.needs_probe()
 
 
-def profiled_bundle() -> Bundle:
+def profiled_bundle() -> Manifest:
     spec = (TensorSpec((None, 4), "float32"),)
-    return Bundle(
+    return Manifest(
         name="syn",
         cuts=[Cut(k, f"c{k}", spec, 16) for k in range(4)],
         inputs=spec,
         in_spec="",
         out_spec="",
         graph_hash="x",
-        segments=[None] * 3,
         profiles={"host": {"segments": {"1": {"median_s": [0.01, 0.02, 0.03], "p90_s": [0.01, 0.02, 0.03]}}}},
     )
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitinfer.bundle import Bundle, Cut
 from splitinfer.errors import ConfigError
+from splitinfer.manifest import Cut, Manifest
 from splitinfer.partitioner import Decision, EnergyModel, Estimates, Explanation, Policy, make_policy
 from splitinfer.tensors import TensorSpec
 
@@ -32,17 +32,16 @@ def make_bundle(
     costs: dict[tuple[int, str], tuple[float, float, float]],
     response_bytes: float = 4000.0,
     seg8: list[float] | None = None,
-) -> Bundle:
+) -> Manifest:
     """A bundle with only metadata: what decide() may need."""
     n = len(seg)
-    return Bundle(
+    return Manifest(
         name="syn",
         cuts=[Cut(k, f"c{k}", SPEC, nbytes[k]) for k in range(n + 1)],
         inputs=SPEC,
         in_spec="",
         out_spec="",
         graph_hash="x",
-        segments=[None] * n,
         codecs=codecs,
         fidelity={
             "metric": "top1",
@@ -70,7 +69,7 @@ def make_bundle(
 
 
 @st.composite
-def bundles(draw: st.DrawFn) -> Bundle:
+def bundles(draw: st.DrawFn) -> Manifest:
     n = draw(st.integers(1, 10))
     codecs = draw(st.lists(st.sampled_from(CODECS), min_size=1, max_size=len(CODECS), unique=True))
     seg = draw(st.lists(st.floats(0.0, 0.05), min_size=n, max_size=n))
@@ -100,7 +99,7 @@ estimates = st.builds(
 
 
 def brute_force(
-    bundle: Bundle, est: Estimates, budget: float, floor: int | None
+    bundle: Manifest, est: Estimates, budget: float, floor: int | None
 ) -> dict[tuple[int, str], float]:
     """Predicted latency of every allowed candidate, straight from the bundle's dicts."""
     prof = bundle.profiles["host"]
@@ -129,7 +128,7 @@ def brute_force(
     return out
 
 
-def key(bundle: Bundle, d: Decision) -> tuple[int, str]:
+def key(bundle: Manifest, d: Decision) -> tuple[int, str]:
     return (d.cut, "local") if d.cut == bundle.last_cut else (d.cut, d.codec)
 
 
@@ -225,7 +224,7 @@ def test_a_slower_device_moves_work_to_the_cloud(bundle, est, factor):
     assert device[limit] <= min(device[allowed]) + 1e-4
 
 
-def tiny() -> Bundle:
+def tiny() -> Manifest:
     """Three segments; cut 1 is small, cut 0 is large; q8 is good enough only at cut 1."""
     seg = [0.010, 0.010, 0.010]
     nbytes = [400_000, 40_000, 40_000, 4_000]

@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 PUBLIC = {
-    "splitinfer": ["Bundle", "Cut", "SplitInferError", "TensorSpec", "__version__", "compile"],
+    "splitinfer": ["Bundle", "Cut", "Manifest", "SplitInferError", "TensorSpec", "__version__", "compile"],
     "splitinfer.compression": [
         "DEFAULT_MAX_NBYTES",
         "ClipRanges",

@@ -1,0 +1,284 @@
+"""The manifest: everything a bundle says about itself, readable without torch.
+
+``manifest.json`` holds the model's name, version and graph hash, its input specs and output
+structure, the cuts with their frontier specs, the segment files, the codecs offered, the
+fidelity table, calibration ranges, device profiles, zstd dictionaries and the sha256 of every
+file (docs/bundle-format.md). :class:`Manifest` is that file as an object: the partitioner's
+decision side, the load-test users and ``splitinfer inspect`` work from it alone, and
+:class:`splitinfer.Bundle` is a Manifest plus the segments a process loaded.
+
+This module imports no torch (the ground floor, docs/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from splitinfer._version import __version__
+from splitinfer.compression import ClipRanges, Codec, get_codec
+from splitinfer.compression._dictionary import MAX_SIZE as _MAX_DICT_BYTES
+from splitinfer.compression._dictionary import ZstdDictionary
+from splitinfer.errors import BundleError, ConfigError
+from splitinfer.tensors import TensorSpec
+
+__all__ = ["Cut", "Manifest", "read_manifest", "update_manifest"]
+
+MANIFEST = "manifest.json"
+FORMAT = "splitinfer-bundle"
+FORMAT_VERSION = 1
+
+#: Fields every manifest has.
+REQUIRED_FIELDS = ("name", "graph_hash", "inputs", "in_spec", "out_spec", "cuts", "segments", "files")
+#: Manifest fields that describe a bundle without changing its graph (updatable in place).
+METADATA_FIELDS = ("codecs", "fidelity", "profiles", "calibration")
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A place where the model may be split: ``index`` segments run before it."""
+
+    index: int
+    name: str
+    tensors: tuple[TensorSpec, ...]
+    #: Bytes of the frontier as float32 at batch 1 (the uncompressed transfer size).
+    nbytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "tensors": [t.to_json() for t in self.tensors],
+            "nbytes": self.nbytes,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Cut:
+        return cls(
+            index=int(obj["index"]),
+            name=str(obj["name"]),
+            tensors=tuple(TensorSpec.from_json(t) for t in obj["tensors"]),
+            nbytes=int(obj["nbytes"]),
+        )
+
+
+def frontier_nbytes(specs: Sequence[TensorSpec]) -> int:
+    """Float32 bytes of a frontier at batch 1 (what crosses the wire uncompressed)."""
+    return sum(TensorSpec(s.shape, "float32").nbytes(1) for s in specs)
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of the file at ``path``, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def segment_file(i: int) -> str:
+    """The file name of segment ``i`` in a bundle directory."""
+    return f"segment_{i:03d}.pt2"
+
+
+def dict_file(cut: str, spec: str) -> str:
+    """The file name of the zstd dictionary of ``spec`` at ``cut`` in a bundle directory."""
+    return f"dict_{int(cut):03d}_{spec.replace('+', '-')}.zstd"
+
+
+@dataclass
+class Manifest:
+    """A bundle's metadata: its cuts, codecs, fidelity table, profiles and calibration.
+
+    :meth:`load` reads one from a bundle directory (checked, dictionaries verified against
+    their sha256) without torch; :class:`splitinfer.Bundle` adds the segments.
+    """
+
+    name: str
+    cuts: list[Cut]
+    inputs: tuple[TensorSpec, ...]
+    #: The pytree structures of the inputs and outputs (torch's ``treespec_dumps``), opaque here.
+    in_spec: str
+    out_spec: str
+    graph_hash: str
+    version: str = "1"
+    codecs: list[str] = field(default_factory=lambda: ["f32", "f32+zstd1"])
+    #: Fidelity table (docs/bundle-format.md): agreement with the uncompressed model and mean
+    #: encoded bytes per (cut, codec), measured on calibration inputs.
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    #: Device profiles by name: segment latencies and codec costs measured on a machine.
+    profiles: dict[str, Any] = field(default_factory=dict)
+    #: Calibrated clip ranges of quantizing codecs, by cut index (as a string) and codec spec.
+    calibration: dict[str, Any] = field(default_factory=dict)
+    #: zstd dictionaries by cut index (as a string) and codec spec (docs/bundle-format.md).
+    dictionaries: dict[str, dict[str, ZstdDictionary]] = field(default_factory=dict)
+
+    @property
+    def n_segments(self) -> int:
+        return len(self.cuts) - 1
+
+    @property
+    def last_cut(self) -> int:
+        """Index of the cut that keeps everything on the device."""
+        return len(self.cuts) - 1
+
+    def cut(self, k: int) -> Cut:
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= self.last_cut:
+            raise ConfigError(f"cut must be an int in 0..{self.last_cut}, got {k!r}")
+        return self.cuts[k]
+
+    def codec_for(self, k: int, spec: str) -> Codec:
+        """The codec ``spec`` as the edge uses it at cut ``k``: bound to the calibrated ranges."""
+        self.cut(k)
+        if spec not in self.codecs:
+            raise ConfigError(f"bundle {self.name!r} offers codecs {', '.join(self.codecs)}; not {spec!r}")
+        ranges = self.calibration.get(str(k), {}).get(spec.split("+", 1)[0])
+        return get_codec(
+            spec,
+            clip=None if ranges is None else ClipRanges.from_json(ranges),
+            dictionary=self.dictionaries.get(str(k), {}).get(spec),
+        )
+
+    def decoder_for(self, k: int, spec: str) -> Codec:
+        """The codec that decodes what :meth:`codec_for` encodes at cut ``k`` (its dictionary)."""
+        return get_codec(spec, dictionary=self.dictionaries.get(str(k), {}).get(spec))
+
+    # -- storage -------------------------------------------------------------------------
+
+    def to_json(self, files: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The manifest.json document; ``files`` maps every file name to its sha256."""
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created_by": f"splitinfer {__version__}",
+            "name": self.name,
+            "version": self.version,
+            "graph_hash": self.graph_hash,
+            "inputs": [s.to_json() for s in self.inputs],
+            "in_spec": self.in_spec,
+            "out_spec": self.out_spec,
+            "cuts": [c.to_json() for c in self.cuts],
+            "segments": [segment_file(i) for i in range(self.n_segments)],
+            "codecs": self.codecs,
+            "fidelity": self.fidelity,
+            "profiles": self.profiles,
+            "calibration": self.calibration,
+            "dictionaries": {
+                cut: {spec: {"file": dict_file(cut, spec), "id": d.id} for spec, d in by_spec.items()}
+                for cut, by_spec in self.dictionaries.items()
+            },
+            "files": dict(files or {}),
+        }
+
+    @classmethod
+    def from_json(
+        cls, obj: Mapping[str, Any], *, dictionaries: dict[str, dict[str, ZstdDictionary]] | None = None
+    ) -> Manifest:
+        """A manifest from its JSON document (the dictionaries' bytes come separately)."""
+        try:
+            return cls(
+                name=str(obj["name"]),
+                cuts=[Cut.from_json(c) for c in obj["cuts"]],
+                inputs=tuple(TensorSpec.from_json(s) for s in obj["inputs"]),
+                in_spec=str(obj["in_spec"]),
+                out_spec=str(obj["out_spec"]),
+                graph_hash=str(obj["graph_hash"]),
+                version=str(obj.get("version", "1")),
+                codecs=[str(c) for c in obj.get("codecs", [])],
+                fidelity=dict(obj.get("fidelity") or {}),
+                profiles=dict(obj.get("profiles") or {}),
+                calibration=dict(obj.get("calibration") or {}),
+                dictionaries=dictionaries or {},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"bundle {obj.get('name', '?')!r}: manifest field is invalid ({exc})") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Manifest:
+        """Read and check the manifest of the bundle directory ``path`` (no torch needed).
+
+        Its dictionaries are read and verified against their sha256; segment files are checked
+        when a :class:`splitinfer.Bundle` loads them.
+        """
+        root = Path(path)
+        doc = read_manifest(root)
+        return cls.from_json(doc, dictionaries=load_dictionaries(root, doc))
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest document of the bundle at ``root``, checked for its format and fields."""
+    path = Path(root) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{root} is not a bundle: it has no {MANIFEST}") from None
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot read {path}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path} is not a splitinfer bundle manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{path} has bundle format version {manifest.get('format_version')!r}; this splitinfer "
+            f"reads version {FORMAT_VERSION}: recompile the model with this version"
+        )
+    missing = [k for k in REQUIRED_FIELDS if k not in manifest]
+    if missing:
+        raise BundleError(f"{path} lacks the field(s) {', '.join(missing)}")
+    if not isinstance(manifest["cuts"], list) or not isinstance(manifest["segments"], list):
+        raise BundleError(f"{path}: 'cuts' and 'segments' must be lists")
+    if len(manifest["segments"]) != len(manifest["cuts"]) - 1:
+        raise BundleError(f"{path}: {len(manifest['cuts'])} cuts need {len(manifest['cuts']) - 1} segments")
+    if not isinstance(manifest["files"], dict):
+        raise BundleError(f"{path}: 'files' must map file names to their sha256")
+    return manifest
+
+
+def update_manifest(root: str | os.PathLike[str], **fields: Any) -> None:
+    """Replace metadata fields (codecs, fidelity, profiles, calibration) of a saved bundle.
+
+    The graph and its hash stay as they are; the manifest is rewritten atomically.
+    """
+    unknown = set(fields) - set(METADATA_FIELDS)
+    if unknown:
+        raise ConfigError(f"only {', '.join(METADATA_FIELDS)} can be updated in place, not {sorted(unknown)}")
+    path = Path(root)
+    manifest = read_manifest(path)
+    manifest.update(fields)
+    tmp = path / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(path / MANIFEST)
+
+
+def load_dictionaries(root: Path, manifest: Mapping[str, Any]) -> dict[str, dict[str, ZstdDictionary]]:
+    """The zstd dictionaries the manifest lists, each checked against its sha256 in ``files``."""
+    out: dict[str, dict[str, ZstdDictionary]] = {}
+    listed = manifest.get("dictionaries") or {}
+    if not isinstance(listed, dict):
+        raise BundleError(f"bundle {root}: 'dictionaries' must be a map of cut to codec to file")
+    for cut, by_spec in listed.items():
+        for spec, entry in (by_spec or {}).items():
+            name = entry.get("file") if isinstance(entry, dict) else None
+            try:
+                expected = dict_file(str(cut), get_codec(str(spec)).spec)
+            except (ValueError, TypeError):  # CodecError, or a cut that is not a number
+                expected = None
+            if expected is None or name != expected:
+                raise BundleError(f"bundle {root} lists an invalid dictionary file {name!r}")
+            path = root / name
+            try:
+                size = path.stat().st_size
+                data = path.read_bytes() if 0 < size <= _MAX_DICT_BYTES else b""
+            except OSError:
+                raise BundleError(f"bundle {root} is missing {name}: copy the bundle directory") from None
+            if not data or hashlib.sha256(data).hexdigest() != manifest["files"].get(name):
+                raise BundleError(
+                    f"{path} does not match the sha256 in its manifest: the file was modified or "
+                    f"corrupted; recompile or copy the bundle again"
+                )
+            out.setdefault(str(cut), {})[str(spec)] = ZstdDictionary(data)
+    return out
