@@ -40,9 +40,12 @@ prometheus:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	} || { echo "make test needs prometheus and promtool on PATH: run 'apt-get install prometheus' as root (Debian/Ubuntu), or install Prometheus another way" >&2; exit 1; }
 
+# mypy checks every module of the package (the symlinks splitinfer/<room> make the checkout the
+# package as imported; pyproject's [tool.mypy] names it).
 lint: $(VENV)/.stamp-dev-examples-plot
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench: $(VENV)/.stamp-dev-examples-plot-bench
 	@set -e; for b in benchmarks/bench_*.py; do \
