@@ -168,7 +168,8 @@ class Batcher:
         if not self.queue:
             return []
         head = self.queue[0]
-        batch, rows = [], 0
+        batch: list[Job] = []
+        rows = 0
         for job in self.queue:
             if rows >= limit or (batch and head.signature is None):
                 break

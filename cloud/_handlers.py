@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import http_exceptions, web
+from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestPayloadError
 from torch.utils import _pytree as pytree
 
@@ -125,9 +126,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     return response
 
 
-def auth_middleware(
-    open_paths: frozenset[str],
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def auth_middleware(open_paths: frozenset[str]) -> Middleware:
     """Bearer-token check before anything is read; ``open_paths`` skip it."""
 
     @web.middleware
@@ -218,7 +217,8 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         length = request.content_length
         if length is not None:
             return await request.content.readexactly(length)
-        chunks, total = [], 0
+        chunks: list[bytes] = []
+        total = 0
         while True:
             chunk = await request.content.readany()
             if not chunk:
@@ -288,7 +288,7 @@ def _check(bundle: Bundle, header: protocol.RequestHeader, name: str, max_decode
             f"cut {header.cut} of {name!r} carries {', '.join(map(str, expected))}; the frame "
             f"declares {', '.join(map(str, header.tensors)) or 'nothing'}",
         )
-    batches = {t.shape[0] for t in header.tensors if t.shape}
+    batches = {t.concrete()[0] for t in header.tensors if t.shape}  # wire specs are concrete
     if len(batches) > 1:
         raise Problem("bad_shape", f"frontier tensors disagree on the batch size: {sorted(batches)}")
     decoded = sum(s.nbytes() for s in header.tensors)
@@ -357,12 +357,15 @@ async def _infer(
     # spent arriving is the client's uplink, which the edge estimates from this header.
     stages["receive"] = received - started
     stages["total"] = time.perf_counter() - received
+    out = answer.body
+    if out is None:  # never: the batcher encodes every answer before it resolves the future
+        raise Problem("internal", "the server failed to encode the outputs; see its log")
     try:
-        state.metrics.observe_success(name, header.cut, header.codec, stages, len(body), len(answer.body))
+        state.metrics.observe_success(name, header.cut, header.codec, stages, len(body), len(out))
     except Exception:
         log.exception("observing a request failed")
     return web.Response(
-        body=answer.body,
+        body=out,
         content_type=protocol.FRAME_CONTENT_TYPE,
         headers={"Server-Timing": server_timing(stages)},
     )

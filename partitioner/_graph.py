@@ -23,7 +23,7 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import sympy
+import sympy  # type: ignore[import-untyped]  # sympy ships no type stubs
 import torch
 from torch import fx
 

@@ -39,6 +39,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -62,7 +63,7 @@ def machine_description() -> str:
 
 
 def _synthetic(spec: TensorSpec, batch: int) -> torch.Tensor:
-    shape = (batch, *spec.shape[1:])
+    shape = (batch, *spec.concrete(batch)[1:])
     dtype = dtype_from_name(spec.dtype)
     if dtype.is_floating_point:
         return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -161,14 +162,14 @@ def _measure(
         for batch in sizes:
             x = tuple(_synthetic(s, batch) for s in bundle.inputs)
             full = statistics.median(
-                _timed(lambda x=x: bundle.run_segments(0, n, x), 2 * repeats + 1, warmup + 1)
+                _timed(partial(bundle.run_segments, 0, n, x), 2 * repeats + 1, warmup + 1)
             )
             medians, p90s = [], []
             frontier = x
             for i in range(n):
                 if batch == 1:
                     rows.extend(_profile_codecs(bundle, i, frontier, specs, repeats, warmup))
-                times = _timed(lambda i=i, f=frontier: bundle.run_segments(i, i + 1, f), repeats, warmup)
+                times = _timed(partial(bundle.run_segments, i, i + 1, frontier), repeats, warmup)
                 medians.append(statistics.median(times))
                 p90s.append(_p90(times))
                 frontier = bundle.run_segments(i, i + 1, frontier)
@@ -198,8 +199,8 @@ def _profile_codecs(
             blob = codec.encode(tensors)
         except CodecError:
             continue  # does not apply at this cut (jpeg beyond the input)
-        encode = _timed(lambda c=codec: c.encode(tensors), repeats, warmup)
-        decode = _timed(lambda c=codec, b=blob: c.decode(b), repeats, warmup)
+        encode = _timed(partial(codec.encode, tensors), repeats, warmup)
+        decode = _timed(partial(codec.decode, blob), repeats, warmup)
         rows.append(
             {
                 "cut": k,

@@ -325,7 +325,7 @@ def fuse_segments(segments: Sequence[torch.fx.GraphModule]) -> Callable[..., Seq
             elif node.op == "get_attr":
                 env[node] = graph.get_attr(f"s{i}.{node.target}")
             else:
-                env[node] = graph.node_copy(node, lambda n, env=env: env[n])
+                env[node] = graph.node_copy(node, env.__getitem__)
     assert values is not None
     graph.output(tuple(values))
     return torch.fx.GraphModule(root, graph).forward

@@ -70,7 +70,8 @@ def dtype_from_name(name: object) -> torch.dtype:
     """The torch dtype called ``name`` (imports torch); ConfigError for anything not in DTYPES."""
     import torch
 
-    return getattr(torch, check_dtype_name(name))  # type: ignore[no-any-return]
+    dtype: torch.dtype = getattr(torch, check_dtype_name(name))
+    return dtype
 
 
 def numpy_dtype(name: object) -> np.dtype[Any]:
@@ -104,9 +105,13 @@ class TensorSpec:
     def itemsize(self) -> int:
         return DTYPES[self.dtype]
 
+    def concrete(self, batch: int = 1) -> tuple[int, ...]:
+        """The shape with dynamic dims set to ``batch``."""
+        return tuple(batch if d is None else d for d in self.shape)
+
     def nbytes(self, batch: int = 1) -> int:
         """Bytes of this tensor in its own dtype, with dynamic dims set to ``batch``."""
-        return math.prod(batch if d is None else d for d in self.shape) * self.itemsize
+        return math.prod(self.concrete(batch)) * self.itemsize
 
     def matches(self, tensor_spec: TensorSpec) -> bool:
         """Whether a concrete spec fits this one (same dtype and rank, dynamic dims free)."""
