@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from splitinfer._checks import check_number
 from splitinfer.errors import ConfigError
 from splitinfer.manifest import Manifest
 from splitinfer.partitioner._estimate import Estimates
@@ -82,9 +83,7 @@ class EnergyModel:
 
     def __post_init__(self) -> None:
         for name in ("compute_w", "tx_w", "rx_w", "idle_w"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ConfigError(f"EnergyModel.{name} must be a finite number of watts >= 0, got {value!r}")
+            check_number(f"EnergyModel.{name}", getattr(self, name), lo=0.0, unit="watts")
 
 
 class CostModel:

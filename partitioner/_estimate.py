@@ -61,6 +61,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from splitinfer._checks import check_number
 from splitinfer.errors import ConfigError
 from splitinfer.manifest import Manifest
 from splitinfer.partitioner._profiles import chain_times, pick_profile
@@ -87,13 +88,9 @@ class Estimates:
 
     def __post_init__(self) -> None:
         for name in ("uplink_bps", "downlink_bps", "device_slowdown", "cloud_slowdown"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"Estimates.{name} must be a finite number > 0, got {value!r}")
+            check_number(f"Estimates.{name}", getattr(self, name), lo=0.0, lo_open=True)
         for name in ("rtt_s", "cloud_queue_s"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ConfigError(f"Estimates.{name} must be a finite number >= 0 (seconds), got {value!r}")
+            check_number(f"Estimates.{name}", getattr(self, name), lo=0.0, unit="seconds")
 
 
 #: What an estimator believes before its first observation: a modest 3G-class link.

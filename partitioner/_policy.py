@@ -41,6 +41,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from splitinfer._checks import check_number
 from splitinfer.errors import ConfigError
 from splitinfer.manifest import Manifest
 from splitinfer.partitioner._costs import STAGES, CostModel, EnergyModel, energy_weights, latency_weights
@@ -165,9 +166,9 @@ class TablePolicy:
         seed: int | None = None,
         settings: str = "",
     ):
-        _check_range("energy_weight", energy_weight, 0.0, math.inf)
-        _check_range("explore", explore, 0.0, 1.0, hi_open=True)
-        _check_range("explore_margin", explore_margin, 0.0, math.inf)
+        check_number("energy_weight", energy_weight, lo=0.0)
+        check_number("explore", explore, lo=0.0, hi=1.0, hi_open=True)
+        check_number("explore_margin", explore_margin, lo=0.0)
         if energy is not None and not isinstance(energy, EnergyModel):
             raise ConfigError(f"energy must be an EnergyModel, got {type(energy).__name__}")
         rows = np.flatnonzero(allowed)
@@ -340,13 +341,6 @@ def _rate(bps: float) -> str:
     return f"{bps / 1e3:.3g} kbit/s"
 
 
-def _check_range(name: str, value: Any, lo: float, hi: float, *, hi_open: bool = False) -> None:
-    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not number or value < lo or (value >= hi if hi_open else value > hi):
-        bound = f"[{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise ConfigError(f"{name} must be a finite number in {bound}, got {value!r}")
-
-
 def _check_floor(bundle: Manifest, privacy_floor: Any) -> int | None:
     if privacy_floor is None:
         return None
@@ -381,7 +375,7 @@ def adaptive(
     cloud_batch: int = 1,
 ) -> TablePolicy:
     """Least predicted latency (+ ``energy_weight`` s/J x energy) under the budget and floor."""
-    _check_range("fidelity_budget", fidelity_budget, 0.0, 1.0)
+    check_number("fidelity_budget", fidelity_budget, lo=0.0, hi=1.0)
     floor = _check_floor(bundle, privacy_floor)
     model = CostModel(bundle, profile=profile, cloud_batch=cloud_batch)
     _needs_profile("adaptive", model, bundle)
@@ -433,7 +427,7 @@ def cloud(
 
     Without a profile the choice is the smallest such codec (compute times are unknown).
     """
-    _check_range("fidelity_budget", fidelity_budget, 0.0, 1.0)
+    check_number("fidelity_budget", fidelity_budget, lo=0.0, hi=1.0)
     model = CostModel(bundle, profile=profile, cloud_batch=cloud_batch)
     excluded = model.exclusions(fidelity_budget, None)
     allowed = np.array([not r for r in excluded]) & (model.cut == 0)

@@ -130,37 +130,37 @@ def _specs_to_wire(specs: tuple[TensorSpec, ...]) -> list[list[Any]]:
 
 def encode_request(header: RequestHeader, payload: bytes) -> bytes:
     """The body of an inference request: header map, then ``payload``."""
-    if header.payload_nbytes != len(payload):
-        raise ConfigError(f"header says {header.payload_nbytes} payload bytes, got {len(payload)}")
-    head = msgpack.packb(
-        {
-            "v": header.version,
-            "model": header.model,
-            "graph": header.graph,
-            "cut": header.cut,
-            "codec": header.codec,
-            "tensors": _specs_to_wire(header.tensors),
-            "id": header.request_id,
-            "deadline_s": header.deadline_s,
-            "payload_nbytes": header.payload_nbytes,
-        }
-    )
-    return head + payload
+    fields = {
+        "v": header.version,
+        "model": header.model,
+        "graph": header.graph,
+        "cut": header.cut,
+        "codec": header.codec,
+        "tensors": _specs_to_wire(header.tensors),
+        "id": header.request_id,
+        "deadline_s": header.deadline_s,
+        "payload_nbytes": header.payload_nbytes,
+    }
+    return _frame(fields, payload)
 
 
 def encode_response(header: ResponseHeader, payload: bytes) -> bytes:
     """The body of an inference response: header map, then ``payload``."""
-    if header.payload_nbytes != len(payload):
-        raise ConfigError(f"header says {header.payload_nbytes} payload bytes, got {len(payload)}")
-    head = msgpack.packb(
-        {
-            "v": header.version,
-            "id": header.request_id,
-            "codec": header.codec,
-            "tensors": _specs_to_wire(header.tensors),
-            "payload_nbytes": header.payload_nbytes,
-        }
-    )
+    fields = {
+        "v": header.version,
+        "id": header.request_id,
+        "codec": header.codec,
+        "tensors": _specs_to_wire(header.tensors),
+        "payload_nbytes": header.payload_nbytes,
+    }
+    return _frame(fields, payload)
+
+
+def _frame(fields: dict[str, Any], payload: bytes) -> bytes:
+    """The header map ``fields`` packed, then ``payload``, whose length the header must state."""
+    if fields["payload_nbytes"] != len(payload):
+        raise ConfigError(f"header says {fields['payload_nbytes']} payload bytes, got {len(payload)}")
+    head: bytes = msgpack.packb(fields)
     return head + payload
 
 
