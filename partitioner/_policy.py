@@ -200,6 +200,13 @@ class TablePolicy:
         self._features_t = np.ascontiguousarray(model.features[rows].T)
         self._rng = random.Random(seed)
 
+    @property
+    def rows(self) -> np.ndarray:
+        """The indices of the allowed rows of :attr:`model` (read-only), in the model's order."""
+        view = self._rows.view()
+        view.flags.writeable = False
+        return view
+
     def _weights(self, est: Estimates) -> np.ndarray:
         w = latency_weights(est)
         if self.energy_weight:
@@ -479,8 +486,12 @@ POLICIES: dict[str, Callable[..., TablePolicy]] = {
 }
 
 
-def make_policy(name: str, bundle: Manifest, **kwargs: Any) -> Policy:
+def make_policy(name: str, bundle: Manifest, **kwargs: Any) -> TablePolicy:
     """The policy ``name`` for ``bundle``; ``kwargs`` are that policy's settings.
+
+    Every built-in policy is a :class:`TablePolicy`, a :class:`Policy` over the bundle's cost
+    model: code that needs that model and the rows the policy allows (the hindsight oracle)
+    reads ``policy.model`` and ``policy.rows``; code that only decides uses the Policy protocol.
 
     ``adaptive``: fidelity_budget=0.99, privacy_floor=None, energy_weight=0.0 (seconds per
     joule), energy=EnergyModel(), explore=0.05, explore_margin=0.1, seed=None, profile=None,
