@@ -107,54 +107,15 @@ def compile(  # the public name the API promises
     latencies on this machine and stores them in ``bundle.profiles``, as ``splitinfer profile``
     does for a saved bundle; the adaptive policy needs one. ``progress`` draws progress bars.
     """
-    if not valid_model_name(name):
-        raise ConfigError(f"name {name!r} must be 1-128 characters of [A-Za-z0-9._-]")
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(example_inputs, tuple | list) or not example_inputs:
-        raise ConfigError(
-            "example_inputs must be a non-empty tuple of tensors, e.g. (torch.randn(1, 3, 224, 224),)"
-        )
-    for i, t in enumerate(example_inputs):
-        if not isinstance(t, torch.Tensor):
-            raise ConfigError(f"example input {i} is a {type(t).__name__}; every input must be a tensor")
     started = time.perf_counter()
+    _check_arguments(model, example_inputs, name)
     model = model.eval()
     args = tuple(_batched(t) for t in example_inputs)
     with torch.no_grad():
-        program = _export(model, args, f"model {type(model).__name__}")
-        gm = program.module()
-        symbol = batch_symbol(gm)
-        if symbol is None:
-            raise CaptureError(f"the batch dim of {type(model).__name__} did not stay symbolic. {_HINT}")
-        graph = Cuttable(gm, symbol)
-        positions = _choose_positions(graph, args, max_frontier_bytes)
-        modules, positions = _build_segments(graph, positions)
-        frontiers = [args]
-        for seg in modules:
-            frontiers.append(tuple(seg(*frontiers[-1])))
-        expected_leaves = pytree.tree_leaves(model(*args))
-        _check_equal(frontiers[-1], expected_leaves)
-        programs = []
-        for i, seg in enumerate(modules):
-            programs.append(_export(seg, frontiers[i], f"segment {i} ({graph.name(positions[i + 1])})"))
-    cuts = []
-    for index, (p, frontier) in enumerate(zip(positions, frontiers)):
-        specs = tuple(_spec(t) for t in frontier)
-        cuts.append(Cut(index, graph.name(p), specs, frontier_nbytes(specs)))
-    in_spec = pytree.treespec_dumps(pytree.tree_flatten((tuple(example_inputs), {}))[1])
-    out_spec = pytree.treespec_dumps(program.call_spec.out_spec)
-    bundle = Bundle(
-        name=name,
-        cuts=cuts,
-        inputs=cuts[0].tensors,
-        in_spec=in_spec,
-        out_spec=out_spec,
-        graph_hash=graph_hash(programs, cuts, in_spec, out_spec),
-        segments=[fast_module(p) for p in programs],
-        version=version,
-        _programs=programs,
-    )
+        program, graph = _capture(model, args)
+        modules, positions = _cut(graph, args, max_frontier_bytes)
+        programs, frontiers = _segment(model, graph, modules, positions, args)
+    bundle = _assemble(name, version, graph, positions, frontiers, programs, tuple(example_inputs), program)
     _add_fidelity(
         bundle,
         example_inputs,
@@ -169,14 +130,118 @@ def compile(  # the public name the API promises
         },
     )
     if profile:
-        from splitinfer.partitioner._profile import profile_bundle
-
-        bundle.profiles[profile if isinstance(profile, str) else "host"] = profile_bundle(
-            bundle, progress=progress
-        )
+        _add_profile(bundle, profile if isinstance(profile, str) else "host", progress)
     if verbose:
-        print(f"compiled {name}: {len(cuts)} cuts in {time.perf_counter() - started:.1f} s")
+        print(f"compiled {name}: {len(bundle.cuts)} cuts in {time.perf_counter() - started:.1f} s")
     return bundle
+
+
+def _check_arguments(model: object, example_inputs: object, name: object) -> None:
+    """ConfigError unless ``name`` is a valid model name, ``model`` an nn.Module and
+    ``example_inputs`` a non-empty tuple or list of tensors."""
+    if not isinstance(name, str) or not valid_model_name(name):
+        raise ConfigError(f"name {name!r} must be 1-128 characters of [A-Za-z0-9._-]")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, tuple | list) or not example_inputs:
+        raise ConfigError(
+            "example_inputs must be a non-empty tuple of tensors, e.g. (torch.randn(1, 3, 224, 224),)"
+        )
+    for i, t in enumerate(example_inputs):
+        if not isinstance(t, torch.Tensor):
+            raise ConfigError(f"example input {i} is a {type(t).__name__}; every input must be a tensor")
+
+
+def _capture(
+    model: nn.Module, args: tuple[torch.Tensor, ...]
+) -> tuple[torch.export.ExportedProgram, Cuttable]:
+    """The whole model exported at ``args`` with a dynamic batch dim, and its graph to cut.
+
+    Requires ``model`` in eval mode and ``args`` batched (:func:`_batched`). Ensures the batch
+    dim stayed symbolic; CaptureError (naming the construct) when torch.export fails.
+    """
+    program = _export(model, args, f"model {type(model).__name__}")
+    gm = program.module()
+    symbol = batch_symbol(gm)
+    if symbol is None:
+        raise CaptureError(f"the batch dim of {type(model).__name__} did not stay symbolic. {_HINT}")
+    return program, Cuttable(gm, symbol)
+
+
+def _cut(
+    graph: Cuttable, args: tuple[torch.Tensor, ...], max_frontier_bytes: int | None
+) -> tuple[list[fx.GraphModule], list[int]]:
+    """The segments of ``graph`` and the cut positions they run between.
+
+    Ensures ``len(positions) == len(modules) + 1``, ``positions[0] == 0`` and
+    ``positions[-1] == graph.n_positions``: segment ``i`` computes the frontier at
+    ``positions[i + 1]`` from the one at ``positions[i]``. Positions whose frontier repeats a
+    neighbour's, exceeds ``max_frontier_bytes`` or ends no buildable segment are left out.
+    """
+    return _build_segments(graph, _choose_positions(graph, args, max_frontier_bytes))
+
+
+def _segment(
+    model: nn.Module,
+    graph: Cuttable,
+    modules: Sequence[fx.GraphModule],
+    positions: Sequence[int],
+    args: tuple[torch.Tensor, ...],
+) -> tuple[list[torch.export.ExportedProgram], list[tuple[torch.Tensor, ...]]]:
+    """Each segment exported on its own, and the frontiers at every cut for ``args``.
+
+    Requires the segments from :func:`_cut`. Ensures the chain reproduces ``model(*args)``
+    (CaptureError otherwise) and returns one program per segment and ``len(modules) + 1``
+    frontiers, the first being ``args``.
+    """
+    frontiers = [args]
+    for seg in modules:
+        frontiers.append(tuple(seg(*frontiers[-1])))
+    _check_equal(frontiers[-1], pytree.tree_leaves(model(*args)))
+    programs = [
+        _export(seg, frontiers[i], f"segment {i} ({graph.name(positions[i + 1])})")
+        for i, seg in enumerate(modules)
+    ]
+    return programs, frontiers
+
+
+def _assemble(
+    name: str,
+    version: str,
+    graph: Cuttable,
+    positions: Sequence[int],
+    frontiers: Sequence[tuple[torch.Tensor, ...]],
+    programs: list[torch.export.ExportedProgram],
+    example_inputs: tuple[torch.Tensor, ...],
+    program: torch.export.ExportedProgram,
+) -> Bundle:
+    """The bundle of the segment ``programs``: its cuts (frontier specs with a dynamic batch,
+    byte sizes, readable names), input and output tree specs and graph hash; no codecs,
+    fidelity table or profile yet (:func:`_add_fidelity` and ``profile_bundle`` add them)."""
+    cuts = []
+    for index, (p, frontier) in enumerate(zip(positions, frontiers)):
+        specs = tuple(_spec(t) for t in frontier)
+        cuts.append(Cut(index, graph.name(p), specs, frontier_nbytes(specs)))
+    in_spec = pytree.treespec_dumps(pytree.tree_flatten((example_inputs, {}))[1])
+    out_spec = pytree.treespec_dumps(program.call_spec.out_spec)
+    return Bundle(
+        name=name,
+        cuts=cuts,
+        inputs=cuts[0].tensors,
+        in_spec=in_spec,
+        out_spec=out_spec,
+        graph_hash=graph_hash(programs, cuts, in_spec, out_spec),
+        segments=[fast_module(p) for p in programs],
+        version=version,
+        _programs=programs,
+    )
+
+
+def _add_profile(bundle: Bundle, name: str, progress: bool) -> None:
+    """Measure ``bundle``'s segment and codec latencies on this machine as profile ``name``."""
+    from splitinfer.partitioner._profile import profile_bundle
+
+    bundle.profiles[name] = profile_bundle(bundle, progress=progress)
 
 
 def _add_fidelity(
@@ -186,6 +251,13 @@ def _add_fidelity(
     codecs: Sequence[str] | None,
     options: dict[str, Any],
 ) -> None:
+    """Set ``bundle``'s codecs, fidelity table, calibration ranges and zstd dictionaries.
+
+    Without ``calibration`` only lossless codecs are allowed (ConfigError otherwise), measured
+    on ``example_inputs`` (fidelity ``samples`` 0, no dictionaries); with it, ``codecs``
+    (default :data:`DEFAULT_CODECS`) are calibrated and measured on it (``_fidelity.measure``,
+    ``options`` its keywords).
+    """
     if codecs is not None and (isinstance(codecs, str) or not codecs):
         raise ConfigError(f"codecs must be a non-empty list of specs such as {list(DEFAULT_CODECS)}")
     if calibration is None:
