@@ -35,7 +35,8 @@ import zstandard
 from PIL import Image
 
 from splitinfer.compression import ClipRanges, calibrate, get_codec
-from splitinfer.compression._dictionary import payload_of, train
+from splitinfer.compression._codec import payload_of
+from splitinfer.compression._dictionary import train
 from splitinfer.compression._pack import pack_bits, unpack_bits
 from splitinfer.compression._quant import affine, channel_view, quantize, sanitize
 

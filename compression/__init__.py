@@ -1,7 +1,14 @@
 """splitinfer.compression: tensor codecs named by short spec strings (``q4c+zstd3``).
 
 >>> codec = get_codec("q8+zstd1")
->>> tensors = codec.decode(codec.encode([torch.randn(2, 3)]))
+>>> tensors = codec.decode(codec.encode([torch.randn(2, 3)]))         # torch in, torch out
+>>> arrays = codec.decode_numpy(codec.encode([np.ones((2, 3), "f4")]))  # numpy, never torch
+
+The codecs work on numpy (importing this package loads no torch): ``encode`` takes torch tensors
+or numpy arrays and gives the same bytes for the same values either way; ``decode`` returns
+torch tensors (it imports torch), ``decode_numpy`` numpy arrays of the encoded dtypes and shapes,
+except bfloat16, which numpy lacks: those decode to float32 arrays holding the bfloat16 values.
+:func:`calibrate` takes either as well.
 
 Specs are ``<base>[+zstd<level 1..22>]`` with base ``f32 | f16 | bf16`` (cast), ``q2``..``q8``
 (uniform affine quantization, one range per tensor), ``q2c``..``q8c`` (one range per channel,

@@ -26,15 +26,15 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
-import torch
 import zstandard
 
 from splitinfer.compression._dictionary import ZstdDictionary
 from splitinfer.errors import CodecError, ConfigError
-from splitinfer.tensors import MAX_NDIM, dtype_from_name, dtype_name
+from splitinfer.tensors import MAX_NDIM, check_dtype_name, dtype_name, numpy_dtype
 
 __all__ = [
     "BLOB_VERSION",
@@ -97,13 +97,13 @@ def _decompressor(dictionary: ZstdDictionary | None = None) -> zstandard.ZstdDec
 def write_blob(
     spec: str,
     entries: list[list[object]],
-    chunks: Sequence[object],
+    chunks: Sequence[memoryview | bytes | np.ndarray],
     zstd_level: int | None,
     dictionary: ZstdDictionary | None = None,
 ) -> bytes:
     """The blob for ``entries`` whose wire bytes are ``chunks`` (buffers), zstd-framed if asked
     (with ``dictionary`` when given: the header then names it)."""
-    views = [memoryview(c).cast("B") for c in chunks]
+    views = [(c.data if isinstance(c, np.ndarray) else memoryview(c)).cast("B") for c in chunks]
     raw_nbytes = sum(v.nbytes for v in views)
     fields: list[object] = [BLOB_VERSION, spec, entries, raw_nbytes]
     if zstd_level is not None and dictionary is not None:
@@ -206,20 +206,20 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def check_entry(entry: object) -> tuple[torch.dtype, tuple[int, ...], list[object]]:
-    """``(dtype, shape, codec fields)`` of one header entry ``[dtype, shape, *fields]``."""
+def check_entry(entry: object) -> tuple[str, tuple[int, ...], list[object]]:
+    """``(dtype name, shape, codec fields)`` of one header entry ``[dtype, shape, *fields]``."""
     if not isinstance(entry, list) or not 2 <= len(entry) <= 8:
         raise CodecError(f"tensor entry must be [dtype, shape, ...], got {entry!r:.80}")
-    name, shape = entry[0], entry[1]
+    shape = entry[1]
     try:
-        dtype = dtype_from_name(name)
+        name = check_dtype_name(entry[0])
     except ConfigError as exc:
         raise CodecError(str(exc)) from None
     if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
         raise CodecError(f"tensor shape must be a list of at most {MAX_NDIM} dims >= 0")
     if math.prod(shape) > _MAX_NUMEL:
         raise CodecError(f"tensor shape {shape} is implausibly large")
-    return dtype, tuple(shape), entry[2:]
+    return name, tuple(shape), entry[2:]
 
 
 def check_size(wire_nbytes: int, raw_nbytes: int, out_nbytes: int, max_nbytes: int, slack: int = 0) -> None:
@@ -249,28 +249,25 @@ def u32_field(value: object, length: int, what: str) -> np.ndarray:
     return np.frombuffer(value, "<u4").astype(np.int64)
 
 
-def wire_dtype_name(dtype: torch.dtype) -> str:
-    """The wire name of ``dtype``, as a CodecError for a dtype that cannot travel."""
+def wire_dtype_name(dtype: Any) -> str:
+    """The wire name of a torch or numpy ``dtype``, as a CodecError for one that cannot travel."""
     try:
         return dtype_name(dtype)
     except ConfigError as exc:
         raise CodecError(str(exc)) from None
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy."""
-    if t.numel() == 0:
+def tensor_bytes(a: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous little-endian array, without a copy."""
+    if a.size == 0:
         return memoryview(b"")
-    if t.dtype in (torch.bfloat16, torch.float16):
-        t = t.view(torch.int16)
-    elif t.dtype == torch.bool:
-        t = t.view(torch.uint8)
-    return memoryview(t.numpy()).cast("B")
+    return a.data.cast("B")
 
 
-def tensor_from_bytes(data: memoryview | bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """A new tensor (it owns writable memory) holding ``data``, the bytes of ``shape`` x ``dtype``."""
-    count = math.prod(shape)
-    if count == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=dtype, count=count).reshape(shape)
+def tensor_from_bytes(data: memoryview | bytes, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A new array (it owns writable memory) of wire dtype ``name`` (bfloat16 as its uint16 bits)
+    and ``shape`` holding ``data``, exactly the bytes of that many values."""
+    dtype = numpy_dtype(name)
+    if math.prod(shape) == 0:
+        return np.empty(shape, dtype)
+    return np.frombuffer(bytearray(data), dtype).reshape(shape)

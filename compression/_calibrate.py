@@ -20,10 +20,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import torch
 
+from splitinfer.compression._floats import FLOATS
+from splitinfer.compression._frontier import array_of, f32_floats
 from splitinfer.compression._quant import RANGE_LIMIT, channel_view, sanitize
 from splitinfer.compression._spec import parse_spec
 from splitinfer.errors import CodecError
@@ -136,7 +138,7 @@ def _finite_float(x: object) -> bool:
 
 
 def calibrate(
-    samples: Iterable[Sequence[torch.Tensor]],
+    samples: Iterable[Sequence[Any]],
     spec: str,
     method: str = "minmax",
     *,
@@ -144,9 +146,10 @@ def calibrate(
 ) -> ClipRanges:
     """Clip ranges for ``spec`` (a quantized or JPEG codec) from sample frontiers.
 
-    ``samples`` is an iterable of frontiers (lists of tensors, the same count and channels
-    each; it is read once and kept in memory). Floating tensors get ranges, per channel (dim 1)
-    when the spec is per channel; other tensors get ``None``. Non-finite values are ignored.
+    ``samples`` is an iterable of frontiers (lists of torch tensors or numpy arrays, the same
+    count and channels each; it is read once and kept in memory). Floating tensors get ranges,
+    per channel (dim 1) when the spec is per channel; other tensors get ``None``. Non-finite
+    values are ignored.
 
     - ``"minmax"``: the smallest and largest value seen;
     - ``"percentile"``: the ``100 - percentile`` and ``percentile`` percentiles (exact, over
@@ -177,16 +180,14 @@ def calibrate(
         raise CodecError("sample frontiers differ in their number of tensors")
     ranges: list[tuple[np.ndarray, np.ndarray] | None] = []
     for i in range(count):
-        tensors = [f[i] for f in frontiers]
-        if not all(isinstance(t, torch.Tensor) for t in tensors):
-            raise CodecError(f"sample tensor {i} is not a tensor")
-        floating = {t.dtype.is_floating_point for t in tensors}
+        wires = [_wire(f[i], i) for f in frontiers]
+        floating = {name in FLOATS for name, _ in wires}
         if floating == {False}:
             ranges.append(None)
             continue
         if len(floating) > 1:
             raise CodecError(f"sample tensor {i} is floating in some samples and not in others")
-        views = [channel_view(_as_f32(t), parsed.per_channel) for t in tensors]
+        views = [channel_view(a, parsed.per_channel) for _, a in wires]
         if len({v.shape[1] for v in views}) > 1:
             raise CodecError(f"sample tensor {i} differs in its channel count between samples")
         if method == "minmax":
@@ -199,7 +200,7 @@ def calibrate(
 
 
 def calibrate_all(
-    frontier: Sequence[torch.Tensor],
+    frontier: Sequence[Any],
     specs: Sequence[str],
     methods: Sequence[str] = CALIBRATION_METHODS,
     *,
@@ -208,12 +209,13 @@ def calibrate_all(
 ) -> dict[tuple[str, str], ClipRanges]:
     """``calibrate`` for several quantizing specs and methods at once, sharing the work.
 
-    ``frontier`` holds batched tensors (samples along dim 0, as a cut's frontier over many
-    inputs); the result maps ``(spec, method)`` to what ``calibrate(samples, spec, method)``
-    gives for the samples of that batch. Min/max, percentiles and the MSE histogram depend only
-    on the granularity (per tensor or per channel), not on the bit width, so they are computed
-    once per granularity. Percentiles and histograms use at most ``max_values`` values per
-    tensor (whole samples, evenly spaced through the batch); min/max always uses all.
+    ``frontier`` holds batched torch tensors or numpy arrays (samples along dim 0, as a cut's
+    frontier over many inputs); the result maps ``(spec, method)`` to what
+    ``calibrate(samples, spec, method)`` gives for the samples of that batch. Min/max,
+    percentiles and the MSE histogram depend only on the granularity (per tensor or per
+    channel), not on the bit width, so they are computed once per granularity. Percentiles and
+    histograms use at most ``max_values`` values per tensor (whole samples, evenly spaced
+    through the batch); min/max always uses all.
     """
     parsed = {spec: parse_spec(spec) for spec in specs}
     for spec, p in parsed.items():
@@ -230,13 +232,14 @@ def calibrate_all(
     for per_channel in sorted({p.per_channel for p in parsed.values()}):
         ranges: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray] | None]] = {}
         mine = [s for s, p in parsed.items() if p.per_channel == per_channel]
-        for t in frontier:
-            if not t.dtype.is_floating_point:
+        for i, t in enumerate(frontier):
+            name, a = _wire(t, i)
+            if name not in FLOATS:
                 for spec in mine:
                     for method in methods:
                         ranges.setdefault((spec, method), []).append(None)
                 continue
-            view = channel_view(_as_f32(t), per_channel)
+            view = channel_view(a, per_channel)
             rows = view.shape[0]
             step = max(1, math.ceil(view.size / max_values)) if rows > 1 else 1
             sub = view[::step]
@@ -263,8 +266,11 @@ def calibrate_all(
     return out
 
 
-def _as_f32(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu", torch.float32).contiguous().numpy()
+def _wire(t: object, index: int) -> tuple[str, np.ndarray]:
+    wire = array_of(t, f32_floats)  # floating tensors as float32
+    if wire is None:
+        raise CodecError(f"sample tensor {index} is not a tensor or numpy array")
+    return wire
 
 
 def _minmax(views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -330,7 +336,7 @@ class _Histogram:
         channels = lo.size
         width = (hi - lo) / _BINS
         inv_width = np.divide(1.0, width, out=np.zeros_like(width), where=width > 0)
-        counts = np.zeros(channels * _BINS, np.float64)
+        flat_counts = np.zeros(channels * _BINS, np.float64)
         at_lo = np.zeros(channels)
         offsets = (np.arange(channels) * _BINS).reshape(1, -1, 1)
         lo3, inv3 = lo.reshape(1, -1, 1), inv_width.reshape(1, -1, 1)
@@ -343,9 +349,11 @@ class _Histogram:
             idx = x.astype(np.int64)
             np.clip(idx, 0, _BINS - 1, out=idx)
             idx += offsets
-            counts += np.bincount(idx.reshape(-1) if everywhere else idx[finite], minlength=channels * _BINS)
+            flat_counts += np.bincount(
+                idx.reshape(-1) if everywhere else idx[finite], minlength=channels * _BINS
+            )
             at_lo += ((v == lo3.astype(np.float32)) & finite).sum(axis=(0, 2))
-        counts = counts.reshape(channels, _BINS)
+        counts = flat_counts.reshape(channels, _BINS)
         centres = lo[:, None] + (np.arange(_BINS) + 0.5) * width[:, None]
         # prefix sums of n, n*v, n*v^2 over the bins: entry k sums bins 0..k-1
         zeros = np.zeros((channels, 1))

@@ -30,10 +30,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 
 from splitinfer.compression._blob import (
     DEFAULT_MAX_NBYTES,
@@ -46,16 +45,21 @@ from splitinfer.compression._blob import (
     tensor_bytes,
     tensor_from_bytes,
     u32_field,
-    wire_dtype_name,
     write_blob,
 )
 from splitinfer.compression._calibrate import ClipRanges
 from splitinfer.compression._dictionary import ZstdDictionary
+from splitinfer.compression._floats import FLOATS
+from splitinfer.compression._frontier import Decoded, arrays_of, f32_floats, numpy_arrays, torch_tensors
 from splitinfer.compression._jpeg import MAX_SIDE, decode_images, encode_images
 from splitinfer.compression._pack import pack_bits, packed_nbytes, unpack_bits
 from splitinfer.compression._quant import affine, channel_view, dequantize, quantize, sanitize
 from splitinfer.compression._spec import parse_spec
 from splitinfer.errors import CodecError
+from splitinfer.tensors import DTYPES
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DEFAULT_MAX_NBYTES",
@@ -65,95 +69,117 @@ __all__ = [
     "QuantCodec",
     "available_codecs",
     "get_codec",
+    "payload_of",
 ]
 
 _F32_MAX = float(np.finfo(np.float32).max)
 _JPEG_SLACK = 4096  # JPEG headers: a tiny image's file can be larger than its pixels
 
+#: What ``encode`` takes: torch tensors or numpy arrays (mixed, even).
+Frontier = Sequence[Any]
+Wire = list[tuple[str, np.ndarray]]
+
 
 @runtime_checkable
 class Codec(Protocol):
-    """Turns a frontier (a list of tensors) into bytes and back."""
+    """Turns a frontier (a list of tensors) into bytes and back.
 
-    spec: str
+    ``encode`` takes torch tensors or numpy arrays; the blob is the same either way (the core
+    works on numpy). ``decode`` returns torch tensors (it imports torch); ``decode_numpy``
+    returns numpy arrays and never imports torch: each has the dtype and shape that was
+    encoded, except bfloat16 (numpy has none), which decodes to float32 arrays holding exactly
+    the bfloat16 values ``decode`` gives.
+    """
 
-    def encode(self, tensors: Sequence[torch.Tensor]) -> bytes: ...
+    @property
+    def spec(self) -> str: ...
+
+    def encode(self, tensors: Frontier) -> bytes: ...
 
     def decode(self, blob: bytes | memoryview, *, max_nbytes: int = ...) -> list[torch.Tensor]: ...
 
-
-def _check_tensors(tensors: Sequence[torch.Tensor], spec: str) -> Sequence[torch.Tensor]:
-    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
-        raise CodecError(f"codec {spec} encodes a list of tensors, got {type(tensors).__name__}")
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            raise CodecError(f"codec {spec} encodes tensors, got {type(t).__name__}")
-        if t.layout != torch.strided or t.is_meta:
-            raise CodecError(
-                f"codec {spec} encodes dense tensors with data, got a {t.layout} {t.device} tensor"
-            )
-    return tensors
+    def decode_numpy(self, blob: bytes | memoryview, *, max_nbytes: int = ...) -> list[np.ndarray]: ...
 
 
-def _as_f32(t: torch.Tensor) -> np.ndarray:
-    """A C-contiguous float32 numpy view (or copy) of ``t``; never written to."""
-    return t.detach().to("cpu", torch.float32).contiguous().numpy()
+class _Adapters:
+    """``encode``, ``decode`` and ``decode_numpy`` of a codec, on its numpy core ``_encode`` /
+    ``_decode`` (``_frontier.py`` holds the adapters)."""
+
+    if TYPE_CHECKING:
+
+        @property
+        def spec(self) -> str: ...
+
+    def _wire_name(self, name: str) -> str:
+        """The wire dtype in which ``_encode`` wants a tensor of dtype ``name``."""
+        return f32_floats(name)
+
+    def _encode(self, arrays: Wire) -> bytes:
+        raise NotImplementedError
+
+    def _decode(self, view: memoryview, max_nbytes: int) -> list[Decoded]:
+        raise NotImplementedError
+
+    def encode(self, tensors: Frontier) -> bytes:
+        """The blob of ``tensors`` (torch tensors or numpy arrays)."""
+        return self._encode(arrays_of(tensors, self.spec, self._wire_name))
+
+    def decode(self, blob: bytes | memoryview, *, max_nbytes: int = DEFAULT_MAX_NBYTES) -> list[torch.Tensor]:
+        """The torch tensors of ``blob`` (imports torch); CodecError for any bad blob."""
+        return torch_tensors(self._decode(as_view(blob), max_nbytes))
+
+    def decode_numpy(
+        self, blob: bytes | memoryview, *, max_nbytes: int = DEFAULT_MAX_NBYTES
+    ) -> list[np.ndarray]:
+        """The numpy arrays of ``blob`` (bfloat16 tensors as float32); CodecError for any bad blob."""
+        return numpy_arrays(self._decode(as_view(blob), max_nbytes))
 
 
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu").contiguous()
-
-
-def _out_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    return math.prod(shape) * dtype.itemsize
-
-
-def _to_tensor(values: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    t = torch.from_numpy(values).reshape(shape)
-    return t if t.dtype == dtype else t.to(dtype)
+def _out_nbytes(name: str, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * DTYPES[name]
 
 
 @dataclass(frozen=True)
-class CastCodec:
-    """Cast floating tensors to ``cast`` and optionally zstd-compress the bytes."""
+class CastCodec(_Adapters):
+    """Cast floating tensors to ``cast`` (a wire dtype name) and optionally zstd the bytes."""
 
     spec: str
-    cast: torch.dtype
+    cast: str
     zstd_level: int | None
     dictionary: ZstdDictionary | None = None
 
-    def _wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        return self.cast if dtype.is_floating_point else dtype
+    def _wire_name(self, name: str) -> str:
+        return self.cast if name in FLOATS else name
 
-    def encode(self, tensors: Sequence[torch.Tensor]) -> bytes:
-        entries, chunks = [], []
-        for t in _check_tensors(tensors, self.spec):
-            entries.append([wire_dtype_name(t.dtype), list(t.shape)])
-            chunks.append(tensor_bytes(t.detach().to("cpu", self._wire_dtype(t.dtype)).contiguous()))
+    def _encode(self, arrays: Wire) -> bytes:
+        entries: list[list[object]] = []
+        chunks: list[memoryview | bytes | np.ndarray] = []
+        for name, a in arrays:  # a: already in the wire dtype
+            entries.append([name, list(a.shape)])
+            chunks.append(tensor_bytes(a))
         return write_blob(self.spec, entries, chunks, self.zstd_level, self.dictionary)
 
-    def decode(self, blob: bytes | memoryview, *, max_nbytes: int = DEFAULT_MAX_NBYTES) -> list[torch.Tensor]:
-        view = as_view(blob)
+    def _decode(self, view: memoryview, max_nbytes: int) -> list[Decoded]:
         entries, raw_nbytes, offset, dictionary = read_header(view, self.spec, self.dictionary)
         plan = []
         for entry in entries:
-            dtype, shape, fields = check_entry(entry)
+            name, shape, fields = check_entry(entry)
             if fields:
                 raise CodecError(f"a {self.spec} tensor entry is [dtype, shape]")
-            plan.append((dtype, shape, _out_nbytes(self._wire_dtype(dtype), shape)))
+            plan.append((name, shape, _out_nbytes(self._wire_name(name), shape)))
         wire = sum(p[2] for p in plan)
         check_size(wire, raw_nbytes, sum(_out_nbytes(d, s) for d, s, _ in plan), max_nbytes)
         data = read_data(view[offset:], wire, self.zstd_level is not None, dictionary)
-        tensors, pos = [], 0
-        for dtype, shape, n in plan:
-            t = tensor_from_bytes(data[pos : pos + n], self._wire_dtype(dtype), shape)
-            tensors.append(t if t.dtype == dtype else t.to(dtype))
+        decoded, pos = [], 0
+        for name, shape, n in plan:
+            carrier = self._wire_name(name)
+            decoded.append((name, carrier, tensor_from_bytes(data[pos : pos + n], carrier, shape)))
             pos += n
-        return tensors
+        return decoded
 
 
 @dataclass(frozen=True)
-class QuantCodec:
+class QuantCodec(_Adapters):
     """Quantize floating tensors to ``bits`` bits (per tensor or per channel), pack, maybe zstd.
 
     Ranges are each tensor's (or channel's) finite min/max, or ``clip`` when given.
@@ -166,39 +192,37 @@ class QuantCodec:
     clip: ClipRanges | None = None
     dictionary: ZstdDictionary | None = None
 
-    def encode(self, tensors: Sequence[torch.Tensor]) -> bytes:
-        tensors = _check_tensors(tensors, self.spec)
-        _check_clip_count(self.clip, tensors)
+    def _encode(self, arrays: Wire) -> bytes:
+        _check_clip_count(self.clip, arrays)
         levels = 1 << self.bits
-        entries, chunks = [], []
-        for i, t in enumerate(tensors):
-            name = wire_dtype_name(t.dtype)
-            if not t.dtype.is_floating_point:
-                entries.append([name, list(t.shape)])
-                chunks.append(tensor_bytes(_raw(t)))
+        entries: list[list[object]] = []
+        chunks: list[memoryview | bytes | np.ndarray] = []
+        for i, (name, a) in enumerate(arrays):
+            if name not in FLOATS:
+                entries.append([name, list(a.shape)])
+                chunks.append(tensor_bytes(a))
                 continue
-            a3 = channel_view(_as_f32(t), self.per_channel)
+            a3 = channel_view(a, self.per_channel)  # float32 (_wire_name)
             clean, lo, hi, finite = sanitize(a3)
             if self.clip is not None:
                 lo, hi = self.clip.arrays(i, a3.shape[1])
             lo32, scale, limited = affine(lo, hi, levels)
             codes = quantize(clean, lo32, scale, levels, inside=finite and self.clip is None and not limited)
-            entries.append([name, list(t.shape), lo32.astype("<f4").tobytes(), scale.astype("<f4").tobytes()])
+            entries.append([name, list(a.shape), lo32.astype("<f4").tobytes(), scale.astype("<f4").tobytes()])
             chunks.append(pack_bits(codes.reshape(-1), self.bits))
         return write_blob(self.spec, entries, chunks, self.zstd_level, self.dictionary)
 
-    def decode(self, blob: bytes | memoryview, *, max_nbytes: int = DEFAULT_MAX_NBYTES) -> list[torch.Tensor]:
-        view = as_view(blob)
+    def _decode(self, view: memoryview, max_nbytes: int) -> list[Decoded]:
         entries, raw_nbytes, offset, dictionary = read_header(view, self.spec, self.dictionary)
         levels = 1 << self.bits
-        plan = []
+        plan: list[tuple[str, tuple[int, ...], np.ndarray | None, np.ndarray | None, int]] = []
         for entry in entries:
-            dtype, shape, fields = check_entry(entry)
+            name, shape, fields = check_entry(entry)
             numel = math.prod(shape)
-            if not dtype.is_floating_point:
+            if name not in FLOATS:
                 if fields:
-                    raise CodecError(f"a {_dtype_label(dtype)} tensor entry is [dtype, shape]")
-                plan.append((dtype, shape, None, None, _out_nbytes(dtype, shape)))
+                    raise CodecError(f"a {name} tensor entry is [dtype, shape]")
+                plan.append((name, shape, None, None, _out_nbytes(name, shape)))
                 continue
             if len(fields) != 2:
                 raise CodecError("a floating tensor entry is [dtype, shape, lo, scale]")
@@ -208,24 +232,24 @@ class QuantCodec:
             top = np.abs(lo.astype(np.float64)) + (levels - 1) * scale.astype(np.float64)
             if (scale < 0).any() or (top > _F32_MAX).any():
                 raise CodecError("scale must be >= 0 and every decoded value a finite float32")
-            plan.append((dtype, shape, lo, scale, packed_nbytes(numel, self.bits)))
+            plan.append((name, shape, lo, scale, packed_nbytes(numel, self.bits)))
         wire = sum(p[4] for p in plan)
         check_size(wire, raw_nbytes, sum(_out_nbytes(p[0], p[1]) for p in plan), max_nbytes)
         data = read_data(view[offset:], wire, self.zstd_level is not None, dictionary)
-        tensors, pos = [], 0
-        for dtype, shape, lo, scale, n in plan:
+        decoded: list[Decoded] = []
+        pos = 0
+        for name, shape, lows, scales, n in plan:
             chunk = data[pos : pos + n]
             pos += n
-            if lo is None:
-                tensors.append(tensor_from_bytes(chunk, dtype, shape))
+            if lows is None or scales is None:
+                decoded.append((name, name, tensor_from_bytes(chunk, name, shape)))
             elif math.prod(shape) == 0:
-                tensors.append(torch.empty(shape, dtype=dtype))
+                decoded.append((name, "float32", np.empty(shape, np.float32)))
             else:
                 codes = unpack_bits(chunk, self.bits, math.prod(shape))
-                tensors.append(
-                    _to_tensor(dequantize(_codes3(codes, shape, lo.size), lo, scale), dtype, shape)
-                )
-        return tensors
+                values = dequantize(_codes3(codes, shape, lows.size), lows, scales)
+                decoded.append((name, "float32", values.reshape(shape)))
+        return decoded
 
 
 def _codes3(codes: np.ndarray, shape: tuple[int, ...], channels: int) -> np.ndarray:
@@ -235,19 +259,15 @@ def _codes3(codes: np.ndarray, shape: tuple[int, ...], channels: int) -> np.ndar
     return codes.reshape(shape[0], shape[1], -1)
 
 
-def _dtype_label(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _check_clip_count(clip: ClipRanges | None, tensors: Sequence[torch.Tensor]) -> None:
-    if clip is not None and len(clip.tensors) != len(tensors):
+def _check_clip_count(clip: ClipRanges | None, arrays: Wire) -> None:
+    if clip is not None and len(clip.tensors) != len(arrays):
         raise CodecError(
-            f"the clip ranges are for {len(clip.tensors)} tensors, the frontier has {len(tensors)}"
+            f"the clip ranges are for {len(clip.tensors)} tensors, the frontier has {len(arrays)}"
         )
 
 
 @dataclass(frozen=True)
-class JpegCodec:
+class JpegCodec(_Adapters):
     """JPEG-compress float image batches ``N x 3 x H x W``: each colour channel's range is
     ``clip``'s, or else its min/max over the batch (normalised images are not in ``[0, 1]``)."""
 
@@ -257,32 +277,32 @@ class JpegCodec:
     clip: ClipRanges | None = None
     dictionary: ZstdDictionary | None = None
 
-    def encode(self, tensors: Sequence[torch.Tensor]) -> bytes:
-        tensors = _check_tensors(tensors, self.spec)
-        _check_clip_count(self.clip, tensors)
-        entries, chunks = [], []
-        for i, t in enumerate(tensors):
-            if not t.dtype.is_floating_point or t.dim() != 4 or t.shape[1] != 3:
+    def _encode(self, arrays: Wire) -> bytes:
+        _check_clip_count(self.clip, arrays)
+        entries: list[list[object]] = []
+        chunks: list[memoryview | bytes | np.ndarray] = []
+        for i, (name, a) in enumerate(arrays):
+            if name not in FLOATS or a.ndim != 4 or a.shape[1] != 3:
                 raise CodecError(
                     f"codec {self.spec} encodes float image batches N x 3 x H x W; tensor {i} is "
-                    f"{_dtype_label(t.dtype)} {tuple(t.shape)}"
+                    f"{name} {tuple(a.shape)}"
                 )
-            height, width = t.shape[2], t.shape[3]
+            height, width = a.shape[2], a.shape[3]
             if height > MAX_SIDE or width > MAX_SIDE:
                 raise CodecError(
                     f"JPEG images are at most {MAX_SIDE} pixels a side, tensor {i} is {height}x{width}"
                 )
-            clean, lo, hi, _ = sanitize(channel_view(_as_f32(t), True))
+            clean, lo, hi, _ = sanitize(channel_view(a, True))  # float32 (_wire_name)
             if self.clip is not None:
                 lo, hi = self.clip.arrays(i, 3)
             lo32, scale, _ = affine(lo, hi, 256)
             files = []
-            if t.numel():
-                files = encode_images(quantize(clean, lo32, scale, 256).reshape(t.shape), self.quality)
+            if a.size:
+                files = encode_images(quantize(clean, lo32, scale, 256).reshape(a.shape), self.quality)
             entries.append(
                 [
-                    wire_dtype_name(t.dtype),
-                    list(t.shape),
+                    name,
+                    list(a.shape),
                     lo32.astype("<f4").tobytes(),
                     scale.astype("<f4").tobytes(),
                     np.array([len(f) for f in files], "<u4").tobytes(),
@@ -291,13 +311,12 @@ class JpegCodec:
             chunks.extend(files)
         return write_blob(self.spec, entries, chunks, self.zstd_level, self.dictionary)
 
-    def decode(self, blob: bytes | memoryview, *, max_nbytes: int = DEFAULT_MAX_NBYTES) -> list[torch.Tensor]:
-        view = as_view(blob)
+    def _decode(self, view: memoryview, max_nbytes: int) -> list[Decoded]:
         entries, raw_nbytes, offset, dictionary = read_header(view, self.spec, self.dictionary)
         plan = []
         for entry in entries:
-            dtype, shape, fields = check_entry(entry)
-            if not dtype.is_floating_point or len(shape) != 4 or shape[1] != 3 or len(fields) != 3:
+            name, shape, fields = check_entry(entry)
+            if name not in FLOATS or len(shape) != 4 or shape[1] != 3 or len(fields) != 3:
                 raise CodecError("a jpeg tensor entry is [float dtype, [N, 3, H, W], lo, scale, sizes]")
             if shape[2] > MAX_SIDE or shape[3] > MAX_SIDE:
                 raise CodecError(f"JPEG images are at most {MAX_SIDE} pixels a side")
@@ -307,16 +326,17 @@ class JpegCodec:
             ).any():
                 raise CodecError("scale must be >= 0 and every decoded value a finite float32")
             sizes = u32_field(fields[2], shape[0] if math.prod(shape) else 0, "sizes")
-            plan.append((dtype, shape, lo, scale, sizes))
+            plan.append((name, shape, lo, scale, sizes))
         wire = sum(int(p[4].sum()) for p in plan)
         out_nbytes = sum(_out_nbytes(p[0], p[1]) for p in plan)
         n_files = sum(p[4].size for p in plan)
         check_size(wire, raw_nbytes, out_nbytes, max_nbytes, slack=_JPEG_SLACK * n_files)
         data = read_data(view[offset:], wire, self.zstd_level is not None, dictionary)
-        tensors, pos = [], 0
-        for dtype, shape, lo, scale, sizes in plan:
+        decoded: list[Decoded] = []
+        pos = 0
+        for name, shape, lo, scale, sizes in plan:
             if not sizes.size:
-                tensors.append(torch.empty(shape, dtype=dtype))
+                decoded.append((name, "float32", np.empty(shape, np.float32)))
                 continue
             ends = pos + np.cumsum(sizes)
             files = [
@@ -325,8 +345,8 @@ class JpegCodec:
             pos = int(ends[-1])
             codes = decode_images(files, shape[2], shape[3])
             values = dequantize(codes.reshape(shape[0], 3, -1), lo, scale)
-            tensors.append(_to_tensor(values, dtype, shape))
-        return tensors
+            decoded.append((name, "float32", values.reshape(shape)))
+        return decoded
 
 
 def get_codec(
@@ -352,7 +372,7 @@ def get_codec(
             raise CodecError(
                 f"codec {spec!r} does not quantize: only q<bits>[c] and jpeg codecs take clip ranges"
             )
-        return CastCodec(parsed.text, parsed.cast, parsed.zstd_level, dictionary)  # type: ignore[arg-type]
+        return CastCodec(parsed.text, parsed.cast or "float32", parsed.zstd_level, dictionary)
     if clip is not None and clip.per_channel and not parsed.per_channel:
         raise CodecError(
             f"per-channel clip ranges need a per-channel codec ({parsed.text.split('+')[0]}c), not {spec!r}"
@@ -388,3 +408,13 @@ def available_codecs() -> list[str]:
         "jpeg90",
         "jpeg75",
     ]
+
+
+def payload_of(codec: Codec, tensors: Frontier) -> bytes:
+    """The bytes ``codec`` hands to zstd for ``tensors`` (its blob data before compression):
+    what a zstd dictionary for it is trained on (``_dictionary.train``)."""
+    spec = codec.spec.split("+", 1)[0]
+    raw = get_codec(spec, clip=getattr(codec, "clip", None))
+    view = as_view(raw.encode(tensors))
+    _, _, offset, _ = read_header(view, spec)
+    return bytes(view[offset:])

@@ -1,4 +1,4 @@
-"""zstd dictionaries trained per cut: :class:`ZstdDictionary`, :func:`train`, :func:`payload_of`.
+"""zstd dictionaries trained per cut: :class:`ZstdDictionary` and :func:`train`.
 
 A ``+zstd<level>`` codec may be bound to a dictionary (``get_codec(spec, dictionary=d)``). Its
 blobs then say which one: the blob header gains a fifth field, the dictionary's id (the first
@@ -9,6 +9,9 @@ both ids, before it decompresses anything. A bound decoder still decodes blobs m
 Dictionaries pay only for small payloads (a few KiB or less: the late cuts of a CNN); on
 larger ones zstd learns as much from the payload itself. ``benchmarks/results/codecs.md``
 has the measurements; the fidelity table keeps a dictionary only where it measurably wins.
+
+Training samples are codec payloads: :func:`splitinfer.compression._codec.payload_of` gives the
+bytes a codec hands to zstd. This module depends on no other codec module but ``_spec``.
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
 import zstandard
 
+from splitinfer.compression._spec import parse_spec
 from splitinfer.errors import CodecError
 
-__all__ = ["DEFAULT_SIZE", "MAX_SIZE", "ZstdDictionary", "payload_of", "train"]
+__all__ = ["DEFAULT_SIZE", "MAX_SIZE", "ZstdDictionary", "train"]
 
 #: Default dictionary size; training never makes one larger than a tenth of its samples.
 DEFAULT_SIZE = 16 * 1024
@@ -61,23 +64,9 @@ class ZstdDictionary:
         return found
 
 
-def payload_of(codec: object, tensors: Sequence[torch.Tensor]) -> bytes:
-    """The bytes ``codec`` hands to zstd for ``tensors`` (its blob data before compression)."""
-    from splitinfer.compression._blob import as_view, read_header
-    from splitinfer.compression._codec import get_codec
-
-    spec = codec.spec.split("+", 1)[0]  # type: ignore[attr-defined]
-    raw = get_codec(spec, clip=getattr(codec, "clip", None))
-    view = as_view(raw.encode(tensors))
-    _, _, offset, _ = read_header(view, spec)
-    return bytes(view[offset:])
-
-
 def train(samples: Sequence[bytes], spec: str, size: int = DEFAULT_SIZE) -> ZstdDictionary | None:
-    """A dictionary for ``spec`` trained on ``samples`` (payloads, see :func:`payload_of`), or
+    """A dictionary for ``spec`` trained on ``samples`` (payloads, see ``_codec.payload_of``), or
     None when there are too few or too little to train on (zstd needs some 10x its size)."""
-    from splitinfer.compression._spec import parse_spec
-
     level = parse_spec(spec).zstd_level or 3
     total = sum(len(s) for s in samples)
     size = min(size, total // 10)

@@ -100,14 +100,15 @@ def quantize(
     ``inside`` promises that every value lies in its channel's range (ranges measured on
     ``a3`` itself), which saves the clipping pass.
     """
+    inv: float | np.ndarray
     if a3.shape[1] == 1:  # one range: numpy scalars are cheaper than broadcasting
         lo, scale = lo[0], scale[0]
         inv = 1.0 / float(scale) if scale > 0 else 0.0
         fused = abs(float(lo)) * inv <= _FUSED_LIMIT
     else:
-        inv = np.zeros(scale.shape, np.float64)
-        np.divide(1.0, scale, out=inv, where=scale > 0)
-        lo, scale, inv = lo.reshape(1, -1, 1), scale.reshape(1, -1, 1), inv.reshape(1, -1, 1)
+        inv_c = np.zeros(scale.shape, np.float64)
+        np.divide(1.0, scale, out=inv_c, where=scale > 0)
+        lo, scale, inv = lo.reshape(1, -1, 1), scale.reshape(1, -1, 1), inv_c.reshape(1, -1, 1)
         fused = bool((np.abs(lo) * inv <= _FUSED_LIMIT).all())
     if fused:
         with np.errstate(over="ignore"):  # values far outside the range overflow to ±inf, then clip

@@ -17,8 +17,6 @@ import functools
 import re
 from dataclasses import dataclass
 
-import torch
-
 from splitinfer.errors import CodecError
 
 __all__ = ["VALID_FORMS", "Spec", "parse_spec"]
@@ -28,7 +26,7 @@ VALID_FORMS = (
     "+zstd<level 1..22> (e.g. 'f16+zstd1', 'q8+zstd1', 'q4c+zstd3', 'jpeg90')"
 )
 
-_CASTS: dict[str, torch.dtype] = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+_CASTS = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 _SPEC_RE = re.compile(
     r"^(?:(?P<cast>f32|f16|bf16)|q(?P<bits>[2-8])(?P<channel>c?)|jpeg(?P<quality>[1-9]\d{0,2}))"
     r"(?:\+zstd(?P<level>[1-9]\d?))?$"
@@ -41,7 +39,7 @@ class Spec:
 
     text: str
     kind: str
-    cast: torch.dtype | None = None  # cast: the wire dtype of floating tensors
+    cast: str | None = None  # cast: the wire dtype name of floating tensors ("float16", ...)
     bits: int = 0  # quant: 2..8; jpeg: 8 (per colour sample)
     per_channel: bool = False  # quant: one range per channel; jpeg: always (3 colour channels)
     quality: int = 0  # jpeg: 1..100

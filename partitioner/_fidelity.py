@@ -47,7 +47,8 @@ from splitinfer._progress import Progress
 from splitinfer.bundle import Bundle
 from splitinfer.compression import ClipRanges, get_codec
 from splitinfer.compression._calibrate import CALIBRATION_METHODS, calibrate_all
-from splitinfer.compression._dictionary import ZstdDictionary, payload_of, train
+from splitinfer.compression._codec import payload_of
+from splitinfer.compression._dictionary import ZstdDictionary, train
 from splitinfer.compression._spec import parse_spec
 from splitinfer.errors import CodecError, ConfigError
 

@@ -9,7 +9,8 @@ from splitinfer import protocol
 from splitinfer.cloud._compute import decode_frame
 from splitinfer.cloud._problem import Problem
 from splitinfer.compression import get_codec
-from splitinfer.compression._dictionary import ZstdDictionary, payload_of, train
+from splitinfer.compression._codec import payload_of
+from splitinfer.compression._dictionary import ZstdDictionary, train
 from splitinfer.errors import BundleError, CodecError
 from splitinfer.tensors import specs_of
 
