@@ -2,6 +2,15 @@
 
 from splitinfer.edge._breaker import CircuitBreaker
 from splitinfer.edge._client import EdgeClient, Trace
+from splitinfer.edge._config import ClientConfig
 from splitinfer.edge._transport import HttpTransport, Transport, TransportResponse
 
-__all__ = ["CircuitBreaker", "EdgeClient", "HttpTransport", "Trace", "Transport", "TransportResponse"]
+__all__ = [
+    "CircuitBreaker",
+    "ClientConfig",
+    "EdgeClient",
+    "HttpTransport",
+    "Trace",
+    "Transport",
+    "TransportResponse",
+]

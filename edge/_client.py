@@ -8,11 +8,12 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from prometheus_client import CollectorRegistry
 from torch.utils import _pytree as pytree
 
@@ -20,6 +21,7 @@ from splitinfer import protocol
 from splitinfer.bundle import Bundle
 from splitinfer.compression import get_codec
 from splitinfer.edge._breaker import CircuitBreaker
+from splitinfer.edge._config import ClientConfig
 from splitinfer.edge._metrics import EdgeMetrics
 from splitinfer.edge._transport import HttpTransport, Transport, TransportResponse, make_ssl_context
 from splitinfer.errors import (
@@ -70,8 +72,15 @@ class Trace:
 class EdgeClient:
     """The edge SDK. Use it as a context manager, sync (``infer``) or async (``ainfer``).
 
+    ``EdgeClient(url, bundle=..., policy=..., deadline_s=..., cut=..., ...)``: the keywords
+    after ``bundle``, ``policy``, ``config``, ``registry``, ``transport`` and ``breaker`` are
+    settings, collected in a :class:`ClientConfig` (``self.config``, checked when built):
+    ``deadline_s``, ``device_slowdown``, ``fidelity_budget``, ``max_cut``, ``token``,
+    ``ca_file``, ``client_cert``, ``client_key``, ``prior``, ``probe``; any other keyword is a
+    policy option. ``config=ClientConfig(...)`` passes them whole (keywords then override it).
+
     ``policy`` is a name for :func:`splitinfer.partitioner.make_policy` (``adaptive``,
-    ``static``, ``local``, ``cloud``, ``neurosurgeon``) or a Policy; ``policy_options`` go to
+    ``static``, ``local``, ``cloud``, ``neurosurgeon``) or a Policy; policy options go to
     make_policy (``cut=``/``codec=`` for static, ``privacy_floor=``, ...). ``max_cut`` bounds
     the cuts the edge may choose and so the segments it loads; with ``max_cut`` below the last
     cut the device cannot finish a request alone, and a cloud failure raises instead of falling
@@ -100,55 +109,26 @@ class EdgeClient:
         *,
         bundle: str | os.PathLike[str] | Bundle,
         policy: str | Policy = "adaptive",
-        token: str | None = None,
-        deadline_s: float | None = 1.0,
-        device_slowdown: float = 1.0,
-        fidelity_budget: float = 0.99,
-        max_cut: int | None = None,
-        ca_file: str | None = None,
-        client_cert: str | None = None,
-        client_key: str | None = None,
+        config: ClientConfig | None = None,
         registry: CollectorRegistry | None = None,
         transport: Transport | None = None,
         breaker: CircuitBreaker | None = None,
-        prior: Estimates | None = None,
-        probe: bool | None = None,
-        **policy_options: Any,
+        **settings: Any,
     ):
-        if deadline_s is not None and deadline_s <= 0:
-            raise ConfigError(f"deadline_s must be positive or None, got {deadline_s}")
-        if device_slowdown < 1.0:
-            raise ConfigError(f"device_slowdown must be >= 1 (1 = this machine), got {device_slowdown}")
-        if isinstance(bundle, Bundle):
-            self.bundle = bundle
-        else:
-            self.bundle = Bundle.load(Path(bundle), upto_cut=max_cut)
-        last = self.bundle.last_cut
-        self.max_cut = last if max_cut is None else self.bundle.cut(max_cut).index
-        if not self.bundle.can_head(self.max_cut):
-            raise ConfigError(f"the bundle holds no head for cut {self.max_cut}; load it with upto_cut >= it")
-        if isinstance(policy, str):
-            options = dict(policy_options)
-            if policy in ("adaptive", "cloud"):
-                options.setdefault("fidelity_budget", fidelity_budget)
-            self.policy: Policy = make_policy(policy, self.bundle, **options)
-        else:
-            self.policy = policy
-        self.deadline_s = deadline_s
-        self.device_slowdown = float(device_slowdown)
-        self.can_finish_locally = self.bundle.can_head(last)
-        base_prior = prior or Estimates(uplink_bps=2e6, downlink_bps=8e6, rtt_s=0.05)
-        self.estimator = Estimator(
-            self.bundle,
-            prior=replace(base_prior, device_slowdown=self.device_slowdown),
-            clock=time.perf_counter,
-        )
-        ssl_context = make_ssl_context(ca_file, client_cert, client_key) if (ca_file or client_cert) else None
-        self.transport: Transport = transport or HttpTransport(url, token=token, ssl_context=ssl_context)
+        self.config = ClientConfig.build(config, settings)
+        self.bundle = _load_bundle(bundle, self.config.max_cut)
+        self.max_cut = _max_cut(self.bundle, self.config.max_cut)
+        self.policy: Policy = _make_policy(policy, self.bundle, self.config)
+        self.deadline_s = self.config.deadline_s
+        self.device_slowdown = float(self.config.device_slowdown)
+        self.can_finish_locally = self.bundle.can_head(self.bundle.last_cut)
+        self.estimator = _make_estimator(self.bundle, self.config)
+        self.transport: Transport = transport or _http_transport(url, self.config)
         self.breaker = breaker or CircuitBreaker()
         self.metrics = EdgeMetrics(registry) if registry is not None else None
         self.last_trace: Trace | None = None
-        self.probe = self.policy.name not in ("static", "local") if probe is None else bool(probe)
+        probe = self.config.probe
+        self.probe = self.policy.name not in ("static", "local") if probe is None else probe
         self._probe_task: asyncio.Task[None] | None = None
         #: Requests (and probe uploads) of this client on the link now.
         self._sending = 0
@@ -176,7 +156,7 @@ class EdgeClient:
             return decision, "circuit_open"
         return decision, None
 
-    async def _emulated(self, fn: Any, *args: Any) -> tuple[Any, float]:
+    async def _emulated(self, fn: Callable[..., T], *args: object) -> tuple[T, float]:
         """Run ``fn`` off the loop, then wait out the rest of an N-times-slower device.
 
         Only ``fn``'s own time (measured in the worker thread) is scaled: handing the work to
@@ -219,8 +199,13 @@ class EdgeClient:
         return pytree.tree_unflatten(list(outputs), pytree.treespec_loads(self.bundle.out_spec))
 
     async def _remote(
-        self, decision: Decision, est: Estimates, frontier: tuple[Any, ...], trace: Trace, started: float
-    ) -> tuple[tuple[Any, ...], Trace]:
+        self,
+        decision: Decision,
+        est: Estimates,
+        frontier: tuple[torch.Tensor, ...],
+        trace: Trace,
+        started: float,
+    ) -> tuple[tuple[torch.Tensor, ...], Trace]:
         codec = self.bundle.codec_for(decision.cut, decision.codec)
         payload, trace.stages["encode"] = await self._emulated(codec.encode, list(frontier))
         # The device's work is the head and the encode (at cut 0, the encode alone): one sample,
@@ -360,8 +345,8 @@ class EdgeClient:
         return ok
 
     async def _fall_back(
-        self, decision: Decision, frontier: tuple[Any, ...], trace: Trace, exc: Exception
-    ) -> tuple[tuple[Any, ...], Trace]:
+        self, decision: Decision, frontier: tuple[torch.Tensor, ...], trace: Trace, exc: Exception
+    ) -> tuple[tuple[torch.Tensor, ...], Trace]:
         """Finish on the device from the frontier already computed; fail loudly if it cannot."""
         reason = _reason(exc)
         if reason not in ("graph_mismatch", "bad_request"):
@@ -469,7 +454,49 @@ class EdgeClient:
         self.close()
 
 
-def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
+def _load_bundle(bundle: str | os.PathLike[str] | Bundle, max_cut: int | None) -> Bundle:
+    """``bundle`` itself, or the bundle saved there with the segments up to ``max_cut``."""
+    return bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle), upto_cut=max_cut)
+
+
+def _max_cut(bundle: Bundle, max_cut: int | None) -> int:
+    """The deepest cut a client may choose (default: the last); ConfigError if its head is
+    not loaded."""
+    k = bundle.last_cut if max_cut is None else bundle.cut(max_cut).index
+    if not bundle.can_head(k):
+        raise ConfigError(f"the bundle holds no head for cut {k}; load it with upto_cut >= it")
+    return k
+
+
+def _make_policy(policy: str | Policy, bundle: Bundle, config: ClientConfig) -> Policy:
+    """``policy`` itself, or the named one made for ``bundle`` with the config's options (and
+    its fidelity budget, for the policies that have one)."""
+    if not isinstance(policy, str):
+        return policy
+    options = dict(config.policy_options)
+    if policy in ("adaptive", "cloud"):
+        options.setdefault("fidelity_budget", config.fidelity_budget)
+    return make_policy(policy, bundle, **options)
+
+
+def _make_estimator(bundle: Bundle, config: ClientConfig) -> Estimator:
+    """An estimator starting from the config's prior, on an N-times-slower device."""
+    prior = config.prior or Estimates(uplink_bps=2e6, downlink_bps=8e6, rtt_s=0.05)
+    return Estimator(
+        bundle,
+        prior=replace(prior, device_slowdown=float(config.device_slowdown)),
+        clock=time.perf_counter,
+    )
+
+
+def _http_transport(url: str, config: ClientConfig) -> HttpTransport:
+    """The HTTP transport to ``url``, with TLS when the config names a CA or client certificate."""
+    tls = config.ca_file or config.client_cert
+    ssl_context = make_ssl_context(config.ca_file, config.client_cert, config.client_key) if tls else None
+    return HttpTransport(url, token=config.token, ssl_context=ssl_context)
+
+
+def _timed(fn: Callable[..., T], *args: object) -> tuple[T, float]:
     """``fn(*args)`` and the seconds it took, measured where it runs (a worker thread)."""
     t0 = time.perf_counter()
     result = fn(*args)
@@ -478,7 +505,7 @@ def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
 
 def _reason(exc: Exception) -> str:
     """A low-cardinality label for why the cloud could not serve a request."""
-    code = getattr(exc, "code", None)
+    code = exc.code if isinstance(exc, CloudError | ProtocolError) else None
     if code == "graph_mismatch":
         return "graph_mismatch"
     if code in ("overloaded", "not_ready"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,9 @@ class Transport(Protocol):
 
 
 def make_ssl_context(
-    ca_file: str | None = None, client_cert: str | None = None, client_key: str | None = None
+    ca_file: str | os.PathLike[str] | None = None,
+    client_cert: str | os.PathLike[str] | None = None,
+    client_key: str | os.PathLike[str] | None = None,
 ) -> ssl.SSLContext:
     """A client TLS context trusting ``ca_file`` (else the system's CAs), with an optional client
     certificate for mutual TLS."""

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 import splitinfer as si
 from splitinfer.cloud import ServerConfig
-from splitinfer.edge import EdgeClient
+from splitinfer.edge import ClientConfig, EdgeClient
 from splitinfer.edge._breaker import CircuitBreaker
 from splitinfer.errors import CloudUnavailableError, ConfigError
 from splitinfer.partitioner import Estimates
@@ -240,6 +240,33 @@ def test_bad_options_are_clear(profiled):
         EdgeClient("http://127.0.0.1:9", bundle=profiled / "democnn", device_slowdown=0.5)
     with pytest.raises(ConfigError, match="http://"):
         EdgeClient("127.0.0.1:9", bundle=profiled / "democnn", policy="local")
+    with pytest.raises(ConfigError, match="deadline_s"):
+        EdgeClient("http://127.0.0.1:9", bundle=profiled / "democnn", deadline_s=0)
+    with pytest.raises(ConfigError, match="it accepts cut, codec"):
+        EdgeClient(
+            "http://127.0.0.1:9", bundle=profiled / "democnn", policy="static", cut=0, codec="f32", x=1
+        )
+    with pytest.raises(ConfigError, match="config must be a ClientConfig"):
+        EdgeClient("http://127.0.0.1:9", bundle=profiled / "democnn", config={"deadline_s": 2.0})
+
+
+def test_settings_are_keywords_or_a_client_config(profiled):
+    """Keywords build the same ClientConfig as config=; keywords given with config= override it."""
+    bundle = si.Bundle.load(profiled / "democnn")
+    by_keywords = EdgeClient(
+        "http://127.0.0.1:9", bundle=bundle, policy="static", deadline_s=2.0, cut=1, codec="f32"
+    )
+    config = ClientConfig(deadline_s=2.0, policy_options={"cut": 1, "codec": "f32"})
+    whole = EdgeClient("http://127.0.0.1:9", bundle=bundle, policy="static", config=config)
+    assert by_keywords.config == whole.config == config
+    assert whole.deadline_s == 2.0 and whole.policy.decide(Estimates(1e6, 1e6, 0.01)).cut == 1
+    assert not whole.probe  # a static policy never looks at the link
+    mixed = EdgeClient(
+        "http://127.0.0.1:9", bundle=bundle, policy="static", config=config, deadline_s=None, cut=2
+    )
+    assert mixed.deadline_s is None and mixed.config.policy_options == {"cut": 2, "codec": "f32"}
+    assert config.deadline_s == 2.0  # the config given is left as it was
+    assert "s3cret" not in repr(ClientConfig(token="s3cret"))
 
 
 async def test_a_wrong_token_is_a_clear_error(profiled, tmp_path):

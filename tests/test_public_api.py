@@ -28,6 +28,7 @@ PUBLIC = {
     ],
     "splitinfer.edge": [
         "CircuitBreaker",
+        "ClientConfig",
         "EdgeClient",
         "HttpTransport",
         "Trace",
