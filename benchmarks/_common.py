@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from splitinfer._models import efficientnet_lite0  # noqa: F401  (re-exported for the benchmarks)
+from splitinfer.lab._models import efficientnet_lite0  # noqa: F401  (re-exported for the benchmarks)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, efficientnet_lite0, interleaved, machine, median_ms
 
 import splitinfer as si
-from splitinfer._images import photo_batch
+from splitinfer.lab._images import photo_batch
 from splitinfer.partitioner._capture import DEFAULT_CODECS
 from splitinfer.partitioner._fidelity import measure
 

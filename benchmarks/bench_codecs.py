@@ -480,7 +480,7 @@ JPEG_NORMALISED = ("jpeg90", "jpeg95")
 
 def jpeg_normalised_section(m: torch.nn.Module, count: int, cal_count: int) -> list[str]:
     """JPEG at cut 0 of a model whose input is already ImageNet-normalised (as the demo's)."""
-    from splitinfer._images import photo_batch
+    from splitinfer.lab._images import photo_batch
 
     images, cal_images = photo_batch(count, seed=5), photo_batch(cal_count, seed=9)
     with torch.no_grad():
@@ -495,7 +495,7 @@ def jpeg_normalised_section(m: torch.nn.Module, count: int, cal_count: int) -> l
         "## JPEG on normalised inputs",
         "",
         "The benchmark above feeds the model images in [0, 1]. A bundle compiled from a model whose",
-        "input is already ImageNet-normalised (as `splitinfer._images.photo_batch` and the demo produce)",
+        "input is already ImageNet-normalised (as `splitinfer.lab._images.photo_batch` and the demo produce)",
         "sees values from about -2.1 to 2.6, so the codec maps each colour channel's calibrated range,",
         "or else its min/max over the batch, to 0..255 (mapping [0, 1], an earlier default, clips them).",
         f"On {count} normalised crops (`photo_batch({count}, seed=5)`, ranges calibrated on",

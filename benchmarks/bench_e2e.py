@@ -2,12 +2,12 @@
 
 Writes benchmarks/results/e2e.md. Run: `.venv/bin/python benchmarks/bench_e2e.py [--quick]`.
 
-The same real stack as `splitinfer demo` (splitinfer/_demo.py): the bundle it caches
+The same real stack as `splitinfer demo` (lab/_demo.py): the bundle it caches
 (EfficientNet-Lite0, real weights, calibrated on real photos), `splitinfer serve` as a subprocess,
 one LinkEmulator per policy replaying the trace on 127.0.0.1 with an 80 ms round trip, one
 EdgeClient per policy with an emulated device N times slower than this machine; the five
 policies run side by side over the same stretch of each trace (the first --seconds of it).
-Every request is priced in hindsight (splitinfer/partitioner/_hindsight.py, the oracle of
+Every request is priced in hindsight (lab/_hindsight.py, the oracle of
 bench_policy.py): the allowed (cut, codec) of least latency under the trace's true rate at that
 moment and the measured profile, with the device priced at the speed it really ran in that
 session (the `local` policy's measured / modelled latency: the emulated device shares two cores
@@ -23,7 +23,6 @@ choices against the best ones, both priced by the model: what the estimators' la
 from __future__ import annotations
 
 import argparse
-import asyncio
 import math
 import os
 import signal
@@ -41,20 +40,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS, machine
 
-from splitinfer._demo import (
+from splitinfer.bundle import Bundle
+from splitinfer.lab._demo import (
     MODELS,
-    CloudServer,
     cache_root,
     median_rate,
     prepare_bundle,
     static_choice,
     tie_slowdown,
 )
-from splitinfer._live import POLICIES, Session, reference_classes, run_session, warm_up, warm_up_server
-from splitinfer._report import Record, add_oracle, device_as_run, p95, summarize, write_csv
-from splitinfer.bundle import Bundle
+from splitinfer.lab._hindsight import kind_of
+from splitinfer.lab._live import POLICIES, live_stack, run_priced
+from splitinfer.lab._report import Record, p95, summarize, write_csv
 from splitinfer.netem import BandwidthTrace
-from splitinfer.partitioner._hindsight import kind_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = ROOT / ".." / "shared" / "traces"
@@ -125,8 +123,6 @@ def main() -> int:
 
     import torch
 
-    from splitinfer._images import photo_batch
-
     started = time.perf_counter()
     load_before = os.getloadavg()
     spec = MODELS["efficientnet-lite0"]
@@ -136,20 +132,19 @@ def main() -> int:
     torch.set_num_threads(1)
     traces = {s: [BandwidthTrace.load(p) for p in pick_traces(args.traces / s, per_set)] for s in SETS}
     rtt = 2 * DELAY_S
-    with CloudServer(repo) as server:
-        bundle = Bundle.load(repo / spec.name)
-        ties = [
+    ties: list[float] = []
+
+    def tie(bundle: Bundle) -> None:  # while the server starts
+        ties.extend(
             tie_slowdown(bundle, tr, duration_s=seconds, rtt_s=rtt, budget=BUDGET)
             for trs in traces.values()
             for tr in trs
-        ]
+        )
+
+    with live_stack(repo, spec.name, spec.image_size, meanwhile=tie) as live:
+        bundle = live.bundle
         ds = args.slowdown or float(round(statistics.median(ties)))
-        images = photo_batch(16, size=spec.image_size, seed=2)
-        reference = reference_classes(bundle, images)
-        warm_up(bundle, images[:1])
-        server.wait_ready()
-        asyncio.run(warm_up_server(server.url, bundle, images[:1]))
-        print(f"device {ds:g}x slower (ties per trace: {sorted(ties)}); server {server.url}", flush=True)
+        print(f"device {ds:g}x slower (ties per trace: {sorted(ties)}); server {live.server.url}", flush=True)
         runs: dict[str, list[tuple[str, tuple[int, str], list[Record]]]] = {s: [] for s in SETS}
         fits: dict[str, list[float]] = {}  # per trace: the device's speed as it ran / as profiled
         for set_name, trs in traces.items():
@@ -157,23 +152,17 @@ def main() -> int:
             rate = median_rate(trs, seconds)
             static = static_choice(bundle, rate_bps=rate, ds=ds, rtt_s=rtt, budget=BUDGET)
             for tr in trs:
-                session = Session(
-                    url=server.url,
-                    bundle=bundle,
+                session = live.session(
                     trace=tr,
                     duration_s=seconds,
                     device_slowdown=ds,
                     static=static,
-                    images=images,
-                    reference=reference,
                     budget=BUDGET,
                     delay_s=DELAY_S,
                     interval_s=INTERVAL_S,
                     label=f"{set_name}/{tr.name}"[:28],
                 )
-                records = asyncio.run(run_session(session))
-                ds_run = device_as_run(records, bundle, tr, device_slowdown=ds, rtt_s=rtt, budget=BUDGET)
-                records = add_oracle(records, bundle, tr, device_slowdown=ds_run, rtt_s=rtt, budget=BUDGET)
+                records, ds_run = run_priced(session)
                 runs[set_name].append((tr.name, static, records))
                 fits.setdefault(set_name, []).append(ds_run / ds)
     loads = (load_before, os.getloadavg())

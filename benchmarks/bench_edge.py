@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine
 
 import splitinfer as si
-from splitinfer._demo import demo_model
 from splitinfer.edge import EdgeClient
+from splitinfer.lab._demo import demo_model
 
 
 def start_server(repository: Path) -> tuple[subprocess.Popen[str], str]:

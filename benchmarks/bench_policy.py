@@ -44,11 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS, machine
 
-from splitinfer.bundle import Bundle
+from splitinfer.lab._hindsight import Link, World, kind_of
 from splitinfer.manifest import Cut, Manifest, update_manifest
 from splitinfer.partitioner import Estimates, Estimator, make_policy
-from splitinfer.partitioner._cli import load_metadata
-from splitinfer.partitioner._hindsight import Link, World, kind_of
 from splitinfer.partitioner._policy import TablePolicy
 from splitinfer.tensors import TensorSpec
 
@@ -103,21 +101,13 @@ def calibration_images() -> list[tuple[Any, ...]]:
 
 def build_bundle(cache: Path, repeats: int) -> dict[str, Any]:
     """Compile, measure fidelity, profile; save to ``cache``; return build facts."""
-    import torch
-    from _common import efficientnet_lite0
-
-    import splitinfer as si
+    from splitinfer.lab import compile_on_photos, efficientnet_lite0
     from splitinfer.partitioner import profile_bundle
 
     inputs = calibration_images()
     t0 = time.perf_counter()
-    bundle = si.compile(
-        efficientnet_lite0(),
-        (torch.randn(1, 3, 224, 224),),
-        name="efficientnet-lite0",
-        calibration=inputs,
-        codecs=CODECS,
-        progress=True,
+    bundle = compile_on_photos(
+        efficientnet_lite0(), name="efficientnet-lite0", calibration=inputs, codecs=CODECS
     )
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -131,10 +121,12 @@ def build_bundle(cache: Path, repeats: int) -> dict[str, Any]:
     return facts
 
 
-def load_bundle(cache: Path, *, fresh: bool, reprofile: bool, repeats: int) -> tuple[Bundle, dict[str, Any]]:
+def load_bundle(
+    cache: Path, *, fresh: bool, reprofile: bool, repeats: int
+) -> tuple[Manifest, dict[str, Any]]:
     if fresh or not (cache / "manifest.json").exists():
         build_bundle(cache, repeats)
-    bundle = load_metadata(cache)
+    bundle = Manifest.load(cache)
     if reprofile or "host" not in bundle.profiles:
         import splitinfer as si
         from splitinfer.partitioner import profile_bundle
@@ -146,7 +138,7 @@ def load_bundle(cache: Path, *, fresh: bool, reprofile: bool, repeats: int) -> t
         facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}
         facts["profile_s"] = time.perf_counter() - t0
         facts_path.write_text(json.dumps(facts))
-        bundle = load_metadata(cache)
+        bundle = Manifest.load(cache)
     facts_path = cache.parent / "facts.json"
     return bundle, json.loads(facts_path.read_text()) if facts_path.exists() else {}
 
@@ -215,7 +207,7 @@ def apply_event(est: Estimator, t: float, kind: str, args: tuple[Any, ...]) -> N
 
 
 def simulate(
-    bundle: Bundle,
+    bundle: Manifest,
     link: Link,
     ds: float,
     static_choice: tuple[int, str],
@@ -243,7 +235,7 @@ def simulate(
     for r in runners.values():  # the edge's warm-up inference at start: the device's speed
         if r.estimator is not None:
             r.estimator.observe_head(bundle.last_cut, float(world.head[world.local]), now=0.0)
-    allowed = oracle_policy._rows
+    allowed = oracle_policy.rows
     oracle: list[float] = []
     oracle_kinds: Counter[str] = Counter()
     n = bundle.last_cut
@@ -309,7 +301,7 @@ def p95(xs: list[float]) -> float:
 # -- experiments -------------------------------------------------------------------------------------
 
 
-def choose_static(bundle: Bundle, links: list[Link], ds: float) -> tuple[int, str]:
+def choose_static(bundle: Manifest, links: list[Link], ds: float) -> tuple[int, str]:
     """What adaptive picks at the trace set's median rate: a static choice tuned at deploy time."""
     median = float(np.median(np.concatenate([link.mbit for link in links]))) * 1e6
     est = Estimates(
@@ -324,7 +316,7 @@ def choose_static(bundle: Bundle, links: list[Link], ds: float) -> tuple[int, st
     return d.cut, d.codec
 
 
-def sweep(bundle: Bundle, links: list[Link], slowdowns: list[float]) -> list[dict[str, Any]]:
+def sweep(bundle: Manifest, links: list[Link], slowdowns: list[float]) -> list[dict[str, Any]]:
     """Oracle choices and the fixed ends' latency at several device slowdowns."""
     oracle_policy = make_policy("adaptive", bundle, fidelity_budget=BUDGET, explore=0.0)
     cloud_policy = make_policy("cloud", bundle, fidelity_budget=BUDGET)
@@ -334,8 +326,8 @@ def sweep(bundle: Bundle, links: list[Link], slowdowns: list[float]) -> list[dic
         oracle, local, cloud = [], [], []
         for i, link in enumerate(links):
             world = World(oracle_policy, link, ds, np.random.default_rng(i))
-            allowed = oracle_policy._rows
-            cloud_rows = cloud_policy._rows
+            allowed = oracle_policy.rows
+            cloud_rows = cloud_policy.rows
             for t in np.arange(0.0, link.duration, INTERVAL_S):
                 _, _, ends = world.realize(allowed, float(t), RTT_S)
                 realized = np.where(allowed == world.local, world.device_s[world.local], ends - t)
@@ -358,7 +350,7 @@ def sweep(bundle: Bundle, links: list[Link], slowdowns: list[float]) -> list[dic
     return rows
 
 
-def tie_slowdown(bundle: Bundle, links: list[Link]) -> float:
+def tie_slowdown(bundle: Manifest, links: list[Link]) -> float:
     """The device slowdown at which all-on-device and all-in-the-cloud tie in mean latency.
 
     Local latency is ``head(n) * ds``; the cloud's barely depends on ``ds`` (only its encode
@@ -372,7 +364,7 @@ def tie_slowdown(bundle: Bundle, links: list[Link]) -> float:
 
 
 def estimator_accuracy(
-    logs: list[tuple[Link, list[tuple[float, str, tuple[Any, ...]]]]], bundle: Bundle, taus: list[float]
+    logs: list[tuple[Link, list[tuple[float, str, tuple[Any, ...]]]]], bundle: Manifest, taus: list[float]
 ) -> list[dict[str, float]]:
     """Replay the adaptive policy's observations into estimators of several time constants."""
     shifts = np.arange(0.0, 10.01, INTERVAL_S)
@@ -527,7 +519,7 @@ def main() -> int:
 
 
 def run_set(
-    bundle: Bundle, links: list[Link], ds: float, seed: int, settings: dict[str, Any]
+    bundle: Manifest, links: list[Link], ds: float, seed: int, settings: dict[str, Any]
 ) -> dict[str, Any]:
     """Every policy and the oracle over ``links``: latencies, choices, and adaptive's logs."""
     static_choice = choose_static(bundle, links, ds)
@@ -601,7 +593,7 @@ def time_decide(policy: TablePolicy, calls: int = 20000) -> float:
 
 def write_report(
     args: argparse.Namespace,
-    bundle: Bundle,
+    bundle: Manifest,
     facts: dict[str, Any],
     ds: float,
     sweep_rows: list[dict[str, Any]],
@@ -753,7 +745,7 @@ def write_report(
         f"- synthetic 100 cuts x 10 codecs ({speed['candidates']:.0f} candidates, all feasible): "
         f"**{speed['us']:.1f} us** per decision "
         f"(target <= 50 us: **{'met' if speed['us'] <= 50 else 'missed'}**).",
-        f"- EfficientNet-Lite0 ({len(eff_policy.model)} candidates, {len(eff_policy._rows)} feasible at "
+        f"- EfficientNet-Lite0 ({len(eff_policy.model)} candidates, {len(eff_policy.rows)} feasible at "
         f"budget {BUDGET}): {eff_speed:.1f} us.",
         "",
     ]

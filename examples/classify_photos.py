@@ -18,23 +18,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-import splitinfer as si
-from splitinfer._images import photo_batch, sample_photos
-from splitinfer._models import efficientnet_lite0
 from splitinfer.edge import EdgeClient
+from splitinfer.lab import compile_on_photos, efficientnet_lite0, photo_batch, sample_photos
 
 
 def prepare(args: argparse.Namespace) -> int:
-    calibration = [(x.unsqueeze(0),) for x in photo_batch(args.calibration, seed=1)]
-    bundle = si.compile(
-        efficientnet_lite0(),
-        (torch.randn(1, 3, 224, 224),),
-        name="efficientnet-lite0",
-        calibration=calibration,
-        profile=True,
-        progress=True,
+    bundle = compile_on_photos(
+        efficientnet_lite0(), name="efficientnet-lite0", calibration=args.calibration, profile=True
     )
     print(f"wrote {bundle.save(args.out)}")
     return 0
@@ -49,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         for (name, _), image in zip(photos, images):
             logits = client.infer(image.unsqueeze(0))
             t = client.last_trace
+            assert t is not None  # set by every infer
             where = "device" if t.cut == client.bundle.last_cut else f"cut {t.cut} {t.codec}"
             note = f"  (fell back: {t.fallback})" if t.fallback else ""
             print(

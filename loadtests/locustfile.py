@@ -22,7 +22,9 @@ nothing. Each request is reported once, with its end-to-end time, under the poli
 also go to the ``--splitload-out`` JSON (merged from workers on the master), which
 ``loadtests/report.py`` turns into the cut and codec mix.
 
-The process never imports torch (``light.py``). Run it with ``loadtests/run.py`` or
+The process imports the real modules (``splitinfer.protocol``, ``splitinfer.partitioner``'s
+decision side, ``splitinfer.netem``, the lab's recording reader), none of which loads torch
+(tests/test_loadtest.py checks it). Run it with ``loadtests/run.py`` or
 ``python -m locust -f loadtests/locustfile.py --headless --host URL --recording FILE ...``
 (loadtests/README.md, also for distributed runs).
 """
@@ -46,13 +48,16 @@ from typing import Any, ClassVar
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gevent
-import light
 from geventhttpclient import HTTPClient
 from locust import User, events, task
 from locust.runners import MasterRunner, WorkerRunner
 from shapes import SHAPES
 
-si = light.load()
+from splitinfer import netem, protocol
+from splitinfer.errors import ConfigError
+from splitinfer.lab import Recording
+from splitinfer.partitioner import Estimates, Estimator, make_policy
+from splitinfer.partitioner._costs import CostModel
 
 #: Policies compared, in the order the reports list them.
 POLICIES = ("adaptive", "neurosurgeon", "cloud", "static", "local")
@@ -98,10 +103,10 @@ def parse_fleet(text: str) -> list[tuple[Network, float]]:
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, _, slowdown = item.rpartition(":")
         if not name or not _is_number(slowdown) or float(slowdown) < 1:
-            raise si.errors.ConfigError(f"--fleet takes NETWORK:SLOWDOWN items such as 3g:8, got {item!r}")
-        profile = si.netem.PROFILES.get(name)
+            raise ConfigError(f"--fleet takes NETWORK:SLOWDOWN items such as 3g:8, got {item!r}")
+        profile = netem.PROFILES.get(name)
         if profile is not None:
-            trace = si.netem.BandwidthTrace
+            trace = netem.BandwidthTrace
             net = Network(
                 name,
                 trace.constant(profile.uplink_bps),
@@ -109,11 +114,11 @@ def parse_fleet(text: str) -> list[tuple[Network, float]]:
                 profile.delay_s,
             )
         else:
-            up = si.netem.BandwidthTrace.load(name)
+            up = netem.BandwidthTrace.load(name)
             net = Network(name, up, up, TRACE_DELAY_S)
         fleet.append((net, float(slowdown)))
     if not fleet:
-        raise si.errors.ConfigError("--fleet is empty")
+        raise ConfigError("--fleet is empty")
     return fleet
 
 
@@ -164,9 +169,9 @@ class Shared:
             if cls.recording is None:
                 path = os.environ.get("SPLITLOAD_RECORDING") or getattr(options, "recording", "")
                 if not path:
-                    raise si.errors.ConfigError("give --recording FILE (from `splitinfer loadtest prepare`)")
-                cls.recording = si.recording.Recording(path)
-                cls.model = si.costs.CostModel(cls.recording.bundle)
+                    raise ConfigError("give --recording FILE (from `splitinfer loadtest prepare`)")
+                cls.recording = Recording(path)
+                cls.model = CostModel(cls.recording.bundle)
                 cls.fleet = parse_fleet(getattr(options, "fleet", DEFAULT_FLEET))
         return cls
 
@@ -206,8 +211,8 @@ class Tally:
         for key, row in sorted(self.rows.items()):
             policy, cut, codec = key.split("|")
             rows.append({"policy": policy, "cut": int(cut), "codec": codec, **row})
-        # Whether this process (and, in a distributed run, every worker) stayed light.
-        process = {"torch": "torch" in sys.modules or self.workers_torch, "light": si.light}
+        # Whether this process (and, in a distributed run, every worker) stayed without torch.
+        process = {"torch": "torch" in sys.modules or self.workers_torch}
         return {"rows": rows, "events": dict(self.events), "process": process}
 
 
@@ -305,19 +310,19 @@ class Device(User):
             settings["seed"] = number
         if self.policy_name == "static":
             if self.recording.static is None:
-                raise si.errors.ConfigError("the recording names no static split; prepare it again")
+                raise ConfigError("the recording names no static split; prepare it again")
             settings["cut"], settings["codec"] = self.recording.static
-        self.policy = si.policy.make_policy(self.policy_name, bundle, **settings)
+        self.policy = make_policy(self.policy_name, bundle, **settings)
         # The same policy without exploration: taken when exploration picks a pair too large to
         # have been recorded (`splitinfer loadtest prepare --explore-mib`), and counted.
         self.exact = None
         if self.policy_name == "adaptive":
-            self.exact = si.policy.make_policy(self.policy_name, bundle, **{**settings, "explore": 0.0})
+            self.exact = make_policy(self.policy_name, bundle, **{**settings, "explore": 0.0})
         prior = replace(
-            si.estimate.Estimates(uplink_bps=2e6, downlink_bps=8e6, rtt_s=0.05),
+            Estimates(uplink_bps=2e6, downlink_bps=8e6, rtt_s=0.05),
             device_slowdown=self.slowdown,
         )
-        self.estimator = si.estimate.Estimator(bundle, prior=prior, clock=time.perf_counter)
+        self.estimator = Estimator(bundle, prior=prior, clock=time.perf_counter)
         self.t0 = time.perf_counter()
         # The warm-up inference at start-up that docs/decision.md asks for.
         self.estimator.observe_head(bundle.last_cut, self._device_s(self.model.local))
@@ -411,7 +416,7 @@ class Device(User):
         frames = self.recording.frames(cut, codec)
         payload, tensors = frames[self.rng.randrange(len(frames))]
         bundle = self.recording.bundle
-        header = si.protocol.RequestHeader(
+        header = protocol.RequestHeader(
             model=bundle.name,
             graph=bundle.graph_hash,
             cut=cut,
@@ -420,12 +425,12 @@ class Device(User):
             request_id=uuid.uuid4().hex,
             payload_nbytes=len(payload),
         )
-        body = si.protocol.encode_request(header, bytes(payload))
+        body = protocol.encode_request(header, bytes(payload))
         context["bytes_up"] = len(body)
         rtt = 2 * self.network.delay_s * self._jitter()
         start = time.perf_counter()
         gevent.sleep(rtt / 2 + self._link_s(self.network.uplink, len(body)))
-        resp = self.http.post(self.path, body=body, headers={"Content-Type": si.protocol.FRAME_CONTENT_TYPE})
+        resp = self.http.post(self.path, body=body, headers={"Content-Type": protocol.FRAME_CONTENT_TYPE})
         data = resp.read()
         timing = resp.get("Server-Timing")
         retry_after = resp.get("Retry-After")
@@ -435,14 +440,14 @@ class Device(User):
         first_byte = time.perf_counter()
         gevent.sleep(self._link_s(self.network.downlink, len(data)))
         end = time.perf_counter()
-        stages = si.protocol.parse_server_timing(timing)
+        stages = protocol.parse_server_timing(timing)
         context.update(
             compute_s=stages.get("compute", 0.0),
             queue_s=stages.get("queue", 0.0),
             server_s=stages.get("total", 0.0),
         )
         if status != 200:
-            raise si.protocol.error_from_problem(status, bytes(data), retry_after)
+            raise protocol.error_from_problem(status, bytes(data), retry_after)
         self.estimator.observe_transfer(
             up_bytes=len(body),
             down_bytes=len(data),

@@ -166,7 +166,7 @@ def write_summary(folder: Path, cut_names: dict[int, str] | None = None) -> Path
     if process:
         lines += [
             "",
-            f"Locust process: torch imported: {process.get('torch')}; light imports: {process.get('light')}.",
+            f"Locust process: torch imported: {process.get('torch')}.",
         ]
     lines += [
         "",

@@ -23,11 +23,9 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -51,33 +49,21 @@ def build_bundle(model: str, repo: Path) -> Path:
         return target
     import torch
 
-    import splitinfer as si
-    from splitinfer._images import photo_batch
+    from splitinfer.lab import compile_on_photos, demo_model, efficientnet_lite0
 
     t0 = time.perf_counter()
     if model == "efficientnet-lite0":
-        from splitinfer._models import efficientnet_lite0
-
         net, size = efficientnet_lite0(), 224
     elif model == "democnn":
-        from splitinfer._demo import demo_model
-
         net, size = demo_model(seed=0), 32
     else:
         raise SystemExit(f"unknown --model {model!r}: efficientnet-lite0 or democnn")
     # One thread, as each of the server's compute threads runs: on a shared machine more OpenMP
     # threads than free cores make the profile 10-30 times slower than the server really is.
     torch.set_num_threads(1)
-    images = photo_batch(CALIBRATION_IMAGES, size=size, seed=3)
     print(f"compiling {model} with {len(CODECS)} codecs on {CALIBRATION_IMAGES} real photos (cached after)")
-    bundle = si.compile(
-        net,
-        (torch.randn(1, 3, size, size),),
-        name=model,
-        calibration=[(images[i : i + 1],) for i in range(len(images))],
-        codecs=CODECS,
-        profile=True,
-        progress=True,
+    bundle = compile_on_photos(
+        net, name=model, image_size=size, calibration=CALIBRATION_IMAGES, seed=3, codecs=CODECS, profile=True
     )
     tmp = repo / f".{model}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -93,46 +79,10 @@ def build_bundle(model: str, repo: Path) -> Path:
 def build_recording(bundle_dir: Path, out: Path, samples: int) -> Path:
     if out.exists() and out.stat().st_mtime >= (bundle_dir / "manifest.json").stat().st_mtime:
         return out
-    from splitinfer._loadtest import format_summary, prepare
+    from splitinfer.lab._recording import format_summary, prepare
 
     print(format_summary(prepare(bundle_dir, out, samples=samples, progress=False)))
     return out
-
-
-class Server:
-    """``splitinfer serve`` in a subprocess on a free port of 127.0.0.1."""
-
-    def __init__(self, repo: Path, extra: list[str], log: Path):
-        self.log = log.open("w")
-        cmd = [sys.executable, "-m", "splitinfer", "serve", "--repository", str(repo), "--port", "0"]
-        self.proc = subprocess.Popen(
-            [*cmd, "--log-level", "WARNING", *extra], stdout=subprocess.PIPE, stderr=self.log, text=True
-        )
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if "listening on" not in line:
-            self.stop()
-            raise SystemExit(f"the server did not start (see {log}): {line!r}")
-        self.url = line.rsplit(" ", 1)[-1].strip()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise SystemExit(f"the server at {self.url} never became ready (see {log})")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def run_locust(args: argparse.Namespace, url: str, recording: Path, out: Path) -> int:
@@ -251,7 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"load test: {args.model}, {args.shape} to {args.users} devices for {args.run_time} s -> {args.out}"
     )
-    server = Server(repo, args.server_arg, args.out / "server.log")
+    from splitinfer.errors import SplitInferError
+    from splitinfer.lab import ServerProcess
+
+    server = ServerProcess(repo, *args.server_arg, log=args.out / "server.log", stop_timeout_s=40.0)
+    try:
+        server.start()
+    except SplitInferError as exc:
+        raise SystemExit(f"the server did not start: {exc}") from None
     try:
         code = run_locust(args, server.url, recording, args.out)
     finally:
@@ -280,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _static(recording: Path) -> str:
-    from splitinfer._loadtest import Recording
+    from splitinfer.lab import Recording
 
     static = Recording(recording).static
     return "-" if static is None else f"{static[0]} {static[1]}"

@@ -1,10 +1,10 @@
-"""The ``splitinfer plan`` and ``splitinfer profile`` subcommands.
+"""The partitioner's subcommands: ``splitinfer compile``, ``inspect``, ``profile`` and ``plan``.
 
-``add_plan_parser(subparsers)`` and ``add_profile_parser(subparsers)`` each add one subcommand
-with ``set_defaults(func=...)``; ``func(args)`` returns the exit code and raises ConfigError
-(the caller prints it) for a bad argument. Rates are written like ``2Mbit``, ``500kbit``,
-``1.5Gbit`` (bits per second; ``/s`` and ``bps`` forms too, and ``kB/s``, ``MB/s`` for bytes),
-times like ``80ms``, ``0.1s``, ``250us``.
+:func:`register` adds them to the ``splitinfer`` dispatcher (splitinfer/cli.py); each
+``add_*_parser(subparsers)`` adds one subcommand with ``set_defaults(func=...)``; ``func(args)``
+returns the exit code and raises ConfigError (the caller prints it) for a bad argument. Rates
+and times are written as :mod:`splitinfer._units` reads them (``2Mbit``, ``80ms``). Only
+argparse and the standard library load with this module; each command imports what it runs.
 """
 
 from __future__ import annotations
@@ -15,55 +15,164 @@ import re
 from pathlib import Path
 from typing import Any
 
-from splitinfer.bundle import Bundle, read_manifest, update_manifest
+from splitinfer._units import parse_duration, parse_rate
 from splitinfer.errors import ConfigError
 
-__all__ = ["add_plan_parser", "add_profile_parser", "parse_duration", "parse_rate"]
-
-_RATE_UNITS = {
-    "bit": 1.0,
-    "kbit": 1e3,
-    "mbit": 1e6,
-    "gbit": 1e9,
-    "bps": 1.0,
-    "kbps": 1e3,
-    "mbps": 1e6,
-    "gbps": 1e9,
-}
-_BYTE_UNITS = {"B": 8.0, "kB": 8e3, "KB": 8e3, "MB": 8e6, "GB": 8e9, "KiB": 8 * 1024.0, "MiB": 8 * 2.0**20}
-_TIME_UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0}
-_NUMBER = r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*"
+__all__ = ["add_compile_parser", "add_inspect_parser", "add_plan_parser", "add_profile_parser", "register"]
 
 
-def parse_rate(text: str, what: str = "rate") -> float:
-    """Bits per second from ``2Mbit``, ``500kbit/s``, ``1.5Gbit``, ``20mbps`` or ``250kB/s``."""
-    m = re.fullmatch(_NUMBER + r"([A-Za-zµ]+)(/s)?\s*", str(text))
-    if m:
-        value, unit, per_s = float(m.group(1)), m.group(2), m.group(3)
-        factor = _BYTE_UNITS.get(unit) if per_s else None
-        if factor is None and unit.lower() in _RATE_UNITS and not (per_s and unit.lower().endswith("ps")):
-            factor = _RATE_UNITS[unit.lower()]
-        if factor is not None and value > 0 and math.isfinite(value * factor):
-            return value * factor
-    raise ConfigError(
-        f"{what} must be a positive rate with a unit, such as 2Mbit, 500kbit, 1.5Gbit or 250kB/s; "
-        f"got {text!r}"
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add compile, inspect, profile and plan to the ``splitinfer`` command."""
+    for add in (add_compile_parser, add_inspect_parser, add_profile_parser, add_plan_parser):
+        add(subparsers)
+
+
+# -- compile, inspect --------------------------------------------------------------------
+
+
+def add_compile_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add ``compile``: capture a model from a factory and write its bundle."""
+    p = subparsers.add_parser(
+        "compile",
+        help="capture a model and write its bundle",
+        description=(
+            "Import MODULE, call FACTORY() to build the model, capture it with torch.export and "
+            "write a bundle that can be split at every offered cut. The current directory is on "
+            "the import path. Example: splitinfer compile mymodels:resnet --input-shape 1,3,224,224 "
+            "--name resnet --out models/resnet"
+        ),
     )
+    p.add_argument("factory", metavar="MODULE:FACTORY", help="e.g. mypkg.models:make_model")
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        required=True,
+        metavar="D0,D1,...",
+        help="shape of one example input, batch first; repeat for several inputs",
+    )
+    p.add_argument(
+        "--input-dtype",
+        action="append",
+        metavar="DTYPE",
+        help="dtype of each input in order (default float32; e.g. int64, bool)",
+    )
+    p.add_argument("--name", required=True, help="model name, 1-128 of [A-Za-z0-9._-]")
+    p.add_argument("--out", required=True, metavar="DIR", help="bundle directory to write")
+    p.add_argument("--version", dest="model_version", default="1", help="model version label")
+    p.set_defaults(func=_compile)
+    return p
 
 
-def parse_duration(text: str, what: str = "time") -> float:
-    """Seconds from ``80ms``, ``0.1s``, ``250us`` (a unit is required)."""
-    m = re.fullmatch(_NUMBER + r"([A-Za-zµ]+)\s*", str(text))
-    if m and m.group(2) in _TIME_UNITS:
-        value = float(m.group(1)) * _TIME_UNITS[m.group(2)]
-        if math.isfinite(value):
-            return value
-    raise ConfigError(f"{what} must be a duration with a unit, such as 80ms, 0.1s or 250us; got {text!r}")
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--input-shape takes comma-separated ints such as 1,3,224,224, got {text!r}"
+        ) from None
+    if not shape or any(d < 1 for d in shape):
+        raise ConfigError(f"--input-shape dims must be >= 1, got {text!r}")
+    return shape
 
 
-def load_metadata(path: str | Path) -> Bundle:
-    """A bundle's cuts, codecs, fidelity and profiles from its manifest, without its segments."""
-    return Bundle.load(path, upto_cut=0)  # a range of no segments: only the manifest is read
+def _compile(args: argparse.Namespace) -> int:
+    import importlib
+    import os
+    import sys
+
+    import torch
+
+    from splitinfer.partitioner import compile
+    from splitinfer.tensors import dtype_from_name
+
+    module_name, _, attr = args.factory.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"give the model factory as MODULE:FACTORY, got {args.factory!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot import {args.factory}: {exc}") from None
+    shapes = [_parse_shape(s) for s in args.input_shape]
+    dtypes = args.input_dtype or []
+    if len(dtypes) not in (0, len(shapes)):
+        raise ConfigError(f"give one --input-dtype per --input-shape ({len(shapes)}), or none")
+    inputs = []
+    for i, shape in enumerate(shapes):
+        dtype = dtype_from_name(dtypes[i]) if dtypes else torch.float32
+        if dtype.is_floating_point:
+            inputs.append(torch.randn(shape, dtype=dtype))
+        elif dtype == torch.bool:
+            inputs.append(torch.ones(shape, dtype=dtype))
+        else:
+            inputs.append(torch.zeros(shape, dtype=dtype))
+    model = factory()
+    bundle = compile(model, tuple(inputs), name=args.name, version=args.model_version, verbose=True)
+    out = bundle.save(args.out)
+    print(f"wrote {out} ({len(bundle.cuts)} cuts, graph {bundle.graph_hash})")
+    return 0
+
+
+def add_inspect_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add ``inspect``: print a bundle's cut table."""
+    p = subparsers.add_parser(
+        "inspect",
+        help="print a bundle's cut table",
+        description=(
+            "Print a bundle's cuts: index, name, float32 KiB at batch 1, the smallest codec whose "
+            "fidelity meets --budget (when the bundle has a fidelity table) and the tensors."
+        ),
+    )
+    p.add_argument("bundle", metavar="DIR", help="bundle directory")
+    p.add_argument("--budget", type=float, default=0.99, help="fidelity budget for the smallest-codec column")
+    p.set_defaults(func=_inspect)
+    return p
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from splitinfer.manifest import Cut, read_manifest
+
+    root = Path(args.bundle)
+    manifest = read_manifest(root)
+    size = sum(f.stat().st_size for f in root.iterdir() if f.is_file())
+    print(f"bundle   {manifest['name']} version {manifest.get('version')}  ({size / 2**20:.1f} MiB on disk)")
+    print(f"graph    {manifest['graph_hash']}")
+    print(f"codecs   {', '.join(manifest.get('codecs', []))}")
+    cuts = [Cut.from_json(c) for c in manifest["cuts"]]
+    width = max(len(c.name) for c in cuts)
+    best = _best_codecs(manifest.get("fidelity", {}), args.budget)
+    head = f"{'cut':>4}  {'name':<{width}}  {'KiB@1':>9}  "
+    if best:
+        head += f"{'smallest at fidelity >= ' + str(args.budget):<38}  "
+    print(head + "tensors")
+    for c in cuts:
+        tensors = ", ".join(str(t) for t in c.tensors)
+        line = f"{c.index:>4}  {c.name:<{width}}  {c.nbytes / 1024:>9.1f}  "
+        if best:
+            row = best.get(c.index)
+            pick = f"{row['codec']} {row['bytes'] / 1024:.1f} KiB ({row['fidelity']:.3f})" if row else "-"
+            line += f"{pick:<38}  "
+        print(line + tensors)
+    fidelity = manifest.get("fidelity", {})
+    if fidelity.get("table"):
+        print(
+            f"fidelity: {fidelity.get('metric')} agreement with the uncompressed model on "
+            f"{fidelity.get('samples')} calibration input(s); bytes are the mean per request at batch 1"
+        )
+    return 0
+
+
+def _best_codecs(fidelity: dict[str, Any], budget: float) -> dict[int, dict[str, Any]]:
+    """Per cut, the smallest codec whose fidelity meets ``budget``."""
+    best: dict[int, dict[str, Any]] = {}
+    for row in fidelity.get("table", []):
+        if row["fidelity"] >= budget and (row["cut"] not in best or row["bytes"] < best[row["cut"]]["bytes"]):
+            best[row["cut"]] = row
+    return best
 
 
 # -- plan --------------------------------------------------------------------------------
@@ -124,7 +233,9 @@ def _plan(args: argparse.Namespace) -> int:
     )
     if args.top < 0:
         raise ConfigError(f"--top must be >= 0, got {args.top}")
-    bundle = load_metadata(args.bundle)
+    from splitinfer.manifest import Manifest
+
+    bundle = Manifest.load(args.bundle)  # the decision needs no segments (and no torch)
     settings = _policy_settings(args)
     policy = make_policy(args.policy, bundle, **settings)
     explanation = policy.explain(est)
@@ -251,6 +362,8 @@ def add_profile_parser(
 
 
 def _profile(args: argparse.Namespace) -> int:
+    from splitinfer.bundle import Bundle
+    from splitinfer.manifest import read_manifest, update_manifest
     from splitinfer.partitioner._profile import profile_bundle
 
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", args.name):

@@ -12,8 +12,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 import splitinfer as si
-from splitinfer._demo import demo_model
 from splitinfer.cloud import ServerConfig, create_app
+from splitinfer.lab._demo import demo_model
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +63,7 @@ async def server(repository: Path) -> AsyncIterator[RunningServer]:
 @pytest.fixture(scope="session")
 def efficientnet() -> tuple[torch.nn.Module, si.Bundle]:
     """EfficientNet-Lite0 with its real ImageNet weights (shipped in a registry package)."""
-    from splitinfer._models import efficientnet_lite0
+    from splitinfer.lab._models import efficientnet_lite0
 
     model = efficientnet_lite0()
     return model, si.compile(model, (torch.randn(1, 3, 224, 224),), name="efficientnet-lite0")

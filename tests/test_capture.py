@@ -152,8 +152,8 @@ def test_efficientnet_lite0_sparse_head_cut_is_ten_times_smaller_on_real_photos(
     """The head conv's ReLU6 output is mostly zeros: q8+zstd1 sends it >= 10x smaller than f32
     and the tail still gives the model's top-1 class (benchmarks/results/codecs.md measures it
     on 512 crops)."""
-    from splitinfer._images import photo_batch
     from splitinfer.compression import get_codec
+    from splitinfer.lab._images import photo_batch
 
     model, bundle = efficientnet
     cut = next(c for c in bundle.cuts if c.name == "after _swish (call 2)")

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitinfer._demo import POLICIES, DemoConfig, stretch
-from splitinfer._report import Record, format_table, summarize
 from splitinfer.errors import ConfigError
+from splitinfer.lab._demo import POLICIES, DemoConfig, stretch
+from splitinfer.lab._hindsight import Link
+from splitinfer.lab._report import Record, format_table, summarize
 from splitinfer.netem import BandwidthTrace
-from splitinfer.partitioner._hindsight import Link
 
 CLI = [sys.executable, "-m", "splitinfer", "demo", "--quick", "--no-progress"]
 ROW = re.compile(

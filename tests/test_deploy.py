@@ -154,7 +154,7 @@ def test_build_context_makes_a_complete_wheel(tmp_path: Path) -> None:
     for package in ("splitinfer", "cloud", "edge", "partitioner", "compression"):
         assert f"splitinfer/{'' if package == 'splitinfer' else package + '/'}__init__.py" in names
     assert "splitinfer/cloud/_serve.py" in names
-    assert any(n.startswith("splitinfer/traces/") and n.endswith(".txt") for n in names)
+    assert any(n.startswith("splitinfer/netem/traces/") and n.endswith(".txt") for n in names)
     assert not any("__pycache__" in n or n.startswith(("tests/", "benchmarks/")) for n in names)
 
 

@@ -25,11 +25,11 @@ import torch
 
 import splitinfer as si
 from splitinfer import protocol
-from splitinfer._demo import demo_model
 from splitinfer.cloud import ServerConfig
 from splitinfer.cloud._state import STATE
 from splitinfer.compression import get_codec
 from splitinfer.edge import CircuitBreaker, EdgeClient
+from splitinfer.lab._demo import demo_model
 from splitinfer.netem import BandwidthTrace, LinkEmulator
 from tests.conftest import start_server
 from tests.test_cloud_support import INFER, frame, outputs, post, problem_code, until

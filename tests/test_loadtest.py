@@ -9,11 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +18,8 @@ import pytest
 import torch
 
 import splitinfer as si
-from splitinfer._demo import demo_model
-from splitinfer._loadtest import Recording, prepare
 from splitinfer.errors import BundleError
+from splitinfer.lab import Recording, ServerProcess, demo_model, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
@@ -49,34 +45,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def server_url(prepared: tuple[Path, Path]) -> Iterator[str]:
     repo, _ = prepared
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "splitinfer", "serve", "--repository", str(repo), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on" in line, line
-        url = line.rsplit(" ", 1)[-1].strip()
-        for _ in range(120):
-            try:
-                with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.25)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with ServerProcess(repo) as server:
+        yield server.url
 
 
 def test_recording_holds_what_the_policies_send(prepared: tuple[Path, Path]) -> None:
@@ -118,7 +88,7 @@ def test_locust_run_serves_every_policy(prepared: tuple[Path, Path], server_url:
         assert int(row["Failure Count"]) == 0, (name, row)
 
     mix = json.loads((tmp_path / "mix.json").read_text())
-    assert mix["process"] == {"torch": False, "light": True}  # the locust process stayed light
+    assert mix["process"] == {"torch": False}  # the locust process imported the real modules, not torch
     served = {p: 0 for p in POLICIES}
     sent = {p: 0 for p in POLICIES}
     for r in mix["rows"]:

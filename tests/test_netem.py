@@ -171,16 +171,18 @@ def test_shipped_traces_and_profiles():
 
 
 @pytest.mark.parametrize(
-    ("text", "value"), [("2Mbit", 2e6), ("500kbit", 5e5), ("1.5Gbit", 1.5e9), ("800000", 8e5)]
+    ("text", "value"), [("2Mbit", 2e6), ("500kbit", 5e5), ("1.5Gbit", 1.5e9), ("800kbit/s", 8e5)]
 )
 def test_parse_rate(text, value):
-    assert parse_rate(text) == value
+    assert parse_rate(text) == value  # the one parser of rates (splitinfer._units), as `plan` reads them
 
 
 def test_parse_errors_say_the_form():
     with pytest.raises(ConfigError, match="2Mbit"):
         parse_rate("fast")
-    with pytest.raises(ConfigError, match="40ms"):
+    with pytest.raises(ConfigError, match="2Mbit"):
+        parse_rate("800000")  # a unit is required: bits, bytes?
+    with pytest.raises(ConfigError, match="80ms"):
         parse_duration("soon")
     assert parse_duration("40ms") == pytest.approx(0.04)
     with pytest.raises(ConfigError, match="zero"):

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import splitinfer as si
+from splitinfer._units import parse_duration, parse_rate
 from splitinfer.bundle import read_manifest
 from splitinfer.errors import ConfigError
-from splitinfer.partitioner._cli import add_plan_parser, add_profile_parser, parse_duration, parse_rate
+from splitinfer.partitioner._cli import add_plan_parser, add_profile_parser
 
 
 def run(argv: list[str]) -> int:

@@ -6,25 +6,40 @@ all started together against one cloud server, each policy sending one request a
 most one every ``interval_s``) until ``duration_s`` has passed on the trace's clock. Before the
 trace starts, every client warms up in turn (``EdgeClient.awarm_up``: the device's speed, and the
 round trip for the policies that probe), so no estimate starts from a cold, contended first
-request. It returns one :class:`~splitinfer._report.Record` per request. Used by ``splitinfer demo`` and
-``benchmarks/bench_e2e.py``.
+request. It returns one :class:`~splitinfer.lab._report.Record` per request; :func:`run_priced`
+also prices them in hindsight. :func:`live_stack` starts what a session runs against (the
+server, the edge's bundle, photos and their reference classes, all warmed up). Used by
+``splitinfer demo`` and ``benchmarks/bench_e2e.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from splitinfer.bundle import Bundle
+from splitinfer.lab._server import ServerProcess
 from splitinfer.netem import BandwidthTrace
 
-__all__ = ["POLICIES", "Session", "reference_classes", "run_session", "warm_up", "warm_up_server"]
+__all__ = [
+    "POLICIES",
+    "LiveStack",
+    "Session",
+    "live_stack",
+    "reference_classes",
+    "run_priced",
+    "run_session",
+    "warm_up",
+    "warm_up_server",
+]
 
 POLICIES = ("adaptive", "neurosurgeon", "cloud", "local", "static")
 
@@ -52,6 +67,65 @@ class Session:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LiveStack:
+    """What a live session runs against: the server and the edge's side, warmed up."""
+
+    server: ServerProcess
+    bundle: Bundle
+    #: Real photos (normalised, one crop each) and the uncompressed model's top-1 for each.
+    images: torch.Tensor
+    reference: list[int]
+
+    def session(self, **settings: Any) -> Session:
+        """A :class:`Session` against this stack (``settings``: the other Session fields)."""
+        return Session(
+            url=self.server.url, bundle=self.bundle, images=self.images, reference=self.reference, **settings
+        )
+
+
+@contextlib.contextmanager
+def live_stack(
+    repo: Path, model: str, image_size: int, *, meanwhile: Callable[[Bundle], None] | None = None
+) -> Iterator[LiveStack]:
+    """``splitinfer serve`` of ``repo`` (one compute thread, in a session of its own so that a
+    Ctrl-C reaches only this process, which stops it) and the edge's bundle ``model``, 16 real
+    photos and their reference classes, every head and every tail warmed up. ``meanwhile``
+    runs with the bundle while the server starts (choices that take a while to compute)."""
+    from splitinfer.lab._images import photo_batch
+
+    options = ("--compute-threads", "1", "--torch-threads", "1", "--drain-timeout-s", "2")
+    server = ServerProcess(repo, *options, new_session=True, stop_timeout_s=5.0, keep_lines=50)
+    with contextlib.ExitStack() as stack:
+        server.launch()  # it starts while the edge gets ready
+        stack.callback(server.stop)
+        bundle = Bundle.load(repo / model)
+        if meanwhile is not None:
+            meanwhile(bundle)
+        images = photo_batch(16, size=image_size, seed=2)
+        reference = reference_classes(bundle, images)
+        warm_up(bundle, images[:1])
+        server.wait_ready()
+        asyncio.run(warm_up_server(server.url, bundle, images[:1]))
+        yield LiveStack(server, bundle, images, reference)
+
+
+def run_priced(session: Session) -> tuple[list[Any], float]:
+    """:func:`run_session`, every request then priced in hindsight (``_report.price``): the
+    records and the device slowdown the run really had."""
+    from splitinfer.lab._report import price
+
+    records = asyncio.run(run_session(session))
+    return price(
+        records,
+        session.bundle,
+        session.trace,
+        device_slowdown=session.device_slowdown,
+        rtt_s=2 * session.delay_s,
+        budget=session.budget,
+    )
+
+
 def reference_classes(bundle: Bundle, images: torch.Tensor) -> list[int]:
     """Top-1 of the uncompressed model (the whole segment chain, exact) for each image."""
     with torch.inference_mode():
@@ -77,8 +151,8 @@ async def warm_up_server(url: str, bundle: Bundle, image: torch.Tensor) -> None:
 async def run_session(session: Session) -> list[Any]:
     """Every policy side by side over the same stretch; one :class:`Record` per request."""
     from splitinfer._progress import Progress
-    from splitinfer._report import Record
     from splitinfer.edge import EdgeClient
+    from splitinfer.lab._report import Record
     from splitinfer.netem import LinkEmulator
 
     host, port = session.url.removeprefix("http://").rsplit(":", 1)
@@ -148,7 +222,7 @@ async def run_session(session: Session) -> list[Any]:
 
 
 async def _drive(name: str, client: Any, t0: float, s: Session, records: list[Any]) -> None:
-    from splitinfer._report import Record
+    from splitinfer.lab._report import Record
 
     i = 0
     next_at = t0

@@ -2,8 +2,8 @@
 
 Used by ``splitinfer demo`` and ``benchmarks/bench_e2e.py``. A :class:`Record` is one real
 request (its start on the trace's clock, measured latency, cut, codec, bytes, fallback and
-whether its top-1 class matches the uncompressed model's); :func:`add_oracle` prices every
-request in hindsight (:mod:`splitinfer.partitioner._hindsight`); :func:`summarize` turns them
+whether its top-1 class matches the uncompressed model's); :func:`price` prices every
+request in hindsight (:mod:`splitinfer.lab._hindsight`); :func:`summarize` turns them
 into a :class:`Summary` per policy; :func:`format_table` prints them; :func:`write_report`
 writes ``report.md``, ``requests.csv`` and two PNG plots (needs matplotlib, the ``plot`` extra).
 """
@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from splitinfer.bundle import Bundle
+from splitinfer.lab._hindsight import Link, World, kind_of
 from splitinfer.netem import BandwidthTrace
 from splitinfer.partitioner import make_policy
-from splitinfer.partitioner._hindsight import Link, World, kind_of
 
-__all__ = ["Record", "Summary", "add_oracle", "device_as_run", "format_table", "summarize", "write_report"]
+__all__ = ["Record", "Summary", "format_table", "price", "summarize", "write_report"]
 
 #: Fallbacks decided before anything was sent: the request ran entirely on the device.
 _LOCAL_FALLBACKS = ("deadline", "circuit_open")
@@ -96,7 +96,7 @@ def p95(xs: Sequence[float]) -> float:
     return float(np.percentile(xs, 95)) if len(xs) else math.nan
 
 
-def add_oracle(
+def price(
     records: Sequence[Record],
     bundle: Bundle,
     trace: BandwidthTrace,
@@ -105,57 +105,44 @@ def add_oracle(
     rtt_s: float,
     budget: float,
     queue_s: float = 0.002,
-) -> list[Record]:
-    """Each record with its hindsight oracle latency and its choice's latency in the model world."""
+) -> tuple[list[Record], float]:
+    """Each record priced in hindsight, and the device slowdown the run really had.
+
+    The emulated device runs on a host shared with the other policies, the server and the
+    emulators, so it is slower than the profile (measured alone) says, and an oracle priced
+    with the profile alone would be no lower bound, or too low a one. So the device is priced
+    at ``device_slowdown`` times the median measured / modelled latency of the ``local``
+    policy's requests (device time and nothing else; ``device_slowdown`` without any), and
+    every record gets its oracle latency, its choice's latency in that model world and the
+    trace's true rate at its start. Returns the records and that slowdown.
+    """
     oracle_policy = make_policy("adaptive", bundle, fidelity_budget=budget, explore=0.0)
     horizon = max((r.t + r.latency_s for r in records), default=0.0) + 60.0
-    world = World(oracle_policy, Link.from_trace(trace, horizon), device_slowdown, queue_s=queue_s)
-    allowed = oracle_policy._rows
+    link = Link.from_trace(trace, horizon)
+    allowed = oracle_policy.rows
     last = bundle.last_cut
-    out = []
-    for r in records:
-        oracle_s, best = world.oracle(allowed, r.t, rtt_s)
-        oracle_cut = last if best == world.local else int(world.model.cut[best])
-        cut = r.ran_cut(last)
-        try:
-            row = world.row(cut, r.codec)
-            world_s = float(world.latencies(np.array([row]), r.t, rtt_s)[0])
-        except KeyError:
-            world_s = math.nan
-        rate = trace.rate_at(r.t)
-        out.append(
-            replace(r, oracle_s=oracle_s, world_s=world_s, uplink_true_bps=rate, oracle_cut=oracle_cut)
-        )
-    return out
 
+    def priced(rs: Sequence[Record], slowdown: float) -> list[Record]:
+        world = World(oracle_policy, link, slowdown, queue_s=queue_s)
+        out = []
+        for r in rs:
+            oracle_s, best = world.oracle(allowed, r.t, rtt_s)
+            oracle_cut = last if best == world.local else int(world.model.cut[best])
+            try:
+                row = world.row(r.ran_cut(last), r.codec)
+                world_s = float(world.latencies(np.array([row]), r.t, rtt_s)[0])
+            except KeyError:
+                world_s = math.nan
+            rate = trace.rate_at(r.t)
+            out.append(
+                replace(r, oracle_s=oracle_s, world_s=world_s, uplink_true_bps=rate, oracle_cut=oracle_cut)
+            )
+        return out
 
-def device_as_run(
-    records: Sequence[Record],
-    bundle: Bundle,
-    trace: BandwidthTrace,
-    *,
-    device_slowdown: float,
-    rtt_s: float,
-    budget: float,
-) -> float:
-    """The device slowdown the run really had, for :func:`add_oracle`.
-
-    ``device_slowdown`` times the median measured / modelled latency of the ``local`` policy's
-    requests (device time and nothing else), or ``device_slowdown`` without any: the emulated
-    device runs on a host shared with the other policies, the server and the emulators, so it
-    is slower than the profile (measured alone) says, and an oracle priced with the profile
-    alone would be no lower bound, or too low a one.
-    """
-    local = add_oracle(
-        [r for r in records if r.policy == "local" and not r.fallback],
-        bundle,
-        trace,
-        device_slowdown=device_slowdown,
-        rtt_s=rtt_s,
-        budget=budget,
-    )
+    local = priced([r for r in records if r.policy == "local" and not r.fallback], device_slowdown)
     ratios = [r.latency_s / r.world_s for r in local if r.world_s > 0]
-    return device_slowdown * float(np.median(ratios)) if ratios else device_slowdown
+    as_run = device_slowdown * float(np.median(ratios)) if ratios else device_slowdown
+    return priced(records, as_run), as_run
 
 
 def summarize(records: Sequence[Record], last_cut: int, policies: Sequence[str]) -> dict[str, Summary]:

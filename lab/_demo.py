@@ -16,39 +16,36 @@ What runs (all on 127.0.0.1, all real):
    policies run side by side over the same stretch at the same time, so they share the
    machine's load and the cloud alike. ``N`` defaults to the slowdown at which running
    everything on the device takes as long, on this stretch, as sending the input to the cloud:
-   neither end wins outright, and the choice in between is what matters (:mod:`splitinfer._live`).
-4. Every request is priced in hindsight (:mod:`splitinfer.partitioner._hindsight`); the table
-   and a report (Markdown, CSV, PNG plots) are written by :mod:`splitinfer._report`.
+   neither end wins outright, and the choice in between is what matters (:mod:`splitinfer.lab._live`).
+4. Every request is priced in hindsight (:mod:`splitinfer.lab._hindsight`); the table
+   and a report (Markdown, CSV, PNG plots) are written by :mod:`splitinfer.lab._report`.
 
 Ctrl-C stops everything it started (the server subprocess, emulators, clients).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
 import platform
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from splitinfer._live import POLICIES
 from splitinfer._version import __version__
 from splitinfer.bundle import Bundle
-from splitinfer.errors import ConfigError, SplitInferError
+from splitinfer.errors import ConfigError
+from splitinfer.lab._live import POLICIES
 from splitinfer.netem import BandwidthTrace
 
 __all__ = ["DemoConfig", "demo_model", "run_demo"]
@@ -97,7 +94,7 @@ class ModelSpec:
 
 
 def _efficientnet() -> nn.Module:
-    from splitinfer._models import efficientnet_lite0
+    from splitinfer.lab._models import efficientnet_lite0
 
     return efficientnet_lite0()
 
@@ -188,19 +185,17 @@ def prepare_bundle(spec: ModelSpec, cache_dir: Path, say: Callable[[str], None],
     if cached_bundle(spec, cache_dir) is not None:
         say(f"bundle: cached in {repo / spec.name}")
         return repo
-    import splitinfer as si
-    from splitinfer._images import photo_batch
+    from splitinfer.lab._models import compile_on_photos
     from splitinfer.partitioner import profile_bundle
 
     say(f"bundle: compiling {spec.name} once (cached afterwards in {repo})")
     started = time.perf_counter()
-    calibration = [(x.unsqueeze(0),) for x in photo_batch(spec.calibration, size=spec.image_size, seed=1)]
-    bundle = si.compile(
+    bundle = compile_on_photos(
         spec.factory(),
-        (torch.randn(1, 3, spec.image_size, spec.image_size),),
         name=spec.name,
+        image_size=spec.image_size,
+        calibration=spec.calibration,
         max_frontier_bytes=spec.max_frontier_bytes,
-        calibration=calibration,
         calibration_method=spec.calibration_method,
         codecs=list(DEMO_CODECS),
         progress=progress,
@@ -225,92 +220,6 @@ def prepare_bundle(spec: ModelSpec, cache_dir: Path, say: Callable[[str], None],
         f"{compiled:.0f} s, profiled in {time.perf_counter() - started - compiled:.0f} s"
     )
     return repo
-
-
-# -- the cloud: `splitinfer serve` as a subprocess -------------------------------------------
-
-
-class CloudServer:
-    """``splitinfer serve`` in a subprocess of its own session; stopped (then killed) on exit."""
-
-    def __init__(self, repository: Path, *, startup_timeout_s: float = 120.0):
-        self.repository = repository
-        self.startup_timeout_s = startup_timeout_s
-        self.proc: subprocess.Popen[str] | None = None
-        self.url = ""
-        self.output: deque[str] = deque(maxlen=50)
-        self._listening = threading.Event()
-
-    def launch(self) -> CloudServer:
-        """Start the process; :meth:`wait_ready` waits until it listens (load the edge meanwhile)."""
-        cmd = [
-            sys.executable,
-            "-m",
-            "splitinfer",
-            "serve",
-            "--repository",
-            str(self.repository),
-            "--port",
-            "0",
-            "--compute-threads",
-            "1",
-            "--torch-threads",
-            "1",
-            "--drain-timeout-s",
-            "2",
-            "--log-level",
-            "WARNING",
-        ]
-        # Its own session: a Ctrl-C in the terminal reaches the demo, which stops the server.
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-        )
-        threading.Thread(target=self._drain, daemon=True, name="splitinfer-demo-server").start()
-        return self
-
-    def wait_ready(self) -> str:
-        """The server's URL once it listens; stops it and raises if it exits or takes too long."""
-        assert self.proc is not None
-        deadline = time.monotonic() + self.startup_timeout_s
-        try:
-            while not self._listening.wait(0.1):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise SplitInferError(
-                        "the cloud server did not start; its output:\n" + "\n".join(self.output)
-                    )
-        except BaseException:  # Ctrl-C while it starts, too
-            self.stop()
-            raise
-        return self.url
-
-    def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line.rstrip())
-            if "listening on http://" in line and not self._listening.is_set():
-                self.url = line.split("listening on ", 1)[1].split()[0]
-                self._listening.set()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid if self.proc is not None else 0
-
-    def stop(self) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def __enter__(self) -> CloudServer:
-        return self.launch()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # -- the trace, the slowdown and the static choice -------------------------------------------
@@ -345,8 +254,8 @@ def tie_slowdown(
     Local latency is ``head(n) * ds``; the cloud's barely depends on ``ds`` (only its encode runs
     on the device), so a few fixed-point steps suffice. Rounded to an integer, at least 1.
     """
+    from splitinfer.lab._hindsight import Link, World
     from splitinfer.partitioner import make_policy
-    from splitinfer.partitioner._hindsight import Link, World
 
     cloud = make_policy("cloud", bundle, fidelity_budget=budget)
     head_n = float(make_policy("local", bundle).model.head[-1])
@@ -356,7 +265,7 @@ def tie_slowdown(
         world = World(cloud, link, ds)
         mean = float(
             np.mean(
-                [world.latencies(cloud._rows, float(t), rtt_s).min() for t in np.arange(0, duration_s, 0.25)]
+                [world.latencies(cloud.rows, float(t), rtt_s).min() for t in np.arange(0, duration_s, 0.25)]
             )
         )
         ds = max(1.0, mean / head_n)
@@ -404,9 +313,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _run_demo(config: DemoConfig) -> int:
-    from splitinfer._images import photo_batch
-    from splitinfer._live import Session, reference_classes, run_session, warm_up, warm_up_server
-    from splitinfer._report import add_oracle, device_as_run, format_table, summarize, write_report
+    from splitinfer.lab._live import live_stack, run_priced
+    from splitinfer.lab._report import format_table, summarize, write_report
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -423,22 +331,23 @@ def _run_demo(config: DemoConfig) -> int:
     duration_s = config.duration_s
     assert duration_s is not None  # for type checkers
     rtt = 2 * config.delay_s
+    chosen: dict[str, Any] = {}
+
+    def choose(bundle: Bundle) -> None:  # while the server starts
+        ds = config.slowdown or tie_slowdown(
+            bundle, trace, duration_s=duration_s, rtt_s=rtt, budget=config.budget
+        )
+        rate = median_rate([trace], duration_s)
+        chosen["ds"] = ds
+        chosen["static"] = static_choice(bundle, rate_bps=rate, ds=ds, rtt_s=rtt, budget=config.budget)
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the emulated device: one thread, as profiled
     try:
-        with CloudServer(repo) as server:  # it starts while the edge gets ready
-            bundle = Bundle.load(repo / spec.name)
-            ds = config.slowdown or tie_slowdown(
-                bundle, trace, duration_s=duration_s, rtt_s=rtt, budget=config.budget
-            )
-            rate = median_rate([trace], duration_s)
-            static = static_choice(bundle, rate_bps=rate, ds=ds, rtt_s=rtt, budget=config.budget)
-            images = photo_batch(16, size=spec.image_size, seed=2)
-            reference = reference_classes(bundle, images)
-            warm_up(bundle, images[:1])
-            server.wait_ready()
+        with live_stack(repo, spec.name, spec.image_size, meanwhile=choose) as live:
+            bundle, server = live.bundle, live.server
+            ds, static = float(chosen["ds"]), chosen["static"]
             say(f"cloud: splitinfer serve (pid {server.pid}) on {server.url}")
-            asyncio.run(warm_up_server(server.url, bundle, images[:1]))
             say(
                 f"link: {trace.name}, mean {trace.mean_bps() / 1e6:.2f} Mbit/s over the whole trace, "
                 f"round trip {rtt * 1000:.0f} ms; device {ds:g}x slower than this machine"
@@ -448,15 +357,11 @@ def _run_demo(config: DemoConfig) -> int:
                 f"policies: {', '.join(config.policies)} side by side for {duration_s:g} s "
                 f"(static = cut {static[0]} {static[1]}: adaptive's choice at the stretch's median rate)"
             )
-            session = Session(
-                url=server.url,
-                bundle=bundle,
+            session = live.session(
                 trace=trace,
                 duration_s=duration_s,
                 device_slowdown=ds,
                 static=static,
-                images=images,
-                reference=reference,
                 budget=config.budget,
                 delay_s=config.delay_s,
                 interval_s=config.interval_s,
@@ -465,11 +370,9 @@ def _run_demo(config: DemoConfig) -> int:
                 seed=config.seed,
                 progress=config.progress,
             )
-            records = asyncio.run(run_session(session))
+            records, ds_run = run_priced(session)
     finally:
         torch.set_num_threads(threads)
-    ds_run = device_as_run(records, bundle, trace, device_slowdown=ds, rtt_s=rtt, budget=config.budget)
-    records = add_oracle(records, bundle, trace, device_slowdown=ds_run, rtt_s=rtt, budget=config.budget)
     summaries = summarize(records, bundle.last_cut, config.policies)
     say("")
     say(format_table(summaries))

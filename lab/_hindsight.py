@@ -8,7 +8,7 @@ candidate; the oracle takes the allowed candidate of least realized latency.
 
 >>> policy = make_policy("adaptive", bundle, fidelity_budget=0.99, explore=0.0)
 >>> world = World(policy, Link.from_trace(trace), ds=20.0)
->>> latency, row = world.oracle(policy._rows, t=3.2, rtt=0.08)
+>>> latency, row = world.oracle(policy.rows, t=3.2, rtt=0.08)
 
 A transfer of ``B`` bits started at ``t`` ends when the trace's cumulative capacity from ``t``
 reaches ``B`` (uplink and downlink alike, as :class:`splitinfer.netem.LinkEmulator` with one

@@ -1,12 +1,14 @@
-"""Recordings of real frontiers for the locust load tests (``splitinfer loadtest prepare``).
+r"""Recordings of real frontiers for the locust load tests (``splitinfer loadtest prepare``).
 
 A load-test user emulates an edge device: it decides per request with the real policy, waits
 out its emulated head compute and uplink, and sends a real encoded frontier of the chosen cut
 and codec. Computing those frontiers needs torch; locust workers should not. So
 :func:`prepare` runs real inputs through the bundle's heads once, encodes the frontiers with
 the bundle's calibrated codecs, and writes them with everything the policies need (the
-bundle's cuts, codecs, fidelity table and profiles) into one file that
-:class:`Recording` reads with the standard library, msgpack and mmap only.
+bundle's manifest: cuts, codecs, fidelity table and profiles) into one file that
+:class:`Recording` reads without torch: ``Recording.bundle`` is the real
+:class:`~splitinfer.manifest.Manifest`, each frame's specs real
+:class:`~splitinfer.tensors.TensorSpec`\ s, as the edge SDK and the wire protocol use them.
 
 Only the (cut, codec) pairs some policy can choose are recorded: every pair a policy allows
 that is within its exploration margin of the optimum somewhere on a wide grid of estimates
@@ -14,12 +16,11 @@ that is within its exploration margin of the optimum somewhere on a wide grid of
 the profiled speed, cloud 0.25 to 64 times). A decision outside that set, which needs
 estimates beyond the grid, is reported by the load test as a failure, not silently replaced.
 
-File format (version 1)::
+File format (version 2; version 1 held a subset of the manifest)::
 
     b"SPLITREC" | uint32 LE version | uint64 LE index length | msgpack index | payloads
 
-    index = {"bundle": {name, version, graph_hash, cuts: [Cut json], codecs, fidelity,
-                        profiles, inputs, in_spec, out_spec},
+    index = {"bundle": the bundle's manifest.json document (``Manifest.to_json()``),
              "frames": {"CUT CODEC": [[offset, length, [[dtype, shape], ...]], ...]},
              "static": [cut, codec], "inputs": "photos" | "random", "samples": int,
              "created": iso8601, "policies": {policy: [[cut, codec], ...]}}
@@ -36,98 +37,26 @@ import math
 import mmap
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
 from splitinfer.errors import BundleError, ConfigError
+from splitinfer.manifest import Manifest
+from splitinfer.tensors import TensorSpec
 
-__all__ = ["RecordedBundle", "RecordedCut", "Recording", "WireSpec", "prepare"]
+__all__ = ["Recording", "format_summary", "prepare"]
 
 MAGIC = b"SPLITREC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _PREFIX = struct.Struct("<8sIQ")
 #: Largest index accepted (the payloads are mapped, not read).
 _MAX_INDEX = 64 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class WireSpec:
-    """A tensor spec as the wire and the cut table carry it: shape (``None`` for the dynamic
-    batch dim of a cut; concrete in a request header) and dtype name."""
-
-    shape: tuple[int | None, ...]
-    dtype: str
-
-
-def _dims(shape: list[Any]) -> tuple[int | None, ...]:
-    return tuple(None if d is None else int(d) for d in shape)
-
-
-@dataclass(frozen=True)
-class RecordedCut:
-    """What a policy needs of a cut: index, readable name, frontier specs, float32 bytes."""
-
-    index: int
-    name: str
-    tensors: tuple[WireSpec, ...]
-    nbytes: int
-
-
-@dataclass
-class RecordedBundle:
-    """A bundle's metadata without its segments: enough for the cost model and the policies.
-
-    Quacks like :class:`splitinfer.Bundle` for ``partitioner._costs`` and ``_policy``.
-    """
-
-    name: str
-    graph_hash: str
-    cuts: list[RecordedCut]
-    codecs: list[str]
-    fidelity: dict[str, Any] = field(default_factory=dict)
-    profiles: dict[str, Any] = field(default_factory=dict)
-    version: str = "1"
-
-    @property
-    def n_segments(self) -> int:
-        return len(self.cuts) - 1
-
-    @property
-    def last_cut(self) -> int:
-        return len(self.cuts) - 1
-
-    def cut(self, k: int) -> RecordedCut:
-        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= self.last_cut:
-            raise ConfigError(f"cut must be an int in 0..{self.last_cut}, got {k!r}")
-        return self.cuts[k]
-
-    @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> RecordedBundle:
-        cuts = [
-            RecordedCut(
-                index=int(c["index"]),
-                name=str(c["name"]),
-                tensors=tuple(WireSpec(_dims(t["shape"]), str(t["dtype"])) for t in c["tensors"]),
-                nbytes=int(c["nbytes"]),
-            )
-            for c in obj["cuts"]
-        ]
-        return cls(
-            name=str(obj["name"]),
-            graph_hash=str(obj["graph_hash"]),
-            cuts=cuts,
-            codecs=[str(c) for c in obj["codecs"]],
-            fidelity=dict(obj.get("fidelity") or {}),
-            profiles=dict(obj.get("profiles") or {}),
-            version=str(obj.get("version", "1")),
-        )
-
-
 class Recording:
-    """A recording file opened read-only: the bundle's metadata and memory-mapped frames.
+    """A recording file opened read-only: the bundle's manifest and memory-mapped frames.
 
     ``frames(cut, codec)`` lists ``(payload, tensors)`` pairs: the encoded frontier of one real
     input (a memoryview into the mapped file) and its specs for the request header.
@@ -159,13 +88,14 @@ class Recording:
         except (ValueError, msgpack.ExtraData, msgpack.FormatError) as exc:
             raise BundleError(f"{self.path}: the index is not valid msgpack ({exc})") from None
         self.index: dict[str, Any] = index
-        self.bundle = RecordedBundle.from_json(index["bundle"])
+        # The manifest without its zstd dictionaries' bytes: the frames are encoded already.
+        self.bundle = Manifest.from_json(index["bundle"])
         self.inputs = str(index.get("inputs", ""))
         static = index.get("static")
         self.static: tuple[int, str] | None = None if static is None else (int(static[0]), str(static[1]))
         base = _PREFIX.size + length
         view = memoryview(self._map)
-        self._frames: dict[tuple[int, str], list[tuple[memoryview, tuple[WireSpec, ...]]]] = {}
+        self._frames: dict[tuple[int, str], list[tuple[memoryview, tuple[TensorSpec, ...]]]] = {}
         for key, entries in index["frames"].items():
             cut, codec = key.split(" ", 1)
             frames = []
@@ -173,7 +103,7 @@ class Recording:
                 start = base + int(offset)
                 if start + int(nbytes) > len(self._map):
                     raise BundleError(f"{self.path} is truncated: frame {key} runs past its end")
-                specs = tuple(WireSpec(tuple(int(d) for d in shape), str(dtype)) for dtype, shape in tensors)
+                specs = tuple(TensorSpec(tuple(map(int, shape)), str(dtype)) for dtype, shape in tensors)
                 frames.append((view[start : start + int(nbytes)], specs))
             self._frames[(int(cut), codec)] = frames
 
@@ -185,7 +115,7 @@ class Recording:
     def __contains__(self, pair: object) -> bool:
         return pair in self._frames
 
-    def frames(self, cut: int, codec: str) -> list[tuple[memoryview, tuple[WireSpec, ...]]]:
+    def frames(self, cut: int, codec: str) -> list[tuple[memoryview, tuple[TensorSpec, ...]]]:
         """The recorded frames of ``(cut, codec)``; KeyError if it was not recorded."""
         return self._frames[(cut, codec)]
 
@@ -304,7 +234,7 @@ def _inputs(bundle: Any, samples: int, seed: int) -> tuple[list[tuple[Any, ...]]
         _, c, h, w = specs[0].shape
         if c == 3 and h == w and h is not None:
             try:
-                from splitinfer._images import photo_batch
+                from splitinfer.lab._images import photo_batch
 
                 batch = photo_batch(samples, size=int(h), seed=seed)
                 return [(batch[i : i + 1],) for i in range(samples)], "photos"
@@ -399,15 +329,7 @@ def prepare(
                 blob += payload
             frames[f"{k} {codec}"] = entries
     index = {
-        "bundle": {
-            "name": bundle.name,
-            "version": bundle.version,
-            "graph_hash": bundle.graph_hash,
-            "cuts": [c.to_json() for c in bundle.cuts],
-            "codecs": list(bundle.codecs),
-            "fidelity": bundle.fidelity,
-            "profiles": bundle.profiles,
-        },
+        "bundle": bundle.manifest.to_json(),
         "frames": frames,
         "static": [static[0], static[1]],
         "inputs": kind,
