@@ -11,7 +11,11 @@ torch's do (torch casts float64 to float16 or bfloat16 via float32, and so do we
 - bfloat16 -> float32 is exact: the bits shifted up by 16;
 - float32 -> float16 is numpy's cast (round to nearest even, overflow to ±inf, as torch), with
   NaN quieted as the F16C instruction does (sign and top payload bits kept, quiet bit set);
+- float16 -> float32 is exact, a NaN quieted (as the F16C instruction and torch do);
 - float64 -> float32 is numpy's cast (NaN and overflow without a warning).
+
+The tests compare these with torch on every float16 and bfloat16 bit pattern and on random
+float32 bits.
 
 Nothing here imports torch.
 """
@@ -30,22 +34,22 @@ _BF16_NAN = np.uint16(0xFFFF)
 
 def bf16_bits(a32: np.ndarray) -> np.ndarray:
     """The bfloat16 bits (uint16, same shape) of the float32 array ``a32``, rounded as torch."""
-    u = a32.view(np.uint32)
+    u = a32.reshape(-1).view(np.uint32)  # 1-d: numpy makes scalars of 0-d results
     w = u >> np.uint32(16)
     w &= np.uint32(1)
     w += np.uint32(0x7FFF)
     w += u  # no overflow: the largest non-NaN pattern is 0xFF800000 (-inf)
     w >>= np.uint32(16)
     out = w.astype(np.uint16)
-    nan = a32 != a32
+    nan = u.view(np.float32) != u.view(np.float32)
     if nan.any():
         out[nan] = _BF16_NAN
-    return out
+    return out.reshape(a32.shape)
 
 
 def bf16_values(bits: np.ndarray) -> np.ndarray:
     """The float32 values (exact) of the bfloat16 bits ``bits`` (uint16)."""
-    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return (bits.reshape(-1).astype(np.uint32) << np.uint32(16)).view(np.float32).reshape(bits.shape)
 
 
 def to_f32(a: np.ndarray, name: str) -> np.ndarray:
@@ -56,7 +60,13 @@ def to_f32(a: np.ndarray, name: str) -> np.ndarray:
     if a.dtype == np.float32:
         return a
     with np.errstate(over="ignore", invalid="ignore"):
-        return a.astype(np.float32)
+        out = a.astype(np.float32)
+    if a.dtype == np.float16:  # torch (F16C, or its float arithmetic) quiets a signalling NaN
+        flat = out.reshape(-1)
+        nan = flat != flat
+        if nan.any():
+            flat.view(np.uint32)[nan] |= np.uint32(0x00400000)
+    return out
 
 
 def from_f32(a32: np.ndarray, name: str) -> np.ndarray:
@@ -70,10 +80,11 @@ def from_f32(a32: np.ndarray, name: str) -> np.ndarray:
         return a32.astype(np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
         out = a32.astype(np.float16)
-    nan = out != out
+    flat = out.reshape(-1)
+    nan = flat != flat
     if nan.any():  # F16C's NaN: sign, quiet bit and the top 9 payload bits of the float32
-        u = a32.view(np.uint32)[nan]
+        u = a32.reshape(-1).view(np.uint32)[nan]
         sign = (u >> np.uint32(16)) & np.uint32(0x8000)
         payload = (u >> np.uint32(13)) & np.uint32(0x03FF)
-        out.view(np.uint16)[nan] = (sign | np.uint32(0x7E00) | payload).astype(np.uint16)
+        flat.view(np.uint16)[nan] = (sign | np.uint32(0x7E00) | payload).astype(np.uint16)
     return out

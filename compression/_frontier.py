@@ -107,7 +107,13 @@ def _torch_wire(t: Any, wire: Callable[[str], str]) -> tuple[str, np.ndarray]:
     if t.layout != torch.strided or t.is_meta:
         raise CodecError(f"the codecs encode dense tensors with data, got a {t.layout} {t.device} tensor")
     target = wire(name)
-    t = t.detach().to("cpu", getattr(torch, target)).contiguous()
+    t = t.detach()
+    if target != name and name in FLOATS and t.numel() and bool(t.sum().isnan()):
+        # NaN: torch's kernels write different NaN bits (by size and source dtype), so numpy's
+        # conversion makes them, as for a numpy array (a NaN sum without a NaN is rare)
+        native = _torch_wire(t, _same)[1]
+        return name, from_f32(to_f32(native, name), target)
+    t = t.to("cpu", getattr(torch, target)).contiguous()
     if target == "bfloat16":
         return name, t.view(torch.int16).numpy().view(np.uint16)
     return name, t.numpy()
