@@ -17,7 +17,7 @@ from splitinfer.compression import available_codecs, calibrate, get_codec
 from splitinfer.compression._calibrate import calibrate_all
 from splitinfer.compression._codec import payload_of
 from splitinfer.compression._dictionary import train
-from splitinfer.compression._floats import bf16_bits, bf16_values, from_f32
+from splitinfer.compression._floats import bf16_bits, bf16_values, from_f32, to_f32
 from splitinfer.errors import CodecError
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -74,6 +74,22 @@ def test_float16_cast_matches_torch_bit_for_bit_nan_included():
     a = np.concatenate([EDGES, -EDGES, _random_bits(1 << 20, seed=2)])
     ours = from_f32(a, "float16").view(np.uint16)
     assert np.array_equal(ours, _torch_bits(a, torch.float16))
+
+
+def test_every_half_precision_pattern_converts_as_torch_does():
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    half, brain = bits.view(np.float16), torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16)
+    assert np.array_equal(
+        to_f32(half, "float16").view(np.uint32), torch.from_numpy(half.copy()).float().numpy().view(np.uint32)
+    )
+    assert np.array_equal(to_f32(bits, "bfloat16").view(np.uint32), brain.float().numpy().view(np.uint32))
+    nan = np.isnan(half)  # across the two half formats, any NaN goes (see _floats.py)
+    assert np.array_equal(
+        from_f32(to_f32(half, "float16"), "bfloat16")[~nan], _torch_bits(half, torch.bfloat16)[~nan]
+    )
+    nan = np.isnan(bf16_values(bits))
+    theirs = brain.to(torch.float16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(from_f32(to_f32(bits, "bfloat16"), "float16").view(np.uint16)[~nan], theirs[~nan])
 
 
 def test_float64_sources_round_through_float32_as_torch_does():
