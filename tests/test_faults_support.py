@@ -14,9 +14,6 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -29,6 +26,7 @@ import torch
 from splitinfer import protocol
 from splitinfer.bundle import Bundle
 from splitinfer.compression import get_codec
+from splitinfer.lab import ServerProcess
 from splitinfer.tensors import specs_of
 
 LONG = os.environ.get("SPLITINFER_RELIABILITY", "").lower() == "long"
@@ -70,79 +68,17 @@ def proc_status(pid: int, field: str) -> int:
     return int(match.group(1)) * 1024
 
 
-class ServeProcess:
-    """A real ``python -m splitinfer serve`` subprocess on 127.0.0.1; use it as a context manager.
+class ServeProcess(ServerProcess):
+    """The lab's real ``splitinfer serve`` subprocess, with its memory, killed (SIGKILL) on exit.
 
     ``port`` 0 picks a free one; pass a fixed port to restart a server where clients expect it.
-    Killed (SIGKILL) on exit if still running.
     """
-
-    def __init__(self, repository: Path, *options: str, port: int = 0):
-        self.repository, self.options, self.requested_port = repository, options, port
-        self.lines: list[str] = []
-        self.proc: subprocess.Popen[str] | None = None
-        self.url = ""
-
-    def start(self) -> ServeProcess:
-        self.lines = []
-        command = [sys.executable, "-m", "splitinfer", "serve", "--repository", str(self.repository)]
-        self.proc = subprocess.Popen(
-            [*command, "--port", str(self.requested_port), "--log-level", "WARNING", *self.options],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"server exited before it listened: {''.join(self.lines)}")
-            self.lines.append(line)
-            if m := re.search(r"listening on (http://127\.0\.0\.1:\d+)", line):
-                self.url = m.group(1)
-                break
-        else:
-            raise AssertionError("server did not listen within 120 s")
-        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
-        return self
-
-    def _pump(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def rss(self) -> int:
         return proc_status(self.pid, "VmRSS")
 
     def peak_rss(self) -> int:
         return proc_status(self.pid, "VmHWM")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-        if self.proc is not None and self.proc.stdout is not None:
-            with contextlib.suppress(Exception):
-                self.proc.stdout.close()
-
-    def tracebacks(self) -> list[str]:
-        return [line for line in self.lines if "Traceback" in line]
-
-    def __enter__(self) -> ServeProcess:
-        return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.kill()

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -31,6 +29,7 @@ import yaml
 from prometheus_client import CollectorRegistry, start_http_server
 
 from splitinfer.edge import EdgeClient
+from splitinfer.lab import ServerProcess
 from tests.test_deploy_support import (
     ALERTS,
     PROMETHEUS_CONFIG,
@@ -64,26 +63,12 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _process(
-    args: list[str], log: Path, env: dict[str, str] | None = None
-) -> Iterator[tuple[subprocess.Popen[str], queue.Queue[str | None]]]:
-    """Run ``args`` with its stdout lines in a queue (None at the end) and its stderr in ``log``;
-    terminated (killed if it must be) on exit, whatever happened."""
-    with log.open("w") as err:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-        assert proc.stdout is not None
-        stdout = proc.stdout
-        lines: queue.Queue[str | None] = queue.Queue()
-
-        def pump() -> None:
-            for line in stdout:
-                lines.put(line.rstrip("\n"))
-            lines.put(None)
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
+def _process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``args`` with its output in ``log``; terminated (killed if it must be) on exit."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         try:
-            yield proc, lines
+            yield proc
         finally:
             proc.terminate()
             try:
@@ -91,27 +76,6 @@ def _process(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            reader.join(timeout=10)
-            stdout.close()
-
-
-def _server_ports(lines: queue.Queue[str | None], log: Path) -> tuple[int, int]:
-    """The API and metrics ports that `splitinfer serve` announces on stdout."""
-    api = metrics = None
-    deadline = time.monotonic() + START_S
-    while metrics is None:
-        try:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            pytest.fail(f"splitinfer serve announced no metrics port within {START_S} s:\n{log.read_text()}")
-        if line is None:
-            pytest.fail(f"splitinfer serve exited:\n{log.read_text()}")
-        if "listening on http://" in line:
-            api = int(line.rsplit(":", 1)[1])
-        elif "metrics on http://" in line:
-            metrics = int(line.rsplit(":", 1)[1].split("/")[0])
-    assert api is not None
-    return api, metrics
 
 
 def _eventually(check: Callable[[], T], what: str, timeout: float = SCRAPE_S) -> T:
@@ -204,8 +168,12 @@ def test_prometheus_scrapes_server_and_edge(repository: Path, tmp_path: Path) ->
     command = [str(Path(sys.executable).parent / "splitinfer"), *entrypoint[1:]]
     server_log, prom_log = tmp_path / "server.log", tmp_path / "prometheus.log"
     with ExitStack() as stack:
-        server, lines = stack.enter_context(_process(command, server_log, env=_server_env(repository)))
-        api_port, metrics_port = _server_ports(lines, server_log)
+        server = stack.enter_context(
+            ServerProcess(
+                None, command=command, port=None, log_level=None, env=_server_env(repository), log=server_log
+            )
+        )
+        api_port, metrics_port = server.port, server.metrics_port
 
         # The edge app exposes its EdgeClient registry the way docs/deploy.md says.
         registry = CollectorRegistry()
@@ -222,7 +190,7 @@ def test_prometheus_scrapes_server_and_edge(repository: Path, tmp_path: Path) ->
             f"--storage.tsdb.path={tmp_path / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
         ]
-        prom_proc, _ = stack.enter_context(_process(args, prom_log))
+        prom_proc = stack.enter_context(_process(args, prom_log))
         prom = Prometheus(f"http://127.0.0.1:{port}")
 
         def scraped() -> None:
@@ -259,7 +227,7 @@ def test_prometheus_scrapes_server_and_edge(repository: Path, tmp_path: Path) ->
         # The image's HEALTHCHECK, run as Docker would, against this server and a closed port.
         assert _healthcheck(metrics_port) == 0
         assert _healthcheck(_free_port()) != 0
-    assert server.returncode == 0, f"the server did not drain cleanly:\n{server_log.read_text()}"
+    assert server.returncode == 0, f"the server did not drain cleanly:\n{server.output}"
 
 
 def _assert_server_series(prom: Prometheus) -> None:
