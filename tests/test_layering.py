@@ -210,6 +210,9 @@ def test_ground_floor_codecs_manifest_and_decision_run_without_torch(repository)
         policy = make_policy("static", manifest, cut=1, codec="f32")
         decision = policy.decide(Estimates(uplink_bps=2e6, downlink_bps=8e6, rtt_s=0.05))
         assert decision.cut == 1 and decision.codec == "f32", decision
+        from splitinfer.cli import build_parser
+        commands = build_parser()._subparsers._group_actions[0].choices
+        assert {{"serve", "compile", "inspect", "plan", "netem", "demo", "loadtest"}} <= set(commands)
         assert "torch" not in sys.modules
         print("ok", manifest.last_cut)
         """
