@@ -13,11 +13,13 @@ Each framework converts its own tensors: torch with ``Tensor.to`` (as fast as it
 with ``_floats.py``, which gives torch's bits for every value (NaN: see there), so a blob is the
 same whichever framework made it. torch is imported only inside the functions that handle torch
 tensors, so a caller that never hands one in never loads it; a torch tensor is recognised by its
-class's module (``torch`` or ``torch.*``: tensors and parameters), without importing anything.
+class's module (``torch`` or ``torch.*``: tensors and parameters) or, once torch is loaded, as
+an instance of ``torch.Tensor``, without importing anything.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -46,9 +48,14 @@ Decoded = tuple[str, str, np.ndarray]
 
 
 def is_torch(x: object) -> bool:
-    """Whether ``x`` is a torch tensor (checked without importing torch)."""
+    """Whether ``x`` is a torch tensor (checked without importing torch): its class comes from
+    torch, or it is an instance of ``torch.Tensor`` (a subclass defined elsewhere) once torch
+    is loaded."""
     module = type(x).__module__
-    return module == "torch" or module.startswith("torch.")
+    if module == "torch" or module.startswith("torch."):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def _same(name: str) -> str:

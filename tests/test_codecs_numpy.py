@@ -256,10 +256,15 @@ def test_decoded_arrays_own_writable_memory():
         a += 1
 
 
+class _MyTensor(torch.Tensor):  # a subclass from outside torch is a tensor too
+    pass
+
+
 def test_mixed_frontiers_and_refused_arrays():
     codec = get_codec("q8+zstd1")
     x = np.linspace(-1, 1, 60, dtype=np.float32).reshape(3, 4, 5)
     assert codec.encode([x, torch.ones(2)]) == codec.encode([torch.from_numpy(x), np.ones(2, np.float32)])
+    assert codec.encode([torch.from_numpy(x).as_subclass(_MyTensor)]) == codec.encode([x])
     with pytest.raises(CodecError, match="list of tensors"):
         codec.encode(x)
     with pytest.raises(CodecError, match="cannot cross the wire"):
