@@ -9,8 +9,10 @@ TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 LOADTEST_ARGS ?=
+REPLICAS ?= 3
+CLUSTER_ARGS ?=
 
-.PHONY: demo test bench fuzz loadtest lint clean venv prometheus
+.PHONY: demo test bench fuzz loadtest lint clean venv prometheus haproxy cluster
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,16 +31,35 @@ venv: $(VENV)/.stamp-dev-examples-plot
 demo: $(VENV)/.stamp-examples-plot
 	$(VENV)/bin/splitinfer demo $(DEMO_ARGS)
 
-test: $(VENV)/.stamp-dev-examples-plot-loadtest prometheus
+test: $(VENV)/.stamp-dev-examples-plot-loadtest prometheus haproxy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# tests/test_prometheus.py runs a real Prometheus, and tests/test_deploy.py its promtool: Debian's
-# `prometheus` package, installed here when missing (needs root and apt-get).
-prometheus:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+# System packages the tests run for real, installed when missing (needs root and apt-get):
+# tests/test_prometheus.py and test_scale.py run a real Prometheus and tests/test_deploy.py its
+# promtool (Debian's `prometheus`); test_scale.py and `make cluster` run HAProxy (`haproxy`).
+define apt_install
+	@$(2) || { \
 	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	} || { echo "make test needs prometheus and promtool on PATH: run 'apt-get install prometheus' as root (Debian/Ubuntu), or install Prometheus another way" >&2; exit 1; }
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(1) >/dev/null; \
+	} || { echo "make test needs $(1) on PATH: run 'apt-get install $(1)' as root (Debian/Ubuntu), or install it another way" >&2; exit 1; }
+endef
+
+prometheus:
+	$(call apt_install,prometheus,command -v prometheus >/dev/null && command -v promtool >/dev/null)
+
+haproxy:
+	$(call apt_install,haproxy,command -v haproxy >/dev/null)
+
+# A local cluster until Ctrl-C: REPLICAS (1..3) `splitinfer serve` on loopback ports, HAProxy in
+# front (deploy/haproxy/haproxy.cfg), Prometheus scraping them all; it prints the URLs. It serves
+# the load test's bundle (compiled once, as `make loadtest` does), so in another terminal:
+#   make loadtest LOADTEST_ARGS="--url http://127.0.0.1:PORT"
+CLUSTER_MODEL ?= efficientnet-lite0
+CLUSTER_REPO  ?= loadtests/.cache/repo
+cluster: $(VENV)/.stamp-dev-examples-plot-loadtest prometheus haproxy
+	$(PY) -c 'import sys; from pathlib import Path; sys.path.insert(0, "loadtests"); import run; \
+	  Path("$(CLUSTER_REPO)").mkdir(parents=True, exist_ok=True); run.build_bundle("$(CLUSTER_MODEL)", Path("$(CLUSTER_REPO)"))'
+	$(PY) deploy/haproxy/cluster.py --repository $(CLUSTER_REPO) --replicas $(REPLICAS) $(CLUSTER_ARGS)
 
 # mypy checks every module of the package (the symlinks splitinfer/<room> make the checkout the
 # package as imported; pyproject's [tool.mypy] names it).

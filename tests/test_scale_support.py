@@ -7,10 +7,8 @@ The test runs each scenario short and asserts on counts; the benchmark runs them
 records the figures (durations included) in ``benchmarks/results/scale.md``. Nothing here
 asserts a duration.
 
-The replica launcher is ``cluster.Replica`` (a ``splitinfer serve`` subprocess on fixed loopback
-ports, so it can be started later or again where HAProxy expects it). It duplicates, in a small
-way, ``tests/test_faults_support.ServeProcess`` and the server helper planned for ``lab/``: unify
-them once that helper exists.
+The replicas are ``splitinfer.lab``'s ServerProcess on fixed loopback ports (``cluster.Replica``),
+so that one can be started later, or again, where HAProxy expects it.
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ balancer. ``make cluster`` runs it until Ctrl-C::
     python deploy/haproxy/cluster.py --repository models/ --replicas 3
 
 The same classes start the clusters of ``tests/test_scale.py`` and
-``benchmarks/bench_scale.py``. Standard library only: the replicas are subprocesses
-(``python -m splitinfer serve``), HAProxy and Prometheus the system's binaries (Debian's
-``haproxy`` and ``prometheus`` packages; ``make haproxy prometheus`` installs them).
+``benchmarks/bench_scale.py``. The replicas are ``splitinfer serve`` subprocesses (started by
+``splitinfer.lab``'s ServerProcess, so run this with the project's Python); HAProxy and
+Prometheus are the system's binaries (Debian's ``haproxy`` and ``prometheus`` packages;
+``make haproxy prometheus`` installs them).
 """
 
 from __future__ import annotations
@@ -121,32 +122,29 @@ class Process:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-class Replica(Process):
-    """``splitinfer serve`` on fixed loopback ports (picked free when made), so that it can be
-    started later, or again, where the balancer already expects it."""
+class Replica:
+    """``splitinfer serve`` (``splitinfer.lab``'s :class:`ServerProcess`) on fixed loopback ports
+    (picked free when made), so that it can be started later, or again, where the balancer
+    already expects it. Its output goes to ``WORKDIR/<name>.log``."""
 
     def __init__(self, name: str, repository: Path, workdir: Path, *options: str):
+        from splitinfer.lab._server import ServerProcess
+
         self.name, self.repository, self.options = name, repository, options
         self.port, self.metrics_port = free_port(), free_port()
-        args = [
-            sys.executable,
-            "-m",
-            "splitinfer",
-            "serve",
-            "--repository",
-            str(repository),
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITINFER_")}
+        self.server = ServerProcess(
+            repository,
             "--host",
             "127.0.0.1",
-            "--port",
-            str(self.port),
             "--metrics-port",
             str(self.metrics_port),
-            "--log-level",
-            "WARNING",
             *options,
-        ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITINFER_")}
-        super().__init__(args, workdir / f"{name}.log", env)
+            port=self.port,
+            env=env,
+            log=workdir / f"{name}.log",
+            startup_timeout_s=START_S,
+        )
 
     @property
     def address(self) -> str:
@@ -156,21 +154,41 @@ class Replica(Process):
     def metrics_address(self) -> str:
         return f"127.0.0.1:{self.metrics_port}"
 
-    def ready(self) -> bool:
-        return http_get(f"http://{self.metrics_address}/v2/health/ready", timeout=2)[0] == 200
+    def start(self) -> None:
+        """Launch without waiting (:meth:`wait_ready` waits); again after it exited too."""
+        if self.server.proc is not None:
+            self.server.stop()  # it exited (killed, drained): release its pipe and log first
+        self.server.launch()
+
+    def wait_ready(self) -> float:
+        """Seconds until the replica answers its readiness probe."""
+        started = time.monotonic()
+        self.server.wait_ready()
+        return time.monotonic() - started
 
     def start_ready(self) -> float:
-        """Start and wait for readiness; the seconds that took."""
         self.start()
         return self.wait_ready()
 
-    def wait_ready(self) -> float:
-        def ready() -> bool:
-            if not self.alive():
-                raise RuntimeError(f"replica {self.name} exited:\n{self.output()}")
-            return self.ready()
+    def alive(self) -> bool:
+        return self.server.alive()
 
-        return wait_until(ready, f"replica {self.name} ready")
+    def signal(self, sig: int) -> None:
+        if self.server.proc is not None and self.alive():
+            self.server.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.server.proc is not None, "not started"
+        return self.server.proc.wait(timeout)
+
+    def stop(self) -> int | None:
+        return self.server.stop()
+
+    def output(self) -> str:
+        return self.server.output
+
+    def ready(self) -> bool:
+        return http_get(f"http://{self.metrics_address}/v2/health/ready", timeout=2)[0] == 200
 
     def metrics(self) -> str:
         status, body = http_get(f"http://{self.metrics_address}/metrics")
