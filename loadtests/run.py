@@ -187,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, default=Path(env("LOADTEST_OUT", str(RESULTS))))
     parser.add_argument("--note", default=env("LOADTEST_NOTE", ""), help="a line for the summary")
+    parser.add_argument(
+        "--url",
+        default=env("LOADTEST_URL", ""),
+        help="send to this server (e.g. `make cluster`'s balancer, serving this cache's repo) "
+        "instead of starting one",
+    )
     args = parser.parse_args(argv)
     repo = args.cache / "repo"
     repo.mkdir(parents=True, exist_ok=True)
@@ -204,15 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     from splitinfer.errors import SplitInferError
     from splitinfer.lab import ServerProcess
 
-    server = ServerProcess(repo, *args.server_arg, log=args.out / "server.log", stop_timeout_s=40.0)
-    try:
-        server.start()
-    except SplitInferError as exc:
-        raise SystemExit(f"the server did not start: {exc}") from None
-    try:
-        code = run_locust(args, server.url, recording, args.out)
-    finally:
-        server.stop()
+    if args.url:
+        code = run_locust(args, args.url.rstrip("/"), recording, args.out)
+    else:
+        server = ServerProcess(repo, *args.server_arg, log=args.out / "server.log", stop_timeout_s=40.0)
+        try:
+            server.start()
+        except SplitInferError as exc:
+            raise SystemExit(f"the server did not start: {exc}") from None
+        try:
+            code = run_locust(args, server.url, recording, args.out)
+        finally:
+            server.stop()
     run: dict[str, Any] = {
         "model": args.model,
         "cuts": len(manifest["cuts"]),

@@ -193,7 +193,7 @@ def test_dockerignore_sends_only_what_the_image_installs() -> None:
 def test_compose_stack_is_consistent(tmp_path: Path) -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"server", "prometheus", "grafana"}
+    assert set(services) == {"server", "server-2", "server-3", "lb", "prometheus", "grafana"}
     server = services["server"]
     assert (DEPLOY / server["build"]["context"] / server["build"]["dockerfile"]).resolve() == DOCKERFILE
     env = {k: _interpolated(str(v)) for k, v in server["environment"].items()}
@@ -218,6 +218,63 @@ def test_compose_stack_is_consistent(tmp_path: Path) -> None:
     assert mounts["./grafana/dashboards"] == provider["providers"][0]["options"]["path"]
 
 
+def test_compose_load_balanced_variant_matches_the_haproxy_config() -> None:
+    """The `lb` profile: two more replicas equal to `server` but for its published port, and
+    HAProxy given every variable haproxy.cfg reads, pointing at those services' ports."""
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    server = {k: v for k, v in services["server"].items() if k not in ("build", "ports")}
+    for name in ("server-2", "server-3"):
+        replica = dict(services[name])
+        assert replica.pop("profiles") == ["lb"]
+        assert replica == server, f"{name} differs from server"
+    lb = services["lb"]
+    assert lb["profiles"] == ["lb"] and re.fullmatch(r"haproxy:2\.6\.\d+", lb["image"])
+    env = lb["environment"]
+    api, metrics = server["environment"]["SPLITINFER_PORT"], server["environment"]["SPLITINFER_METRICS_PORT"]
+    for i, name in enumerate(("server", "server-2", "server-3"), 1):
+        assert env[f"SPLITINFER_REPLICA_{i}"] == f"{name}:{api}"
+        assert env[f"SPLITINFER_REPLICA_{i}_METRICS"] == f"{name}:{metrics}"
+    config = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    read = set(re.findall(r"\$\{(SPLITINFER_\w+)\}", config)) | set(
+        re.findall(r"defined\((SPLITINFER_\w+)\)", config)
+    )
+    optional = {"SPLITINFER_LB_TLS_CERT", "SPLITINFER_LB_RUNTIME_SOCKET"}
+    assert set(env) == read - optional, "compose and haproxy.cfg disagree on the variables"
+    assert "./haproxy:/usr/local/etc/haproxy:ro" in lb["volumes"]  # the image's config path
+    assert set(lb["depends_on"]) == {"server", "server-2", "server-3"}
+
+
+def test_haproxy_config_is_valid(tmp_path: Path) -> None:
+    """`haproxy -c` on the shipped file: one, two and three replicas, by address and by name,
+    with the private metrics listener, and with TLS termination on a real certificate."""
+    haproxy = tool("haproxy", "apt-get install haproxy (make test does it)")
+    config = DEPLOY / "haproxy" / "haproxy.cfg"
+    openssl = tool("openssl", "apt-get install openssl")
+    pem = tmp_path / "lb.pem"
+    run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=lb",
+         "-keyout", str(tmp_path / "lb.key"), "-out", str(tmp_path / "lb.crt")]
+    )  # fmt: skip
+    pem.write_text((tmp_path / "lb.crt").read_text() + (tmp_path / "lb.key").read_text())
+    variants: list[dict[str, str]] = []
+    for n in (1, 2, 3):
+        env = {"SPLITINFER_LB_BIND": "127.0.0.1:8000"}
+        for i in range(1, n + 1):
+            env[f"SPLITINFER_REPLICA_{i}"] = f"127.0.0.1:{8100 + 2 * i}"
+            env[f"SPLITINFER_REPLICA_{i}_METRICS"] = f"127.0.0.1:{8101 + 2 * i}"
+        variants.append(env)
+    named = {f"SPLITINFER_REPLICA_{i}": f"server-{i}:8080" for i in (1, 2, 3)}
+    named |= {f"SPLITINFER_REPLICA_{i}_METRICS": f"server-{i}:8081" for i in (1, 2, 3)}
+    variants.append({"SPLITINFER_LB_BIND": ":8000", "SPLITINFER_LB_METRICS_BIND": ":8404", **named})
+    variants.append({**variants[0], "SPLITINFER_LB_TLS_CERT": str(pem)})
+    for env in variants:
+        result = run([haproxy, "-c", "-f", str(config)], env={"PATH": os.environ["PATH"], **env})
+        assert result.returncode == 0, f"{env}:\n{result.stdout}{result.stderr}"
+    # The check is real: a required address missing fails it.
+    broken = {k: v for k, v in variants[0].items() if k != "SPLITINFER_REPLICA_1_METRICS"}
+    assert run([haproxy, "-c", "-f", str(config)], env={"PATH": os.environ["PATH"], **broken}).returncode != 0
+
+
 def test_compose_file_follows_the_compose_spec() -> None:
     """No `docker compose` here: the compose-spec package (bindings of the Rust compose_spec
     parser) checks the file against the Compose Specification, unknown keys included."""
@@ -227,7 +284,7 @@ def test_compose_file_follows_the_compose_spec() -> None:
 
     text = _interpolated((DEPLOY / "compose.yaml").read_text())
     compose = PyCompose.from_yaml(text)
-    assert compose.service_names() == ["server", "prometheus", "grafana"]
+    assert compose.service_names() == ["server", "server-2", "server-3", "lb", "prometheus", "grafana"]
     with pytest.raises(ValueError, match="stop_grace_perod"):  # the check is real
         PyCompose.from_yaml(text.replace("stop_grace_period:", "stop_grace_perod:"))
     services = yaml.safe_load(text)["services"]
