@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from splitinfer._version import __version__
 from splitinfer.cloud import _handlers as h
+from splitinfer.cloud import _oip
 from splitinfer.cloud._auth import TokenSet
 from splitinfer.cloud._batcher import Scheduler
 from splitinfer.cloud._config import ServerConfig
@@ -63,6 +64,7 @@ def create_app(config: ServerConfig, registry: CollectorRegistry | None = None) 
     app.router.add_get("/v1/models/{name}", h.get_model)
     app.router.add_get("/v2/health/live", h.live)
     app.router.add_get("/v2/health/ready", h.ready)
+    _oip.add_routes(app)  # the Open Inference Protocol (KServe v2) beside /v1
     if config.metrics_port is None:
         app.router.add_get("/metrics", h.metrics)
     return app

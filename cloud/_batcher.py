@@ -251,7 +251,8 @@ class Batcher:
         for job, result in zip(batch, results):
             if isinstance(result, Answer):
                 rows, cpu = result.batch_rows, result.compute_cpu / max(1, result.batch_rows)
-                result = self._finish(job, result)
+                if job.frame.encode:
+                    result = self._finish(job, result)
             if isinstance(result, Problem):
                 job.fail(result)
                 continue

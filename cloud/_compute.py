@@ -44,6 +44,8 @@ class Frame:
     #: The decoded frontier when it was decoded already (small frames), and how long that took.
     frontier: list[torch.Tensor] | None = field(default=None, compare=False)
     decode_s: float = 0.0
+    #: Encode the outputs into a /v1 response body; False keeps them as tensors (/v2 encodes its own).
+    encode: bool = True
 
 
 @dataclass
@@ -207,7 +209,7 @@ def _answer(
     cpu: float,
 ) -> Answer | Problem:
     """Large outputs are encoded here, in the compute thread; small ones are left to the loop."""
-    if sum(o.numel() * o.element_size() for o in outputs) <= SMALL_BYTES:
+    if not frame.encode or sum(o.numel() * o.element_size() for o in outputs) <= SMALL_BYTES:
         return Answer(None, {**stages, "encode": 0.0}, batch_rows, outputs, cpu)
     t0 = time.perf_counter()
     try:

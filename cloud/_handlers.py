@@ -17,13 +17,15 @@ from splitinfer.bundle import Bundle
 from splitinfer.cloud._auth import check_authorization
 from splitinfer.cloud._batcher import Job
 from splitinfer.cloud._compute import SMALL_BYTES, Frame, decode_frame
-from splitinfer.cloud._problem import Problem, problem_response
+from splitinfer.cloud._problem import Problem, error_response, oip_path, problem_response
 from splitinfer.cloud._state import CONFIG, METRICS, STATE, TOKENS, ServerState
 from splitinfer.errors import ProtocolError
 
 __all__ = [
     "INFER_ROUTE",
+    "admit",
     "auth_middleware",
+    "batchable",
     "expect_continue",
     "get_model",
     "infer",
@@ -40,6 +42,8 @@ __all__ = [
 log = logging.getLogger("splitinfer.cloud")
 
 INFER_ROUTE = "infer"
+#: Routes whose answers are counted in the request metrics (/v1's and the /v2 infer routes).
+COUNTED_ROUTES = frozenset({INFER_ROUTE, "v2_infer", "v2_infer_version"})
 #: Label for model names this server does not host (clients must not grow the label set).
 UNKNOWN_MODEL = "_unknown"
 PROBE_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics"})
@@ -83,16 +87,13 @@ def _observe(request: web.Request, code: str) -> None:
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error leaves as problem+json, never as a stack trace; inference answers are counted."""
     started = time.perf_counter()
+    problem: Problem | None = None
     try:
         response = await handler(request)
-        code = "ok"
     except Problem as p:
-        response, code = problem_response(p), p.code
+        problem = p
     except web.HTTPNotFound:
-        response, code = (
-            problem_response(Problem("not_found", f"no route for {request.method} {request.path}")),
-            "not_found",
-        )
+        problem = Problem("not_found", f"no route for {request.method} {request.path}")
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
         problem = Problem(
@@ -100,19 +101,20 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             f"{request.method} is not allowed on {request.path}; use {allowed}",
             {"Allow": ",".join(sorted(exc.allowed_methods))},
         )
-        response, code = problem_response(problem), problem.code
     except web.HTTPException as exc:
         if exc.status not in _HTTP_CODES:
             raise
         problem = Problem(_HTTP_CODES[exc.status], exc.reason)
-        response, code = problem_response(problem), problem.code
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unexpected error serving %s %s", request.method, request.path)
         problem = Problem("internal", "the server failed to handle this request; see its log")
-        response, code = problem_response(problem), problem.code
-    if request.match_info.route.name == INFER_ROUTE:
+    code = "ok"
+    if problem is not None:  # /v2 answers errors as the Open Inference Protocol says
+        code = problem.code
+        response = error_response(problem) if oip_path(request.path) else problem_response(problem)
+    if request.match_info.route.name in COUNTED_ROUTES:
         _observe(request, code)
         if code != "ok":
             response.headers["Server-Timing"] = server_timing({"total": time.perf_counter() - started})
@@ -142,8 +144,9 @@ def auth_middleware(open_paths: frozenset[str]) -> Middleware:
 # -- inference -----------------------------------------------------------------------------
 
 
-def _admit(state: ServerState, request: web.Request) -> None:
-    """Refuse before reading the body: draining, a full queue, a declared body over the limit."""
+def admit(state: ServerState, request: web.Request, media_types: frozenset[str] = _FRAME_TYPES) -> None:
+    """Refuse before reading the body: draining, a full queue, a declared body over the limit,
+    a Content-Encoding, a Content-Type not in ``media_types`` (a missing one is accepted)."""
     if state.drain.draining:
         raise Problem.unavailable("not_ready", "the server is draining; retry on another replica")
     if state.scheduler.waiting >= state.config.max_queue_length:
@@ -164,11 +167,11 @@ def _admit(state: ServerState, request: web.Request) -> None:
             "(its codec); send it as it is",
         )
     ctype = request.headers.get("Content-Type")
-    if ctype and ctype.split(";")[0].strip().lower() not in _FRAME_TYPES:
-        raise Problem(
-            "unsupported_media_type",
-            f"send the frame as {protocol.FRAME_CONTENT_TYPE}, not {ctype[:80]!r}",
+    if ctype and ctype.split(";")[0].strip().lower() not in media_types:
+        wanted = (
+            protocol.FRAME_CONTENT_TYPE if media_types is _FRAME_TYPES else " or ".join(sorted(media_types))
         )
+        raise Problem("unsupported_media_type", f"send the body as {wanted}, not {ctype[:80]!r}")
 
 
 async def expect_continue(request: web.Request) -> web.StreamResponse | None:
@@ -182,7 +185,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         state = request.app[STATE]
         if request.match_info.get("name") not in state.models:
             raise Problem("unknown_model", f"no model {request.match_info.get('name')!r} here")
-        _admit(state, request)
+        admit(state, request)
     except Problem as p:
         _observe(request, p.code)
         response = problem_response(p)
@@ -299,7 +302,7 @@ def _check(bundle: Bundle, header: protocol.RequestHeader, name: str, max_decode
     return batches.pop() if batches else 1
 
 
-def _batchable(bundle: Bundle, cut: int) -> bool:
+def batchable(bundle: Bundle, cut: int) -> bool:
     """Whether frontiers at ``cut`` and the outputs are batch-leading (dim 0 dynamic)."""
     specs = (*bundle.cuts[cut].tensors, *bundle.cuts[bundle.last_cut].tensors)
     return all(s.shape and s.shape[0] is None for s in specs)
@@ -312,7 +315,7 @@ async def infer(request: web.Request) -> web.Response:
     bundle = state.models.get(name)
     if bundle is None:
         raise Problem("unknown_model", f"no model {name!r} here; GET /v1/models lists them")
-    _admit(state, request)
+    admit(state, request)
     state.drain.enter()
     try:
         return await _infer(state, request, bundle, name, started)
@@ -342,7 +345,7 @@ async def _infer(
             frontier = decode_frame(header, payload, bundle)
             frame = Frame(header, payload, rows, frontier, time.perf_counter() - now)
         future = asyncio.get_running_loop().create_future()
-        job = Job(frame, now, deadline, future, alone=not _batchable(bundle, header.cut))
+        job = Job(frame, now, deadline, future, alone=not batchable(bundle, header.cut))
         batcher = scheduler.batcher(bundle, header.cut)
         batcher.submit(job)
     finally:

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from splitinfer import protocol
 
-__all__ = ["RETRY_AFTER_S", "Problem", "problem_response"]
+__all__ = ["RETRY_AFTER_S", "Problem", "error_response", "oip_path", "problem_response"]
 
 #: Seconds a client is told to wait before retrying a 503.
 RETRY_AFTER_S = 1
@@ -37,3 +37,14 @@ def problem_response(problem: Problem, extra_headers: dict[str, str] | None = No
     status, body = protocol.problem_body(problem.code, problem.detail)
     headers = {**problem.headers, **(extra_headers or {})}
     return web.Response(status=status, body=body, content_type=protocol.PROBLEM_CONTENT_TYPE, headers=headers)
+
+
+def oip_path(path: str) -> bool:
+    """Whether errors on ``path`` are answered in the protocol's form (health keeps /v1's)."""
+    return (path == "/v2" or path.startswith("/v2/")) and not path.startswith("/v2/health/")
+
+
+def error_response(problem: Problem) -> web.Response:
+    """``{"error": ...}`` with the protocol's status: what /v1 calls 409 or 422 is a 400 here."""
+    status = 400 if problem.status in (409, 422) else problem.status
+    return web.json_response({"error": problem.detail}, status=status, headers=problem.headers)

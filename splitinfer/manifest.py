@@ -132,6 +132,16 @@ class Manifest:
             raise ConfigError(f"cut must be an int in 0..{self.last_cut}, got {k!r}")
         return self.cuts[k]
 
+    def tensor_names(self, k: int) -> list[str]:
+        """Names of the tensors crossing cut ``k`` (the /v2 inputs of the tail from ``k``):
+        ``input_<i>`` at cut 0 (the model's inputs), ``cut<k>_<i>`` at the others."""
+        n = len(self.cut(k).tensors)
+        return [f"input_{i}" if k == 0 else f"cut{k}_{i}" for i in range(n)]
+
+    def output_names(self) -> list[str]:
+        """Names of the model's outputs, ``output_<i>`` (the last cut's tensors, flattened)."""
+        return [f"output_{i}" for i in range(len(self.cuts[self.last_cut].tensors))]
+
     def codec_for(self, k: int, spec: str) -> Codec:
         """The codec ``spec`` as the edge uses it at cut ``k``: bound to the calibrated ranges."""
         self.cut(k)

@@ -1,0 +1,531 @@
+"""The Open Inference Protocol (KServe v2 REST) beside /v1: what Triton's and KServe's clients speak.
+
+Routes (docs/server.md, "The Open Inference Protocol")::
+
+    GET  /v2                                          server metadata
+    GET  /v2/models/{name}[/versions/{v}]             model metadata
+    GET  /v2/models/{name}[/versions/{v}]/ready       model readiness
+    POST /v2/models/{name}[/versions/{v}]/infer       inference (JSON, or the binary tensor extension)
+
+An inference request names its inputs. Without a ``cut`` request parameter they are the model's
+inputs (``input_0``, ...) and the whole model runs; with ``"parameters": {"cut": k}`` they are the
+frontier of cut ``k`` (``cut<k>_0``, ...: :meth:`~splitinfer.manifest.Manifest.tensor_names`)
+and only the tail from ``k`` runs. The outputs are ``output_0``, ... Tensors travel as JSON
+(``data``, flat in row-major order) or, with the binary tensor data extension, as raw
+little-endian bytes after the JSON header (``Inference-Header-Content-Length`` bytes long; each
+binary input says its ``binary_data_size``; outputs are binary when asked with
+``binary_data`` or ``binary_data_output``). BF16 travels in binary only.
+
+Requests go through the same admission, limits, batcher, metrics and bearer tokens as /v1.
+Errors leave as ``{"error": "..."}`` with the protocol's statuses (400 for what the client sent
+wrong, 404 for an unknown model or version), and 401/408/413/503/504 for the limits /v1 has.
+Parsing and encoding (:func:`parse_infer`, :func:`encode_answer`) are plain functions, run on a
+compute thread for large bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from aiohttp import web
+
+from splitinfer import protocol
+from splitinfer._version import __version__
+from splitinfer.bundle import Bundle
+from splitinfer.cloud._batcher import Job
+from splitinfer.cloud._compute import SMALL_BYTES, Frame
+from splitinfer.cloud._handlers import admit, batchable, read_body, server_timing
+from splitinfer.cloud._problem import Problem
+from splitinfer.cloud._state import STATE, ServerState
+from splitinfer.tensors import MAX_NDIM, TensorSpec, numpy_dtype
+
+__all__ = [
+    "DATATYPES",
+    "HEADER_LENGTH",
+    "INFER_ROUTES",
+    "InferRequest",
+    "add_routes",
+    "encode_answer",
+    "parse_infer",
+]
+
+log = logging.getLogger("splitinfer.cloud")
+
+#: The header that gives the JSON part's length in a body using the binary tensor extension.
+HEADER_LENGTH = "Inference-Header-Content-Length"
+#: The extensions this server implements (announced by GET /v2).
+EXTENSIONS = ("binary_tensor_data",)
+INFER_ROUTES = frozenset({"v2_infer", "v2_infer_version"})
+#: Media types an inference body may be declared as (or none).
+MEDIA_TYPES = frozenset({"application/json", "application/octet-stream"})
+#: The codec label /v2 requests are counted under in the payload metrics.
+METRIC_CODEC = "oip"
+
+#: OIP datatype names and the wire dtypes they are (tensors.DTYPES).
+DATATYPES: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "BF16": "bfloat16",
+    "FP32": "float32",
+    "FP64": "float64",
+}
+_DATATYPE_OF = {dtype: name for name, dtype in DATATYPES.items()}
+#: Request parameters understood; others are refused, so a typo is not silently ignored.
+_PARAMETERS = frozenset({"cut", "binary_data_output", "timeout"})
+
+
+def datatype(dtype: str) -> str:
+    """The OIP datatype of a wire dtype."""
+    return _DATATYPE_OF[dtype]
+
+
+def _tensor_metadata(names: Sequence[str], specs: Sequence[TensorSpec]) -> list[dict[str, Any]]:
+    return [
+        {"name": n, "datatype": datatype(s.dtype), "shape": [-1 if d is None else d for d in s.shape]}
+        for n, s in zip(names, specs)
+    ]
+
+
+def model_metadata(bundle: Bundle) -> dict[str, Any]:
+    """The model metadata response: whole-model inputs and outputs, and every cut's inputs."""
+    last = bundle.last_cut
+    cuts = [
+        {
+            "cut": c.index,
+            "name": c.name,
+            "inputs": _tensor_metadata(bundle.tensor_names(c.index), c.tensors),
+        }
+        for c in bundle.cuts[:last]
+    ]
+    return {
+        "name": bundle.name,
+        "versions": [bundle.version],
+        "platform": "splitinfer_torch_export",
+        "inputs": _tensor_metadata(bundle.tensor_names(0), bundle.cuts[0].tensors),
+        "outputs": _tensor_metadata(bundle.output_names(), bundle.cuts[last].tensors),
+        "parameters": {"graph_hash": bundle.graph_hash, "cuts": cuts},
+    }
+
+
+# -- parsing a request ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A parsed inference request: the frontier at ``cut`` and what the answer should hold."""
+
+    request_id: str
+    cut: int
+    frontier: list[torch.Tensor]
+    rows: int
+    #: The outputs to return, by index, and whether each travels binary.
+    outputs: list[tuple[int, bool]]
+    #: Seconds the client grants the request (its ``timeout`` parameter), or None.
+    timeout_s: float | None
+
+
+def _bad(detail: str) -> Problem:
+    return Problem("bad_request", detail)
+
+
+def _object(value: object, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise _bad(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[Mapping[str, Any], memoryview]:
+    view = memoryview(body)
+    if header_length is None:
+        json_part, binary = view, view[len(view) :]
+    else:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise _bad(f"{HEADER_LENGTH} must be a number of bytes, got {header_length[:40]!r}") from None
+        if not 0 <= n <= len(view):
+            raise _bad(f"{HEADER_LENGTH} is {n}, but the body has {len(view)} bytes")
+        json_part, binary = view[:n], view[n:]
+    try:
+        doc = json.loads(bytes(json_part))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _bad(f"the inference request is not valid JSON ({exc})") from None
+    return _object(doc, "the inference request"), binary
+
+
+def _cut(bundle: Bundle, parameters: Mapping[str, Any]) -> int:
+    cut = parameters.get("cut", 0)
+    if isinstance(cut, bool) or not isinstance(cut, int) or not 0 <= cut < bundle.last_cut:
+        raise Problem(
+            "bad_cut",
+            f"parameter 'cut' must be an integer in 0..{bundle.last_cut - 1} (the tail from that cut "
+            f"runs; 0 or none: the whole model), got {cut!r}",
+        )
+    return cut
+
+
+def _shape(value: object, name: str) -> tuple[int, ...]:
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_NDIM
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+    ):
+        raise _bad(f"input {name!r}: 'shape' must be a list of at most {MAX_NDIM} non-negative integers")
+    return tuple(value)
+
+
+def _from_json_data(data: object, name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
+    if dtype == "bfloat16":
+        raise _bad(f"input {name!r}: BF16 tensors travel as binary data only (the binary tensor extension)")
+    try:
+        arr = np.asarray(data)
+    except ValueError:  # ragged lists
+        raise _bad(f"input {name!r}: 'data' is not a regular array of numbers") from None
+    kind = arr.dtype.kind
+    allowed = "b" if dtype == "bool" else "biu" if dtype.startswith(("int", "uint")) else "biuf"
+    if arr.size and kind not in allowed:
+        what = "true/false" if dtype == "bool" else "integers" if allowed == "biu" else "numbers"
+        raise _bad(f"input {name!r} is {datatype(dtype)}: 'data' must hold {what}")
+    want = numpy_dtype(dtype)
+    if arr.size != math.prod(shape):
+        raise _bad(f"input {name!r} has shape {list(shape)}, so {math.prod(shape)} values; got {arr.size}")
+    if want.kind in "iu" and arr.size and kind in "iu":
+        info = np.iinfo(want)
+        if arr.min() < info.min or arr.max() > info.max:
+            raise _bad(f"input {name!r}: values out of the range of {datatype(dtype)}")
+    return arr.astype(want).reshape(shape)
+
+
+def _to_tensor(arr: np.ndarray[Any, Any], dtype: str) -> torch.Tensor:
+    if dtype == "bfloat16":  # numpy has no bfloat16: its bits travel as 16-bit integers
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
+def parse_infer(bundle: Bundle, body: bytes, header_length: str | None, max_decoded: int) -> InferRequest:
+    """The request in ``body`` checked against ``bundle``; Problem (400, 413) saying what is wrong.
+
+    Names, datatypes and shapes are checked, and the declared bytes bounded, before any tensor
+    is allocated; then each input is read from its JSON ``data`` or from the binary part.
+    """
+    doc, binary = _split_body(body, header_length)
+    parameters = _parameters(doc)
+    cut = _cut(bundle, parameters)
+    items = _inputs(bundle, cut, doc)
+    specs = bundle.cuts[cut].tensors
+    shapes = [_declared_shape(name, item, spec) for (name, item), spec in zip(items, specs)]
+    decoded = sum(math.prod(s) * spec.itemsize for s, spec in zip(shapes, specs))
+    if decoded > max_decoded:
+        raise Problem("too_large", f"the inputs hold {decoded} bytes; the limit is {max_decoded}")
+    frontier, offset = [], 0
+    for (name, item), spec, shape in zip(items, specs, shapes):
+        size = _object(item.get("parameters", {}), f"parameters of input {name!r}").get("binary_data_size")
+        if size is None:
+            if "data" not in item:
+                raise _bad(f"input {name!r} has neither 'data' nor a binary_data_size parameter")
+            arr = _from_json_data(item["data"], name, spec.dtype, shape)
+        else:
+            arr = _from_binary(binary, offset, size, name, spec.dtype, shape)
+            offset += size
+        frontier.append(_to_tensor(arr, spec.dtype))
+    if offset != len(binary):
+        raise _bad(
+            f"{len(binary) - offset} bytes of binary data follow the inputs; no binary_data_size claims them"
+        )
+    rows = {t.shape[0] for t in frontier if t.dim()}
+    if len(rows) > 1:
+        raise _bad(f"the inputs disagree on the batch size: {sorted(rows)}")
+    return InferRequest(
+        request_id=_request_id(doc.get("id")),
+        cut=cut,
+        frontier=frontier,
+        rows=rows.pop() if rows else 1,
+        outputs=_requested_outputs(bundle, doc, parameters),
+        timeout_s=_timeout(parameters),
+    )
+
+
+def _parameters(doc: Mapping[str, Any]) -> Mapping[str, Any]:
+    parameters = _object(doc.get("parameters", {}), "'parameters'")
+    unknown = sorted(set(parameters) - _PARAMETERS)
+    if unknown:
+        raise _bad(
+            f"unknown request parameter(s) {', '.join(unknown)}; this server reads {sorted(_PARAMETERS)}"
+        )
+    return parameters
+
+
+def _inputs(bundle: Bundle, cut: int, doc: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """The request's inputs in the order of the cut's tensors, each named once."""
+    names = bundle.tensor_names(cut)
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list):
+        raise _bad("'inputs' must be a list of tensors")
+    given = {str(item.get("name")): item for item in (_object(i, "each input") for i in inputs)}
+    if sorted(given) != sorted(names) or len(inputs) != len(names):
+        specs = bundle.cuts[cut].tensors
+        raise _bad(
+            f"cut {cut} of {bundle.name!r} takes the inputs {', '.join(names)} "
+            f"({', '.join(map(str, specs))}); got {', '.join(sorted(given)) or 'none'}"
+        )
+    return [(name, given[name]) for name in names]
+
+
+def _declared_shape(name: str, item: Mapping[str, Any], spec: TensorSpec) -> tuple[int, ...]:
+    shape = _shape(item.get("shape"), name)
+    if item.get("datatype") != datatype(spec.dtype):
+        raise _bad(f"input {name!r} must be {datatype(spec.dtype)}, got {item.get('datatype')!r}")
+    if not spec.matches(TensorSpec(shape, spec.dtype)):
+        want = [-1 if d is None else d for d in spec.shape]
+        raise _bad(f"input {name!r} must have shape {want} (-1: any batch), got {list(shape)}")
+    return shape
+
+
+def _from_binary(
+    binary: memoryview, offset: int, size: object, name: str, dtype: str, shape: tuple[int, ...]
+) -> np.ndarray[Any, Any]:
+    """The input's array from its bytes in the binary part (little-endian, row-major)."""
+    expected = math.prod(shape) * numpy_dtype(dtype).itemsize
+    if size != expected or not isinstance(size, int) or isinstance(size, bool):
+        raise _bad(f"input {name!r} ({datatype(dtype)}{list(shape)}) is {expected} bytes, not {size!r}")
+    if offset + size > len(binary):
+        raise _bad(f"the binary data ends before input {name!r} (shorter than its binary_data_size)")
+    little = numpy_dtype(dtype).newbyteorder("<")
+    arr = np.frombuffer(binary[offset : offset + size], dtype=little).reshape(shape)
+    arr = arr.astype(little.newbyteorder("="))  # a copy, writable, in this machine's byte order
+    if dtype == "bool":  # any non-zero byte is true; torch wants 0 or 1
+        arr = arr.view(np.uint8) != 0
+    return arr
+
+
+def _request_id(value: object) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > 256:
+        raise _bad("'id' must be a string of at most 256 characters")
+    return value
+
+
+def _timeout(parameters: Mapping[str, Any]) -> float | None:
+    """The ``timeout`` parameter (microseconds, as Triton's clients send it) in seconds."""
+    value = parameters.get("timeout")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise _bad(f"parameter 'timeout' must be a positive number of microseconds, got {value!r}")
+    return float(value) / 1e6
+
+
+def _requested_outputs(
+    bundle: Bundle, doc: Mapping[str, Any], parameters: Mapping[str, Any]
+) -> list[tuple[int, bool]]:
+    binary_default = parameters.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise _bad("parameter 'binary_data_output' must be true or false")
+    names = bundle.output_names()
+    specs = bundle.cuts[bundle.last_cut].tensors
+    requested = doc.get("outputs")
+    if requested is None:
+        return [_binary_check(i, names[i], specs[i], binary_default) for i in range(len(names))]
+    if not isinstance(requested, list):
+        raise _bad("'outputs' must be a list of {name, parameters}")
+    out = []
+    for item in requested:
+        item = _object(item, "each requested output")
+        name = item.get("name")
+        if name not in names:
+            raise _bad(f"{bundle.name!r} has the outputs {', '.join(names)}; no {name!r}")
+        binary = _object(item.get("parameters", {}), f"parameters of output {name!r}").get(
+            "binary_data", binary_default
+        )
+        if not isinstance(binary, bool):
+            raise _bad(f"output {name!r}: 'binary_data' must be true or false")
+        index = names.index(name)
+        out.append(_binary_check(index, name, specs[index], binary))
+    return out
+
+
+def _binary_check(index: int, name: str, spec: TensorSpec, binary: bool) -> tuple[int, bool]:
+    if spec.dtype == "bfloat16" and not binary:
+        raise _bad(f"output {name!r} is BF16, which travels as binary data only: ask for binary_data")
+    return index, binary
+
+
+# -- encoding an answer --------------------------------------------------------------------
+
+
+def _raw(tensor: torch.Tensor) -> np.ndarray[Any, Any]:
+    t = tensor.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy()
+    return t.numpy()
+
+
+def encode_answer(
+    bundle: Bundle, request: InferRequest, outputs: Sequence[torch.Tensor]
+) -> tuple[bytes, int | None]:
+    """The response body for ``outputs``, and the length of its JSON part when binary data follows."""
+    names = bundle.output_names()
+    described, chunks = [], []
+    for index, binary in request.outputs:
+        tensor = outputs[index]
+        arr = _raw(tensor)
+        entry: dict[str, Any] = {
+            "name": names[index],
+            "datatype": datatype(TensorSpec.of(tensor).dtype),
+            "shape": list(tensor.shape),
+        }
+        if binary:
+            data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            entry["data"] = arr.reshape(-1).tolist()
+        described.append(entry)
+    doc = {"model_name": bundle.name, "model_version": bundle.version, "outputs": described}
+    if request.request_id:
+        doc["id"] = request.request_id
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    if not chunks:
+        return head, None
+    return head + b"".join(chunks), len(head)
+
+
+# -- handlers ------------------------------------------------------------------------------
+
+
+def _bundle(request: web.Request) -> Bundle:
+    state = request.app[STATE]
+    name = request.match_info["name"]
+    bundle = state.models.get(name)
+    if bundle is None:
+        raise Problem("unknown_model", f"no model {name!r} here; GET /v1/models lists them")
+    version = request.match_info.get("version")
+    if version is not None and version != bundle.version:
+        raise Problem("unknown_model", f"model {name!r} has version {bundle.version} here, not {version!r}")
+    return bundle
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return web.json_response({"name": "splitinfer", "version": __version__, "extensions": list(EXTENSIONS)})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    return web.json_response(model_metadata(_bundle(request)))
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    bundle = _bundle(request)
+    state = request.app[STATE]
+    if not state.ready:
+        raise Problem.unavailable("not_ready", "the server is draining")
+    return web.json_response({"name": bundle.name, "ready": True})
+
+
+async def infer(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    started = time.perf_counter()
+    bundle = _bundle(request)
+    admit(state, request, MEDIA_TYPES)
+    state.drain.enter()
+    try:
+        return await _infer(state, request, bundle, started)
+    finally:
+        state.drain.leave()
+
+
+async def _run(state: ServerState, size: int, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` here when the body is small, else on a compute thread (JSON of megabytes)."""
+    if size <= SMALL_BYTES:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(state.pool, fn, *args)
+
+
+async def _infer(state: ServerState, request: web.Request, bundle: Bundle, started: float) -> web.Response:
+    config, scheduler = state.config, state.scheduler
+    scheduler.admit()
+    try:
+        body = await read_body(request, config.max_body_bytes, config.read_timeout_s)
+        received = time.perf_counter()
+        parsed: InferRequest = await _run(
+            state,
+            len(body),
+            parse_infer,
+            bundle,
+            body,
+            request.headers.get(HEADER_LENGTH),
+            config.max_decoded_bytes,
+        )
+        now = time.perf_counter()
+        deadline = None if parsed.timeout_s is None else started + parsed.timeout_s
+        if deadline is not None and now >= deadline:
+            raise Problem("deadline_exceeded", "the request's timeout passed before it was queued")
+        header = protocol.RequestHeader(
+            model=bundle.name,
+            graph=bundle.graph_hash,
+            cut=parsed.cut,
+            codec=METRIC_CODEC,
+            tensors=tuple(TensorSpec.of(t) for t in parsed.frontier),
+            request_id=parsed.request_id,
+            payload_nbytes=len(body),
+            deadline_s=parsed.timeout_s,
+        )
+        frame = Frame(header, memoryview(b""), parsed.rows, parsed.frontier, now - received, encode=False)
+        future = asyncio.get_running_loop().create_future()
+        job = Job(frame, now, deadline, future, alone=not batchable(bundle, parsed.cut))
+        batcher = scheduler.batcher(bundle, parsed.cut)
+        batcher.submit(job)
+    finally:
+        scheduler.arrived()
+    try:
+        answer = await job.future
+    except asyncio.CancelledError:
+        batcher.withdraw(job)
+        raise
+    if answer.outputs is None:  # never: frames of /v2 keep their outputs as tensors
+        raise Problem("internal", "the server lost the outputs; see its log")
+    t0 = time.perf_counter()
+    out, json_length = await _run(
+        state,
+        sum(o.numel() * o.element_size() for o in answer.outputs),
+        encode_answer,
+        bundle,
+        parsed,
+        answer.outputs,
+    )
+    stages = answer.stages
+    stages["encode"] = time.perf_counter() - t0
+    stages["receive"] = received - started
+    stages["total"] = time.perf_counter() - received
+    try:
+        state.metrics.observe_success(bundle.name, parsed.cut, METRIC_CODEC, stages, len(body), len(out))
+    except Exception:
+        log.exception("observing a request failed")
+    headers = {"Server-Timing": server_timing(stages)}
+    if json_length is None:
+        return web.Response(body=out, content_type="application/json", headers=headers)
+    headers[HEADER_LENGTH] = str(json_length)
+    return web.Response(body=out, content_type="application/octet-stream", headers=headers)
+
+
+def add_routes(app: web.Application) -> None:
+    """The /v2 routes (health stays with /v1's handlers)."""
+    app.router.add_get("/v2", server_metadata)
+    for prefix, suffix in (("/v2/models/{name}", ""), ("/v2/models/{name}/versions/{version}", "_version")):
+        app.router.add_get(prefix, get_model)
+        app.router.add_get(prefix + "/ready", model_ready)
+        app.router.add_post(prefix + "/infer", infer, name="v2_infer" + suffix)
