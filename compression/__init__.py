@@ -29,15 +29,22 @@ Dictionaries: a ``+zstd<level>`` codec may be bound to a zstd dictionary trained
 blobs carry the dictionary's id, and a decoder bound to another dictionary, or to none,
 refuses them with a CodecError that names both.
 
-Non-finite values:
+Non-finite values: every codec returns NaN, +inf and -inf exactly where they were.
 
-- ``f32`` keeps NaN and ±inf exactly (``f16``/``bf16`` keep them too; finite floats beyond the
-  f16 range become ±inf, as a cast does);
-- quantized and JPEG codecs clip ``+inf`` to the top of the range and ``-inf`` to the bottom,
-  and treat NaN as 0: it decodes to the representable value nearest 0 (exactly 0 when the range
-  starts at 0, as a ReLU's does). Encode-time min/max ranges ignore non-finite values (a tensor
-  or channel with none finite gets the range ``[0, 0]``); range ends are limited to ±1e38 so
-  that every decoded value is a finite float32.
+- ``f32`` keeps them bit for bit (``f16``/``bf16`` keep them too; finite floats beyond the f16
+  range become ±inf, as a cast does);
+- the lossy codecs (quantized, JPEG) carry a *patch*: the positions and values of the non-finite
+  entries of each floating tensor, after the data, written only when there are some (a finite
+  frontier's blob is what it always was; ``_nonfinite.py`` has the layout). Quantization ranges
+  measured at encode time ignore non-finite values (a tensor or channel with none finite gets
+  the range ``[0, 0]``); range ends are limited to ±1e38 so that every decoded finite value is a
+  finite float32.
+
+The codec contract (for a new codec): see ``_codec._Adapters``. A codec encodes wire arrays
+to a blob framed by ``_blob.write_blob`` and decodes it, checking every field and size before it
+allocates; the adapters give it torch and numpy in and out, and, unless it declares
+``lossless_nonfinite``, the non-finite patch, so its encoder must only keep non-finite inputs
+from spoiling the finite values (``_quant.sanitize`` measures ranges without them).
 """
 
 from splitinfer.compression._calibrate import ClipRanges, calibrate

@@ -10,6 +10,9 @@ Layout (self-describing, little-endian)::
                                                                   included) when the spec ends
                                                                   in +zstd<level>
 
+A blob of a lossy codec whose tensors hold NaN or ±inf has a sixth header field and its patch
+after the data (``_nonfinite.py``); ``read_header`` reads the blob without them.
+
 ``entries`` holds one msgpack array per tensor, ``[dtype, shape, *codec fields]``; the data is
 the tensors' wire bytes, concatenated in order. What the codec fields and wire bytes are is
 documented by each codec (``_codec.py``). ``dict_id`` (8 hex digits, ``_dictionary.py``) names
@@ -48,6 +51,7 @@ __all__ = [
     "tensor_bytes",
     "tensor_from_bytes",
     "u32_field",
+    "unpack_header",
     "wire_dtype_name",
     "write_blob",
 ]
@@ -123,12 +127,9 @@ def as_view(blob: object) -> memoryview:
         raise CodecError(f"a blob must be a contiguous bytes-like object: {exc}") from None
 
 
-def read_header(
-    view: memoryview, spec: str, dictionary: ZstdDictionary | None = None
-) -> tuple[list[object], int, int, ZstdDictionary | None]:
-    """``(entries, raw_nbytes, data_offset, dictionary)`` of a blob that must have been encoded
-    with ``spec``; ``dictionary`` is the one its data needs (the decoder's, or None). A blob
-    naming a dictionary other than the decoder's is refused."""
+def unpack_header(view: memoryview) -> tuple[list[Any], int]:
+    """``(header fields, data offset)`` of a blob: its msgpack header array, read with limits
+    (at most ``MAX_HEADER`` bytes, short strings, no maps); CodecError for anything else."""
     for limit in (_FIRST_READ, MAX_HEADER):  # most headers are small: copy little first
         unpacker = msgpack.Unpacker(
             raw=False,
@@ -148,6 +149,19 @@ def read_header(
                 raise CodecError("blob is truncated: its header is incomplete") from None
         except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
             raise CodecError(f"blob header is not valid msgpack: {exc}") from None
+    if not isinstance(header, list) or len(header) < 4:
+        raise CodecError("blob header must be [version, spec, tensors, raw_nbytes(, dictionary id)]")
+    return header, unpacker.tell()
+
+
+def read_header(
+    view: memoryview, spec: str, dictionary: ZstdDictionary | None = None
+) -> tuple[list[object], int, int, ZstdDictionary | None]:
+    """``(entries, raw_nbytes, data_offset, dictionary)`` of a blob that must have been encoded
+    with ``spec``; ``dictionary`` is the one its data needs (the decoder's, or None). A blob
+    naming a dictionary other than the decoder's is refused. A blob with a non-finite patch
+    (``_nonfinite.py``) must have been detached from it first."""
+    header, offset = unpack_header(view)
     if not isinstance(header, list) or len(header) not in (4, 5):
         raise CodecError("blob header must be [version, spec, tensors, raw_nbytes(, dictionary id)]")
     version, blob_spec, entries, raw_nbytes = header[:4]
@@ -160,7 +174,7 @@ def read_header(
     if blob_spec != spec:
         raise CodecError(f"blob was encoded with codec {blob_spec!r}, expected {spec!r}")
     if len(header) == 4:
-        return entries, raw_nbytes, unpacker.tell(), None
+        return entries, raw_nbytes, offset, None
     dict_id = header[4]
     if not isinstance(dict_id, str) or len(dict_id) > 64:
         raise CodecError("blob header names its zstd dictionary with a short string")
@@ -170,7 +184,7 @@ def read_header(
             f"blob was compressed with zstd dictionary {dict_id!r}, this decoder has {have}: "
             "edge and cloud must load the same bundle (its dictionaries are part of it)"
         )
-    return entries, raw_nbytes, unpacker.tell(), dictionary
+    return entries, raw_nbytes, offset, dictionary
 
 
 def read_data(

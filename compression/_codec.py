@@ -22,7 +22,9 @@ jpeg<q>     ``[dtype, shape, lo, scale, sizes]``: shape      ``N`` JPEG files (`
 ``dtype``/``shape`` are the tensor as the caller gave it, and decoding returns that dtype and
 shape. A value decodes as ``lo + code * scale`` (``_quant.py``), so a decoder never needs the
 encoder's clip ranges. Decoding validates every field (types, lengths against the shape,
-finiteness, sizes against ``max_nbytes``) before it allocates.
+finiteness, sizes against ``max_nbytes``) before it allocates. The quantized and JPEG codecs'
+blobs also carry the positions and values of non-finite inputs, which decoding writes back
+(``_nonfinite.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -52,6 +54,7 @@ from splitinfer.compression._dictionary import ZstdDictionary
 from splitinfer.compression._floats import FLOATS
 from splitinfer.compression._frontier import Decoded, arrays_of, f32_floats, numpy_arrays, torch_tensors
 from splitinfer.compression._jpeg import MAX_SIDE, decode_images, encode_images
+from splitinfer.compression._nonfinite import apply_patches, attach_patches, detach_patches, find_patches
 from splitinfer.compression._pack import pack_bits, packed_nbytes, unpack_bits
 from splitinfer.compression._quant import affine, channel_view, dequantize, quantize, sanitize
 from splitinfer.compression._spec import parse_spec
@@ -103,7 +106,19 @@ class Codec(Protocol):
 
 class _Adapters:
     """``encode``, ``decode`` and ``decode_numpy`` of a codec, on its numpy core ``_encode`` /
-    ``_decode`` (``_frontier.py`` holds the adapters)."""
+    ``_decode`` (``_frontier.py`` holds the adapters).
+
+    The contract of a codec built on it: ``_encode`` takes wire arrays (``_wire_name``) and
+    returns a blob written by ``_blob.write_blob``; ``_decode`` checks every field and size of
+    such a blob before it allocates and returns :data:`Decoded` triples whose arrays own their
+    memory. A lossy codec (``lossless_nonfinite = False``, the default) gets non-finite values
+    right for free: the adapters record them before ``_encode`` and write them back after
+    ``_decode`` (``_nonfinite.py``), so its ``_encode`` only must not let them spoil the finite
+    values (measure ranges with ``_quant.sanitize``, which ignores them).
+    """
+
+    #: Whether the codec itself returns NaN and ±inf exactly (a cast does; a quantizer does not).
+    lossless_nonfinite: ClassVar[bool] = False
 
     if TYPE_CHECKING:
 
@@ -122,17 +137,28 @@ class _Adapters:
 
     def encode(self, tensors: Frontier) -> bytes:
         """The blob of ``tensors`` (torch tensors or numpy arrays)."""
-        return self._encode(arrays_of(tensors, self.spec, self._wire_name))
+        arrays = arrays_of(tensors, self.spec, self._wire_name)
+        blob = self._encode(arrays)
+        if self.lossless_nonfinite:
+            return blob
+        patches = find_patches(arrays)
+        return attach_patches(blob, patches, [a.size for _, a in arrays]) if patches else blob
+
+    def _decode_all(self, blob: bytes | memoryview, max_nbytes: int) -> list[Decoded]:
+        view, pending = detach_patches(as_view(blob))
+        decoded = self._decode(as_view(view), max_nbytes)
+        apply_patches(decoded, pending)
+        return decoded
 
     def decode(self, blob: bytes | memoryview, *, max_nbytes: int = DEFAULT_MAX_NBYTES) -> list[torch.Tensor]:
         """The torch tensors of ``blob`` (imports torch); CodecError for any bad blob."""
-        return torch_tensors(self._decode(as_view(blob), max_nbytes))
+        return torch_tensors(self._decode_all(blob, max_nbytes))
 
     def decode_numpy(
         self, blob: bytes | memoryview, *, max_nbytes: int = DEFAULT_MAX_NBYTES
     ) -> list[np.ndarray]:
         """The numpy arrays of ``blob`` (bfloat16 tensors as float32); CodecError for any bad blob."""
-        return numpy_arrays(self._decode(as_view(blob), max_nbytes))
+        return numpy_arrays(self._decode_all(blob, max_nbytes))
 
 
 def _out_nbytes(name: str, shape: tuple[int, ...]) -> int:
@@ -147,6 +173,8 @@ class CastCodec(_Adapters):
     cast: str
     zstd_level: int | None
     dictionary: ZstdDictionary | None = None
+
+    lossless_nonfinite = True  # float16 and bfloat16 have NaN and ±inf too
 
     def _wire_name(self, name: str) -> str:
         return self.cast if name in FLOATS else name
@@ -415,6 +443,6 @@ def payload_of(codec: Codec, tensors: Frontier) -> bytes:
     what a zstd dictionary for it is trained on (``_dictionary.train``)."""
     spec = codec.spec.split("+", 1)[0]
     raw = get_codec(spec, clip=getattr(codec, "clip", None))
-    view = as_view(raw.encode(tensors))
+    view = as_view(detach_patches(as_view(raw.encode(tensors)))[0])
     _, _, offset, _ = read_header(view, spec)
     return bytes(view[offset:])

@@ -13,12 +13,14 @@ rounding) of itself, and values outside decode to the nearer end. A channel whos
 empty (``lo == hi``) or narrower than float32 can step (scale below the smallest normal float32)
 has ``scale = 0`` and decodes to ``lo``.
 
-Non-finite values: ``+inf`` and ``-inf`` clip to ``hi`` and ``lo``; NaN is treated as 0, so it
-decodes to the representable value nearest 0: exactly 0 when ``lo == 0`` (a ReLU's range),
-within half a step of 0 when ``lo < 0 < hi``, the nearer end when 0 is outside. Ranges
-measured at encode time (min/max) ignore non-finite values; a channel without finite values gets
-the range ``[0, 0]``. Range ends are limited to ``±RANGE_LIMIT`` (1e38) so that ``hi - lo`` and
-every decoded value stay finite float32; finite inputs beyond that clip like infinities.
+Non-finite values (which the codecs' patch restores exactly, ``_nonfinite.py``; these kernels
+only keep them from spoiling the finite values): ``+inf`` and ``-inf`` clip to ``hi`` and
+``lo``; NaN is treated as 0, so it decodes to the representable value nearest 0: exactly 0
+when ``lo == 0`` (a ReLU's range), within half a step of 0 when ``lo < 0 < hi``, the nearer end
+when 0 is outside. Ranges measured at encode time (min/max) ignore non-finite values; a channel
+without finite values gets the range ``[0, 0]``. Range ends are limited to ``±RANGE_LIMIT``
+(1e38) so that ``hi - lo`` and every decoded value stay finite float32; finite inputs beyond that
+clip like infinities.
 """
 
 from __future__ import annotations

@@ -109,7 +109,12 @@ def _expected_range(x: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.nd
 
 
 def _check_within_half_step(x: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> None:
-    target = np.clip(np.where(np.isnan(x), 0.0, x.astype(np.float64)), lo, hi)  # clipped; NaN as 0
+    """Finite values within half a step of the clipped input; NaN and ±inf exactly where they
+    were (compression/_nonfinite.py)."""
+    finite = np.isfinite(x)
+    assert np.array_equal(np.isnan(y), np.isnan(x)) and np.array_equal(y[np.isinf(x)], x[np.isinf(x)])
+    x, y, lo, hi = x[finite], y[finite], lo[finite], hi[finite]
+    target = np.clip(x.astype(np.float64), lo, hi)
     step = (hi - lo) / ((1 << bits) - 1)
     tolerance = 0.5 * step * 1.001 + 2.0**-21 * (np.abs(lo) + np.abs(hi)) + 1e-35
     error = np.abs(y.astype(np.float64) - target)
