@@ -38,7 +38,7 @@ from tests.test_scale_support import (
 pytestmark = pytest.mark.slow
 
 #: Requests before and after each fault (the benchmark sends ten times as many).
-SCALE = Scale(before=20, after=60)
+SCALE = Scale(before=15, after=45)
 CLIENTS = 3
 
 
@@ -123,7 +123,9 @@ def test_version_skew_falls_back_on_the_device_then_reloaded_edges_are_served(
     assert new_bundle[0].graph_hash != bundle.graph_hash
     install_bundle(repositories[2], new_bundle[2])  # r3 is updated first
     with running(repositories, tmp_path) as c:
-        figures = version_skew(c, repositories, (bundle, cnn), new_bundle, SCALE, CLIENTS)
+        # r1 and r2 are retired rather than updated and restarted (the benchmark restarts them):
+        # the same balancer behaviour, two torch imports fewer.
+        figures = version_skew(c, repositories, (bundle, cnn), new_bundle, SCALE, CLIENTS, restart=False)
     skew, rollout, reloaded = figures.skew, figures.rollout, figures.reloaded
     for phase in (skew, rollout, reloaded):
         assert phase.errors == 0, phase.error_samples
@@ -133,7 +135,7 @@ def test_version_skew_falls_back_on_the_device_then_reloaded_edges_are_served(
     assert skew.fallbacks["graph_mismatch"] > 0
     assert set(skew.fallbacks) == {"graph_mismatch"}
     assert skew.fell_back < skew.requests
-    # Once every replica holds the new bundle, edges that reload it are all served.
+    # Once every replica in rotation holds the new bundle, edges that reload it are all served.
     assert reloaded.requests >= SCALE.after
     assert reloaded.fell_back == 0, reloaded.fallbacks
 

@@ -331,15 +331,19 @@ def add_one(c: Any, bundle: Bundle, model: torch.nn.Module, scale: Scale, client
         up_s = c.wait_status("r3", "UP") + ready_s
         wait_until(lambda: newcomer.answered() > 0, "r3 answers a request", timeout=60, every=0.05)
         serving_s = time.monotonic() - started
-        traffic.wait_for(scale.after, started)
+        answered_before = [r.answered() for r in c.replicas]
+        serving = time.monotonic()
+        traffic.wait_for(scale.after, serving)  # all three in rotation
         figures = Figures.of(traffic.since(started))
+    shares = [r.answered() - before for r, before in zip(c.replicas, answered_before)]
     figures.extra.update(
         ready_s=ready_s,
         in_rotation_s=up_s,
         first_answer_s=serving_s,
         first_answer_after_up_s=serving_s - up_s,
         answered_by_new=newcomer.answered(),
-        answered=[r.answered() for r in c.replicas],
+        #: Share of the requests each replica answered once all three were in rotation.
+        shares=[x / max(1.0, sum(shares)) for x in shares],
     )
     return figures
 
@@ -358,11 +362,13 @@ def version_skew(
     new: tuple[Bundle, torch.nn.Module, Path],
     scale: Scale,
     clients: int,
+    restart: bool = True,
 ) -> SkewFigures:
     """r3 already serves the new bundle (same name, another graph hash), r1 and r2 the old one.
     Edges holding the old bundle send through the balancer (skew: r3 answers them 409, they
     finish on the device); r1 and r2 are then updated one at a time (SIGTERM, new bundle,
-    start); then the edges reload the new bundle and are served."""
+    start; with ``restart`` False they are only retired, leaving r3); then the edges reload the
+    new bundle and are served."""
     new_bundle, new_model, new_dir = new
     with Traffic(c.lb.url, *old, clients=clients) as traffic:
         t0 = time.monotonic()
@@ -373,11 +379,15 @@ def version_skew(
             replica.signal(signal.SIGTERM)
         for replica, repository in updated:
             assert replica.wait(60) == 0, replica.output()
-            install_bundle(repository, new_dir)
-            replica.start()
+            if restart:
+                install_bundle(repository, new_dir)
+                replica.start()
         for replica, _ in updated:
-            replica.wait_ready()
-            c.wait_status(replica.name, "UP")
+            if restart:
+                replica.wait_ready()
+                c.wait_status(replica.name, "UP")
+            else:
+                c.wait_status(replica.name, "DOWN")
         t2 = time.monotonic()
         traffic.restart_clients(new_bundle, new_model)
         t3 = time.monotonic()

@@ -144,6 +144,7 @@ class Replica:
             env=env,
             log=workdir / f"{name}.log",
             startup_timeout_s=START_S,
+            new_session=True,  # a Ctrl-C reaches the cluster, which stops the replicas in order
         )
 
     @property
