@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from splitinfer.partitioner._costs import EnergyModel
 from splitinfer.partitioner._estimate import Estimates, Estimator
+from splitinfer.partitioner._hedge import hedge_after
 from splitinfer.partitioner._policy import Candidate, Decision, Explanation, Policy, make_policy
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ __all__ = [
     "Explanation",
     "Policy",
     "compile",
+    "hedge_after",
     "make_policy",
     "profile_bundle",
 ]

@@ -77,6 +77,8 @@ class Estimates:
     Rates are bits per second and must be positive (a link that is down is a tiny rate, not 0);
     times are non-negative seconds; slowdowns are positive factors applied to profiled times
     (``device_slowdown`` to head and encode, ``cloud_slowdown`` to decode and tail).
+    ``uplink_sd`` is the uplink's uncertainty: the standard deviation of the logarithm of its
+    rate (0: known exactly), which the ``p95`` objective and hedged requests price.
     """
 
     uplink_bps: float
@@ -85,10 +87,12 @@ class Estimates:
     cloud_queue_s: float = 0.0
     device_slowdown: float = 1.0
     cloud_slowdown: float = 1.0
+    uplink_sd: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("uplink_bps", "downlink_bps", "device_slowdown", "cloud_slowdown"):
             check_number(f"Estimates.{name}", getattr(self, name), lo=0.0, lo_open=True)
+        check_number("Estimates.uplink_sd", self.uplink_sd, lo=0.0)
         for name in ("rtt_s", "cloud_queue_s"):
             check_number(f"Estimates.{name}", getattr(self, name), lo=0.0, unit="seconds")
 
@@ -377,9 +381,9 @@ class Estimator:
         requests still uploading at ``now`` (see :meth:`start_transfer`).
         """
         p = self.prior
+        t = self._now(now)
         uplink = self._effective(self.uplink, p.uplink_bps)
         if self._in_flight:
-            t = self._now(now)
             wait = self.rtt.value(p.rtt_s) + self.queue.value(p.cloud_queue_s)
             for bits, start in self._in_flight.values():
                 elapsed = t - start - wait
@@ -393,7 +397,16 @@ class Estimator:
             cloud_queue_s=self.queue.value(p.cloud_queue_s),
             device_slowdown=self.device.value(p.device_slowdown),
             cloud_slowdown=self.cloud.value(p.cloud_slowdown),
+            uplink_sd=self._uplink_sd(t),
         )
+
+    def _uplink_sd(self, now: float) -> float:
+        """The uplink's log-sd: its spread (as in :meth:`_effective`) grown with the estimate's
+        age; before any sample, the prior's."""
+        ewma = self.uplink
+        if ewma.mean is None:
+            return self.prior.uplink_sd
+        return math.sqrt((1.25 * ewma.dev) ** 2 + ewma.drift * ewma.age(now))
 
     def _effective(self, ewma: LogEwma, default: float) -> float:
         """``exp(mean - risk * sd^2)``: with ``risk=0.5``, the rate whose reciprocal is the

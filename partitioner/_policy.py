@@ -47,7 +47,19 @@ from splitinfer.manifest import Manifest
 from splitinfer.partitioner._costs import STAGES, CostModel, EnergyModel, energy_weights, latency_weights
 from splitinfer.partitioner._estimate import Estimates
 
-__all__ = ["POLICIES", "Candidate", "Decision", "Explanation", "Policy", "TablePolicy", "make_policy"]
+#: Objectives of the adaptive policy -> the uplink quantile's z-score they price (0: expected).
+OBJECTIVES = {"mean": 0.0, "p95": 1.6448536269514722}
+
+__all__ = [
+    "OBJECTIVES",
+    "POLICIES",
+    "Candidate",
+    "Decision",
+    "Explanation",
+    "Policy",
+    "TablePolicy",
+    "make_policy",
+]
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,10 @@ class Decision:
     bundle's first codec). ``stages`` maps :data:`~splitinfer.partitioner._costs.STAGES` to
     predicted seconds (only ``head`` at the last cut); ``predicted_s`` is their sum (NaN when
     the bundle has no profile). ``explored`` is True when the policy deliberately took a
-    near-optimal candidate other than the winner.
+    near-optimal candidate other than the winner. ``finish_s`` is the predicted seconds the
+    device would take to finish the request alone from the frontier at ``cut`` (its tail: 0 at
+    the last cut): what a hedged request costs once it gives up on the cloud
+    (:func:`splitinfer.partitioner.hedge_after`).
     """
 
     cut: int
@@ -67,6 +82,7 @@ class Decision:
     stages: dict[str, float] = field(default_factory=dict, hash=False)
     energy_j: float = math.nan
     explored: bool = False
+    finish_s: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -148,7 +164,10 @@ class TablePolicy:
     """A policy over a subset (``allowed``, a boolean mask) of a :class:`CostModel`'s rows.
 
     Minimizes ``latency + energy_weight * energy`` over the allowed rows; see the module
-    docstring for ``explore``. ``excluded`` gives, per row, why it is not allowed (shown by
+    docstring for ``explore``. ``objective="p95"`` prices the upload at the uplink's 5 %
+    quantile (``uplink_bps * exp(-1.645 * uplink_sd)``) instead of its expected rate: the
+    request's latency that 95 % of requests stay under, for apps that care about the tail.
+    ``excluded`` gives, per row, why it is not allowed (shown by
     :meth:`explain`). Build one with :func:`make_policy`.
     """
 
@@ -165,7 +184,10 @@ class TablePolicy:
         explore_margin: float = 0.1,
         seed: int | None = None,
         settings: str = "",
+        objective: str = "mean",
     ):
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         check_number("energy_weight", energy_weight, lo=0.0)
         check_number("explore", explore, lo=0.0, hi=1.0, hi_open=True)
         check_number("explore_margin", explore_margin, lo=0.0)
@@ -181,6 +203,8 @@ class TablePolicy:
         self.explore = float(explore)
         self.explore_margin = float(explore_margin)
         self.settings = settings
+        self.objective = objective
+        self._z = OBJECTIVES[objective]
         self._excluded = excluded
         self._rows = rows
         # Per allowed row, as Python numbers: what a decision needs without numpy indexing.
@@ -194,6 +218,7 @@ class TablePolicy:
                 float(model.decode[i]),
                 float(model.tail[i]),
                 float(np.nan_to_num(model.bytes[i])) * 8.0,
+                float(model.head[model.local] - model.head[i]),
             )
             for i in rows.tolist()
         ]
@@ -209,6 +234,8 @@ class TablePolicy:
 
     def _weights(self, est: Estimates) -> np.ndarray:
         w = latency_weights(est)
+        if self._z and est.uplink_sd:
+            w[2] *= math.exp(self._z * est.uplink_sd)
         if self.energy_weight:
             w = w + self.energy_weight * energy_weights(est, self.energy)
         return w
@@ -228,11 +255,11 @@ class TablePolicy:
 
     def _decision(self, i: int, est: Estimates, *, explored: bool) -> Decision:
         """The decision for allowed row number ``i`` (same numbers as CostModel.stages)."""
-        cut, codec, sent, head, encode, decode, tail, bits = self._info[i]
+        cut, codec, sent, head, encode, decode, tail, bits, finish = self._info[i]
         e = self.energy
         device = (head + encode) * est.device_slowdown
         if not sent:
-            return Decision(cut, codec, device, {"head": device}, e.compute_w * device, explored)
+            return Decision(cut, codec, device, {"head": device}, e.compute_w * device, explored, 0.0)
         stages = {
             "head": head * est.device_slowdown,
             "encode": encode * est.device_slowdown,
@@ -249,7 +276,8 @@ class TablePolicy:
             + e.rx_w * stages["downlink"]
             + e.idle_w * (est.rtt_s + est.cloud_queue_s + stages["decode"] + stages["tail"])
         )
-        return Decision(cut, codec, sum(stages.values()), stages, energy, explored)
+        finish_s = finish * est.device_slowdown
+        return Decision(cut, codec, sum(stages.values()), stages, energy, explored, finish_s)
 
     def explain(self, est: Estimates) -> Explanation:
         """All candidates under ``est``: allowed ones by objective, then the others by latency."""
@@ -258,6 +286,8 @@ class TablePolicy:
         latency = matrix.sum(axis=1)
         energy = model.features @ energy_weights(est, self.energy)
         objective = latency + self.energy_weight * energy
+        if self._z and est.uplink_sd:  # the upload at the uplink's quantile (as in decide)
+            objective = objective + matrix[:, STAGES.index("uplink")] * math.expm1(self._z * est.uplink_sd)
         allowed = np.zeros(len(model), dtype=bool)
         allowed[self._rows] = True
         order = sorted(
@@ -283,15 +313,26 @@ class TablePolicy:
                     excluded="" if allowed[i] else (self._excluded[i] or f"not a {self.name} candidate"),
                 )
             )
-        winner = candidates[0]
+        winner, w_row = candidates[0], order[0]
+        finish = float(model.head[model.local] - model.head[w_row]) * est.device_slowdown
         decision = Decision(
             cut=winner.cut,
             codec=winner.codec,
             predicted_s=winner.predicted_s,
             stages=winner.stages,
             energy_j=winner.energy_j,
+            finish_s=finish if model.sent[w_row] else 0.0,
         )
-        return Explanation(self.name, est, decision, tuple(candidates), self._reason(candidates))
+        reason = self._reason(candidates)
+        if model.sent[w_row]:
+            from splitinfer.partitioner._hedge import cloud_seconds, hedge_after
+
+            reason += (
+                f"\nhedge: an answer not back {hedge_after(decision, est) * 1000:.0f} ms after sending "
+                f"(predicted {cloud_seconds(decision) * 1000:.0f} ms) is finished on the device "
+                f"({finish * 1000:.0f} ms from cut {winner.cut}); the first of the two answers is used."
+            )
+        return Explanation(self.name, est, decision, tuple(candidates), reason)
 
     def _reason(self, candidates: list[Candidate]) -> str:
         allowed = [c for c in candidates if c.feasible]
@@ -380,8 +421,10 @@ def adaptive(
     seed: int | None = None,
     profile: str | None = None,
     cloud_batch: int = 1,
+    objective: str = "mean",
 ) -> TablePolicy:
-    """Least predicted latency (+ ``energy_weight`` s/J x energy) under the budget and floor."""
+    """Least predicted latency (+ ``energy_weight`` s/J x energy) under the budget and floor;
+    ``objective="p95"``: the latency at the uplink's 5 % quantile (see TablePolicy)."""
     check_number("fidelity_budget", fidelity_budget, lo=0.0, hi=1.0)
     floor = _check_floor(bundle, privacy_floor)
     model = CostModel(bundle, profile=profile, cloud_batch=cloud_batch)
@@ -398,7 +441,9 @@ def adaptive(
         explore=explore,
         explore_margin=explore_margin,
         seed=seed,
-        settings=f"fidelity budget {fidelity_budget}, privacy floor {floor}",
+        settings=f"fidelity budget {fidelity_budget}, privacy floor {floor}"
+        + ("" if objective == "mean" else f", objective {objective}"),
+        objective=objective,
     )
 
 
@@ -495,7 +540,8 @@ def make_policy(name: str, bundle: Manifest, **kwargs: Any) -> TablePolicy:
 
     ``adaptive``: fidelity_budget=0.99, privacy_floor=None, energy_weight=0.0 (seconds per
     joule), energy=EnergyModel(), explore=0.05, explore_margin=0.1, seed=None, profile=None,
-    cloud_batch=1. ``static``: cut, codec, profile, cloud_batch. ``local``: profile.
+    cloud_batch=1, objective="mean" (or "p95"). ``static``: cut, codec, profile, cloud_batch.
+    ``local``: profile.
     ``cloud``: fidelity_budget, profile, cloud_batch. ``neurosurgeon``: privacy_floor, profile,
     cloud_batch. ``profile`` names one of ``bundle.profiles`` (default ``host``, else the
     first); ``cloud_batch`` is the batch size whose profiled tail times the cloud's latency.

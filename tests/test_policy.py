@@ -372,3 +372,43 @@ def test_estimates_are_checked():
         Estimates(uplink_bps=1e6, downlink_bps=1e6, rtt_s=-1)
     with pytest.raises(ConfigError, match="device_slowdown"):
         Estimates(uplink_bps=1e6, downlink_bps=1e6, rtt_s=0.1, device_slowdown=math.inf)
+
+
+def test_the_p95_objective_prices_the_upload_at_the_uplinks_low_quantile():
+    bundle = tiny()
+    # cut 1 sends 10 kB (predicted 40 ms at 2 Mbit/s); all on the device takes 240 ms at 8x.
+    shaky = dataclasses.replace(EST, uplink_sd=1.2)
+    mean = make_policy("adaptive", bundle, explore=0.0)
+    p95 = make_policy("adaptive", bundle, explore=0.0, objective="p95")
+    assert mean.decide(shaky).cut == 1  # the expected time is short
+    # a 12x device: 360 ms all on the device, 317 ms at cut 1 with an 80 ms upload, which at the
+    # uplink's 5 % quantile (x e^(1.645 * 1.2)) takes 576 ms
+    slow = dataclasses.replace(shaky, uplink_bps=1e6, device_slowdown=12.0)
+    assert mean.decide(slow).cut == 1
+    assert p95.decide(slow).cut == 3
+    assert p95.decide(dataclasses.replace(slow, uplink_sd=0.0)).cut == 1  # no spread: the same
+    ex = p95.explain(slow)
+    assert (ex.decision.cut, ex.decision.codec) == (3, p95.decide(slow).codec)
+    assert "objective p95" in ex.reason
+    with pytest.raises(ConfigError, match="objective must be one of mean, p95"):
+        make_policy("adaptive", bundle, objective="p99")
+
+
+def test_hedge_after_bounds_the_wait_for_an_answer():
+    from splitinfer.partitioner import hedge_after
+
+    bundle = tiny()
+    policy = make_policy("adaptive", bundle, explore=0.0)
+    d = policy.decide(EST)
+    assert d.finish_s == pytest.approx(0.020 * 8)  # segments 1 and 2 on the 8x device
+    cloud = sum(v for s, v in d.stages.items() if s not in ("head", "encode"))
+    calm = hedge_after(d, EST)
+    assert calm == pytest.approx(cloud * math.exp(1.6448536 * 0.25))  # the floor of the spread
+    shaky = dataclasses.replace(EST, uplink_sd=2.0)
+    assert hedge_after(policy.decide(shaky), shaky) > calm
+    assert hedge_after(d, EST, quantile=0.99) > calm
+    local = make_policy("local", bundle).decide(EST)
+    assert local.finish_s == 0.0 and hedge_after(local, EST) == math.inf
+    ex = policy.explain(EST)
+    assert ex.decision.finish_s == pytest.approx(d.finish_s)
+    assert f"hedge: an answer not back {calm * 1000:.0f} ms after sending" in ex.reason

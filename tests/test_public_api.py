@@ -23,6 +23,7 @@ PUBLIC = {
         "Explanation",
         "Policy",
         "compile",
+        "hedge_after",
         "make_policy",
         "profile_bundle",
     ],
