@@ -51,7 +51,11 @@ from splitinfer.partitioner._policy import TablePolicy
 from splitinfer.tensors import TensorSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACES = ROOT / ".." / "shared" / "traces"
+#: The shipped trace sets (read-only, outside the repository; the worktrees sit one level deeper).
+TRACES = next(
+    (p for p in (ROOT.parent / "shared" / "traces", ROOT.parents[1] / "shared" / "traces") if p.is_dir()),
+    ROOT.parent / "shared" / "traces",
+)
 CACHE = Path.home() / ".cache" / "splitinfer-bench" / "efficientnet-lite0"
 CODECS = ["f32", "f32+zstd1", "f16+zstd1", "q8+zstd1", "q8c+zstd1", "q6c+zstd1", "q4c+zstd1", "jpeg90"]
 BUDGET = 0.99

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -35,7 +36,7 @@ from splitinfer.errors import (
     ProtocolError,
     RemoteRequestError,
 )
-from splitinfer.partitioner import Decision, Estimates, Estimator, Policy, make_policy
+from splitinfer.partitioner import Decision, Estimates, Estimator, Policy, hedge_after, make_policy
 from splitinfer.tensors import specs_of
 
 __all__ = ["EdgeClient", "Trace"]
@@ -63,7 +64,8 @@ class Trace:
     #: Measured seconds per stage on the edge (head, encode, network, decode, local_tail, total)
     #: and, from the Server-Timing header, on the cloud (prefixed ``cloud_``).
     stages: dict[str, float] = field(default_factory=dict)
-    #: Why the request finished on the device although the decision sent it to the cloud.
+    #: Why the request finished on the device although the decision sent it to the cloud
+    #: (``hedge``: its answer was overdue, see EdgeClient).
     fallback: str | None = None
     #: Whether the request was sent twice (a stale kept-alive connection).
     retried: bool = False
@@ -76,7 +78,7 @@ class EdgeClient:
     after ``bundle``, ``policy``, ``config``, ``registry``, ``transport`` and ``breaker`` are
     settings, collected in a :class:`ClientConfig` (``self.config``, checked when built):
     ``deadline_s``, ``device_slowdown``, ``fidelity_budget``, ``max_cut``, ``token``,
-    ``ca_file``, ``client_cert``, ``client_key``, ``prior``, ``probe``; any other keyword is a
+    ``ca_file``, ``client_cert``, ``client_key``, ``prior``, ``probe``, ``hedge``; any other keyword is a
     policy option. ``config=ClientConfig(...)`` passes them whole (keywords then override it).
 
     ``policy`` is a name for :func:`splitinfer.partitioner.make_policy` (``adaptive``,
@@ -101,6 +103,14 @@ class EdgeClient:
     and the request at hand stays on the device, so a client that keeps every request local
     notices when the link comes back. At most one probe runs at a time; none while the cloud
     asked to be left alone.
+
+    Hedged requests (``hedge=True``, the default when the client holds the whole model): a sent
+    request whose answer is not back ``hedge_after(decision, estimates)`` seconds after sending
+    (the cloud's predicted time at its 95 % bound under the estimator's uncertainty) is finished
+    on the device from the frontier it already computed, while the cloud request goes on; the
+    first of the two answers is used. When the device wins, the trace's fallback is ``hedge``
+    (and ``stages["local_tail"]``, ``predicted["hedge_after"]`` say when and how long); the
+    cloud's late answer is ignored but still measures the link. ``deadline_s`` bounds both.
     """
 
     def __init__(
@@ -130,6 +140,8 @@ class EdgeClient:
         probe = self.config.probe
         self.probe = self.policy.name not in ("static", "local") if probe is None else probe
         self._probe_task: asyncio.Task[None] | None = None
+        #: Cloud requests whose answer a hedge made moot, left to finish (they measure the link).
+        self._ignored: set[asyncio.Future[Any]] = set()
         #: Requests (and probe uploads) of this client on the link now.
         self._sending = 0
         #: time.monotonic() before which the cloud asked not to be sent requests (Retry-After).
@@ -231,13 +243,22 @@ class EdgeClient:
             deadline_s=remaining,
         )
         body = protocol.encode_request(header, payload)
-        resp = await self._post_measured(
-            f"/v1/models/{self.bundle.name}/infer",
-            body,
-            {"Content-Type": protocol.FRAME_CONTENT_TYPE},
-            remaining,
-            cut=decision.cut,
+        send = asyncio.ensure_future(
+            self._post_measured(
+                f"/v1/models/{self.bundle.name}/infer",
+                body,
+                {"Content-Type": protocol.FRAME_CONTENT_TYPE},
+                remaining,
+                cut=decision.cut,
+            )
         )
+        hedge_s = hedge_after(decision, est) if self.config.hedge and self.can_finish_locally else math.inf
+        if math.isfinite(hedge_s):
+            trace.predicted["hedge_after"] = hedge_s
+            hedged = await self._hedge(send, hedge_s, decision, frontier, trace)
+            if hedged is not None:
+                return hedged
+        resp = await send
         trace.stages["network"] = resp.ended - resp.started
         if resp.status != 200:
             raise protocol.error_from_problem(resp.status, resp.body, resp.headers.get("Retry-After"))
@@ -253,6 +274,47 @@ class EdgeClient:
         return tuple(outputs), replace(
             trace, bytes_up=len(body), bytes_down=len(resp.body), retried=resp.retried
         )
+
+    async def _hedge(
+        self,
+        send: asyncio.Future[TransportResponse],
+        hedge_s: float,
+        decision: Decision,
+        frontier: tuple[torch.Tensor, ...],
+        trace: Trace,
+    ) -> tuple[tuple[torch.Tensor, ...], Trace] | None:
+        """Wait ``hedge_s`` for ``send``; if it is still out, race the device's tail against it.
+
+        Returns the device's outputs (and the trace, fallback ``hedge``) if the device finished
+        first, else None: ``send`` is then done (answer or error) and the caller reads it.
+        """
+        done, _ = await asyncio.wait({send}, timeout=hedge_s)
+        if done:
+            return None
+        t0 = time.perf_counter()
+        local = asyncio.ensure_future(
+            self._emulated(self.bundle.run_segments, decision.cut, self.bundle.n_segments, frontier)
+        )
+        try:
+            done, _ = await asyncio.wait({send, local}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            local.cancel()
+            send.cancel()
+            raise
+        if send in done:  # the cloud came back while the device worked: its answer is used
+            local.cancel()
+            return None
+        outputs, _ = local.result()
+        trace.stages["local_tail"] = time.perf_counter() - t0
+        self._ignored.add(send)
+        send.add_done_callback(self._forget)
+        return outputs, replace(trace, fallback="hedge")
+
+    def _forget(self, fut: asyncio.Future[Any]) -> None:
+        """A moot cloud request ended: drop it, and read its outcome (nobody else will)."""
+        self._ignored.discard(fut)
+        if not fut.cancelled() and fut.exception() is not None:
+            log.debug("the cloud request a hedge made moot failed: %s", fut.exception())
 
     async def _post_measured(
         self,
@@ -410,6 +472,10 @@ class EdgeClient:
     # -- async lifecycle -----------------------------------------------------------------
 
     async def aclose(self) -> None:
+        for fut in list(self._ignored):
+            fut.cancel()
+        if self._ignored:
+            await asyncio.gather(*self._ignored, return_exceptions=True)
         if self._probe_task is not None:
             self._probe_task.cancel()
             await asyncio.gather(self._probe_task, return_exceptions=True)

@@ -43,6 +43,8 @@ class ClientConfig:
     prior: Estimates | None = None
     #: Probe the link when estimates are stale; None: unless the policy is static or local.
     probe: bool | None = None
+    #: Finish an overdue sent request on the device (hedged requests; needs the whole model).
+    hedge: bool = True
     #: Settings for :func:`~splitinfer.partitioner.make_policy` (``cut=``, ``codec=``, ...).
     policy_options: Mapping[str, object] = field(default_factory=dict, hash=False)
 
@@ -65,6 +67,8 @@ class ClientConfig:
             raise ConfigError(
                 f"prior must be a splitinfer.partitioner.Estimates or None, got {type(self.prior).__name__}"
             )
+        if not isinstance(self.hedge, bool):
+            raise ConfigError(f"hedge must be True or False, got {self.hedge!r}")
         if self.probe is not None and not isinstance(self.probe, bool):
             raise ConfigError(f"probe must be True, False or None (the policy decides), got {self.probe!r}")
         if not isinstance(self.policy_options, Mapping):

@@ -249,7 +249,9 @@ async def _drive(name: str, client: Any, t0: float, s: Session, records: list[An
                 bytes_down=trace.bytes_down,
                 fallback=trace.fallback or "",
                 agree=int(out.argmax()) == s.reference[j],
-                predicted_s=sum(trace.predicted.values()) if trace.predicted else math.nan,
+                predicted_s=sum(v for k, v in trace.predicted.items() if k != "hedge_after")
+                if trace.predicted
+                else math.nan,
                 uplink_est_bps=uplink,
                 uplink_mean_bps=uplink_mean,
             )

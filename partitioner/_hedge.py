@@ -11,8 +11,9 @@ local start may be lost. :func:`hedge_after` is that bound: the ``quantile`` (95
 of the cloud's time if its logarithm is normal around the prediction with the spread the
 estimator currently sees (:attr:`Estimates.uplink_sd`, scaled by the upload's share of the
 cloud time, and never below ``min_sd``: round-trip jitter and queueing the model does not
-see). Past it the device starts the tail; the first of the two answers is used and the other
-ignored. So a hedged request costs at most about ``spent + hedge_after + finish_s``.
+see), and at least :data:`MIN_SLACK_S` past the prediction. Past it the device starts the
+tail; the first of the two answers is used and the other ignored. So a hedged request costs
+at most about ``spent + hedge_after + finish_s``.
 
 Why not the textbook rule (hedge when the expected residual time ``E[R - h | R > h]`` exceeds
 the local finish)? Under a log-normal ``R`` with the spreads seen on real links (log-sd 0.1 to
@@ -36,6 +37,9 @@ __all__ = ["CLOUD_STAGES", "cloud_seconds", "hedge_after"]
 CLOUD_STAGES = ("rtt", "uplink", "queue", "decode", "tail", "downlink")
 #: Least log-sd of the cloud's time: what the cost model does not see.
 MIN_SD = 0.25
+#: Least seconds past the prediction before a hedge: timers, scheduling and the server's own
+#: overhead are outside the cost model, and on a fast link they are most of a tiny prediction.
+MIN_SLACK_S = 0.05
 
 
 def cloud_seconds(decision: Decision) -> float:
@@ -56,4 +60,4 @@ def hedge_after(
         return math.inf
     share = decision.stages.get("uplink", 0.0) / cloud
     sd = max(min_sd, est.uplink_sd * share)
-    return cloud * math.exp(NormalDist().inv_cdf(quantile) * sd)
+    return max(cloud * math.exp(NormalDist().inv_cdf(quantile) * sd), cloud + MIN_SLACK_S)

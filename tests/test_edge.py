@@ -134,6 +134,7 @@ async def test_server_killed_mid_run_every_request_answered_then_traffic_returns
         breaker=breaker,
         registry=registry,
         deadline_s=5.0,
+        hedge=False,  # the fallbacks counted here are the cloud's failures
     )
     x = torch.rand(1, 3, 32, 32)
     want = _want(cnn, x)
@@ -319,6 +320,7 @@ async def test_estimates_converge_on_a_rate_limited_link(profiled):
                 codec="f32",
                 deadline_s=10.0,
                 prior=Estimates(uplink_bps=1e6, downlink_bps=10e6, rtt_s=0.05),
+                hedge=False,  # every request measures the link (a hedge would answer from the device)
             ) as client,
         ):
             for _ in range(12):
@@ -347,6 +349,7 @@ async def test_a_client_kept_on_the_device_probes_the_link_and_sees_it_is_good(p
             prior=dead,
             device_slowdown=50.0,
             registry=registry,
+            hedge=False,
         ) as client:
             assert same(await client.ainfer(x), _want(cnn, x))
             assert client.last_trace.cut == client.bundle.last_cut
@@ -383,6 +386,7 @@ async def test_a_request_hanging_on_a_dead_link_lowers_the_uplink_estimate_while
             cut=0,
             codec="f32",
             deadline_s=60.0,
+            hedge=False,  # this test watches the request hang
         ) as client:
             before = client.estimator.estimates().uplink_bps
             request = asyncio.ensure_future(client.ainfer(torch.rand(1, 3, 32, 32)))
@@ -395,6 +399,58 @@ async def test_a_request_hanging_on_a_dead_link_lowers_the_uplink_estimate_while
     finally:
         hole.close()
         await hole.wait_closed()
+
+
+async def test_an_overdue_answer_is_hedged_on_the_device(profiled, cnn):
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # takes the request and never answers
+        writer.close()
+
+    hole = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = hole.sockets[0].getsockname()[1]
+    registry = CollectorRegistry()
+    x = torch.rand(1, 3, 32, 32)
+    try:
+        async with EdgeClient(
+            f"http://127.0.0.1:{port}",
+            bundle=profiled / "democnn",
+            policy="static",
+            cut=1,
+            codec="f32",
+            deadline_s=60.0,
+            registry=registry,
+            prior=FAST_LINK,
+        ) as client:
+            out = await asyncio.wait_for(client.ainfer(x), 30)
+            trace = client.last_trace
+            assert same(out, _want(cnn, x))
+            assert trace.fallback == "hedge" and trace.cut == 1
+            assert 0 < trace.predicted["hedge_after"] < 1.0 and "local_tail" in trace.stages
+            assert trace.stages["total"] >= trace.predicted["hedge_after"]
+            assert len(client._ignored) == 1  # the cloud request goes on, its answer ignored
+            labels = {"model": "democnn", "reason": "hedge"}
+            assert registry.get_sample_value("splitinfer_edge_fallbacks_total", labels) == 1
+        assert not client._ignored  # closing the client ends it
+    finally:
+        hole.close()
+        await hole.wait_closed()
+
+
+async def test_an_answer_on_time_is_not_hedged(profiled, cnn):
+    runner, server = await _server(profiled)
+    x = torch.rand(1, 3, 32, 32)
+    try:
+        async with EdgeClient(
+            server.url, bundle=profiled / "democnn", policy="static", cut=1, codec="f32"
+        ) as client:
+            # The prior's 50 ms round trip: the hedge waits >= 100 ms; 127.0.0.1 answers sooner.
+            assert same(await client.ainfer(x), _want(cnn, x))
+            trace = client.last_trace
+            assert trace.fallback is None and "local_tail" not in trace.stages
+            cloud = sum(v for k, v in trace.predicted.items() if k not in ("head", "encode", "hedge_after"))
+            assert trace.predicted["hedge_after"] >= cloud + 0.05
+    finally:
+        await runner.cleanup()
 
 
 async def test_a_warm_up_measures_the_device_before_the_first_decision(profiled):

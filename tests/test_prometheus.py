@@ -211,6 +211,7 @@ def test_prometheus_scrapes_server_and_edge(repository: Path, tmp_path: Path) ->
                 codec=CODEC,
                 deadline_s=None,
                 registry=registry,
+                hedge=False,  # the fallbacks here are the cloud's refusals
             )
         )
         for i in range(REQUESTS):
