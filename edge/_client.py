@@ -296,7 +296,8 @@ class EdgeClient:
             self._emulated(self.bundle.run_segments, decision.cut, self.bundle.n_segments, frontier)
         )
         try:
-            done, _ = await asyncio.wait({send, local}, return_when=asyncio.FIRST_COMPLETED)
+            racing: set[asyncio.Future[Any]] = {send, local}
+            done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
             local.cancel()
             send.cancel()
