@@ -441,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C stops the cluster even when started from a shell that ignores SIGINT in its
+    # background jobs (a child inherits the ignored signal).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with cluster:
         print(f"splitinfer cluster: {len(cluster.replicas)} replicas behind {cluster.lb.url}", flush=True)
         for r in cluster.replicas:
