@@ -14,6 +14,10 @@ q<b>[c]     ``[dtype, shape, lo, scale]`` for floats         ``ceil(numel * b / 
             one per channel of dim 1 for ``c`` codecs on
             tensors of 2+ dims, else one);
             ``[dtype, shape]`` for other dtypes              the tensor's bytes, unchanged
+q<b>[c]+ans ``[dtype, shape, lo, scale, weights, words]``    ``4 * words`` bytes: the codes' rANS
+            for floats (``weights``: bin, the symbol         stream (``_ans.py``); other dtypes as
+            statistics; ``words``: int, the stream's         for ``q<b>[c]``
+            uint32 count; both empty for an empty tensor)
 jpeg<q>     ``[dtype, shape, lo, scale, sizes]``: shape      ``N`` JPEG files (``sizes`` bytes each)
             ``(N, 3, H, W)``, ``lo``/``scale`` 3 float32s,
             ``sizes`` bin of ``N`` uint32 (none if empty)
@@ -36,6 +40,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
+from splitinfer.compression import _ans
 from splitinfer.compression._blob import (
     DEFAULT_MAX_NBYTES,
     as_view,
@@ -210,7 +215,8 @@ class CastCodec(_Adapters):
 class QuantCodec(_Adapters):
     """Quantize floating tensors to ``bits`` bits (per tensor or per channel), pack, maybe zstd.
 
-    Ranges are each tensor's (or channel's) finite min/max, or ``clip`` when given.
+    Ranges are each tensor's (or channel's) finite min/max, or ``clip`` when given. With
+    ``ans`` the codes are rANS-coded (``_ans.py``) instead of packed.
     """
 
     spec: str
@@ -219,6 +225,7 @@ class QuantCodec(_Adapters):
     zstd_level: int | None
     clip: ClipRanges | None = None
     dictionary: ZstdDictionary | None = None
+    ans: bool = False
 
     def _encode(self, arrays: Wire) -> bytes:
         _check_clip_count(self.clip, arrays)
@@ -236,14 +243,28 @@ class QuantCodec(_Adapters):
                 lo, hi = self.clip.arrays(i, a3.shape[1])
             lo32, scale, limited = affine(lo, hi, levels)
             codes = quantize(clean, lo32, scale, levels, inside=finite and self.clip is None and not limited)
-            entries.append([name, list(a.shape), lo32.astype("<f4").tobytes(), scale.astype("<f4").tobytes()])
-            chunks.append(pack_bits(codes.reshape(-1), self.bits))
+            entry: list[object] = [
+                name,
+                list(a.shape),
+                lo32.astype("<f4").tobytes(),
+                scale.astype("<f4").tobytes(),
+            ]
+            if not self.ans:
+                chunks.append(pack_bits(codes.reshape(-1), self.bits))
+            elif a.size == 0:
+                entry += [b"", 0]
+            else:
+                weights, words = _ans.encode_codes(codes, levels, self.spec)
+                entry += [weights, int(words.size)]
+                chunks.append(words)
+            entries.append(entry)
         return write_blob(self.spec, entries, chunks, self.zstd_level, self.dictionary)
 
     def _decode(self, view: memoryview, max_nbytes: int) -> list[Decoded]:
         entries, raw_nbytes, offset, dictionary = read_header(view, self.spec, self.dictionary)
         levels = 1 << self.bits
         plan: list[tuple[str, tuple[int, ...], np.ndarray | None, np.ndarray | None, int]] = []
+        tables: list[np.ndarray | None] = []
         for entry in entries:
             name, shape, fields = check_entry(entry)
             numel = math.prod(shape)
@@ -251,22 +272,39 @@ class QuantCodec(_Adapters):
                 if fields:
                     raise CodecError(f"a {name} tensor entry is [dtype, shape]")
                 plan.append((name, shape, None, None, _out_nbytes(name, shape)))
+                tables.append(None)
                 continue
-            if len(fields) != 2:
-                raise CodecError("a floating tensor entry is [dtype, shape, lo, scale]")
+            if len(fields) != (4 if self.ans else 2):
+                raise CodecError(
+                    "a floating tensor entry is [dtype, shape, lo, scale"
+                    + (", weights, words]" if self.ans else "]")
+                )
             channels = shape[1] if self.per_channel and len(shape) >= 2 else 1
             lo = f32_field(fields[0], channels, "lo")
             scale = f32_field(fields[1], channels, "scale")
             top = np.abs(lo.astype(np.float64)) + (levels - 1) * scale.astype(np.float64)
             if (scale < 0).any() or (top > _F32_MAX).any():
                 raise CodecError("scale must be >= 0 and every decoded value a finite float32")
-            plan.append((name, shape, lo, scale, packed_nbytes(numel, self.bits)))
+            if not self.ans:
+                plan.append((name, shape, lo, scale, packed_nbytes(numel, self.bits)))
+                tables.append(None)
+                continue
+            words = fields[3]
+            if not isinstance(words, int) or isinstance(words, bool) or words < 0:
+                raise CodecError("ans words must be a count >= 0")
+            if numel == 0:
+                if fields[2] != b"" or words:
+                    raise CodecError("an empty tensor has no ans weights and no words")
+                tables.append(None)
+            else:
+                tables.append(_ans.check_weights(fields[2], channels, levels))
+            plan.append((name, shape, lo, scale, 4 * words))
         wire = sum(p[4] for p in plan)
         check_size(wire, raw_nbytes, sum(_out_nbytes(p[0], p[1]) for p in plan), max_nbytes)
         data = read_data(view[offset:], wire, self.zstd_level is not None, dictionary)
         decoded: list[Decoded] = []
         pos = 0
-        for name, shape, lows, scales, n in plan:
+        for (name, shape, lows, scales, n), table in zip(plan, tables):
             chunk = data[pos : pos + n]
             pos += n
             if lows is None or scales is None:
@@ -274,17 +312,26 @@ class QuantCodec(_Adapters):
             elif math.prod(shape) == 0:
                 decoded.append((name, "float32", np.empty(shape, np.float32)))
             else:
-                codes = unpack_bits(chunk, self.bits, math.prod(shape))
+                if table is not None:
+                    codes3 = _codes3_shape(shape, lows.size)
+                    codes = _ans.decode_codes(table, chunk, codes3, self.spec)
+                else:
+                    codes = unpack_bits(chunk, self.bits, math.prod(shape))
                 values = dequantize(_codes3(codes, shape, lows.size), lows, scales)
                 decoded.append((name, "float32", values.reshape(shape)))
         return decoded
 
 
-def _codes3(codes: np.ndarray, shape: tuple[int, ...], channels: int) -> np.ndarray:
-    """The flat codes of a tensor of ``shape`` as ``(N, C, R)`` for ``channels`` ranges."""
+def _codes3_shape(shape: tuple[int, ...], channels: int) -> tuple[int, int, int]:
+    """The ``(N, C, R)`` view of a tensor of ``shape`` for ``channels`` ranges."""
     if channels == 1:
-        return codes.reshape(1, 1, -1)
-    return codes.reshape(shape[0], shape[1], -1)
+        return (1, 1, math.prod(shape))
+    return (shape[0], shape[1], math.prod(shape[2:]))
+
+
+def _codes3(codes: np.ndarray, shape: tuple[int, ...], channels: int) -> np.ndarray:
+    """The codes of a tensor of ``shape`` as ``(N, C, R)`` for ``channels`` ranges."""
+    return codes.reshape(_codes3_shape(shape, channels))
 
 
 def _check_clip_count(clip: ClipRanges | None, arrays: Wire) -> None:
@@ -406,15 +453,21 @@ def get_codec(
             f"per-channel clip ranges need a per-channel codec ({parsed.text.split('+')[0]}c), not {spec!r}"
         )
     if parsed.kind == "quant":
-        return QuantCodec(parsed.text, parsed.bits, parsed.per_channel, parsed.zstd_level, clip, dictionary)
+        if parsed.ans:
+            _ans.require(parsed.text)
+        return QuantCodec(
+            parsed.text, parsed.bits, parsed.per_channel, parsed.zstd_level, clip, dictionary, parsed.ans
+        )
     return JpegCodec(parsed.text, parsed.quality, parsed.zstd_level, clip, dictionary)
 
 
 def available_codecs() -> list[str]:
     """Representative specs of every codec family (other bit widths and levels work too).
 
-    The ``jpeg`` specs encode only float image batches ``N x 3 x H x W``.
+    The ``jpeg`` specs encode only float image batches ``N x 3 x H x W``; the ``+ans`` specs are
+    listed when the constriction package (the ``entropy`` extra) is installed.
     """
+    ans = ["q8c+ans", "q6c+ans", "q5c+ans", "q4c+ans", "q4+ans", "q3c+ans"] if _ans.available() else []
     return [
         "f32",
         "f16",
@@ -433,6 +486,7 @@ def available_codecs() -> list[str]:
         "q4c+zstd3",
         "q3c+zstd1",
         "q2c+zstd1",
+        *ans,
         "jpeg90",
         "jpeg75",
     ]

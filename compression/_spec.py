@@ -7,8 +7,11 @@ Bases:
   ``q2c`` .. ``q8c``: one range per channel (dim 1);
 - ``jpeg1`` .. ``jpeg100``: JPEG at that quality, for float image batches ``N x 3 x H x W``.
 
-Every base may be followed by ``+zstd1`` .. ``+zstd22``. Spellings are canonical (no leading
-zeros, lower case), so one codec has exactly one name.
+Every base may be followed by ``+zstd1`` .. ``+zstd22``; a quantizing base (``q<bits>[c]``) may
+instead be followed by ``+ans``: its codes are entropy-coded with rANS under per-channel symbol
+statistics that travel in the blob (``_ans.py``; needs the ``constriction`` package, the
+``entropy`` extra). Spellings are canonical (no leading zeros, lower case), so one codec has
+exactly one name.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ __all__ = ["VALID_FORMS", "Spec", "parse_spec"]
 
 VALID_FORMS = (
     "f32 | f16 | bf16 | q<bits 2..8> | q<bits 2..8>c | jpeg<quality 1..100>, optionally followed by "
-    "+zstd<level 1..22> (e.g. 'f16+zstd1', 'q8+zstd1', 'q4c+zstd3', 'jpeg90')"
+    "+zstd<level 1..22>, or q<bits>[c] followed by +ans (e.g. 'f16+zstd1', 'q8+zstd1', 'q4c+zstd3', "
+    "'q4c+ans', 'jpeg90')"
 )
 
 _CASTS = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 _SPEC_RE = re.compile(
     r"^(?:(?P<cast>f32|f16|bf16)|q(?P<bits>[2-8])(?P<channel>c?)|jpeg(?P<quality>[1-9]\d{0,2}))"
-    r"(?:\+zstd(?P<level>[1-9]\d?))?$"
+    r"(?:\+zstd(?P<level>[1-9]\d?)|\+(?P<ans>ans))?$"
 )
 
 
@@ -44,6 +48,7 @@ class Spec:
     per_channel: bool = False  # quant: one range per channel; jpeg: always (3 colour channels)
     quality: int = 0  # jpeg: 1..100
     zstd_level: int | None = None
+    ans: bool = False  # quant: codes entropy-coded with rANS (``_ans.py``) instead of packed
 
     @property
     def levels(self) -> int:
@@ -67,11 +72,19 @@ def _parse(text: str) -> Spec:
     zstd_level = None if level is None else int(level)
     if zstd_level is not None and zstd_level > 22:
         raise CodecError(f"zstd level must be 1..22, got {level} in {text!r}; valid forms: {VALID_FORMS}")
+    ans = bool(match.group("ans"))
+    if ans and not match.group("bits"):
+        raise CodecError(
+            f"+ans entropy-codes quantized symbols: only q<bits>[c] codecs take it, not {text!r}; "
+            f"valid forms: {VALID_FORMS}"
+        )
     if match.group("cast"):
         return Spec(text, "cast", cast=_CASTS[match.group("cast")], zstd_level=zstd_level)
     if match.group("bits"):
         bits = int(match.group("bits"))
-        return Spec(text, "quant", bits=bits, per_channel=bool(match.group("channel")), zstd_level=zstd_level)
+        return Spec(
+            text, "quant", bits=bits, per_channel=bool(match.group("channel")), zstd_level=zstd_level, ans=ans
+        )
     quality = int(match.group("quality"))
     if quality > 100:
         raise CodecError(

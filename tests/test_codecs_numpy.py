@@ -297,7 +297,7 @@ _NO_TORCH = textwrap.dedent(
 
     rng = np.random.default_rng(0)
     frontier = [rng.standard_normal((2, 8, 6, 6)).astype(np.float32), np.arange(3)]
-    for spec in ("q8+zstd1", "q4c", "f16", "bf16", "q4c+zstd1", "f32+zstd3"):
+    for spec in ("q8+zstd1", "q4c", "f16", "bf16", "q4c+zstd1", "f32+zstd3", "q5c+ans"):
         clip = c.calibrate([frontier], spec.split("+")[0], "mse") if spec[0] == "q" else None
         codec = c.get_codec(spec, clip=clip)
         y, ids = codec.decode_numpy(codec.encode(frontier))

@@ -228,7 +228,20 @@ def test_fuzz_the_frame_path(cnn_bundle):
 
 # -- the codecs ----------------------------------------------------------------------------
 
-SPECS = ("f32", "f16", "bf16", "q8", "q8c", "q4c+zstd1", "q2c+zstd1", "f32+zstd1", "q8+zstd1", "jpeg75")
+SPECS = (
+    "f32",
+    "f16",
+    "bf16",
+    "q8",
+    "q8c",
+    "q4c+zstd1",
+    "q2c+zstd1",
+    "f32+zstd1",
+    "q8+zstd1",
+    "q5c+ans",
+    "q3+ans",
+    "jpeg75",
+)
 
 
 def _blobs() -> dict[str, list[bytes]]:
