@@ -40,18 +40,38 @@ def compile_on_photos(
     name: str,
     image_size: int = 224,
     calibration: int | Sequence[tuple[torch.Tensor, ...]] = 32,
+    evaluation: int | Sequence[tuple[torch.Tensor, ...]] | None = None,
     seed: int = 1,
     progress: bool = True,
     **options: Any,
 ) -> Bundle:
     """``si.compile`` of a classifier of ``image_size`` square RGB images, calibrated on real
     photos: ``calibration`` crops of the sample photos (``photo_batch``, seeded by ``seed``), one
-    input each, or the calibration inputs themselves. ``options`` go to ``si.compile``
-    (``codecs``, ``profile``, ``max_frontier_bytes``, ...)."""
+    input each, or the calibration inputs themselves. With ``evaluation`` (a count of crops, or
+    inputs) the fidelity table is measured on held-out crops: then the calibration crops come from
+    :data:`~splitinfer.lab._images.CALIBRATION_PHOTOS` and the evaluation crops, colour-jittered,
+    from the disjoint :data:`~splitinfer.lab._images.EVALUATION_PHOTOS`. ``options`` go to
+    ``si.compile`` (``codecs``, ``profile``, ``max_frontier_bytes``, ...)."""
     import splitinfer as si
-    from splitinfer.lab._images import photo_batch
+    from splitinfer.lab._images import CALIBRATION_PHOTOS, EVALUATION_PHOTOS, photo_batch
 
+    held_out = evaluation is not None
     if isinstance(calibration, int):
-        calibration = [(x.unsqueeze(0),) for x in photo_batch(calibration, size=image_size, seed=seed)]
+        photos = CALIBRATION_PHOTOS if held_out else None
+        batch = photo_batch(calibration, size=image_size, seed=seed, photos=photos, jitter=held_out)
+        calibration = [(x.unsqueeze(0),) for x in batch]
+    if isinstance(evaluation, int):
+        batch = photo_batch(
+            evaluation, size=image_size, seed=seed + 1000, photos=EVALUATION_PHOTOS, jitter=True
+        )
+        evaluation = [(x.unsqueeze(0),) for x in batch]
     example = (torch.randn(1, 3, image_size, image_size),)
-    return si.compile(model, example, name=name, calibration=calibration, progress=progress, **options)
+    return si.compile(
+        model,
+        example,
+        name=name,
+        calibration=calibration,
+        evaluation=evaluation,
+        progress=progress,
+        **options,
+    )

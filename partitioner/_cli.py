@@ -147,23 +147,39 @@ def _inspect(args: argparse.Namespace) -> int:
     best = _best_codecs(manifest.get("fidelity", {}), args.budget)
     head = f"{'cut':>4}  {'name':<{width}}  {'KiB@1':>9}  "
     if best:
-        head += f"{'smallest at fidelity >= ' + str(args.budget):<38}  "
+        head += f"{'smallest at fidelity >= ' + str(args.budget) + ' (95% CI)':<52}  "
     print(head + "tensors")
     for c in cuts:
         tensors = ", ".join(str(t) for t in c.tensors)
         line = f"{c.index:>4}  {c.name:<{width}}  {c.nbytes / 1024:>9.1f}  "
         if best:
             row = best.get(c.index)
-            pick = f"{row['codec']} {row['bytes'] / 1024:.1f} KiB ({row['fidelity']:.3f})" if row else "-"
-            line += f"{pick:<38}  "
+            pick = f"{row['codec']} {row['bytes'] / 1024:.1f} KiB ({_fidelity_text(row)})" if row else "-"
+            line += f"{pick:<52}  "
         print(line + tensors)
     fidelity = manifest.get("fidelity", {})
     if fidelity.get("table"):
+        if fidelity.get("held_out"):
+            where = (
+                f"{fidelity.get('samples')} held-out input(s) (ranges calibrated on "
+                f"{fidelity.get('calibration_samples')} others)"
+            )
+        else:
+            where = f"{fidelity.get('samples')} calibration input(s), in-sample"
         print(
-            f"fidelity: {fidelity.get('metric')} agreement with the uncompressed model on "
-            f"{fidelity.get('samples')} calibration input(s); bytes are the mean per request at batch 1"
+            f"fidelity: {fidelity.get('metric')} agreement with the uncompressed model on {where}; "
+            "95% confidence interval in brackets; bytes are the mean per request at batch 1"
         )
     return 0
+
+
+def _fidelity_text(row: dict[str, Any]) -> str:
+    """``0.984 [0.93-1.00]``: a row's fidelity and its 95 % interval (tables before issue 22
+    have none)."""
+    span = row.get("interval")
+    if not isinstance(span, list) or len(span) != 2:
+        return f"{row['fidelity']:.3f}"
+    return f"{row['fidelity']:.3f} [{span[0]:.2f}-{span[1]:.2f}]"
 
 
 def _best_codecs(fidelity: dict[str, Any], budget: float) -> dict[int, dict[str, Any]]:

@@ -1,8 +1,14 @@
 """The fidelity table: for every cut and codec, agreement with the uncompressed model and bytes.
 
-Contract: ``measure(bundle, inputs, codecs)`` requires a bundle with every segment loaded and
-calibration inputs (model input tuples, batch first); it returns the ``fidelity``,
-``calibration`` and ``dictionaries`` that the manifest stores (docs/bundle-format.md):
+Contract: ``measure(bundle, inputs, codecs, evaluation=None)`` requires a bundle with every
+segment loaded and calibration inputs (model input tuples, batch first); it returns the
+``fidelity``, ``calibration`` and ``dictionaries`` that the manifest stores
+(docs/bundle-format.md). Clip ranges and dictionaries are fitted on ``inputs``; agreement and
+bytes are measured on ``evaluation`` when given (held out: inputs the ranges never saw, so the
+table says what production traffic will get), else on ``inputs`` themselves (in-sample, as
+before issue 22). Every row carries a 95 % confidence interval on its agreement (Wilson score
+interval for top-1, normal approximation for cosine similarity) and the table the number of
+inputs it was measured on:
 
 - clip ranges of each quantizing codec, per cut, calibrated on the frontiers of the inputs;
   with ``method="auto"`` every method (min/max, percentile, MSE) is tried and the one whose
@@ -14,7 +20,8 @@ calibration inputs (model input tuples, batch first); it returns the ``fidelity`
 - zstd dictionaries (``dictionaries=True``): for each cut and ``+zstd`` codec, a dictionary
   trained on the calibration frontiers, tried only where the payload is at most
   :data:`DICT_MAX_BYTES` and kept only where it makes the payload measurably smaller
-  (:data:`DICT_MIN_SAVING`) on the ``bytes_samples`` inputs it was not trained on.
+  (:data:`DICT_MIN_SAVING`) on ``bytes_samples`` inputs it was not trained on (evaluation
+  inputs when held out, else the first calibration inputs, left out of its training).
 
 Which cuts are measured: with ``all_cuts=False``, lossy codecs only at cuts whose float32
 frontier is no larger than the model input's (cut 0 always); with ``True``, at every cut; with
@@ -29,13 +36,14 @@ Cost: the head runs once per cut (frontier ``k + 1`` is computed from frontier `
 tail of cut ``k`` runs once per lossy codec family on the decoded frontiers of every variant
 concatenated along the batch (up to :data:`ROWS_PER_CALL` rows a call), in channels-last
 memory format (1.2-2x faster for EfficientNet-Lite0 on CPU). Choosing the calibration method
-runs each candidate's tail on the first :data:`PROBE_SAMPLES` inputs only; the chosen ranges
-are then measured on all inputs. The table is measured in-sample (on the calibration inputs);
-pass inputs that look like production traffic.
+runs each candidate's tail on the first :data:`PROBE_SAMPLES` calibration inputs only; the
+chosen ranges are then measured on all evaluation inputs. Pass inputs that look like
+production traffic.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -107,13 +115,40 @@ def _choose_metric(metric: str, outputs: Sequence[torch.Tensor]) -> str:
     return "cosine"
 
 
-def agreement(metric: str, got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
-    """Mean per-sample agreement of two sets of output leaves."""
+def per_sample(metric: str, got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-sample agreement (float64) of two sets of output leaves: 0/1 for top-1, else cosine."""
     if metric == "top1":
-        return float((got[0].argmax(1) == want[0].argmax(1)).float().mean())
+        return (got[0].argmax(1) == want[0].argmax(1)).double()
     a = torch.cat([g.reshape(g.shape[0], -1).double() for g in got], 1)
     b = torch.cat([w.reshape(w.shape[0], -1).double() for w in want], 1)
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).mean())
+    return torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
+
+
+def agreement(metric: str, got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    """Mean per-sample agreement of two sets of output leaves."""
+    return float(per_sample(metric, got, want).mean())
+
+
+#: z of a two-sided 95 % interval.
+_Z95 = 1.959964
+
+
+def interval(metric: str, values: torch.Tensor) -> tuple[float, float]:
+    """95 % confidence interval on the mean of per-sample agreements: the Wilson score interval
+    for top-1 (0/1 values; right at 0 and 1, unlike the normal approximation), the normal
+    approximation for cosine similarities, clipped to [-1, 1]."""
+    n = int(values.numel())
+    if n == 0:
+        return (0.0, 1.0)
+    mean = float(values.mean())
+    if metric == "top1":
+        z2 = _Z95 * _Z95
+        centre = (mean + z2 / (2 * n)) / (1 + z2 / n)
+        half = _Z95 * math.sqrt(mean * (1 - mean) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+        return (max(0.0, centre - half), min(1.0, centre + half))
+    sd = float(values.std()) if n > 1 else 0.0
+    half = _Z95 * sd / math.sqrt(n)
+    return (max(-1.0, mean - half), min(1.0, mean + half))
 
 
 def _applies(spec: str, frontier: Sequence[torch.Tensor], cut: int) -> bool:
@@ -192,20 +227,28 @@ def measure(
     all_cuts: bool | None = None,
     dictionaries: bool = False,
     progress: bool = True,
+    evaluation: Iterable[Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, ZstdDictionary]]]:
     """The fidelity table, the calibrated clip ranges and the kept zstd dictionaries (module
-    docstring); dictionaries map cut (as a string) and codec spec to a trained dictionary."""
+    docstring); dictionaries map cut (as a string) and codec spec to a trained dictionary.
+    ``evaluation`` (inputs like ``inputs``) holds the table's inputs out of the calibration."""
     for spec in codecs:
         get_codec(spec)  # CodecError listing the valid forms for a bad spec
     if method not in METHODS:
         raise ConfigError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     x = _stack_inputs(bundle, inputs)
+    n_cal = int(x[0].shape[0])
+    held_out = evaluation is not None
+    if evaluation is not None:
+        x = tuple(torch.cat(pair) for pair in zip(x, _stack_inputs(bundle, evaluation)))
     total = int(x[0].shape[0])
+    first = n_cal if held_out else 0  # evaluation rows: [first, total)
     n = bundle.n_segments
     reference = _run(bundle, 0, x)
     metric = _choose_metric(metric, reference)
+    want = [r[first:] for r in reference]
     methods = CALIBRATION_METHODS if method == "auto" else (method,)
-    probe = min(total, PROBE_SAMPLES)
+    probe = min(n_cal, PROBE_SAMPLES)
     lossy_bases = sorted({_base(s) for s in codecs if not _is_lossless(s)})
     limit = bundle.cuts[0].nbytes
     if all_cuts is None:
@@ -218,28 +261,40 @@ def measure(
         for k in range(n):
             lossy_here = all_cuts or k == 0 or bundle.cuts[k].nbytes <= limit
             bases = [b for b in lossy_bases if lossy_here and _applies(b, frontier, k)]
-            clips = _choose_ranges(bundle, k, bases, methods, frontier, reference, metric, probe)
+            calibration = _rows(frontier, 0, n_cal)
+            evaluated = _rows(frontier, first, total)
+            clips = _choose_ranges(bundle, k, bases, methods, calibration, reference, metric, probe)
             for base, clip in clips.items():
                 ranges.setdefault(str(k), {})[base] = clip.to_json()
             variants = [_Variant(b, "-" if b not in clips else clips[b].method, clips.get(b)) for b in bases]
             scores = {
-                v.base: agreement(metric, out, reference)
-                for v, out in zip(variants, _tails(bundle, k, variants, frontier))
+                v.base: per_sample(metric, out, want)
+                for v, out in zip(variants, _tails(bundle, k, variants, evaluated))
             }
-            samples = [_rows(frontier, i, i + 1) for i in range(total)]
+            samples = [_rows(frontier, i, i + 1) for i in range(first, total)]
+            trained_on = [_rows(frontier, i, i + 1) for i in range(n_cal)] if held_out else None
             for spec in codecs:
                 if not _applies(spec, frontier, k) or not (_is_lossless(spec) or _base(spec) in scores):
                     continue
                 codec = get_codec(spec, clip=clips.get(_base(spec)))
                 nbytes = _mean_bytes(codec, samples[:bytes_samples])
+                if _is_lossless(spec):
+                    score, (low, high) = 1.0, (1.0, 1.0)
+                else:
+                    score, (low, high) = (
+                        float(scores[_base(spec)].mean()),
+                        interval(metric, scores[_base(spec)]),
+                    )
                 row = {
                     "cut": k,
                     "codec": spec,
-                    "fidelity": 1.0 if _is_lossless(spec) else round(scores[_base(spec)], 6),
+                    "fidelity": round(score, 6),
+                    "interval": [round(low, 4), round(high, 4)],
                     "bytes": nbytes,
                 }
                 if dictionaries and parse_spec(spec).zstd_level is not None and nbytes <= DICT_MAX_BYTES:
-                    found = _dictionary(codec, samples, bytes_samples, nbytes)
+                    training = trained_on if trained_on is not None else samples[bytes_samples:]
+                    found = _dictionary(codec, training, samples[:bytes_samples], nbytes)
                     if found is not None:
                         kept.setdefault(str(k), {})[spec] = found[0]
                         row["bytes"] = found[1]
@@ -247,8 +302,15 @@ def measure(
             frontier = bundle.run_segments(k, k + 1, frontier)
             bar.step(note=bundle.cuts[k].name)
     for spec in codecs:
-        table.append({"cut": n, "codec": spec, "fidelity": 1.0, "bytes": 0.0})
-    fidelity = {"metric": metric, "samples": total, "method": method, "table": table}
+        table.append({"cut": n, "codec": spec, "fidelity": 1.0, "interval": [1.0, 1.0], "bytes": 0.0})
+    fidelity = {
+        "metric": metric,
+        "samples": total - first,
+        "calibration_samples": n_cal,
+        "held_out": held_out,
+        "method": method,
+        "table": table,
+    }
     return fidelity, ranges, kept
 
 
@@ -300,16 +362,18 @@ def _choose_ranges(
 
 
 def _dictionary(
-    codec: Any, samples: Sequence[Sequence[torch.Tensor]], held_out: int, nbytes: float
+    codec: Any,
+    training: Sequence[Sequence[torch.Tensor]],
+    test: Sequence[Sequence[torch.Tensor]],
+    nbytes: float,
 ) -> tuple[ZstdDictionary, float] | None:
-    """A dictionary trained on the samples after the first ``held_out`` and its mean bytes on
-    those first ones, if it saves at least DICT_MIN_SAVING of ``nbytes``; else None."""
-    training = [payload_of(codec, list(s)) for s in samples[held_out:]]
-    dictionary = train(training, codec.spec)
+    """A dictionary trained on ``training`` and its mean bytes on ``test`` (other samples), if
+    it saves at least DICT_MIN_SAVING of ``nbytes`` (the bytes on ``test`` without); else None."""
+    dictionary = train([payload_of(codec, list(s)) for s in training], codec.spec)
     if dictionary is None:
         return None
     bound = get_codec(codec.spec, clip=getattr(codec, "clip", None), dictionary=dictionary)
-    with_dict = _mean_bytes(bound, samples[:held_out])
+    with_dict = _mean_bytes(bound, test)
     if with_dict > nbytes * (1 - DICT_MIN_SAVING):
         return None
     return dictionary, with_dict

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -132,7 +133,61 @@ def test_inspect_shows_the_smallest_codec_within_budget(tmp_path, calibrated):
         check=True,
     ).stdout
     assert "smallest at fidelity >= 0.9" in out
-    assert "top1 agreement with the uncompressed model on 12 calibration input(s)" in out
+    assert "top1 agreement with the uncompressed model on 12 calibration input(s), in-sample" in out
+    assert re.search(r"\(\d\.\d{3} \[\d\.\d\d-\d\.\d\d\]\)", out)  # fidelity [95% CI]
+
+
+def test_held_out_inputs_measure_the_table_with_intervals(tmp_path):
+    model, inputs = ZOO["mobilenet"]()
+    calibration = [batched(inputs, 1, seed=i) for i in range(6)]
+    evaluation = [batched(inputs, 1, seed=100 + i) for i in range(10)]
+    bundle = si.compile(
+        model,
+        inputs,
+        name="mnet",
+        calibration=calibration,
+        evaluation=evaluation,
+        codecs=["f32", "q2c", "q4c+ans"],
+        fidelity_all_cuts=False,
+        calibration_method="minmax",
+    )
+    fidelity = bundle.fidelity
+    assert (fidelity["samples"], fidelity["calibration_samples"], fidelity["held_out"]) == (10, 6, True)
+    table = _table(bundle)
+    k = _measured(bundle)[1]
+    # agreement on the evaluation inputs, with ranges from the calibration inputs
+    x = torch.cat([e[0] for e in evaluation])
+    codec = bundle.codec_for(k, "q2c")
+    out = bundle.tail(k, codec.decode(codec.encode(list(bundle.head(k, x)))))
+    with torch.no_grad():
+        want = model(x)
+    hits = int((out.argmax(1) == want.argmax(1)).sum())
+    row = table[(k, "q2c")]
+    assert row["fidelity"] == pytest.approx(hits / 10, abs=1e-6)
+    low, high = row["interval"]
+    assert low <= hits / 10 <= high and high - low > 0.2  # ten inputs say little
+    wilson_all = (0.7225, 1.0)  # 10/10: the Wilson interval is [0.72, 1], not [1, 1]
+    if hits == 10:
+        assert (low, high) == pytest.approx(wilson_all, abs=1e-3)
+    assert table[(k, "f32")]["interval"] == [1.0, 1.0]
+    assert 0 < table[(k, "q4c+ans")]["bytes"] < table[(k, "f32")]["bytes"] / 6
+    out = subprocess.run(
+        [sys.executable, "-m", "splitinfer", "inspect", str(bundle.save(tmp_path / "b")), "--budget", "0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "on 10 held-out input(s) (ranges calibrated on 6 others)" in out
+
+
+def test_intervals_of_agreement():
+    from splitinfer.partitioner._fidelity import interval
+
+    assert interval("top1", torch.ones(100, dtype=torch.float64)) == pytest.approx((0.963, 1.0), abs=1e-3)
+    low, high = interval("top1", torch.tensor([1.0] * 99 + [0.0], dtype=torch.float64))
+    assert low == pytest.approx(0.9455, abs=1e-3) and high == pytest.approx(0.9982, abs=1e-3)
+    low, high = interval("cosine", torch.tensor([0.9, 1.0] * 50, dtype=torch.float64))
+    assert low < 0.95 < high and high - low == pytest.approx(2 * 1.96 * 0.05025 / 10, rel=0.01)
 
 
 def test_non_classifier_outputs_use_cosine_similarity():
