@@ -132,7 +132,13 @@ class Traffic:
     def _client(self, index: int, generation: int) -> None:
         bundle, cases = self.bundle, self._cases
         with EdgeClient(
-            self.url, bundle=bundle, policy="static", cut=self.cut, codec=self.codec, deadline_s=None
+            self.url,
+            bundle=bundle,
+            policy="static",
+            cut=self.cut,
+            codec=self.codec,
+            deadline_s=None,
+            hedge=False,  # what the balancer does is counted here: no race with the device
         ) as client:
             i = index
             while not self._stop.is_set() and self._generation == generation:
