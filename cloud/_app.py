@@ -19,7 +19,7 @@ from splitinfer.cloud._batcher import Scheduler
 from splitinfer.cloud._config import ServerConfig
 from splitinfer.cloud._drain import Drain
 from splitinfer.cloud._metrics import ServerMetrics
-from splitinfer.cloud._repository import load_repository
+from splitinfer.cloud._repository import load_repository, reload_models
 from splitinfer.cloud._state import CONFIG, METRICS, STATE, TOKENS, ServerState
 from splitinfer.errors import ConfigError
 
@@ -93,7 +93,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     torch.set_num_threads(torch_threads)  # process-wide: restored when the app cleans up
     pool = ThreadPoolExecutor(compute_threads, thread_name_prefix="splitinfer-compute")
     try:
-        models = await asyncio.get_running_loop().run_in_executor(pool, load_repository, config.repository)
+        repository = await asyncio.get_running_loop().run_in_executor(
+            pool, load_repository, config.repository, config.max_versions
+        )
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         torch.set_num_threads(torch_before)
@@ -107,7 +109,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         inline_below_s=config.inline_below_ms / 1000.0,
         on_batch=metrics.observe_batch,
     )
-    state = ServerState(config, metrics, models, pool, scheduler, Drain())
+    repository.on_load = metrics.observe_load
+    repository.on_release = lambda served: scheduler.forget(served.name, served.tag)
+    state = ServerState(config, metrics, repository, pool, scheduler, Drain())
     metrics.bind(
         inflight=lambda: state.drain.inflight,
         waiting=lambda: scheduler.waiting,
@@ -116,21 +120,42 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[STATE] = state
     log.info(
         "serving %d model(s): %s; %d compute thread(s) of %d torch thread(s)",
-        len(models),
-        ", ".join(sorted(models)),
+        len(repository.models),
+        ", ".join(f"{s.name} {s.version}" for s in repository),
         compute_threads,
         torch_threads,
     )
+    poller = None
+    if config.poll_repository_s > 0:
+        poller = asyncio.get_running_loop().create_task(_poll(state), name="splitinfer repository poller")
     try:
         yield
     finally:
         state.drain.begin()
+        if poller is not None:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
         try:  # each cleanup step runs even if the one before failed
             await scheduler.close()
         except Exception:
             log.exception("stopping the batchers failed")
         pool.shutdown(wait=False, cancel_futures=True)
         torch.set_num_threads(torch_before)
+
+
+async def reload(state: ServerState, name: str | None = None) -> list[str]:
+    """Hot-reload the repository (every model, or ``name``): what SIGHUP, polling and
+    POST /v2/repository/models/{name}/load do. BundleError if ``name`` is not on disk."""
+    return await reload_models(state.repository, state.pool, name)
+
+
+async def _poll(state: ServerState) -> None:
+    while True:
+        await asyncio.sleep(state.config.poll_repository_s)
+        try:
+            await reload(state)
+        except Exception:  # the poller never dies of one bad scan
+            log.exception("reloading the repository failed; serving what was loaded")
 
 
 async def _token_reloader(app: web.Application) -> AsyncIterator[None]:

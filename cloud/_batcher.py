@@ -305,7 +305,8 @@ class Scheduler:
         self.response_codec = response_codec
         self.inline_below_s = inline_below_s
         self.on_batch = on_batch
-        self.batchers: dict[tuple[str, int], Batcher] = {}
+        #: By (model, cut, tag of the served version: cloud._repository.Served.tag).
+        self.batchers: dict[tuple[str, int, str], Batcher] = {}
         self.running: set[asyncio.Task[None]] = set()
         self.arriving = 0
         self.queued = 0
@@ -317,8 +318,8 @@ class Scheduler:
         """Admitted requests not yet computing (what the queue bound limits)."""
         return self.arriving + self.queued
 
-    def batcher(self, bundle: Bundle, cut: int) -> Batcher:
-        key = (bundle.name, cut)
+    def batcher(self, bundle: Bundle, cut: int, tag: str = "1") -> Batcher:
+        key = (bundle.name, cut, tag)
         batcher = self.batchers.get(key)
         if batcher is None:
             batcher = self.batchers[key] = Batcher(self, bundle, cut)
@@ -350,6 +351,16 @@ class Scheduler:
                 self.on_batch(model, cut, rows)
             except Exception:  # a metrics hook never fails a request
                 log.exception("the batch hook failed")
+
+    def forget(self, model: str, tag: str) -> None:
+        """Stop the batchers of a released version (their queues are empty: nothing is in flight)."""
+        for key in [k for k in self.batchers if k[0] == model and k[2] == tag]:
+            batcher = self.batchers.pop(key)
+            batcher.task.cancel()
+            while batcher.queue:  # never: a version is released after its last request
+                job = batcher.queue[0]
+                batcher._remove(job)
+                job.fail(Problem.unavailable("not_ready", "this model version was unloaded; retry"))
 
     async def close(self) -> None:
         """Stop forming batches; answer queued jobs 503; wait for running batches."""

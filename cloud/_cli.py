@@ -74,6 +74,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "serve /metrics and health on this separate plain-HTTP port instead of the API port",
         type=int,
     )
+    option("max-versions", "serve the newest N versions of each model (default 0: all)", type=int)
+    option(
+        "poll-repository-s",
+        "rescan the repository every S seconds, hot-reloading changes (default 0: SIGHUP or a load request)",
+        type=float,
+    )
     option(
         "drain-timeout-s",
         "after SIGTERM, seconds admitted requests get to finish before the process exits (default 30)",

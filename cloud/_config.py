@@ -65,6 +65,11 @@ class ServerConfig:
     metrics_port: int | None = None
     #: After SIGTERM: seconds to let admitted requests finish before the process exits.
     drain_timeout_s: float = 30.0
+    #: Serve only the newest N versions of each model (0: every version in the repository).
+    max_versions: int = 0
+    #: Rescan the repository every S seconds and hot-reload what changed (0: only on SIGHUP or
+    #: POST /v2/repository/models/{name}/load).
+    poll_repository_s: float = 0.0
     #: Longest a client may take to send a request's body (and, under ``serve``, its headers;
     #: idle kept-alive connections close after it too): a slow client gets 408 and is cut off.
     read_timeout_s: float = 60.0
@@ -103,6 +108,16 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be 0 (automatic) to 1024, got {value!r}")
         _at_least("max_body_bytes", self.max_body_bytes, 1024, "frames carry a header of their own")
         _at_least("max_decoded_bytes", self.max_decoded_bytes, 1024, "it bounds one request's frontier")
+        if (
+            isinstance(self.max_versions, bool)
+            or not isinstance(self.max_versions, int)
+            or self.max_versions < 0
+        ):
+            raise ConfigError(f"max_versions must be 0 (every version) or more, got {self.max_versions!r}")
+        if not (self.poll_repository_s == 0 or 0.1 <= self.poll_repository_s <= 86400):
+            raise ConfigError(
+                f"poll_repository_s must be 0 (no polling) or 0.1..86400 s, got {self.poll_repository_s}"
+            )
         if not 0 < self.drain_timeout_s <= 3600:
             raise ConfigError(f"drain_timeout_s must be in (0, 3600] seconds, got {self.drain_timeout_s}")
         if not 0 < self.read_timeout_s <= 3600:

@@ -18,6 +18,7 @@ from splitinfer.cloud._auth import check_authorization
 from splitinfer.cloud._batcher import Job
 from splitinfer.cloud._compute import SMALL_BYTES, Frame, decode_frame
 from splitinfer.cloud._problem import Problem, error_response, oip_path, problem_response
+from splitinfer.cloud._repository import Served
 from splitinfer.cloud._state import CONFIG, METRICS, STATE, TOKENS, ServerState
 from splitinfer.errors import ProtocolError
 
@@ -312,20 +313,34 @@ async def infer(request: web.Request) -> web.Response:
     state = request.app[STATE]
     started = time.perf_counter()
     name = request.match_info["name"]
-    bundle = state.models.get(name)
-    if bundle is None:
+    if state.repository.latest(name) is None:
         raise Problem("unknown_model", f"no model {name!r} here; GET /v1/models lists them")
     admit(state, request)
     state.drain.enter()
     try:
-        return await _infer(state, request, bundle, name, started)
+        return await _infer(state, request, name, started)
     finally:
         state.drain.leave()
 
 
-async def _infer(
-    state: ServerState, request: web.Request, bundle: Bundle, name: str, started: float
-) -> web.Response:
+def _version_for(state: ServerState, name: str, header: protocol.RequestHeader) -> Served:
+    """The served version of ``name`` whose graph the frame was made for (edge clients on an
+    older bundle keep being served by the older version while it is loaded)."""
+    served = state.repository.by_graph(name, header.graph)
+    if served is not None:
+        return served
+    versions = state.repository.versions(name)
+    if not versions:
+        raise Problem("unknown_model", f"no model {name!r} here; GET /v1/models lists them")
+    hashes = ", ".join(f"{s.bundle.graph_hash} (version {s.version})" for s in versions)
+    raise Problem(
+        "graph_mismatch",
+        f"model {name!r} here has graph {hashes}; the request was made for {header.graph}: load the "
+        "same bundle on the edge and the cloud",
+    )
+
+
+async def _infer(state: ServerState, request: web.Request, name: str, started: float) -> web.Response:
     config, scheduler = state.config, state.scheduler
     scheduler.admit()
     try:
@@ -335,6 +350,10 @@ async def _infer(
             header, payload = protocol.decode_request(body, max_payload=config.max_body_bytes)
         except ProtocolError as exc:
             raise Problem(exc.code, str(exc)) from None
+        if header.model != name:
+            raise Problem("malformed_frame", f"frame names model {header.model!r} but was posted to {name!r}")
+        served = _version_for(state, name, header)
+        bundle = served.bundle
         rows = _check(bundle, header, name, config.max_decoded_bytes)
         deadline = None if header.deadline_s is None else started + header.deadline_s
         now = time.perf_counter()
@@ -346,8 +365,9 @@ async def _infer(
             frame = Frame(header, payload, rows, frontier, time.perf_counter() - now)
         future = asyncio.get_running_loop().create_future()
         job = Job(frame, now, deadline, future, alone=not batchable(bundle, header.cut))
-        batcher = scheduler.batcher(bundle, header.cut)
+        batcher = scheduler.batcher(bundle, header.cut, served.tag)
         batcher.submit(job)
+        state.repository.enter(served)  # the version stays loaded until this request is answered
     finally:
         scheduler.arrived()
     try:
@@ -355,6 +375,8 @@ async def _infer(
     except asyncio.CancelledError:
         batcher.withdraw(job)
         raise
+    finally:
+        state.repository.leave(served)
     stages = answer.stages
     # "total" is the server's own time, from the last body byte to the answer: the time the body
     # spent arriving is the client's uplink, which the edge estimates from this header.
@@ -402,7 +424,9 @@ async def link_probe(request: web.Request) -> web.Response:
 # -- discovery, health, metrics ------------------------------------------------------------
 
 
-def _describe(bundle: Bundle, max_batch_size: int) -> dict[str, object]:
+def _describe(state: ServerState, bundle: Bundle) -> dict[str, object]:
+    """A model's newest version, and every served version with its graph hash."""
+    served = state.repository.versions(bundle.name)
     return {
         "name": bundle.name,
         "version": bundle.version,
@@ -411,13 +435,14 @@ def _describe(bundle: Bundle, max_batch_size: int) -> dict[str, object]:
         "codecs": bundle.codecs,
         "inputs": [s.to_json() for s in bundle.inputs],
         "outputs": pytree.treespec_loads(bundle.out_spec).num_leaves,
-        "max_batch_size": max_batch_size,
+        "max_batch_size": state.config.max_batch_size,
+        "versions": [{"version": s.version, "graph_hash": s.bundle.graph_hash} for s in served],
     }
 
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    models = [_describe(b, state.config.max_batch_size) for b in state.models.values()]
+    models = [_describe(state, b) for b in state.models.values()]
     return web.json_response({"models": models})
 
 
@@ -427,7 +452,7 @@ async def get_model(request: web.Request) -> web.Response:
     bundle = state.models.get(name)
     if bundle is None:
         raise Problem("unknown_model", f"no model {name!r} here; GET /v1/models lists them")
-    return web.json_response(_describe(bundle, state.config.max_batch_size))
+    return web.json_response(_describe(state, bundle))
 
 
 async def live(request: web.Request) -> web.Response:

@@ -117,6 +117,13 @@ class ServerMetrics:
             "1 while the server accepts requests, 0 while loading or draining.",
             registry=registry,
         )
+        self.model_loads = Counter(
+            "splitinfer_model_loads",
+            "Attempts to load a model version from the repository, by model and result (ok, failed: "
+            "the version is refused and what was served before keeps serving; see the log).",
+            ["model", "result"],
+            registry=registry,
+        )
         build = Gauge(
             "splitinfer_build_info",
             "Constant 1, labelled with the versions this server runs.",
@@ -145,6 +152,9 @@ class ServerMetrics:
             self.duration.labels(model=model, stage=stage).observe(seconds)
         self.payload.labels(model=model, cut=str(cut), codec=codec).observe(nbytes_in)
         self.response.labels(model=model).observe(nbytes_out)
+
+    def observe_load(self, model: str, version: str, ok: bool) -> None:
+        self.model_loads.labels(model=model, result="ok" if ok else "failed").inc()
 
     def observe_batch(self, model: str, cut: int, rows: int) -> None:
         self.batch_size.labels(model=model).observe(rows)

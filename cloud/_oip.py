@@ -45,7 +45,9 @@ from splitinfer.cloud._batcher import Job
 from splitinfer.cloud._compute import SMALL_BYTES, Frame
 from splitinfer.cloud._handlers import admit, batchable, read_body, server_timing
 from splitinfer.cloud._problem import Problem
+from splitinfer.cloud._repository import Served, reload_models
 from splitinfer.cloud._state import STATE, ServerState
+from splitinfer.errors import BundleError
 from splitinfer.tensors import MAX_NDIM, TensorSpec, numpy_dtype
 
 __all__ = [
@@ -63,7 +65,7 @@ log = logging.getLogger("splitinfer.cloud")
 #: The header that gives the JSON part's length in a body using the binary tensor extension.
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: The extensions this server implements (announced by GET /v2).
-EXTENSIONS = ("binary_tensor_data",)
+EXTENSIONS = ("binary_tensor_data", "model_repository")
 INFER_ROUTES = frozenset({"v2_infer", "v2_infer_version"})
 #: Media types an inference body may be declared as (or none).
 MEDIA_TYPES = frozenset({"application/json", "application/octet-stream"})
@@ -100,7 +102,7 @@ def _tensor_metadata(names: Sequence[str], specs: Sequence[TensorSpec]) -> list[
     ]
 
 
-def model_metadata(bundle: Bundle) -> dict[str, Any]:
+def model_metadata(bundle: Bundle, versions: Sequence[str]) -> dict[str, Any]:
     """The model metadata response: whole-model inputs and outputs, and every cut's inputs."""
     last = bundle.last_cut
     cuts = [
@@ -113,7 +115,7 @@ def model_metadata(bundle: Bundle) -> dict[str, Any]:
     ]
     return {
         "name": bundle.name,
-        "versions": [bundle.version],
+        "versions": list(versions),
         "platform": "splitinfer_torch_export",
         "inputs": _tensor_metadata(bundle.tensor_names(0), bundle.cuts[0].tensors),
         "outputs": _tensor_metadata(bundle.output_names(), bundle.cuts[last].tensors),
@@ -376,7 +378,7 @@ def _raw(tensor: torch.Tensor) -> np.ndarray[Any, Any]:
 
 
 def encode_answer(
-    bundle: Bundle, request: InferRequest, outputs: Sequence[torch.Tensor]
+    bundle: Bundle, version: str, request: InferRequest, outputs: Sequence[torch.Tensor]
 ) -> tuple[bytes, int | None]:
     """The response body for ``outputs``, and the length of its JSON part when binary data follows."""
     names = bundle.output_names()
@@ -396,7 +398,7 @@ def encode_answer(
         else:
             entry["data"] = arr.reshape(-1).tolist()
         described.append(entry)
-    doc = {"model_name": bundle.name, "model_version": bundle.version, "outputs": described}
+    doc = {"model_name": bundle.name, "model_version": version, "outputs": described}
     if request.request_id:
         doc["id"] = request.request_id
     head = json.dumps(doc, separators=(",", ":")).encode()
@@ -408,16 +410,18 @@ def encode_answer(
 # -- handlers ------------------------------------------------------------------------------
 
 
-def _bundle(request: web.Request) -> Bundle:
-    state = request.app[STATE]
+def _served(request: web.Request) -> Served:
+    """The version a request names (the newest when it names none); Problem 404 if not served."""
+    repo = request.app[STATE].repository
     name = request.match_info["name"]
-    bundle = state.models.get(name)
-    if bundle is None:
-        raise Problem("unknown_model", f"no model {name!r} here; GET /v1/models lists them")
     version = request.match_info.get("version")
-    if version is not None and version != bundle.version:
-        raise Problem("unknown_model", f"model {name!r} has version {bundle.version} here, not {version!r}")
-    return bundle
+    served = repo.get(name, version)
+    if served is None:
+        if repo.latest(name) is None:
+            raise Problem("unknown_model", f"no model {name!r} here; GET /v1/models lists them")
+        have = ", ".join(s.version for s in repo.versions(name))
+        raise Problem("unknown_model", f"model {name!r} has version(s) {have} here, not {version!r}")
+    return served
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -425,26 +429,30 @@ async def server_metadata(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
-    return web.json_response(model_metadata(_bundle(request)))
+    served = _served(request)
+    versions = [s.version for s in request.app[STATE].repository.versions(served.name)]
+    return web.json_response(model_metadata(served.bundle, versions))
 
 
 async def model_ready(request: web.Request) -> web.Response:
-    bundle = _bundle(request)
+    served = _served(request)
     state = request.app[STATE]
     if not state.ready:
         raise Problem.unavailable("not_ready", "the server is draining")
-    return web.json_response({"name": bundle.name, "ready": True})
+    return web.json_response({"name": served.name, "version": served.version, "ready": True})
 
 
 async def infer(request: web.Request) -> web.Response:
     state = request.app[STATE]
     started = time.perf_counter()
-    bundle = _bundle(request)
+    served = _served(request)
     admit(state, request, MEDIA_TYPES)
     state.drain.enter()
+    state.repository.enter(served)  # the version stays loaded until this request is answered
     try:
-        return await _infer(state, request, bundle, started)
+        return await _infer(state, request, served, started)
     finally:
+        state.repository.leave(served)
         state.drain.leave()
 
 
@@ -455,8 +463,8 @@ async def _run(state: ServerState, size: int, fn: Any, *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(state.pool, fn, *args)
 
 
-async def _infer(state: ServerState, request: web.Request, bundle: Bundle, started: float) -> web.Response:
-    config, scheduler = state.config, state.scheduler
+async def _infer(state: ServerState, request: web.Request, served: Served, started: float) -> web.Response:
+    config, scheduler, bundle = state.config, state.scheduler, served.bundle
     scheduler.admit()
     try:
         body = await read_body(request, config.max_body_bytes, config.read_timeout_s)
@@ -487,7 +495,7 @@ async def _infer(state: ServerState, request: web.Request, bundle: Bundle, start
         frame = Frame(header, memoryview(b""), parsed.rows, parsed.frontier, now - received, encode=False)
         future = asyncio.get_running_loop().create_future()
         job = Job(frame, now, deadline, future, alone=not batchable(bundle, parsed.cut))
-        batcher = scheduler.batcher(bundle, parsed.cut)
+        batcher = scheduler.batcher(bundle, parsed.cut, served.tag)
         batcher.submit(job)
     finally:
         scheduler.arrived()
@@ -504,6 +512,7 @@ async def _infer(state: ServerState, request: web.Request, bundle: Bundle, start
         sum(o.numel() * o.element_size() for o in answer.outputs),
         encode_answer,
         bundle,
+        served.version,
         parsed,
         answer.outputs,
     )
@@ -522,6 +531,44 @@ async def _infer(state: ServerState, request: web.Request, bundle: Bundle, start
     return web.Response(body=out, content_type="application/octet-stream", headers=headers)
 
 
+async def repository_index(request: web.Request) -> web.Response:
+    """``POST /v2/repository/index``: every served model version (the repository extension)."""
+    repo = request.app[STATE].repository
+    index = [{"name": s.name, "version": s.version, "state": "READY"} for s in sorted(repo, key=_order)]
+    return web.json_response(index)
+
+
+def _order(served: Served) -> tuple[str, int, str]:
+    return (served.name, int(served.version) if served.version.isdigit() else -1, served.version)
+
+
+async def load_model(request: web.Request) -> web.Response:
+    """``POST /v2/repository/models/{name}/load``: hot-reload one model from the repository."""
+    state = request.app[STATE]
+    name = request.match_info["name"]
+    try:
+        await reload_models(state.repository, state.pool, name)
+    except BundleError as exc:
+        raise Problem("bad_request", str(exc)) from None
+    repo = state.repository
+    served = [s.version for s in repo.versions(name)]
+    refused = {v: why for (model, v), why in repo.errors.items() if model == name}
+    if refused:
+        why = "; ".join(f"version {v} was refused: {text}" for v, text in sorted(refused.items()))
+        keeps = f"serving version(s) {', '.join(served)}" if served else "nothing of it is served"
+        raise Problem("bad_request", f"model {name!r}: {why}; {keeps}")
+    return web.json_response({"name": name, "versions": served})
+
+
+async def unload_model(request: web.Request) -> web.Response:
+    """``POST /v2/repository/models/{name}/unload``: stop serving a model (in-flight requests finish)."""
+    state = request.app[STATE]
+    name = request.match_info["name"]
+    if not state.repository.unload(name):
+        raise Problem("unknown_model", f"no model {name!r} is served here")
+    return web.json_response({"name": name, "versions": []})
+
+
 def add_routes(app: web.Application) -> None:
     """The /v2 routes (health stays with /v1's handlers)."""
     app.router.add_get("/v2", server_metadata)
@@ -529,3 +576,6 @@ def add_routes(app: web.Application) -> None:
         app.router.add_get(prefix, get_model)
         app.router.add_get(prefix + "/ready", model_ready)
         app.router.add_post(prefix + "/infer", infer, name="v2_infer" + suffix)
+    app.router.add_post("/v2/repository/index", repository_index)
+    app.router.add_post("/v2/repository/models/{name}/load", load_model)
+    app.router.add_post("/v2/repository/models/{name}/unload", unload_model)

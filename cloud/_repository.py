@@ -1,25 +1,293 @@
-"""The model repository: one bundle per subdirectory."""
+"""The model repository: bundles by model and version, reloaded while the server keeps serving.
+
+Layout (docs/server.md, "Model versions and hot reload")::
+
+    MODELS/democnn/manifest.json ...        a bare bundle: version 1
+    MODELS/resnet/1/manifest.json ...       versions in numbered subdirectories
+    MODELS/resnet/2/manifest.json ...
+
+A model's name is its manifest's name (every version must carry the same). The server serves
+every version present, or the newest ``max_versions``. :meth:`Repository.reload` scans the disk
+again: versions that are new or changed (their manifest differs) are loaded beside the served
+ones, then the set flips at once, and a version that left the set is released only when its
+last in-flight request has finished (:meth:`Repository.enter` / :meth:`Repository.leave`). A
+version that fails to load (a bad sha256, an unloadable segment, another model's name) is
+refused with an error in the log and the ``splitinfer_model_loads_total{result="failed"}``
+metric, and what was served before keeps serving.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitinfer.bundle import MANIFEST, Bundle
 from splitinfer.errors import BundleError
+from splitinfer.manifest import read_manifest
 
-__all__ = ["load_repository"]
+__all__ = ["Repository", "Served", "load_repository", "reload_models", "scan"]
+
+log = logging.getLogger("splitinfer.cloud")
+
+#: Called after each attempt to load a version: (model, version, ok).
+LoadHook = Callable[[str, str, bool], None]
+#: Called when a served version is released (its batchers can go).
+ReleaseHook = Callable[["Served"], None]
 
 
-def load_repository(root: Path) -> dict[str, Bundle]:
-    """Every bundle under ``root``, by model name; a broken bundle stops the start, loudly."""
-    models: dict[str, Bundle] = {}
+@dataclass(eq=False)
+class Served:
+    """One loaded version of a model, and the requests it is computing."""
+
+    bundle: Bundle
+    version: str
+    path: Path
+    #: sha256 of its manifest.json (which holds the sha256 of every file): what "changed" means.
+    digest: str
+    #: Distinguishes two loads of the same version directory (batchers are keyed by it).
+    tag: str
+    inflight: int = 0
+    retired: bool = field(default=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.bundle.name
+
+
+def _version_key(version: str) -> tuple[int, str]:
+    return (int(version), version) if version.isdigit() else (-1, version)
+
+
+def scan(root: Path) -> dict[str, dict[str, Path]]:
+    """The bundle directories under ``root``: model name (from each manifest) -> version -> path.
+
+    Unreadable manifests are logged and skipped here (loading reports them); two directories
+    claiming one model and version are an error.
+    """
+    found: dict[str, dict[str, Path]] = {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if not (sub / MANIFEST).exists():
-            continue
-        bundle = Bundle.load(sub)
-        if bundle.name in models:
-            raise BundleError(f"two bundles in {root} are named {bundle.name!r}; rename one")
-        models[bundle.name] = bundle
-    if not models:
-        raise BundleError(f"no bundle in {root}: put one bundle directory (with {MANIFEST}) per subdirectory")
-    return models
+        if (sub / MANIFEST).exists():
+            candidates = [("1", sub)]
+        else:
+            candidates = [
+                (v.name, v) for v in sorted(sub.iterdir()) if v.name.isdigit() and (v / MANIFEST).exists()
+            ]
+        for version, path in candidates:
+            try:
+                name = str(read_manifest(path)["name"])
+            except BundleError as exc:
+                log.error("skipping %s: %s", path, exc)
+                continue
+            versions = found.setdefault(name, {})
+            if version in versions:
+                raise BundleError(
+                    f"two bundles in {root} are model {name!r} version {version} ({versions[version]} and "
+                    f"{path}); rename one, or put versions in numbered subdirectories of one model directory"
+                )
+            versions[version] = path
+    return found
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
+
+
+class Repository:
+    """The served versions of every model (the newest is what a request without a version gets)."""
+
+    def __init__(self, root: Path, max_versions: int = 0):
+        self.root = root
+        self.max_versions = max_versions
+        self.models: dict[str, dict[str, Served]] = {}
+        #: Models unloaded by request: a reload of everything leaves them out until loaded again.
+        self.unloaded: set[str] = set()
+        self.on_load: LoadHook | None = None
+        self.on_release: ReleaseHook | None = None
+        self._loads = 0
+        self.lock = asyncio.Lock()
+        #: Why the last load of a version failed, by (model, version); cleared when one succeeds.
+        self.errors: dict[tuple[str, str], str] = {}
+        #: Manifest digests of version directories that failed to load: not retried until they change.
+        self._failed: dict[Path, str] = {}
+
+    # -- lookups -----------------------------------------------------------------------
+
+    def latest(self, name: str) -> Served | None:
+        versions = self.models.get(name)
+        if not versions:
+            return None
+        return versions[max(versions, key=_version_key)]
+
+    def get(self, name: str, version: str | None = None) -> Served | None:
+        """Version ``version`` of ``name`` (the newest when None), or None."""
+        if version is None:
+            return self.latest(name)
+        return self.models.get(name, {}).get(version)
+
+    def by_graph(self, name: str, graph_hash: str) -> Served | None:
+        """The newest served version of ``name`` whose graph hash is ``graph_hash``, or None."""
+        matches = [s for s in self.models.get(name, {}).values() if s.bundle.graph_hash == graph_hash]
+        return max(matches, key=lambda s: _version_key(s.version)) if matches else None
+
+    def versions(self, name: str) -> list[Served]:
+        """The served versions of ``name``, oldest first."""
+        return sorted(self.models.get(name, {}).values(), key=lambda s: _version_key(s.version))
+
+    def __iter__(self) -> Iterator[Served]:
+        for versions in self.models.values():
+            yield from versions.values()
+
+    # -- requests in flight --------------------------------------------------------------
+
+    def enter(self, served: Served) -> None:
+        served.inflight += 1
+
+    def leave(self, served: Served) -> None:
+        served.inflight -= 1
+        if served.retired and served.inflight == 0:
+            self._release(served)
+
+    def _retire(self, served: Served) -> None:
+        served.retired = True
+        log.info("model %s version %s leaves service", served.name, served.version)
+        if served.inflight == 0:
+            self._release(served)
+
+    def _release(self, served: Served) -> None:
+        log.info("model %s version %s released", served.name, served.version)
+        if self.on_release is not None:
+            try:
+                self.on_release(served)
+            except Exception:
+                log.exception("releasing model %s version %s failed", served.name, served.version)
+
+    # -- loading -------------------------------------------------------------------------
+
+    def load(self, name: str, version: str, path: Path) -> Served:
+        """Load one version (blocking: run it on a worker thread); BundleError if it cannot be served."""
+        digest = _digest(path)
+        bundle = Bundle.load(path)
+        if bundle.name != name:
+            raise BundleError(f"{path} holds model {bundle.name!r}, not {name!r}")
+        self._loads += 1
+        return Served(
+            bundle, version, path, digest, tag=version if self._loads == 1 else f"{version}.{self._loads}"
+        )
+
+    def plan(self, name: str, present: dict[str, Path]) -> dict[str, Path]:
+        """The versions of ``name`` to serve from those on disk: all, or the newest max_versions."""
+        ordered = sorted(present, key=_version_key)
+        if self.max_versions:
+            ordered = ordered[-self.max_versions :]
+        return {v: present[v] for v in ordered}
+
+    def prepare(self, name: str, present: dict[str, Path], *, strict: bool) -> dict[str, Served]:
+        """The new set of served versions of ``name``: unchanged ones kept, others loaded (blocking).
+
+        A version that fails to load is left out (the one served before stays, if any), logged
+        and counted; with ``strict`` (the first load) it raises instead.
+        """
+        current = self.models.get(name, {})
+        wanted = self.plan(name, present)
+        for key in [k for k in self.errors if k[0] == name and k[1] not in wanted]:
+            del self.errors[key]  # that version is gone from disk: its refusal is history
+        out: dict[str, Served] = {}
+        for version, path in wanted.items():
+            old = current.get(version)
+            digest = None
+            try:
+                digest = _digest(path)
+                if old is not None and old.path == path and old.digest == digest:
+                    out[version] = old
+                    continue
+                if self._failed.get(path) == digest:  # refused already, and unchanged since
+                    if old is not None:
+                        out[version] = old
+                    continue
+                out[version] = self.load(name, version, path)
+                self._observe(name, version, True)
+                self.errors.pop((name, version), None)
+                self._failed.pop(path, None)
+                log.info("loaded model %s version %s from %s", name, version, path)
+            except (BundleError, OSError) as exc:
+                self._observe(name, version, False)
+                if strict:
+                    raise
+                log.error("refusing model %s version %s (%s): %s", name, version, path, exc)
+                self.errors[(name, version)] = str(exc)
+                if digest is not None:
+                    self._failed[path] = digest
+                if old is not None:
+                    out[version] = old
+        return out
+
+    def flip(self, name: str, versions: dict[str, Served]) -> None:
+        """Serve ``versions`` of ``name`` from now on; versions that left are retired."""
+        old = self.models.get(name, {})
+        if versions:
+            self.models[name] = versions
+        else:
+            self.models.pop(name, None)
+        kept = {id(s) for s in versions.values()}
+        for served in old.values():
+            if id(served) not in kept:
+                self._retire(served)
+
+    def unload(self, name: str) -> bool:
+        """Stop serving every version of ``name`` (in-flight requests finish); False if none was."""
+        self.unloaded.add(name)
+        if name not in self.models:
+            return False
+        self.flip(name, {})
+        return True
+
+    def _observe(self, name: str, version: str, ok: bool) -> None:
+        if self.on_load is not None:
+            try:
+                self.on_load(name, version, ok)
+            except Exception:  # metrics never fail a load
+                log.exception("the load hook failed")
+
+
+def load_repository(root: Path, max_versions: int = 0) -> Repository:
+    """Every bundle under ``root``, by model and version; a broken bundle stops the start, loudly."""
+    repo = Repository(root, max_versions)
+    for name, present in scan(root).items():
+        repo.flip(name, repo.prepare(name, present, strict=True))
+    if not repo.models:
+        raise BundleError(
+            f"no bundle in {root}: put one bundle directory (with {MANIFEST}) per subdirectory, or "
+            "numbered version directories (1/, 2/, ...) in a model's subdirectory"
+        )
+    return repo
+
+
+async def reload_models(repo: Repository, pool: Executor, name: str | None = None) -> list[str]:
+    """Scan the disk again and serve what it holds now (every model, or only ``name``).
+
+    New and changed versions load on ``pool`` beside the served ones, then each model's set
+    flips; retired versions are released after their in-flight requests. Returns the models
+    reloaded. One reload runs at a time. A model named here that is not on disk: BundleError.
+    """
+    loop = asyncio.get_running_loop()
+    async with repo.lock:
+        found = await loop.run_in_executor(pool, scan, repo.root)
+        if name is not None:
+            if name not in found:
+                raise BundleError(f"no bundle of model {name!r} in {repo.root}; put it there first")
+            repo.unloaded.discard(name)
+            names = [name]
+        else:
+            names = sorted((set(found) | set(repo.models)) - repo.unloaded)
+        for model in names:
+            versions = await loop.run_in_executor(
+                pool, functools.partial(repo.prepare, model, found.get(model, {}), strict=False)
+            )
+            repo.flip(model, versions)
+        return names

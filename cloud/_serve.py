@@ -15,7 +15,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from prometheus_client import CollectorRegistry
 
-from splitinfer.cloud._app import create_app, create_probe_app
+from splitinfer.cloud._app import create_app, create_probe_app, reload
 from splitinfer.cloud._config import ServerConfig
 from splitinfer.cloud._metrics import ServerMetrics
 from splitinfer.cloud._problem import Problem, problem_response
@@ -176,6 +176,7 @@ async def _run(
             )
             for host, port, *_ in probe_runner.addresses:
                 announce(f"splitinfer serve: metrics on http://{_hostport(host, port)}/metrics")
+        _reload_on_sighup(app)
         signum = await _wait_for_signal()
         log.info(
             "received %s: draining for at most %.1f s", signal.Signals(signum).name, config.drain_timeout_s
@@ -200,6 +201,28 @@ async def _listen(site: web.TCPSite, host: str, port: int) -> None:
         raise ConfigError(
             f"cannot listen on {_hostport(host, port)}: {exc.strerror or exc}; pick another --host/--port"
         ) from None
+
+
+def _reload_on_sighup(app: web.Application) -> None:
+    """SIGHUP hot-reloads the repository (new versions load beside the served ones, then flip)."""
+    if not hasattr(signal, "SIGHUP"):  # not on Windows
+        return
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def run() -> None:
+        try:
+            names = await reload(app[STATE])
+            log.info("SIGHUP: reloaded %s", ", ".join(names) or "nothing")
+        except Exception:
+            log.exception("SIGHUP: reloading the repository failed; serving what was loaded")
+
+    def on_hup() -> None:
+        task = loop.create_task(run())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
 
 
 async def _wait_for_signal() -> int:

@@ -13,6 +13,7 @@ from splitinfer.cloud._batcher import Scheduler
 from splitinfer.cloud._config import ServerConfig
 from splitinfer.cloud._drain import Drain
 from splitinfer.cloud._metrics import ServerMetrics
+from splitinfer.cloud._repository import Repository
 
 __all__ = ["CONFIG", "METRICS", "STATE", "TOKENS", "ServerState"]
 
@@ -23,10 +24,15 @@ class ServerState:
 
     config: ServerConfig
     metrics: ServerMetrics
-    models: dict[str, Bundle]
+    repository: Repository
     pool: ThreadPoolExecutor
     scheduler: Scheduler
     drain: Drain
+
+    @property
+    def models(self) -> dict[str, Bundle]:
+        """The newest served version of every model, by name."""
+        return {name: s.bundle for name in self.repository.models if (s := self.repository.latest(name))}
 
     @property
     def ready(self) -> bool:

@@ -249,7 +249,7 @@ async def test_light_batches_run_inline_once_measured(repository, cnn_bundle, cn
             status, _, body = await post(s, server.url + INFER, frame(cnn_bundle, 8, x))
             assert status == 200
             assert torch.allclose(outputs(body)[0], _expected(cnn, x), atol=1e-5)
-        batcher = server.app[STATE].scheduler.batchers[("democnn", 8)]
+        batcher = server.app[STATE].scheduler.batchers[("democnn", 8, "1")]
         assert batcher.cost_per_row is not None
     assert inline == [1, 1, 1]  # the first batch ran on a compute thread, to measure the cost
 
