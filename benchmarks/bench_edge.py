@@ -55,7 +55,7 @@ async def measure(url: str, bundle_dir: Path, policy: str, requests: int, **opti
         for i in range(requests + 20):
             await client.ainfer(x)
             s = client.last_trace.stages
-            own = s["total"] - sum(s.get(k, 0.0) for k in ("head", "encode", "network", "decode"))
+            own = s["total"] - sum(s.get(k, 0.0) for k in ("head", "encode", "network", "response_decode"))
             if i >= 20:  # warm-up
                 overheads.append(own)
     return overheads

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
+from urllib.parse import quote
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -27,12 +30,14 @@ from splitinfer.edge._metrics import EdgeMetrics
 from splitinfer.edge._transport import HttpTransport, Transport, TransportResponse, make_ssl_context
 from splitinfer.errors import (
     AuthError,
+    ClientClosedError,
     CloudError,
     CloudTimeoutError,
     CloudUnavailableError,
     CodecError,
     ConfigError,
     CutNotLoadedError,
+    GraphMismatchError,
     ProtocolError,
     RemoteRequestError,
 )
@@ -48,27 +53,53 @@ log = logging.getLogger("splitinfer.edge")
 LINK_PROBE_PATH = "/v1/link-probe"
 #: Seconds a link probe may take before it counts as failed.
 PROBE_TIMEOUT_S = 10.0
+#: Seconds the model metadata check (on entering, on warm-up) may take.
+METADATA_TIMEOUT_S = 5.0
+#: Seconds between two log lines about requests that fell back for the same reason.
+FALLBACK_LOG_EVERY_S = 10.0
+#: Answers that mean the client is misconfigured, not that the cloud is unwell: logged at
+#: WARNING once per kind and counted (``EdgeClient.refusals``).
+REFUSALS = {401: "unauthorized", 403: "forbidden", 404: "unknown_model", 409: "graph_mismatch"}
 
 
 @dataclass(frozen=True)
 class Trace:
-    """What happened to one request."""
+    """What happened to one request (``client.ainfer(x, return_trace=True)`` returns it with the
+    outputs; ``client.last_trace`` holds the latest, which concurrent requests overwrite).
 
+    ``predicted`` and ``stages`` share the keys of the cost model's stages wherever both exist,
+    so ``trace.stages[k] / trace.predicted[k]`` compares them: ``head`` and ``encode`` (on the
+    device), ``link`` (the wire: round trip, upload and download; predicted as ``rtt + uplink +
+    downlink``, measured as the request's time on the network less the cloud's own), ``queue``,
+    ``decode`` and ``tail`` (on the cloud, from its ``Server-Timing``: queue, decode, compute).
+    The prediction also keeps ``rtt``, ``uplink`` and ``downlink`` apart; the measurement adds
+    ``network`` (request sent to answer read), ``response_decode`` (the answer's decode on the
+    device), ``local_tail`` (a fallback's tail on the device), ``total`` and the raw
+    ``Server-Timing`` stages, prefixed ``cloud_``. Seconds throughout.
+    """
+
+    #: The request's id (also sent to the cloud).
     request_id: str
+    #: The cut and codec the policy decided (the last cut and its codec: all on the device).
     cut: int
     codec: str
+    #: Bytes of the request and of the answer on the wire (0, 0 when nothing was sent).
     bytes_up: int
     bytes_down: int
     #: Predicted seconds per stage, from the policy's cost model.
     predicted: dict[str, float] = field(default_factory=dict)
-    #: Measured seconds per stage on the edge (head, encode, network, decode, local_tail, total)
-    #: and, from the Server-Timing header, on the cloud (prefixed ``cloud_``).
+    #: Measured seconds per stage (see above).
     stages: dict[str, float] = field(default_factory=dict)
     #: Why the request finished on the device although the decision sent it to the cloud
-    #: (``hedge``: its answer was overdue, see EdgeClient).
+    #: (``deadline``, ``backoff``, ``circuit_open`` before sending; ``timeout``, ``shed``,
+    #: ``unreachable``, ``graph_mismatch``, ``bad_request``, ``cloud_error`` after trying;
+    #: ``hedge``: its answer was overdue, see EdgeClient).
     fallback: str | None = None
     #: Whether the request was sent twice (a stale kept-alive connection).
     retried: bool = False
+    #: Where the model's tail actually ran: ``"cloud"`` (from ``cut``, with ``codec``) or
+    #: ``"device"`` (the decision was the last cut, or the request fell back).
+    ran_on: str = "device"
 
 
 class EdgeClient:
@@ -149,6 +180,27 @@ class EdgeClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._closed = False
+        #: Answers of the cloud that say this client is misconfigured, by kind (:data:`REFUSALS`).
+        self.refusals: Counter[str] = Counter()
+        #: The server's description of this client's model, from the last metadata check.
+        self.server_metadata: dict[str, Any] | None = None
+        self._warned: set[str] = set()
+        self._fallback_log: dict[str, tuple[float, int]] = {}
+        self._url = url
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"EdgeClient({self._url!r}, model={self.bundle.name!r}, policy={self.policy.name!r}, "
+            f"cuts 0..{self.bundle.last_cut} (max_cut {self.max_cut}), deadline_s={self.deadline_s}, {state})"
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosedError(
+                "this EdgeClient has been closed: make a new one (it does not reopen its connections)"
+            )
 
     # -- the request ---------------------------------------------------------------------
 
@@ -181,8 +233,17 @@ class EdgeClient:
             await asyncio.sleep(took * (self.device_slowdown - 1.0))
         return result, time.perf_counter() - t0
 
-    async def ainfer(self, *inputs: Any) -> Any:
-        """The model's outputs for ``inputs``, computed across the device and the cloud."""
+    @overload
+    async def ainfer(self, *inputs: Any, return_trace: Literal[False] = ...) -> Any: ...
+
+    @overload
+    async def ainfer(self, *inputs: Any, return_trace: Literal[True]) -> tuple[Any, Trace]: ...
+
+    async def ainfer(self, *inputs: Any, return_trace: bool = False) -> Any:
+        """The model's outputs for ``inputs``, computed across the device and the cloud; with
+        ``return_trace=True``, ``(outputs, trace)``: this request's own :class:`Trace` (safe
+        under ``asyncio.gather``, unlike ``last_trace``)."""
+        self._check_open()
         started = time.perf_counter()
         est = self.estimator.estimates()
         decision, local_reason = self._decide(est)
@@ -195,7 +256,7 @@ class EdgeClient:
         if k == last:  # a request sent is observed with its encode (_remote)
             self.estimator.observe_head(k, stages["head"])
         trace = Trace(
-            request_id, decision.cut, decision.codec, 0, 0, dict(decision.stages), stages, local_reason
+            request_id, decision.cut, decision.codec, 0, 0, _predicted(decision.stages), stages, local_reason
         )
         if k == last:
             outputs = frontier
@@ -208,7 +269,8 @@ class EdgeClient:
                 outputs, trace = await self._fall_back(decision, frontier, trace, exc)
         stages["total"] = time.perf_counter() - started
         self._record(trace, decision)
-        return pytree.tree_unflatten(list(outputs), pytree.treespec_loads(self.bundle.out_spec))
+        result = pytree.tree_unflatten(list(outputs), pytree.treespec_loads(self.bundle.out_spec))
+        return (result, trace) if return_trace else result
 
     async def _remote(
         self,
@@ -261,18 +323,25 @@ class EdgeClient:
         resp = await send
         trace.stages["network"] = resp.ended - resp.started
         if resp.status != 200:
-            raise protocol.error_from_problem(resp.status, resp.body, resp.headers.get("Retry-After"))
+            exc = protocol.error_from_problem(resp.status, resp.body, resp.headers.get("Retry-After"))
+            self._refused(resp.status, "request", exc)
+            raise exc
         t0 = time.perf_counter()
         rheader, rpayload = protocol.decode_response(resp.body)
         outputs = get_codec(rheader.codec).decode(
             rpayload, max_nbytes=sum(s.nbytes() for s in rheader.tensors)
         )
-        trace.stages["decode"] = time.perf_counter() - t0
-        timing = resp.headers.get("Server-Timing")
-        trace.stages.update({f"cloud_{k}": v for k, v in protocol.parse_server_timing(timing).items()})
+        trace.stages["response_decode"] = time.perf_counter() - t0
+        cloud = protocol.parse_server_timing(resp.headers.get("Server-Timing"))
+        trace.stages.update({f"cloud_{k}": v for k, v in cloud.items()})
+        for ours, theirs in (("queue", "queue"), ("decode", "decode"), ("tail", "compute")):
+            if theirs in cloud:
+                trace.stages[ours] = cloud[theirs]
+        own = cloud.get("total", sum(v for k, v in cloud.items() if k != "total"))
+        trace.stages["link"] = max(0.0, trace.stages["network"] - own)
         self.breaker.success()
         return tuple(outputs), replace(
-            trace, bytes_up=len(body), bytes_down=len(resp.body), retried=resp.retried
+            trace, bytes_up=len(body), bytes_down=len(resp.body), retried=resp.retried, ran_on="cloud"
         )
 
     async def _hedge(
@@ -396,6 +465,10 @@ class EdgeClient:
                     server = sum(protocol.parse_server_timing(resp.headers.get("Server-Timing")).values())
                     self.estimator.observe_rtt(max(0.0, resp.first_byte - resp.started - server))
             ok = resp.status == 204
+            if resp.status in (401, 403, 409):
+                self._refused(
+                    resp.status, f"link probe ({part})", protocol.error_from_problem(resp.status, resp.body)
+                )
             if resp.status in (404, 405):
                 self.probe = False  # a server from before link probes: do not ask again
                 log.warning("the cloud does not answer link probes (HTTP %s); probing stops", resp.status)
@@ -412,6 +485,7 @@ class EdgeClient:
     ) -> tuple[tuple[torch.Tensor, ...], Trace]:
         """Finish on the device from the frontier already computed; fail loudly if it cannot."""
         reason = _reason(exc)
+        self._log_fallback(reason, exc)
         if reason not in ("graph_mismatch", "bad_request"):
             self.breaker.failure()
         if isinstance(exc, CloudUnavailableError) and exc.retry_after_s:
@@ -426,6 +500,39 @@ class EdgeClient:
         except CutNotLoadedError:
             raise exc from None
         return outputs, replace(trace, fallback=reason)
+
+    def _refused(self, status: int, what: str, exc: CloudError) -> None:
+        """Count an answer that says this client is misconfigured; log its kind once."""
+        kind = REFUSALS.get(status)
+        if kind is None:
+            return
+        self.refusals[kind] += 1
+        if self.metrics is not None:
+            self.metrics.refusals.labels(model=self.bundle.name, kind=kind).inc()
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning(
+                "the cloud refused a %s of model %r with HTTP %s (%s): %s. Further ones are counted "
+                "(client.refusals) but not logged",
+                what,
+                self.bundle.name,
+                status,
+                kind,
+                exc,
+            )
+
+    def _log_fallback(self, reason: str, exc: Exception) -> None:
+        """Log a request finished on the device, at most once per reason every few seconds."""
+        now = time.monotonic()
+        last, skipped = self._fallback_log.get(reason, (-FALLBACK_LOG_EVERY_S, 0))
+        if now - last < FALLBACK_LOG_EVERY_S:
+            self._fallback_log[reason] = (last, skipped + 1)
+            return
+        self._fallback_log[reason] = (now, 0)
+        more = f" ({skipped} more since the last such line)" if skipped else ""
+        log.warning(
+            "model %r: a request finishes on the device (%s): %s%s", self.bundle.name, reason, exc, more
+        )
 
     def _record(self, trace: Trace, decision: Decision) -> None:
         self.last_trace = trace
@@ -455,9 +562,11 @@ class EdgeClient:
         also measures the round trip then, before any request is on the link. Returns the
         seconds the device (with ``device_slowdown``: scaled, not waited out) takes for the
         whole model. Needs the full model."""
+        self._check_open()
         last = self.bundle.last_cut
         if not self.can_finish_locally:
             raise ConfigError("warm_up runs the whole model on the device; this client holds only a head")
+        await self._check_server()
         await asyncio.to_thread(self.bundle.head, last, *inputs)
         _, took = await asyncio.to_thread(_timed, self.bundle.head, last, *inputs)
         seconds = took * self.device_slowdown
@@ -470,9 +579,92 @@ class EdgeClient:
         """Synchronous :meth:`awarm_up`."""
         return self._run(self.awarm_up(*inputs))
 
+    # -- the server -----------------------------------------------------------------------
+
+    async def amodel_metadata(self) -> dict[str, Any]:
+        """The server's description of this client's model (``GET /v1/models/{name}``: version,
+        graph hash, cuts, codecs, inputs, max batch size), checked against the bundle.
+
+        AuthError for 401/403; RemoteRequestError (code ``unknown_model``) when the server does
+        not host the model, GraphMismatchError when it hosts another graph under its name (both
+        name both graph hashes); CloudUnavailableError or CloudTimeoutError when it cannot be
+        reached.
+        """
+        self._check_open()
+        name, ours = self.bundle.name, self.bundle.graph_hash
+        resp = await self.transport.get(f"/v1/models/{quote(name, safe='')}", METADATA_TIMEOUT_S)
+        if resp.status in (401, 403):
+            exc = protocol.error_from_problem(resp.status, resp.body)
+            raise AuthError(
+                f"{exc}; check the client's token= (the server's --token-file lists the valid ones)",
+                code=exc.code,
+                status=resp.status,
+            )
+        if resp.status == 404:
+            raise RemoteRequestError(
+                f"the cloud at {self._url} hosts no model {name!r} (this client's bundle: graph {ours}): "
+                "serve this bundle there (splitinfer serve --repository <its parent directory>), "
+                "or point the client at a server that hosts it",
+                code="unknown_model",
+                status=404,
+            )
+        if resp.status != 200:
+            raise protocol.error_from_problem(resp.status, resp.body, resp.headers.get("Retry-After"))
+        try:
+            doc = json.loads(resp.body)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise ProtocolError(f"the cloud at {self._url} describes model {name!r} with something not JSON")
+        theirs = doc.get("graph_hash")
+        if theirs != ours:
+            raise GraphMismatchError(
+                f"the cloud's model {name!r} has graph {theirs}, this client's bundle has graph {ours}: "
+                "load the same bundle on the edge and the cloud",
+                code="graph_mismatch",
+                status=409,
+            )
+        self.server_metadata = doc
+        return doc
+
+    def model_metadata(self) -> dict[str, Any]:
+        """Synchronous :meth:`amodel_metadata`."""
+        return self._run(self.amodel_metadata())
+
+    async def aserver_ready(self) -> bool:
+        """Whether the server answers ``GET /v2/health/ready`` with 200 (False when it is loading,
+        draining or unreachable)."""
+        self._check_open()
+        try:
+            resp = await self.transport.get("/v2/health/ready", METADATA_TIMEOUT_S)
+        except CloudError:
+            return False
+        return resp.status == 200
+
+    def server_ready(self) -> bool:
+        """Synchronous :meth:`aserver_ready`."""
+        return self._run(self.aserver_ready())
+
+    async def _check_server(self) -> None:
+        """The metadata check on entering and on warm-up: a misconfiguration raises; a cloud that
+        cannot be reached (it may come later) is logged once."""
+        try:
+            await self.amodel_metadata()
+        except (CloudUnavailableError, CloudTimeoutError) as exc:
+            if "unreachable" not in self._warned:
+                self._warned.add("unreachable")
+                log.warning(
+                    "cannot check model %r with the cloud at %s yet (%s); requests finish on the "
+                    "device until it answers",
+                    self.bundle.name,
+                    self._url,
+                    exc,
+                )
+
     # -- async lifecycle -----------------------------------------------------------------
 
     async def aclose(self) -> None:
+        self._closed = True
         for fut in list(self._ignored):
             fut.cancel()
         if self._ignored:
@@ -483,6 +675,12 @@ class EdgeClient:
         await self.transport.close()
 
     async def __aenter__(self) -> EdgeClient:
+        self._check_open()
+        try:
+            await self._check_server()
+        except BaseException:
+            await self.aclose()  # __aexit__ will not run: leave no session open
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -500,12 +698,22 @@ class EdgeClient:
                 self._thread.start()
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def infer(self, *inputs: Any) -> Any:
+    @overload
+    def infer(self, *inputs: Any, return_trace: Literal[False] = ...) -> Any: ...
+
+    @overload
+    def infer(self, *inputs: Any, return_trace: Literal[True]) -> tuple[Any, Trace]: ...
+
+    def infer(self, *inputs: Any, return_trace: bool = False) -> Any:
         """Synchronous :meth:`ainfer`; safe to call from several threads."""
+        self._check_open()
+        if return_trace:
+            return self._run(self.ainfer(*inputs, return_trace=True))
         return self._run(self.ainfer(*inputs))
 
     def close(self) -> None:
         if self._loop is None:
+            self._closed = True
             return
         self._run(self.aclose())
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -515,6 +723,12 @@ class EdgeClient:
         self._loop = None
 
     def __enter__(self) -> EdgeClient:
+        self._check_open()
+        try:
+            self._run(self._check_server())
+        except BaseException:
+            self.close()  # __exit__ will not run: leave no session open
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -568,6 +782,14 @@ def _timed(fn: Callable[..., T], *args: object) -> tuple[T, float]:
     t0 = time.perf_counter()
     result = fn(*args)
     return result, time.perf_counter() - t0
+
+
+def _predicted(stages: dict[str, float]) -> dict[str, float]:
+    """The cost model's stages, and ``link`` (rtt + uplink + downlink) as the trace measures it."""
+    out = dict(stages)
+    if "rtt" in out or "uplink" in out:
+        out["link"] = out.get("rtt", 0.0) + out.get("uplink", 0.0) + out.get("downlink", 0.0)
+    return out
 
 
 def _reason(exc: Exception) -> str:

@@ -46,6 +46,12 @@ class EdgeMetrics:
             ["model", "reason"],
             registry=registry,
         )
+        self.refusals = Counter(
+            "splitinfer_edge_refusals",
+            "Answers of the cloud that say the client is misconfigured (401, 403, 404, 409), by kind.",
+            ["model", "kind"],
+            registry=registry,
+        )
         self.retries = Counter(
             "splitinfer_edge_retries",
             "Requests sent again, by reason.",

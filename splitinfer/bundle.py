@@ -60,7 +60,7 @@ _EXPORT_LOAD_LOCK = threading.Lock()
 Segment = Callable[..., Sequence["torch.Tensor"]]
 
 
-@dataclass
+@dataclass(repr=False)
 class Bundle(Manifest):
     """A compiled model: its manifest (cuts, codecs, tables), and the segments this process loaded.
 
@@ -82,6 +82,10 @@ class Bundle(Manifest):
                 f"bundle {self.name!r} has {len(self.cuts)} cuts, so {self.n_segments} segments; "
                 f"got {len(self.segments)}"
             )
+
+    def __repr__(self) -> str:
+        loaded = sum(s is not None for s in self.segments)
+        return f"Bundle({self._summary()}, {loaded}/{self.n_segments} segments loaded)"
 
     @property
     def manifest(self) -> Manifest:

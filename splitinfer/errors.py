@@ -9,6 +9,7 @@ inherits the builtin it resembles, so callers can catch either::
     ├── BundleError(ValueError)            a bundle on disk is missing, tampered with or inconsistent
     │   └── CutNotLoadedError(LookupError) a cut outside the segments this process loaded
     ├── CodecError(ValueError)             a codec spec is unknown, or a blob cannot be decoded safely
+    ├── ClientClosedError(RuntimeError)    an EdgeClient used after close()
     ├── ProtocolError(ValueError)          a wire frame is malformed              400 malformed_frame
     │   ├── FrameTooLargeError             a frame or payload exceeds a limit     413 too_large
     │   └── UnsupportedVersionError        a frame speaks another version         400 unsupported_version
@@ -32,6 +33,7 @@ __all__ = [
     "AuthError",
     "BundleError",
     "CaptureError",
+    "ClientClosedError",
     "CloudError",
     "CloudTimeoutError",
     "CloudUnavailableError",
@@ -69,6 +71,10 @@ class CutNotLoadedError(BundleError, LookupError):
 
 class CodecError(SplitInferError, ValueError):
     """A codec spec is invalid, or an encoded blob is truncated, corrupt or hostile."""
+
+
+class ClientClosedError(SplitInferError, RuntimeError):
+    """An EdgeClient was used after it was closed (it never quietly reopens)."""
 
 
 class ProtocolError(SplitInferError, ValueError):

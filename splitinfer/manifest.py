@@ -118,6 +118,17 @@ class Manifest:
     #: zstd dictionaries by cut index (as a string) and codec spec (docs/bundle-format.md).
     dictionaries: dict[str, dict[str, ZstdDictionary]] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._summary()})"
+
+    def _summary(self) -> str:
+        """One line: name, version, graph, cuts, codecs, profiles (a repr, not the manifest)."""
+        profiles = ", ".join(self.profiles) or "none"
+        return (
+            f"{self.name!r} v{self.version}, graph {self.graph_hash[:12]}, {len(self.cuts)} cuts, "
+            f"codecs {' '.join(self.codecs)}, profiles {profiles}"
+        )
+
     @property
     def n_segments(self) -> int:
         return len(self.cuts) - 1

@@ -278,12 +278,12 @@ async def test_a_wrong_token_is_a_clear_error(profiled, tmp_path):
     runner, server = await _server(profiled, token_file=tokens)
     try:
         x = torch.rand(1, 3, 32, 32)
-        async with EdgeClient(
-            server.url, bundle=profiled / "democnn", policy="static", cut=4, codec="f32", token="wrong"
-        ) as client:
-            with pytest.raises(AuthError) as info:
-                await client.ainfer(x)
-            assert info.value.status in (401, 403)  # 403: a token was sent, and it is wrong
+        with pytest.raises(AuthError) as info:  # on entering: the client asks for its model
+            async with EdgeClient(
+                server.url, bundle=profiled / "democnn", policy="static", cut=4, codec="f32", token="wrong"
+            ):
+                pass
+        assert info.value.status in (401, 403)  # 403: a token was sent, and it is wrong
         async with EdgeClient(
             server.url, bundle=profiled / "democnn", policy="static", cut=4, codec="f32", token="s3cret-token"
         ) as client:

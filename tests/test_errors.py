@@ -10,6 +10,7 @@ def test_every_error_is_a_splitinfer_error_and_its_builtin():
         errors.BundleError: ValueError,
         errors.CutNotLoadedError: LookupError,
         errors.CodecError: ValueError,
+        errors.ClientClosedError: RuntimeError,
         errors.ProtocolError: ValueError,
         errors.FrameTooLargeError: ValueError,
         errors.UnsupportedVersionError: ValueError,
