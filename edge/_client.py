@@ -67,15 +67,15 @@ class Trace:
     """What happened to one request (``client.ainfer(x, return_trace=True)`` returns it with the
     outputs; ``client.last_trace`` holds the latest, which concurrent requests overwrite).
 
-    ``predicted`` and ``stages`` share the keys of the cost model's stages wherever both exist,
-    so ``trace.stages[k] / trace.predicted[k]`` compares them: ``head`` and ``encode`` (on the
-    device), ``link`` (the wire: round trip, upload and download; predicted as ``rtt + uplink +
-    downlink``, measured as the request's time on the network less the cloud's own), ``queue``,
-    ``decode`` and ``tail`` (on the cloud, from its ``Server-Timing``: queue, decode, compute).
-    The prediction also keeps ``rtt``, ``uplink`` and ``downlink`` apart; the measurement adds
-    ``network`` (request sent to answer read), ``response_decode`` (the answer's decode on the
-    device), ``local_tail`` (a fallback's tail on the device), ``total`` and the raw
-    ``Server-Timing`` stages, prefixed ``cloud_``. Seconds throughout.
+    ``predicted`` holds the cost model's stages (``head``, ``encode``, ``rtt``, ``uplink``,
+    ``queue``, ``decode``, ``tail``, ``downlink``; and ``hedge_after`` for a hedged request);
+    ``stages`` the measured ones under the same keys where they can be measured: ``head`` and
+    ``encode`` (on the device), ``queue``, ``decode`` and ``tail`` (on the cloud, from its
+    ``Server-Timing``: queue, decode, compute), and ``link``, the wire's share (the request's time
+    on the network less the cloud's own), which the link's three predicted stages add up to;
+    :meth:`compared` pairs them. ``stages`` also holds ``network`` (request sent to answer read),
+    ``response_decode`` (the answer's decode on the device), ``local_tail`` (a fallback's tail on
+    the device), ``total`` and the raw ``Server-Timing`` stages, prefixed ``cloud_``. Seconds.
     """
 
     #: The request's id (also sent to the cloud).
@@ -100,6 +100,15 @@ class Trace:
     #: Where the model's tail actually ran: ``"cloud"`` (from ``cut``, with ``codec``) or
     #: ``"device"`` (the decision was the last cut, or the request fell back).
     ran_on: str = "device"
+
+    def compared(self) -> dict[str, tuple[float, float]]:
+        """``{stage: (predicted, measured)}`` for every stage both hold (``link``: predicted
+        as ``rtt + uplink + downlink``)."""
+        predicted = dict(self.predicted)
+        if "uplink" in predicted:
+            predicted["link"] = sum(predicted.get(k, 0.0) for k in ("rtt", "uplink", "downlink"))
+        keys = ("head", "encode", "link", "queue", "decode", "tail")
+        return {k: (predicted[k], self.stages[k]) for k in keys if k in predicted and k in self.stages}
 
 
 class EdgeClient:
@@ -256,7 +265,7 @@ class EdgeClient:
         if k == last:  # a request sent is observed with its encode (_remote)
             self.estimator.observe_head(k, stages["head"])
         trace = Trace(
-            request_id, decision.cut, decision.codec, 0, 0, _predicted(decision.stages), stages, local_reason
+            request_id, decision.cut, decision.codec, 0, 0, dict(decision.stages), stages, local_reason
         )
         if k == last:
             outputs = frontier
@@ -782,14 +791,6 @@ def _timed(fn: Callable[..., T], *args: object) -> tuple[T, float]:
     t0 = time.perf_counter()
     result = fn(*args)
     return result, time.perf_counter() - t0
-
-
-def _predicted(stages: dict[str, float]) -> dict[str, float]:
-    """The cost model's stages, and ``link`` (rtt + uplink + downlink) as the trace measures it."""
-    out = dict(stages)
-    if "rtt" in out or "uplink" in out:
-        out["link"] = out.get("rtt", 0.0) + out.get("uplink", 0.0) + out.get("downlink", 0.0)
-    return out
 
 
 def _reason(exc: Exception) -> str:
