@@ -42,6 +42,7 @@ from splitinfer.errors import (
     RemoteRequestError,
 )
 from splitinfer.partitioner import Decision, Estimates, Estimator, Policy, hedge_after, make_policy
+from splitinfer.partitioner._profiles import chain_times
 from splitinfer.tensors import specs_of
 
 __all__ = ["EdgeClient", "Trace"]
@@ -173,6 +174,9 @@ class EdgeClient:
         self.device_slowdown = float(self.config.device_slowdown)
         self.can_finish_locally = self.bundle.can_head(self.bundle.last_cut)
         self.estimator = _make_estimator(self.bundle, self.config)
+        chain = chain_times(self.bundle)
+        #: Profiled batch-1 seconds of the head of every cut (emulate="profile"), if profiled.
+        self._chain: list[float] | None = None if chain is None else chain[0]
         self.transport: Transport = transport or _http_transport(url, self.config)
         self.breaker = breaker or CircuitBreaker()
         self.metrics = EdgeMetrics(registry) if registry is not None else None
@@ -229,18 +233,41 @@ class EdgeClient:
             return decision, "circuit_open"
         return decision, None
 
-    async def _emulated(self, fn: Callable[..., T], *args: object) -> tuple[T, float]:
+    async def _emulated(
+        self, fn: Callable[..., T], *args: object, profiled_s: float | None = None
+    ) -> tuple[T, float]:
         """Run ``fn`` off the loop, then wait out the rest of an N-times-slower device.
 
         Only ``fn``'s own time (measured in the worker thread) is scaled: handing the work to
         the thread and back is this host's overhead, not the device's compute, and scaled by
         N it made a 1 ms encode look like 30 and turned event-loop jitter into device jitter.
+        With ``emulate="profile"`` and the work's ``profiled_s`` known, the device takes
+        ``profiled_s * N`` (or what the work really took, if longer): on a host shared by many
+        emulated devices, contention is not multiplied by N into device time.
         """
         t0 = time.perf_counter()
         result, took = await asyncio.to_thread(_timed, fn, *args)
         if self.device_slowdown > 1.0:
-            await asyncio.sleep(took * (self.device_slowdown - 1.0))
+            if self.config.emulate == "profile" and profiled_s is not None:
+                await asyncio.sleep(max(0.0, profiled_s * self.device_slowdown - (time.perf_counter() - t0)))
+            else:
+                await asyncio.sleep(took * (self.device_slowdown - 1.0))
         return result, time.perf_counter() - t0
+
+    def _profiled_tail(self, k: int, frontier: tuple[torch.Tensor, ...]) -> float | None:
+        """The profile's time for the device's tail from cut ``k`` (batch-1 time x rows)."""
+        if self._chain is None:
+            return None
+        last = self._profiled_head(self.bundle.last_cut, frontier)
+        head = self._profiled_head(k, frontier)
+        return None if last is None or head is None else last - head
+
+    def _profiled_head(self, k: int, inputs: tuple[Any, ...]) -> float | None:
+        """The profile's time for the head of cut ``k`` on these inputs (batch-1 time x rows)."""
+        if self._chain is None:
+            return None
+        rows = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
+        return self._chain[k] * rows
 
     @overload
     async def ainfer(self, *inputs: Any, return_trace: Literal[False] = ...) -> Any: ...
@@ -261,7 +288,9 @@ class EdgeClient:
         self._maybe_probe(sending=k != last)
         request_id = uuid.uuid4().hex
         stages: dict[str, float] = {}
-        frontier, stages["head"] = await self._emulated(self.bundle.head, k, *inputs)
+        frontier, stages["head"] = await self._emulated(
+            self.bundle.head, k, *inputs, profiled_s=self._profiled_head(k, inputs)
+        )
         if k == last:  # a request sent is observed with its encode (_remote)
             self.estimator.observe_head(k, stages["head"])
         trace = Trace(
@@ -290,7 +319,9 @@ class EdgeClient:
         started: float,
     ) -> tuple[tuple[torch.Tensor, ...], Trace]:
         codec = self.bundle.codec_for(decision.cut, decision.codec)
-        payload, trace.stages["encode"] = await self._emulated(codec.encode, list(frontier))
+        payload, trace.stages["encode"] = await self._emulated(
+            codec.encode, list(frontier), profiled_s=decision.stages.get("encode", 0.0) / est.device_slowdown
+        )
         # The device's work is the head and the encode (at cut 0, the encode alone): one sample,
         # so a tiny encode, mostly thread hand-off once emulated N times slower, weighs little.
         # Its profiled time is the decision's prediction without the slowdown that went into it.
@@ -371,7 +402,13 @@ class EdgeClient:
             return None
         t0 = time.perf_counter()
         local = asyncio.ensure_future(
-            self._emulated(self.bundle.run_segments, decision.cut, self.bundle.n_segments, frontier)
+            self._emulated(
+                self.bundle.run_segments,
+                decision.cut,
+                self.bundle.n_segments,
+                frontier,
+                profiled_s=self._profiled_tail(decision.cut, frontier),
+            )
         )
         try:
             racing: set[asyncio.Future[Any]] = {send, local}
@@ -504,7 +541,11 @@ class EdgeClient:
             raise exc
         try:  # on the device, so as slow as the device is (device_slowdown)
             outputs, trace.stages["local_tail"] = await self._emulated(
-                self.bundle.run_segments, decision.cut, self.bundle.n_segments, frontier
+                self.bundle.run_segments,
+                decision.cut,
+                self.bundle.n_segments,
+                frontier,
+                profiled_s=self._profiled_tail(decision.cut, frontier),
             )
         except CutNotLoadedError:
             raise exc from None
@@ -578,7 +619,8 @@ class EdgeClient:
         await self._check_server()
         await asyncio.to_thread(self.bundle.head, last, *inputs)
         _, took = await asyncio.to_thread(_timed, self.bundle.head, last, *inputs)
-        seconds = took * self.device_slowdown
+        profiled = self._profiled_head(last, inputs) if self.config.emulate == "profile" else None
+        seconds = max(took, profiled * self.device_slowdown) if profiled else took * self.device_slowdown
         self.estimator.observe_head(last, seconds)
         if self.probe and self.estimator.needs_rtt_probe():  # while no request is on the link
             await self._probe_part("rtt", b"")

@@ -45,6 +45,10 @@ class ClientConfig:
     probe: bool | None = None
     #: Finish an overdue sent request on the device (hedged requests; needs the whole model).
     hedge: bool = True
+    #: How ``device_slowdown`` is emulated: ``measured`` scales the time the work took on this
+    #: host; ``profile`` waits out the profiled time times the slowdown (at least the time the
+    #: work took), so that contention on a shared host is not multiplied into device time.
+    emulate: str = "measured"
     #: Settings for :func:`~splitinfer.partitioner.make_policy` (``cut=``, ``codec=``, ...).
     policy_options: Mapping[str, object] = field(default_factory=dict, hash=False)
 
@@ -67,6 +71,8 @@ class ClientConfig:
             raise ConfigError(
                 f"prior must be a splitinfer.partitioner.Estimates or None, got {type(self.prior).__name__}"
             )
+        if self.emulate not in ("measured", "profile"):
+            raise ConfigError(f"emulate must be 'measured' or 'profile', got {self.emulate!r}")
         if not isinstance(self.hedge, bool):
             raise ConfigError(f"hedge must be True or False, got {self.hedge!r}")
         if self.probe is not None and not isinstance(self.probe, bool):

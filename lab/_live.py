@@ -178,6 +178,11 @@ async def run_session(session: Session) -> list[Any]:
                     device_slowdown=s.device_slowdown,
                     fidelity_budget=s.budget,
                     deadline_s=s.deadline_s,
+                    # The product hedges (EdgeClient's default); the classic baselines do not.
+                    hedge=name == "adaptive",
+                    # Device time from the profile x the slowdown, not host time x the slowdown:
+                    # the policies share this host, and its contention is not the device's.
+                    emulate="profile",
                     **options,
                 )
             )

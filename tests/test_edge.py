@@ -181,6 +181,36 @@ async def test_deadline_shorter_than_the_cloud_path_falls_back(profiled, cnn):
         await runner.cleanup()
 
 
+async def test_emulating_from_the_profile_waits_out_the_profiled_time(profiled, cnn):
+    """emulate="profile": the device takes the profile's time x the slowdown for its work,
+    whatever this host's contention made the work take (unless the work took longer)."""
+    from splitinfer.partitioner._profiles import chain_times
+
+    bundle = si.Bundle.load(profiled / "democnn")
+    head, _ = chain_times(bundle)
+    x = torch.rand(1, 3, 32, 32)
+    async with EdgeClient(
+        "http://127.0.0.1:9", bundle=bundle, policy="local", device_slowdown=300.0, emulate="profile"
+    ) as client:
+        assert same(await client.ainfer(x), _want(cnn, x))
+        assert client.last_trace.stages["head"] >= head[-1] * 300.0
+        warm = await client.awarm_up(x)
+        assert warm >= head[-1] * 300.0
+    async with EdgeClient(  # a fallback's tail from cut 2 as well
+        "http://127.0.0.1:9",
+        bundle=bundle,
+        policy="static",
+        cut=2,
+        codec="f32",
+        device_slowdown=300.0,
+        emulate="profile",
+    ) as client:
+        assert same(await client.ainfer(x), _want(cnn, x))
+        assert client.last_trace.stages["local_tail"] >= (head[-1] - head[2]) * 300.0
+    with pytest.raises(ConfigError, match="emulate must be"):
+        EdgeClient("http://127.0.0.1:9", bundle=bundle, emulate="sometimes")
+
+
 async def test_a_fallback_runs_the_tail_at_the_emulated_device_speed(profiled, cnn):
     """Finishing on the device after a cloud failure is device work: an N-times-slower device
     takes about N times as long for it (the worker thread's hand-off is not scaled)."""
