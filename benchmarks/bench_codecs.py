@@ -2,6 +2,8 @@
 
     python benchmarks/bench_codecs.py            # 15-25 minutes on 2 cores; writes results/codecs.md
     python benchmarks/bench_codecs.py --quick    # a smoke run of ~30 s that writes nothing
+    python benchmarks/bench_codecs.py --demo-cuts  # only the demo's dense cuts (issue 22, ~10 min):
+                                                   # rewrites that section of results/codecs.md
 
 Photos from scikit-image and scikit-learn, cut into random crops (with flips) resized to 224 x
 224, are split into a calibration set and a disjoint evaluation set (different photos). The
@@ -29,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import _demo_cuts as demo_cuts  # benchmarks/ is on the path when this file runs
 import numpy as np
 import torch
 import zstandard
@@ -44,7 +47,12 @@ RESULTS = Path(__file__).parent / "results" / "codecs.md"
 CUT_BLOCKS = (0, 2, 4, 8, 12, 15)
 # the activation codecs of available_codecs(), less those that measure like one kept: bf16 (as
 # f16), f32+zstd (as the naive baseline), q8c (as q8); jpeg is measured at the input only
-CODECS = tuple(s for s in available_codecs() if not s.startswith(("jpeg", "bf16", "f32+")) and s != "q8c")
+# (+ans: measured at the demo's cuts, _demo_cuts.py)
+CODECS = tuple(
+    s
+    for s in available_codecs()
+    if not s.startswith(("jpeg", "bf16", "f32+")) and s != "q8c" and "+ans" not in s
+)
 INPUT_ONLY = ("jpeg95", "jpeg90", "jpeg75")
 # per-tensor low-bit codes, where per-channel headers cost more than the data (pooled features)
 POOL_ONLY = ("q6+zstd1", "q5+zstd1", "q3+zstd1")
@@ -847,7 +855,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help=f"report file (default {RESULTS}; --quick: none)"
     )
+    parser.add_argument(
+        "--demo-cuts",
+        action="store_true",
+        help="only the demo bundle's cuts 1-5 and pool (entropy stage, projection; issue 22)",
+    )
     args = parser.parse_args(argv)
+    if args.demo_cuts:
+        return _demo_cuts_only(args)
     n_eval = args.eval_images or (8 if args.quick else 64)
     n_cal = args.calib_images or (4 if args.quick else 20)
     timing_n, reps = (4, 1) if args.quick else (16, 5)
@@ -916,7 +931,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None or not args.quick:
         out = args.out or RESULTS
         out.parent.mkdir(parents=True, exist_ok=True)
-        extra = [*dictionary_section(dict_rows), *ten_lines, *jpeg_lines]
+        t0 = time.perf_counter()
+        demo_lines, _ = demo_cuts.measure(args.quick, args.seed)
+        print(f"demo cuts {time.perf_counter() - t0:5.1f}s")
+        extra = [*dictionary_section(dict_rows), *ten_lines, *jpeg_lines, "", *demo_lines]
         out.write_text(report(results, sparsity, meta, targets, extra))
         print(f"wrote {out}")
     print()
@@ -927,6 +945,30 @@ def main(argv: list[str] | None = None) -> int:
     print(meta["sparsity_verdict"])
     print(dictionary_verdict(dict_rows))
     print(f"done in {time.perf_counter() - t_start:.0f}s")
+    return 0
+
+
+def _demo_cuts_only(args: argparse.Namespace) -> int:
+    """Measure the demo cuts' section and splice it into the report (replacing the old one)."""
+    torch.set_num_threads(1)
+    load = os.getloadavg()
+    t0 = time.perf_counter()
+    lines, _ = demo_cuts.measure(args.quick, args.seed)
+    lines.insert(2, f"Load average when it started: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2 cores).\n")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    print(f"done in {time.perf_counter() - t0:.0f}s")
+    if args.quick and args.out is None:
+        return 0
+    out = args.out or RESULTS
+    old = out.read_text() if out.exists() else ""
+    start = old.find(lines[0])
+    if start < 0:
+        out.write_text(old.rstrip("\n") + "\n\n" + text)
+    else:
+        end = old.find("\n## ", start + len(lines[0]))
+        out.write_text(old[:start] + text + ("" if end < 0 else old[end:]))
+    print(f"wrote {out}")
     return 0
 
 
