@@ -91,6 +91,8 @@ class ModelSpec:
     #: ``si.compile``'s calibration_method: "auto" runs every method's tail on 8 photos per cut
     #: and quantizing codec to pick one, which made 40% of EfficientNet-Lite0's table.
     calibration_method: str = "auto"
+    #: Held-out crops of other photos the fidelity table is measured on (None: in-sample).
+    evaluation: int | None = None
 
 
 def _efficientnet() -> nn.Module:
@@ -102,7 +104,9 @@ def _efficientnet() -> nn.Module:
 MODELS = {
     # 130 KB keeps 33 of 162 cuts: the input, every block boundary from block 3 on and the head.
     # "mse" is what "auto" chose for q4c at 27 of 32 cuts (q8 meets the budget with any method).
-    "efficientnet-lite0": ModelSpec("efficientnet-lite0", _efficientnet, 224, 130_000, 24, 3, "mse"),
+    # 48 held-out crops (issue 22): in-sample on 24, q4c+zstd1 looked >= 0.99 at cuts where
+    # unseen photos agree less (benchmarks/results/codecs.md, "The demo's dense cuts").
+    "efficientnet-lite0": ModelSpec("efficientnet-lite0", _efficientnet, 224, 130_000, 24, 3, "mse", 48),
     "democnn": ModelSpec("democnn", demo_model, 32, None, 8, 2),
 }
 
@@ -164,6 +168,7 @@ def bundle_key(spec: ModelSpec) -> str:
         "max_frontier_bytes": spec.max_frontier_bytes,
         "calibration": spec.calibration,
         "calibration_method": spec.calibration_method,
+        "evaluation": spec.evaluation,
         "codecs": DEMO_CODECS,
         "repeats": spec.profile_repeats,
         "splitinfer": __version__,
@@ -195,6 +200,7 @@ def prepare_bundle(spec: ModelSpec, cache_dir: Path, say: Callable[[str], None],
         name=spec.name,
         image_size=spec.image_size,
         calibration=spec.calibration,
+        evaluation=spec.evaluation,
         max_frontier_bytes=spec.max_frontier_bytes,
         calibration_method=spec.calibration_method,
         codecs=list(DEMO_CODECS),
