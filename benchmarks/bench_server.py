@@ -16,6 +16,9 @@ the load of other work on a shared machine changes far less than it changes thro
 
 Writes benchmarks/results/server.md. Run: `.venv/bin/python benchmarks/bench_server.py`
 (a few minutes; `--quick` for a short smoke run). LitServe: `pip install -e '.[bench]'`.
+`--device cuda` (or `cuda:N`) runs both servers' tails on a GPU (splitinfer with `serve --device`,
+LitServe with `accelerator="cuda"`) and writes benchmarks/results/server-cuda.md; it needs a
+CUDA build of torch and a GPU, which the machine that wrote server.md does not have.
 """
 
 from __future__ import annotations
@@ -156,7 +159,8 @@ if os.environ.get("BENCH_SERVER_LITSERVE") == "1":  # LitServe's workers re-impo
 
         def setup(self, device: str) -> None:
             torch.set_num_threads(self.torch_threads)
-            self.bundle = Bundle.load(self.bundle_dir)
+            self.device = torch.device(device)
+            self.bundle = Bundle.load(self.bundle_dir, device=self.device)
 
         def decode_request(self, request: dict) -> tuple[protocol.RequestHeader, list[torch.Tensor]]:
             header, payload = protocol.decode_request(base64.b64decode(request["frame"]))
@@ -172,7 +176,9 @@ if os.environ.get("BENCH_SERVER_LITSERVE") == "1":  # LitServe's workers re-impo
 
         def predict(self, x: tuple) -> tuple:
             headers, frontier = x
-            return headers, self.bundle.run_segments(headers[0].cut, self.bundle.n_segments, frontier)
+            frontier = [t.to(self.device) for t in frontier]
+            outputs = self.bundle.run_segments(headers[0].cut, self.bundle.n_segments, frontier)
+            return headers, [o.to("cpu") for o in outputs]  # encoded on the host, as splitinfer does
 
         def unbatch(self, output: tuple) -> list:
             headers, outputs = output
@@ -199,8 +205,9 @@ def litserve_main(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         batch_timeout=args.delay_ms / 1000.0,
     )
+    accelerator = "cuda" if args.device.startswith("cuda") else "cpu"
     server = ls.LitServer(
-        api, accelerator="cpu", workers_per_device=args.workers, fast_queue=True, timeout=60
+        api, accelerator=accelerator, workers_per_device=args.workers, fast_queue=True, timeout=60
     )
     server.run(host="127.0.0.1", port=args.port, log_level="warning", generate_client_file=False)
     return 0
@@ -381,7 +388,7 @@ def _servers(args: argparse.Namespace, repo: Path) -> list[Server]:
     serve = [
         *(sys.executable, "-m", "splitinfer", "serve", "--repository", str(repo), "--port", "{port}"),
         *("--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", str(args.delay_ms)),
-        *("--max-queue-length", "1024", "--log-level", "WARNING"),
+        *("--max-queue-length", "1024", "--log-level", "WARNING", "--device", args.device),
     ]
     if args.compute_threads is not None:
         serve += ["--compute-threads", str(args.compute_threads)]
@@ -403,6 +410,7 @@ def _servers(args: argparse.Namespace, repo: Path) -> list[Server]:
             *(sys.executable, str(HERE), "litserve", str(repo / MODEL), "--port", "{port}"),
             *("--max-batch-size", str(args.max_batch_size), "--delay-ms", str(args.delay_ms)),
             *("--workers", str(args.lit_workers), "--torch-threads", str(args.lit_torch_threads)),
+            *("--device", args.device),
         ]
         servers.append(
             Server("litserve", lit, "/health", "/predict", True, tuple(CUTS), {"BENCH_SERVER_LITSERVE": "1"})
@@ -500,6 +508,8 @@ def report(results: list[Result], args: argparse.Namespace, load: tuple[float, f
         f"{CUT_INDEX['mid']} (after `_blocks.7`); request codec `{CODEC}` (frames of about 1.8 KB and "
         "58 KB), "
         "response `f32`, one image per request;",
+        f"- device: `{args.device}` (both servers' tails; frames are decoded and answers encoded on the "
+        "host);",
         f"- same batch settings for all: at most {args.max_batch_size} per batch, "
         f"{args.delay_ms:g} ms queue delay;",
         f"- splitinfer: `splitinfer serve --max-batch-size {args.max_batch_size} "
@@ -695,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     lit.add_argument("--delay-ms", type=float, required=True)
     lit.add_argument("--workers", type=int, required=True)
     lit.add_argument("--torch-threads", type=int, required=True)
+    lit.add_argument("--device", required=True)
     parser.add_argument("--quick", action="store_true", help="a short smoke run (C = 1 and 32, one round)")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=None)
     parser.add_argument("--seconds", type=float, default=None, help="measured seconds per point and server")
@@ -716,8 +727,16 @@ def main(argv: list[str] | None = None) -> int:
         "--bundle", type=Path, default=None, help="a saved bundle of the model (default: compile one)"
     )
     parser.add_argument("--cuts", default="late,mid", help="which cuts to measure (late, mid)")
-    parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "server.md")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: results/server.md (cuda: server-cuda.md)"
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="where both servers run the tails: cpu, cuda or cuda:N (default cpu)"
+    )
     args = parser.parse_args(argv)
+    if args.out is None:
+        name = "server.md" if args.device == "cpu" else "server-cuda.md"
+        args.out = HERE.parent / "results" / name
     if args.mode == "client":
         return client_main(args)
     if args.mode == "litserve":

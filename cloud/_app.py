@@ -40,6 +40,7 @@ def create_app(config: ServerConfig, registry: CollectorRegistry | None = None) 
     """
     if not isinstance(config, ServerConfig):
         raise ConfigError(f"create_app needs a ServerConfig, got {type(config).__name__}")
+    config.torch_device()  # a CUDA device torch cannot see is refused now, before anything starts
     tokens = TokenSet(config.token_file) if config.token_file is not None else None
     open_paths = h.PROBE_PATHS if config.public_probes else frozenset()
     app = web.Application(
@@ -89,12 +90,13 @@ def create_probe_app(app: web.Application) -> web.Application:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config, metrics = app[CONFIG], app[METRICS]
     compute_threads, torch_threads = config.threads()
+    device = config.torch_device()
     torch_before = torch.get_num_threads()
     torch.set_num_threads(torch_threads)  # process-wide: restored when the app cleans up
     pool = ThreadPoolExecutor(compute_threads, thread_name_prefix="splitinfer-compute")
     try:
         repository = await asyncio.get_running_loop().run_in_executor(
-            pool, load_repository, config.repository, config.max_versions
+            pool, load_repository, config.repository, device, config.max_versions
         )
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -106,6 +108,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         max_batch_size=config.max_batch_size,
         max_delay_s=config.max_queue_delay_ms / 1000.0,
         response_codec=config.response_codec,
+        device=device,
         inline_below_s=config.inline_below_ms / 1000.0,
         on_batch=metrics.observe_batch,
     )
@@ -119,9 +122,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     )
     app[STATE] = state
     log.info(
-        "serving %d model(s): %s; %d compute thread(s) of %d torch thread(s)",
+        "serving %d model(s): %s; on %s, %d compute thread(s) of %d torch thread(s)",
         len(repository.models),
         ", ".join(f"{s.name} {s.version}" for s in repository),
+        device,
         compute_threads,
         torch_threads,
     )

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+import torch
+
 from splitinfer.bundle import Bundle
 from splitinfer.cloud._compute import Answer, Frame, finish, run_batch
 from splitinfer.cloud._problem import Problem
@@ -218,7 +220,12 @@ class Batcher:
         dispatched = time.perf_counter()
         try:
             results = run_batch(
-                self.bundle, self.cut, [job.frame for job in batch], self.scheduler.response_codec, dispatched
+                self.bundle,
+                self.cut,
+                [job.frame for job in batch],
+                self.scheduler.response_codec,
+                dispatched,
+                self.scheduler.device,
             )
         except Exception:  # run_batch answers per job; this is a bug
             log.exception("a batch of %s at cut %d failed", self.bundle.name, self.cut)
@@ -237,6 +244,7 @@ class Batcher:
                 [job.frame for job in batch],
                 sched.response_codec,
                 dispatched,
+                sched.device,
             )
         except Exception:  # run_batch answers per job; this is a broken pool or a bug
             log.exception("a batch of %s at cut %d failed", self.bundle.name, self.cut)
@@ -294,10 +302,13 @@ class Scheduler:
         max_batch_size: int,
         max_delay_s: float,
         response_codec: str,
+        device: torch.device,
         inline_below_s: float = 0.0,
         on_batch: BatchHook | None = None,
     ):
         self.pool = pool
+        #: Where the tails run (the served bundles' segments were loaded there).
+        self.device = device
         self.threads = compute_threads
         self.slots = asyncio.Semaphore(compute_threads)
         self.max_batch_size = max_batch_size

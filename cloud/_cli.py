@@ -74,6 +74,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "serve /metrics and health on this separate plain-HTTP port instead of the API port",
         type=int,
     )
+    option("device", "where tails run: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     option("max-versions", "serve the newest N versions of each model (default 0: all)", type=int)
     option(
         "poll-repository-s",

@@ -12,6 +12,7 @@ far more. The tail itself always runs in a compute thread.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -115,21 +116,56 @@ def _split(outputs: Sequence[torch.Tensor], rows: Sequence[int]) -> list[list[to
     return parts
 
 
-def _compute(bundle: Bundle, cut: int, frontiers: list[list[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-    if len(frontiers) > 1:
-        return bundle.run_segments(cut, bundle.n_segments, [torch.cat(p, dim=0) for p in zip(*frontiers)])
-    return bundle.run_segments(cut, bundle.n_segments, frontiers[0])
+def _compute(
+    bundle: Bundle, cut: int, frontiers: list[list[torch.Tensor]], device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """The tail from ``cut`` on ``device`` for the concatenated frontiers; the outputs on the host.
+
+    On a CUDA device the batch is copied in through pinned memory, on this compute thread's own
+    stream (one per thread: batches of different threads overlap), and the outputs copied back
+    before the thread lets go of the batch. Frames are decoded on the host, before this.
+    """
+    inputs = [torch.cat(p, dim=0) for p in zip(*frontiers)] if len(frontiers) > 1 else frontiers[0]
+    if device.type != "cuda":
+        return bundle.run_segments(cut, bundle.n_segments, [t.to(device) for t in inputs])
+    stream = _stream(device)
+    with torch.cuda.stream(stream):
+        moved = [t.pin_memory().to(device, non_blocking=True) for t in inputs]
+        outputs = bundle.run_segments(cut, bundle.n_segments, moved)
+        host = tuple(o.to(HOST, non_blocking=True) for o in outputs)
+    stream.synchronize()
+    return host
+
+
+#: Where frames are decoded and answers encoded.
+HOST = torch.device("cpu")
+_streams = threading.local()
+
+
+def _stream(device: torch.device) -> torch.cuda.Stream:
+    """This thread's CUDA stream on ``device`` (made on first use)."""
+    streams: dict[torch.device, torch.cuda.Stream] = getattr(_streams, "by_device", None) or {}
+    _streams.by_device = streams
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
 
 
 def run_batch(
-    bundle: Bundle, cut: int, frames: Sequence[Frame], response_codec: str, started: float
+    bundle: Bundle,
+    cut: int,
+    frames: Sequence[Frame],
+    response_codec: str,
+    started: float,
+    device: torch.device,
 ) -> list[Answer | Problem]:
     """Answer every frame of one batch (all at ``cut`` of ``bundle``, same non-batch shapes).
 
     The frames are decoded one by one (a frame that does not decode fails alone), concatenated
     along dim 0, run through the tail once and split back. If the batch fails, or its outputs
     are not batch-leading, each frame runs alone, so one hostile frame cannot fail the others.
-    ``started`` is the perf_counter time the batch was dispatched (for the queue stage).
+    ``started`` is the perf_counter time the batch was dispatched (for the queue stage); the
+    tail runs on ``device`` (where the bundle's segments were loaded).
     """
     begin = time.perf_counter()
     results: list[Answer | Problem | None] = [None] * len(frames)
@@ -140,7 +176,7 @@ def run_batch(
         except Problem as p:
             results[i] = p
     if decoded:
-        _run_decoded(bundle, cut, frames, decoded, response_codec, results, begin - started)
+        _run_decoded(bundle, cut, frames, decoded, response_codec, results, begin - started, device)
     return [r if r is not None else Problem("internal", "the request was not computed") for r in results]
 
 
@@ -152,6 +188,7 @@ def _run_decoded(
     response_codec: str,
     results: list[Answer | Problem | None],
     hop: float,
+    device: torch.device,
 ) -> None:
     rows = [frames[i].rows for i, _, _ in decoded]
     parts: list[list[torch.Tensor]] | None = None
@@ -159,7 +196,7 @@ def _run_decoded(
     if len(decoded) > 1:
         t0, c0 = time.perf_counter(), time.thread_time()
         try:
-            parts = _split(_compute(bundle, cut, [f for _, f, _ in decoded]), rows)
+            parts = _split(_compute(bundle, cut, [f for _, f, _ in decoded], device), rows)
         except Exception:
             log.warning(
                 "a batch of %d at cut %d of %s failed; running its requests one by one",
@@ -171,7 +208,7 @@ def _run_decoded(
         compute, cpu = time.perf_counter() - t0, time.thread_time() - c0
     if parts is None:  # one request, or the batch could not be run or split: each alone
         for i, frontier, dec in decoded:
-            results[i] = _answer_alone(bundle, cut, frames[i], frontier, dec, response_codec, hop)
+            results[i] = _answer_alone(bundle, cut, frames[i], frontier, dec, response_codec, hop, device)
         return
     batch_rows = sum(rows)
     for (i, _, dec), outputs in zip(decoded, parts):
@@ -187,10 +224,11 @@ def _answer_alone(
     dec: float,
     response_codec: str,
     hop: float,
+    device: torch.device,
 ) -> Answer | Problem:
     t0, c0 = time.perf_counter(), time.thread_time()
     try:
-        outputs = _compute(bundle, cut, [frontier])
+        outputs = _compute(bundle, cut, [frontier], device)
     except Exception:
         log.exception(
             "the tail of %s at cut %d failed on request %s", bundle.name, cut, frame.header.request_id

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from splitinfer.compression import get_codec
 from splitinfer.errors import CodecError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ENV_PREFIX", "ServerConfig"]
 
@@ -65,6 +70,9 @@ class ServerConfig:
     metrics_port: int | None = None
     #: After SIGTERM: seconds to let admitted requests finish before the process exits.
     drain_timeout_s: float = 30.0
+    #: Where tails run: ``cpu``, ``cuda`` or ``cuda:N``; empty (the default): cuda when torch sees
+    #: a CUDA device, else cpu (:meth:`torch_device`).
+    device: str = ""
     #: Serve only the newest N versions of each model (0: every version in the repository).
     max_versions: int = 0
     #: Rescan the repository every S seconds and hot-reload what changed (0: only on SIGHUP or
@@ -108,6 +116,10 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be 0 (automatic) to 1024, got {value!r}")
         _at_least("max_body_bytes", self.max_body_bytes, 1024, "frames carry a header of their own")
         _at_least("max_decoded_bytes", self.max_decoded_bytes, 1024, "it bounds one request's frontier")
+        if self.device and not re.fullmatch(r"cpu|cuda(:\d{1,3})?", self.device):
+            raise ConfigError(
+                f"device must be cpu, cuda or cuda:N (or empty: cuda when available), got {self.device!r}"
+            )
         if (
             isinstance(self.max_versions, bool)
             or not isinstance(self.max_versions, int)
@@ -148,6 +160,23 @@ class ServerConfig:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    def torch_device(self) -> torch.device:
+        """The device tails run on (imports torch); ConfigError for a CUDA device torch cannot see."""
+        import torch
+
+        if not self.device:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if (device.index or 0) >= count:
+                raise ConfigError(
+                    f"device {self.device} is not available: torch sees {count} CUDA device(s) "
+                    f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); pass "
+                    "--device cpu or install a CUDA build of torch"
+                )
+        return device
 
     def threads(self) -> tuple[int, int]:
         """The compute threads and torch threads to use, with 0 resolved against the usable cores."""

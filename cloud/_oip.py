@@ -371,7 +371,7 @@ def _binary_check(index: int, name: str, spec: TensorSpec, binary: bool) -> tupl
 
 
 def _raw(tensor: torch.Tensor) -> np.ndarray[Any, Any]:
-    t = tensor.detach().cpu().contiguous()
+    t = tensor.detach().contiguous()  # the compute thread copied the outputs to the host
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy()
     return t.numpy()

@@ -26,10 +26,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from splitinfer.bundle import MANIFEST, Bundle
 from splitinfer.errors import BundleError
 from splitinfer.manifest import read_manifest
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Repository", "Served", "load_repository", "reload_models", "scan"]
 
@@ -101,8 +105,10 @@ def _digest(path: Path) -> str:
 class Repository:
     """The served versions of every model (the newest is what a request without a version gets)."""
 
-    def __init__(self, root: Path, max_versions: int = 0):
+    def __init__(self, root: Path, device: torch.device, max_versions: int = 0):
         self.root = root
+        #: Where every version's segments are loaded (the device the tails run on).
+        self.device = device
         self.max_versions = max_versions
         self.models: dict[str, dict[str, Served]] = {}
         #: Models unloaded by request: a reload of everything leaves them out until loaded again.
@@ -172,7 +178,7 @@ class Repository:
     def load(self, name: str, version: str, path: Path) -> Served:
         """Load one version (blocking: run it on a worker thread); BundleError if it cannot be served."""
         digest = _digest(path)
-        bundle = Bundle.load(path)
+        bundle = Bundle.load(path, device=self.device)
         if bundle.name != name:
             raise BundleError(f"{path} holds model {bundle.name!r}, not {name!r}")
         self._loads += 1
@@ -255,9 +261,10 @@ class Repository:
                 log.exception("the load hook failed")
 
 
-def load_repository(root: Path, max_versions: int = 0) -> Repository:
-    """Every bundle under ``root``, by model and version; a broken bundle stops the start, loudly."""
-    repo = Repository(root, max_versions)
+def load_repository(root: Path, device: torch.device, max_versions: int = 0) -> Repository:
+    """Every bundle under ``root``, by model and version, with its segments on ``device``; a
+    broken bundle stops the start, loudly."""
+    repo = Repository(root, device, max_versions)
     for name, present in scan(root).items():
         repo.flip(name, repo.prepare(name, present, strict=True))
     if not repo.models:

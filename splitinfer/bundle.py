@@ -203,11 +203,14 @@ class Bundle(Manifest):
         *,
         upto_cut: int | None = None,
         from_cut: int | None = None,
+        device: str | torch.device | None = None,
     ) -> Bundle:
         """Load a bundle directory, verifying every file's sha256.
 
         ``upto_cut=m`` loads segments ``0..m-1`` only (an edge that computes heads up to cut m);
         ``from_cut=m`` loads segments ``m..n-1`` only (a cloud serving tails from cut m).
+        ``device`` puts the segments' weights, buffers and the devices their graphs name there
+        (``torch.export.passes.move_to_device_pass``); None leaves them where they were saved.
         """
         root = Path(path)
         doc = read_manifest(root)
@@ -220,7 +223,7 @@ class Bundle(Manifest):
         segments: list[Segment | None] = [None] * n
         for i, name in enumerate(doc["segments"]):
             if lo <= i < hi:
-                segments[i] = _load_segment(root, name, doc["files"])
+                segments[i] = _load_segment(root, name, doc["files"], device)
         return cls.from_manifest(meta, segments)
 
     @classmethod
@@ -231,7 +234,7 @@ class Bundle(Manifest):
         )
 
 
-def _load_segment(root: Path, name: str, files: dict[str, str]) -> Segment:
+def _load_segment(root: Path, name: str, files: dict[str, str], device: str | torch.device | None) -> Segment:
     if not isinstance(name, str) or "/" in name or name.startswith(".") or name not in files:
         raise BundleError(f"bundle {root} lists an invalid segment file {name!r}")
     path = root / name
@@ -249,7 +252,12 @@ def _load_segment(root: Path, name: str, files: dict[str, str]) -> Segment:
 
     try:
         with _EXPORT_LOAD_LOCK:
-            return fast_module(torch.export.load(path))
+            program = torch.export.load(path)
+        if device is not None:
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, torch.device(device))
+        return fast_module(program)
     except Exception as exc:  # torch raises many types here; translate at the boundary
         raise BundleError(f"cannot load {path}: {exc}") from exc
 

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 import torch
 
-from splitinfer.cloud._compute import Answer, Frame, finish, run_batch
+from splitinfer.cloud._compute import HOST, Answer, Frame, finish, run_batch
 from splitinfer.cloud._problem import Problem
 from splitinfer.cloud._state import STATE
 from splitinfer.compression import get_codec
@@ -175,7 +175,7 @@ def _frames(bundle, specs):
 
 def test_run_batch_concatenates_mixed_codecs_and_splits_rows_back(cnn_bundle):
     frames = _frames(cnn_bundle, [(5, 1, "f32"), (5, 3, "f32+zstd1"), (5, 2, "f32")])
-    answers = run_batch(cnn_bundle, 5, frames, "f32", time.perf_counter())
+    answers = run_batch(cnn_bundle, 5, frames, "f32", time.perf_counter(), HOST)
     assert all(isinstance(a, Answer) for a in answers)
     computes = {a.stages["compute"] for a in answers}
     assert len(computes) == 1  # one run of the tail for the whole batch
@@ -193,7 +193,7 @@ def test_run_batch_concatenates_mixed_codecs_and_splits_rows_back(cnn_bundle):
 def test_a_frame_that_does_not_decode_fails_alone(cnn_bundle):
     good, bad, other = _frames(cnn_bundle, [(4, 1, "f32+zstd1"), (4, 1, "f32+zstd1"), (4, 2, "f32")])
     broken = Frame(bad.header, memoryview(bytes(bad.payload)[:-7] + b"\x00" * 7), 1)
-    answers = run_batch(cnn_bundle, 4, [good, broken, other], "f32", time.perf_counter())
+    answers = run_batch(cnn_bundle, 4, [good, broken, other], "f32", time.perf_counter(), HOST)
     assert isinstance(answers[0], Answer) and isinstance(answers[2], Answer)
     assert isinstance(answers[1], Problem) and answers[1].code == "malformed_frame"
     assert answers[0].batch_rows == 3
@@ -212,7 +212,7 @@ def test_a_batch_that_fails_runs_its_requests_one_by_one(cnn_bundle, monkeypatch
         return real(start, stop, frontier)
 
     monkeypatch.setattr(cnn_bundle, "run_segments", flaky)
-    answers = run_batch(cnn_bundle, 7, frames, "f32", time.perf_counter())
+    answers = run_batch(cnn_bundle, 7, frames, "f32", time.perf_counter(), HOST)
     assert isinstance(answers[0], Answer)
     if bad_rows == 1:
         assert isinstance(answers[1], Answer)
@@ -227,7 +227,7 @@ def test_large_outputs_are_encoded_in_the_compute_thread(cnn_bundle, monkeypatch
 
     monkeypatch.setattr(_compute, "SMALL_BYTES", 0)
     (f,) = _frames(cnn_bundle, [(6, 2, "f32")])
-    (answer,) = run_batch(cnn_bundle, 6, [f], "f32+zstd1", time.perf_counter())
+    (answer,) = run_batch(cnn_bundle, 6, [f], "f32+zstd1", time.perf_counter(), HOST)
     assert isinstance(answer, Answer) and answer.body is not None and answer.outputs is None
     assert outputs(answer.body)[0].shape == (2, 10)
 

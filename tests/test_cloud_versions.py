@@ -178,8 +178,8 @@ def test_a_broken_bundle_still_stops_the_start(tmp_path, cnn_bundle):
     root = _versioned(tmp_path, ("1", cnn_bundle))
     _corrupt(root / "democnn" / "1")
     with pytest.raises(BundleError, match="sha256"):
-        load_repository(root)
+        load_repository(root, torch.device("cpu"))
     (root / "twin").mkdir()
     shutil.copytree(root / "democnn" / "1", root / "twin" / "1")
     with pytest.raises(BundleError, match="two bundles"):
-        load_repository(root)
+        load_repository(root, torch.device("cpu"))
