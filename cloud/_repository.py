@@ -102,6 +102,13 @@ def _digest(path: Path) -> str:
     return hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
 
 
+def _fingerprint(path: Path) -> tuple[str, tuple[tuple[str, int, int], ...]]:
+    """The manifest's digest and every file's size and mtime: a refused version directory is
+    tried again when any of its files changes (a copy that was still in progress, a fix)."""
+    files = tuple(sorted((p.name, (st := p.stat()).st_size, st.st_mtime_ns) for p in path.iterdir()))
+    return _digest(path), files
+
+
 class Repository:
     """The served versions of every model (the newest is what a request without a version gets)."""
 
@@ -119,8 +126,8 @@ class Repository:
         self.lock = asyncio.Lock()
         #: Why the last load of a version failed, by (model, version); cleared when one succeeds.
         self.errors: dict[tuple[str, str], str] = {}
-        #: Manifest digests of version directories that failed to load: not retried until they change.
-        self._failed: dict[Path, str] = {}
+        #: Fingerprints of version directories that failed to load: not retried until they change.
+        self._failed: dict[Path, tuple[str, tuple[tuple[str, int, int], ...]]] = {}
 
     # -- lookups -----------------------------------------------------------------------
 
@@ -206,13 +213,13 @@ class Repository:
         out: dict[str, Served] = {}
         for version, path in wanted.items():
             old = current.get(version)
-            digest = None
+            fingerprint = None
             try:
-                digest = _digest(path)
-                if old is not None and old.path == path and old.digest == digest:
+                fingerprint = _fingerprint(path)
+                if old is not None and old.path == path and old.digest == fingerprint[0]:
                     out[version] = old
                     continue
-                if self._failed.get(path) == digest:  # refused already, and unchanged since
+                if self._failed.get(path) == fingerprint:  # refused already, and unchanged since
                     if old is not None:
                         out[version] = old
                     continue
@@ -227,8 +234,8 @@ class Repository:
                     raise
                 log.error("refusing model %s version %s (%s): %s", name, version, path, exc)
                 self.errors[(name, version)] = str(exc)
-                if digest is not None:
-                    self._failed[path] = digest
+                if fingerprint is not None:
+                    self._failed[path] = fingerprint
                 if old is not None:
                     out[version] = old
         return out

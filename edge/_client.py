@@ -668,7 +668,15 @@ class EdgeClient:
         if not isinstance(doc, dict):
             raise ProtocolError(f"the cloud at {self._url} describes model {name!r} with something not JSON")
         theirs = doc.get("graph_hash")
-        if theirs != ours:
+        # A server with several versions routes each frame by its graph hash (docs/server.md,
+        # "Model versions and hot reload"): any served version's hash is this client's to use.
+        versions = doc.get("versions")
+        served = (
+            {v.get("graph_hash") for v in versions if isinstance(v, dict)}
+            if isinstance(versions, list)
+            else set()
+        )
+        if theirs != ours and ours not in served:
             raise GraphMismatchError(
                 f"the cloud's model {name!r} has graph {theirs}, this client's bundle has graph {ours}: "
                 "load the same bundle on the edge and the cloud",

@@ -15,6 +15,7 @@ from tritonclient.http.aio import InferenceServerClient
 
 import splitinfer as si
 from splitinfer.cloud._state import STATE
+from splitinfer.edge import EdgeClient
 from splitinfer.errors import BundleError
 from splitinfer.lab._demo import demo_model
 from tests.test_cloud_support import INFER, compute_held, frame, outputs, post, problem_code, running, until
@@ -67,6 +68,13 @@ async def test_versions_are_served_side_by_side_and_routed_by_graph_hash(tmp_pat
                 np.testing.assert_allclose(result.as_numpy("output_0"), _expect(model, x).numpy(), atol=1e-5)
         finally:
             await client.close()
+        # An edge client on the older bundle enters (its graph is served) and is answered by the cloud.
+        async with EdgeClient(
+            server.url, bundle=cnn_bundle, policy="static", cut=3, codec="f32+zstd1", hedge=False
+        ) as edge:
+            out = await edge.ainfer(x[:1])
+            assert edge.last_trace.fallback is None and edge.last_trace.ran_on == "cloud"
+        assert torch.allclose(out, _expect(cnn, x[:1]), atol=1e-5)
     async with running(root, max_versions=1) as server, aiohttp.ClientSession() as s:
         status, headers, body = await post(s, server.url + INFER, frame(cnn_bundle, 3, x))
         assert problem_code(status, headers, body) == "graph_mismatch"
@@ -150,8 +158,10 @@ async def test_hot_reload_under_load_loses_nothing(tmp_path, cnn, cnn_bundle, se
         await until(lambda: len(answers) >= 40)
         current["bundle"] = bundle2  # the edge fleet moves to the new bundle
         await until(lambda: len(moved) == len(clients))
-        shutil.copytree(root / "democnn" / "2", root / "democnn" / "3")
-        _corrupt(root / "democnn" / "3")
+        # copied under a name the scan skips, then renamed: no poll sees a half-copied version
+        shutil.copytree(root / "democnn" / "2", root / "democnn" / ".3.tmp")
+        _corrupt(root / "democnn" / ".3.tmp")
+        (root / "democnn" / ".3.tmp").rename(root / "democnn" / "3")
         async with s.post(server.url + LOAD) as r:
             assert r.status == 400
             error = (await r.json())["error"]
