@@ -24,7 +24,8 @@ Where numbers come from:
   infeasible;
 - fidelity: lossless codecs (``f32``, ``f32+zstd<N>``) are 1.0 by definition; a lossy
   candidate missing from the fidelity table has *unknown* fidelity, and is feasible only when
-  the budget is 0 (unknown counts as 0). The last cut is exact and always feasible.
+  the budget is 0 (unknown counts as 0). The last cut is exact and always feasible;
+- a codec this process cannot run (``+ans`` without the ``entropy`` extra) is infeasible.
 """
 
 from __future__ import annotations
@@ -86,6 +87,18 @@ class EnergyModel:
             check_number(f"EnergyModel.{name}", getattr(self, name), lo=0.0, unit="watts")
 
 
+def _runnable(spec: str) -> bool:
+    """Whether this process can encode with ``spec`` (its optional packages are installed)."""
+    from splitinfer.compression import get_codec
+    from splitinfer.errors import CodecError
+
+    try:
+        get_codec(spec)
+    except CodecError:
+        return False
+    return True
+
+
 class CostModel:
     """Every candidate of ``bundle`` with its profiled costs (see the module docstring).
 
@@ -124,17 +137,24 @@ class CostModel:
         nbytes = np.array([c.nbytes for c in bundle.cuts], dtype=np.float64)
         per_byte = _codec_cost_per_byte(codec_rows, nbytes)
 
+        # a codec this process cannot run (+ans without the entropy extra) is never a candidate:
+        # the edge would fail on the encode instead of sending something it can
+        runnable = {spec: _runnable(spec) for spec in self.codecs}
         cuts, codec_idx, fidelity, sizes, enc, dec = [], [], [], [], [], []
         for k in range(n):
             for j, spec in enumerate(self.codecs):
                 cuts.append(k)
                 codec_idx.append(j)
                 frow, crow = fid_rows.get((k, spec)), codec_rows.get((k, spec))
-                if is_lossless(spec):
+                if not runnable[spec]:
+                    fidelity.append(math.nan)
+                elif is_lossless(spec):
                     fidelity.append(1.0)
                 else:
                     fidelity.append(float(frow["fidelity"]) if frow is not None else math.nan)
-                if frow is not None and frow.get("bytes") is not None:
+                if not runnable[spec]:
+                    sizes.append(math.nan)  # no bytes: infeasible at every budget
+                elif frow is not None and frow.get("bytes") is not None:
                     sizes.append(float(frow["bytes"]))
                 elif crow is not None and crow.get("bytes") is not None:
                     sizes.append(float(crow["bytes"]))

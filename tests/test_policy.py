@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -412,3 +413,24 @@ def test_hedge_after_bounds_the_wait_for_an_answer():
     ex = policy.explain(EST)
     assert ex.decision.finish_s == pytest.approx(d.finish_s)
     assert f"hedge: an answer not back {calm * 1000:.0f} ms after sending" in ex.reason
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.99])
+def test_a_codec_this_process_cannot_run_is_never_chosen(monkeypatch, budget):
+    """A bundle offering +ans codecs on an edge without the entropy extra: the smallest codec
+    is out of reach, so the policy picks the best one it can encode (or runs locally)."""
+    codecs = ["f32", "q8+zstd1", "q6+ans"]
+    nbytes = [400_000, 100_000]
+    fidelity = {
+        (0, "f32"): (1.0, 400_000.0),
+        (0, "q8+zstd1"): (1.0, 100_000.0),
+        (0, "q6+ans"): (1.0, 1_000.0),
+    }
+    costs = {(0, c): (0.0, 0.0, size) for (_, c), (_, size) in fidelity.items()}
+    bundle = make_bundle([1.0], nbytes, codecs, fidelity, costs)
+    est = Estimates(uplink_bps=1e6, downlink_bps=1e6, rtt_s=0.01, cloud_queue_s=0.0, device_slowdown=10.0)
+    with_ans = make_policy("adaptive", bundle, fidelity_budget=budget, explore=0.0).decide(est)
+    assert (with_ans.cut, with_ans.codec) == (0, "q6+ans")
+    monkeypatch.setitem(sys.modules, "constriction", None)  # as if the extra were not installed
+    without = make_policy("adaptive", bundle, fidelity_budget=budget, explore=0.0).decide(est)
+    assert (without.cut, without.codec) == (0, "q8+zstd1")
