@@ -33,6 +33,9 @@ def test_ans_decodes_to_exactly_what_the_packed_codec_decodes(spec, shape):
     blob = codec.encode([x, np.arange(5)])
     got, ints = codec.decode_numpy(blob)
     assert np.array_equal(got, packed.decode_numpy(packed.encode([x]))[0], equal_nan=True)
+    bad = ~np.isfinite(x)
+    assert np.array_equal(got[bad], x[bad], equal_nan=True)  # NaN and inf come back where they were
+    assert np.isfinite(got[~bad]).all()
     assert np.array_equal(ints, np.arange(5))
     assert codec.decode(blob)[0].numpy().tobytes() == got.tobytes()
 
