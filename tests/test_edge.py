@@ -204,6 +204,7 @@ async def test_emulating_from_the_profile_waits_out_the_profiled_time(profiled, 
         codec="f32",
         device_slowdown=300.0,
         emulate="profile",
+        deadline_s=None,  # sent (and failing), however slow the device
     ) as client:
         assert same(await client.ainfer(x), _want(cnn, x))
         assert client.last_trace.stages["local_tail"] >= (head[-1] - head[2]) * 300.0
@@ -219,7 +220,13 @@ async def test_a_fallback_runs_the_tail_at_the_emulated_device_speed(profiled, c
 
     async def fallback_tail(slowdown: float) -> float:
         async with EdgeClient(  # a new client each time: its circuit breaker is closed
-            "http://127.0.0.1:9", bundle=bundle, policy="static", cut=2, codec="f32", device_slowdown=slowdown
+            "http://127.0.0.1:9",
+            bundle=bundle,
+            policy="static",
+            cut=2,
+            codec="f32",
+            device_slowdown=slowdown,
+            deadline_s=None,  # sent (and failing), however slow the device
         ) as client:
             assert same(await client.ainfer(x), _want(cnn, x))
             assert client.last_trace.fallback == "unreachable"
