@@ -37,6 +37,7 @@ __all__ = [
     "reference_classes",
     "run_priced",
     "run_session",
+    "stop_all",
     "warm_up",
     "warm_up_server",
 ]
@@ -205,25 +206,32 @@ async def run_session(session: Session) -> list[Any]:
         for d in drivers:
             d.result()  # raise what a driver raised
     finally:
-        # Cancel until every driver is done: a cancellation that lands as an HTTP timeout fires
-        # is turned into a timeout (and a fallback) on Python 3.11, and the driver would go on
-        # sending until the end of the run (a Ctrl-C that seemed ignored).
-        while not all(d.done() for d in drivers):
-            for d in drivers:
-                d.cancel()
-            await asyncio.wait(drivers, timeout=0.5)
-        await asyncio.gather(*drivers, return_exceptions=True)
-        for client in clients:
-            await client.aclose()
-        # Cut the connections and let their handlers end before stopping the emulators: stop()
-        # cancels live handlers, which Python 3.11's asyncio streams log as errors.
-        for em in emulators:
-            em.disconnect_all()
-        if clients:
-            await asyncio.sleep(0.2)
-        for em in emulators:
-            await em.stop()
+        await stop_all(drivers, clients, emulators)
     return records
+
+
+async def stop_all(
+    tasks: Sequence[asyncio.Future[Any]], clients: Sequence[Any], emulators: Sequence[Any]
+) -> None:
+    """Stop a live run: its tasks, then its clients, then its link emulators."""
+    # Cancel until every task is done: a cancellation that lands as an HTTP timeout fires is
+    # turned into a timeout (and a fallback) on Python 3.11, and the task would go on sending
+    # until the end of the run (a Ctrl-C that seemed ignored).
+    while not all(t.done() for t in tasks):
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks, timeout=0.5)
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for client in clients:
+        await client.aclose()
+    # Cut the connections and let their handlers end before stopping the emulators: stop()
+    # cancels live handlers, which Python 3.11's asyncio streams log as errors.
+    for em in emulators:
+        em.disconnect_all()
+    if clients:
+        await asyncio.sleep(0.2)
+    for em in emulators:
+        await em.stop()
 
 
 async def _drive(name: str, client: Any, t0: float, s: Session, records: list[Any]) -> None:

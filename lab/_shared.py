@@ -116,6 +116,7 @@ async def run_shared(
     """
     from splitinfer.edge import EdgeClient
     from splitinfer.errors import CloudError
+    from splitinfer.lab._live import stop_all
     from splitinfer.netem import LinkEmulator
 
     host, port = url.removeprefix("http://").rsplit(":", 1)
@@ -220,15 +221,5 @@ async def run_shared(
         tasks += [asyncio.ensure_future(tenant_load()), asyncio.ensure_future(sample())]
         await asyncio.gather(*tasks)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for client in clients:
-            await client.aclose()
-        for em in emulators:
-            em.disconnect_all()
-        if emulators:
-            await asyncio.sleep(0.2)
-        for em in emulators:
-            await em.stop()
+        await stop_all(tasks, clients, emulators)
     return result

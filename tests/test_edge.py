@@ -50,6 +50,16 @@ def same(a, b):
     return torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+async def _hole() -> asyncio.Server:
+    """A server on 127.0.0.1 that takes every request and never answers."""
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    return await asyncio.start_server(swallow, "127.0.0.1", 0)
+
+
 SLOW_LINK = Estimates(uplink_bps=1e5, downlink_bps=1e5, rtt_s=0.5)
 FAST_LINK = Estimates(uplink_bps=1e9, downlink_bps=1e9, rtt_s=0.0005)
 
@@ -409,11 +419,7 @@ async def test_a_client_kept_on_the_device_probes_the_link_and_sees_it_is_good(p
 
 
 async def test_a_request_hanging_on_a_dead_link_lowers_the_uplink_estimate_while_it_hangs(profiled):
-    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # takes the request and never answers
-        writer.close()
-
-    hole = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    hole = await _hole()
     port = hole.sockets[0].getsockname()[1]
     try:
         async with EdgeClient(
@@ -439,11 +445,7 @@ async def test_a_request_hanging_on_a_dead_link_lowers_the_uplink_estimate_while
 
 
 async def test_an_overdue_answer_is_hedged_on_the_device(profiled, cnn):
-    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # takes the request and never answers
-        writer.close()
-
-    hole = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    hole = await _hole()
     port = hole.sockets[0].getsockname()[1]
     registry = CollectorRegistry()
     x = torch.rand(1, 3, 32, 32)
