@@ -96,7 +96,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     pool = ThreadPoolExecutor(compute_threads, thread_name_prefix="splitinfer-compute")
     try:
         repository = await asyncio.get_running_loop().run_in_executor(
-            pool, load_repository, config.repository, device, config.max_versions
+            pool, load_repository, config.repository, device, config.max_versions, config.share_weights
         )
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)

@@ -75,6 +75,11 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=int,
     )
     option("device", "where tails run: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    option(
+        "share-weights",
+        "keep segments equal across models (a shared backbone) once in memory (default: on)",
+        action=argparse.BooleanOptionalAction,
+    )
     option("max-versions", "serve the newest N versions of each model (default 0: all)", type=int)
     option(
         "poll-repository-s",

@@ -73,6 +73,9 @@ class ServerConfig:
     #: Where tails run: ``cpu``, ``cuda`` or ``cuda:N``; empty (the default): cuda when torch sees
     #: a CUDA device, else cpu (:meth:`torch_device`).
     device: str = ""
+    #: Keep a segment that equals one loaded already (same graph, weights and constants: models
+    #: fine-tuned from one backbone) once, shared by the models that have it.
+    share_weights: bool = True
     #: Serve only the newest N versions of each model (0: every version in the repository).
     max_versions: int = 0
     #: Rescan the repository every S seconds and hot-reload what changed (0: only on SIGHUP or

@@ -22,13 +22,14 @@ import asyncio
 import functools
 import hashlib
 import logging
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterator, MutableMapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from splitinfer.bundle import MANIFEST, Bundle
+from splitinfer.bundle import MANIFEST, Bundle, Segment
 from splitinfer.errors import BundleError
 from splitinfer.manifest import read_manifest
 
@@ -112,10 +113,13 @@ def _fingerprint(path: Path) -> tuple[str, tuple[tuple[str, int, int], ...]]:
 class Repository:
     """The served versions of every model (the newest is what a request without a version gets)."""
 
-    def __init__(self, root: Path, device: torch.device, max_versions: int = 0):
+    def __init__(self, root: Path, device: torch.device, max_versions: int = 0, share: bool = True):
         self.root = root
         #: Where every version's segments are loaded (the device the tails run on).
         self.device = device
+        #: Segments by segment_key, shared by every loaded bundle whose segment has that key
+        #: (models fine-tuned from one backbone): kept once, freed with their last user.
+        self.segments: MutableMapping[str, Segment] | None = weakref.WeakValueDictionary() if share else None
         self.max_versions = max_versions
         self.models: dict[str, dict[str, Served]] = {}
         #: Models unloaded by request: a reload of everything leaves them out until loaded again.
@@ -185,7 +189,18 @@ class Repository:
     def load(self, name: str, version: str, path: Path) -> Served:
         """Load one version (blocking: run it on a worker thread); BundleError if it cannot be served."""
         digest = _digest(path)
-        bundle = Bundle.load(path, device=self.device)
+        before = set(self.segments.keys()) if self.segments is not None else set()
+        bundle = Bundle.load(path, device=self.device, shared=self.segments)
+        if self.segments is not None:
+            reused = sum(1 for s in bundle.segments if any(s is self.segments.get(k) for k in before))
+            if reused:
+                log.info(
+                    "model %s version %s shares %d of its %d segments with models loaded before",
+                    name,
+                    version,
+                    reused,
+                    bundle.n_segments,
+                )
         if bundle.name != name:
             raise BundleError(f"{path} holds model {bundle.name!r}, not {name!r}")
         self._loads += 1
@@ -268,10 +283,12 @@ class Repository:
                 log.exception("the load hook failed")
 
 
-def load_repository(root: Path, device: torch.device, max_versions: int = 0) -> Repository:
-    """Every bundle under ``root``, by model and version, with its segments on ``device``; a
-    broken bundle stops the start, loudly."""
-    repo = Repository(root, device, max_versions)
+def load_repository(
+    root: Path, device: torch.device, max_versions: int = 0, share: bool = True
+) -> Repository:
+    """Every bundle under ``root``, by model and version, with its segments on ``device`` (equal
+    segments once, with ``share``); a broken bundle stops the start, loudly."""
+    repo = Repository(root, device, max_versions, share)
     for name, present in scan(root).items():
         repo.flip(name, repo.prepare(name, present, strict=True))
     if not repo.models:

@@ -24,7 +24,7 @@ import os
 import tempfile
 import threading
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,6 +204,7 @@ class Bundle(Manifest):
         upto_cut: int | None = None,
         from_cut: int | None = None,
         device: str | torch.device | None = None,
+        shared: MutableMapping[str, Segment] | None = None,
     ) -> Bundle:
         """Load a bundle directory, verifying every file's sha256.
 
@@ -211,6 +212,12 @@ class Bundle(Manifest):
         ``from_cut=m`` loads segments ``m..n-1`` only (a cloud serving tails from cut m).
         ``device`` puts the segments' weights, buffers and the devices their graphs name there
         (``torch.export.passes.move_to_device_pass``); None leaves them where they were saved.
+
+        ``shared`` maps :func:`segment_key` (the digest of a segment's graph, weights and
+        constants) to segments loaded before, by any bundle: a segment whose key is there is not
+        kept twice but taken from it (models fine-tuned from one backbone share its segments and
+        their memory); the segments loaded here are added. Pass the same mapping for every
+        bundle of one device (a ``weakref.WeakValueDictionary`` frees a segment with its last user).
         """
         root = Path(path)
         doc = read_manifest(root)
@@ -223,7 +230,7 @@ class Bundle(Manifest):
         segments: list[Segment | None] = [None] * n
         for i, name in enumerate(doc["segments"]):
             if lo <= i < hi:
-                segments[i] = _load_segment(root, name, doc["files"], device)
+                segments[i] = _load_segment(root, name, doc["files"], device, shared)
         return cls.from_manifest(meta, segments)
 
     @classmethod
@@ -234,7 +241,13 @@ class Bundle(Manifest):
         )
 
 
-def _load_segment(root: Path, name: str, files: dict[str, str], device: str | torch.device | None) -> Segment:
+def _load_segment(
+    root: Path,
+    name: str,
+    files: dict[str, str],
+    device: str | torch.device | None,
+    shared: MutableMapping[str, Segment] | None = None,
+) -> Segment:
     if not isinstance(name, str) or "/" in name or name.startswith(".") or name not in files:
         raise BundleError(f"bundle {root} lists an invalid segment file {name!r}")
     path = root / name
@@ -257,9 +270,33 @@ def _load_segment(root: Path, name: str, files: dict[str, str], device: str | to
             from torch.export.passes import move_to_device_pass
 
             program = move_to_device_pass(program, torch.device(device))
-        return fast_module(program)
+        if shared is None:
+            return fast_module(program)
+        key = segment_key(program)
+        segment = shared.get(key)
+        if segment is None:  # the first of its kind: this one is kept (the others are dropped)
+            segment = shared[key] = fast_module(program)
+        return segment
     except Exception as exc:  # torch raises many types here; translate at the boundary
         raise BundleError(f"cannot load {path}: {exc}") from exc
+
+
+def segment_key(program: torch.export.ExportedProgram) -> str:
+    """A digest of a segment's graph, weights, buffers and constants (and the devices they are
+    on): two segments with equal keys compute the same function with the same tensors."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256(str(program.graph).encode())
+    for table in (program.state_dict, program.constants):
+        for key, value in sorted(table.items()):
+            h.update(key.encode())
+            if isinstance(value, torch.Tensor):
+                t = value.detach()
+                h.update(f"{t.dtype}{tuple(t.shape)}{t.device}".encode())
+                h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _refuse_pickles(path: Path) -> None:
