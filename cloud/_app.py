@@ -122,7 +122,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     )
     app[STATE] = state
     log.info(
-        "serving %d model(s): %s; on %s, %d compute thread(s) of %d torch thread(s)",
+        "loaded %d model(s): %s; on %s, %d compute thread(s) of %d torch thread(s)",
         len(repository.models),
         ", ".join(f"{s.name} {s.version}" for s in repository),
         device,

@@ -95,6 +95,12 @@ class ServerConfig:
                 f"model repository {str(self.repository)!r} is not a directory; pass "
                 "--repository DIR holding one bundle per subdirectory"
             )
+        if (self.repository / "manifest.json").is_file():
+            raise ConfigError(
+                f"{str(self.repository)!r} is a bundle, not a model repository: pass its parent "
+                f"(--repository {str(self.repository.resolve().parent)!r}), which holds one bundle per "
+                "subdirectory"
+            )
         for name in ("port", "metrics_port"):
             port = getattr(self, name)
             if port is not None and not 0 <= port <= 65535:

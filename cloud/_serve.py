@@ -168,6 +168,8 @@ async def _run(
         scheme = "https" if ssl_context is not None else "http"
         for host, port, *_ in runner.addresses:
             announce(f"splitinfer serve: listening on {scheme}://{_hostport(host, port)}")
+        served = ", ".join(f"{s.name} {s.version}" for s in app[STATE].repository)
+        log.info("serving %d model(s): %s", len(app[STATE].repository.models), served)  # bound: true now
         if config.metrics_port is not None:
             probe_runner = ServeRunner(create_probe_app(app), access_log=None, handle_signals=False)
             await probe_runner.setup()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -96,9 +97,10 @@ def compile(  # the public name the API promises
     calibrates the clip ranges of quantizing codecs per cut and measures the fidelity table
     (docs/bundle-format.md) for ``codecs``, on ``evaluation`` inputs when given (held out from
     the calibration, so that the table says what unseen inputs get; with the number of inputs
-    and a 95 % confidence interval per row), else on the calibration inputs themselves: by
-    default :data:`DEFAULT_CODECS` with calibration,
-    only the lossless ones without. Lossy codecs need calibration inputs.
+    and a 95 % confidence interval per row), else on the calibration inputs themselves. The
+    default codecs are ``f32``, ``f32+zstd1``, ``f16+zstd1``, ``q8+zstd1``, ``q6c+zstd1``,
+    ``q4c+zstd1`` and ``q2c+zstd1`` with calibration, only the two lossless ones without; lossy
+    codecs need calibration inputs, ``jpeg`` codecs float image inputs ``N x 3 x H x W``.
     ``calibration_method`` is ``"auto"`` (per cut and codec, whichever of min/max, percentile and
     MSE ranges gives outputs closest to the model's), or one of those three for every cut.
     ``fidelity_all_cuts=False`` measures lossy codecs only at cuts whose frontier is no larger
@@ -116,7 +118,11 @@ def compile(  # the public name the API promises
     model = model.eval()
     args = tuple(_batched(t) for t in example_inputs)
     with torch.no_grad():
-        program, graph = _capture(model, args)
+        try:
+            program, graph = _capture(model, args)
+        except CaptureError:
+            _check_batch_first(model, example_inputs)
+            raise
         modules, positions = _cut(graph, args, max_frontier_bytes)
         programs, frontiers = _segment(model, graph, modules, positions, args)
     bundle = _assemble(name, version, graph, positions, frontiers, programs, tuple(example_inputs), program)
@@ -277,6 +283,7 @@ def _add_fidelity(
     else:
         chosen = list(DEFAULT_CODECS if codecs is None else codecs)
         inputs = calibration
+    _check_image_codecs(bundle, chosen, explicit=codecs is not None)
     if calibration is None:
         if options.get("evaluation") is not None:
             raise ConfigError(
@@ -290,6 +297,26 @@ def _add_fidelity(
     bundle.fidelity = fidelity
     bundle.calibration = ranges
     bundle.dictionaries = dictionaries
+
+
+def _check_image_codecs(bundle: Bundle, chosen: list[str], *, explicit: bool) -> None:
+    """JPEG codecs encode float image batches ``N x 3 x H x W`` at cut 0 only: on a model whose
+    inputs are not such images they could send nothing. ConfigError for codecs the caller
+    named; the defaults just drop them."""
+    images = all(
+        s.dtype in ("float32", "float16", "bfloat16", "float64") and len(s.shape) == 4 and s.shape[1] == 3
+        for s in bundle.inputs
+    )
+    jpeg = [c for c in chosen if c.startswith("jpeg")]
+    if images or not jpeg:
+        return
+    if explicit:
+        raise ConfigError(
+            f"codecs {jpeg} encode float image batches N x 3 x H x W, and only at cut 0; this model's "
+            f"inputs are {', '.join(map(str, bundle.inputs))}, so they could send nothing: drop them "
+            "(q8+zstd1 or f16+zstd1 compress any frontier)"
+        )
+    chosen[:] = [c for c in chosen if c not in jpeg]
 
 
 def _choose_positions(
@@ -326,16 +353,49 @@ def _build_segments(graph: Cuttable, positions: list[int]) -> tuple[list[fx.Grap
     return modules, kept
 
 
+def _check_batch_first(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> None:
+    """After a failed capture: ConfigError if the model runs on the example inputs with a batch
+    dim added in front, that is, if they lack one (torch's own error names a channel count)."""
+    try:
+        model(*(t.unsqueeze(0) for t in example_inputs))
+    except Exception:  # the model fails either way: the capture error is the one to show
+        return
+    shapes = ", ".join(f"input {i} has shape {tuple(t.shape)}" for i, t in enumerate(example_inputs))
+    fixed = ", ".join(f"torch.randn{(1, *t.shape)}" for t in example_inputs)
+    raise ConfigError(
+        f"example inputs must be batch-first: {shapes}, and the model runs only with a batch dim "
+        f"in front; pass e.g. ({fixed},)"
+    )
+
+
 def _check_equal(got: Sequence[torch.Tensor], want: Sequence[object]) -> None:
     if len(got) != len(want):
         raise CaptureError(f"the segment chain yields {len(got)} outputs, the model {len(want)}")
-    for a, b in zip(got, want):
+    for i, (a, b) in enumerate(zip(got, want)):
         if not isinstance(b, torch.Tensor):
             raise CaptureError(
                 f"model outputs must be tensors (in any tuple/list/dict), got {type(b).__name__}"
             )
-        if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True):
-            raise CaptureError("the segment chain does not reproduce the model's outputs")
+        if a.shape != b.shape:
+            raise CaptureError(
+                f"the segment chain does not reproduce the model's outputs: output {i} has shape "
+                f"{tuple(a.shape)}, the model's {tuple(b.shape)}"
+            )
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True):
+            diff = (a.double() - b.double()).abs()
+            finite = torch.isfinite(diff)
+            largest = float(diff[finite].max()) if bool(finite.any()) else math.nan
+            nans = int(torch.isnan(b).sum()) if b.is_floating_point() else 0
+            note = (
+                f"; the model's own output has {nans} NaN(s): check the example inputs (an input "
+                "that is all padding, say)"
+                if nans
+                else ""
+            )
+            raise CaptureError(
+                f"the segment chain does not reproduce the model's outputs: output {i} differs by up "
+                f"to {largest:.3g}{note}"
+            )
 
 
 def graph_hash(programs: Sequence[torch.export.ExportedProgram], cuts: Sequence[Cut], *specs: str) -> str:

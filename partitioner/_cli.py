@@ -48,9 +48,39 @@ def add_compile_parser(
     p.add_argument(
         "--input-shape",
         action="append",
-        required=True,
         metavar="D0,D1,...",
-        help="shape of one example input, batch first; repeat for several inputs",
+        help="shape of one example input, batch first; repeat for several inputs (random values; "
+        "or give --example-inputs)",
+    )
+    p.add_argument(
+        "--example-inputs",
+        metavar="FILE",
+        help="the example inputs: a .pt file (a tensor or a tuple/list of tensors, read with "
+        "torch.load(weights_only=True)) or a .npz file (one array per input, in order), batch first",
+    )
+    p.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="calibration inputs for the lossy codecs' ranges and the fidelity table, in the same "
+        "form, N rows along the batch dim (each row one input)",
+    )
+    p.add_argument(
+        "--codecs",
+        metavar="SPEC,SPEC",
+        help="codecs to offer, e.g. f32,q8+zstd1,q4c+zstd1 (default: f32,f32+zstd1, and the lossy "
+        "defaults with --calibration)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="measure this machine's segment and codec latencies into the bundle (plan and the "
+        "adaptive policy need a profile; splitinfer profile adds one later)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.99,
+        help="fidelity budget for the summary printed after compiling (default 0.99)",
     )
     p.add_argument(
         "--input-dtype",
@@ -82,10 +112,7 @@ def _compile(args: argparse.Namespace) -> int:
     import os
     import sys
 
-    import torch
-
     from splitinfer.partitioner import compile
-    from splitinfer.tensors import dtype_from_name
 
     module_name, _, attr = args.factory.partition(":")
     if not module_name or not attr:
@@ -95,8 +122,66 @@ def _compile(args: argparse.Namespace) -> int:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"cannot import {args.factory}: {exc}") from None
-    shapes = [_parse_shape(s) for s in args.input_shape]
-    dtypes = args.input_dtype or []
+    from splitinfer._checks import check_number
+
+    check_number("--budget (fidelity, 0..1)", args.budget, lo=0.0, hi=1.0)
+    if args.example_inputs is not None:
+        if args.input_shape:
+            raise ConfigError("give --input-shape or --example-inputs, not both")
+        inputs = _read_tensors(args.example_inputs, "--example-inputs")
+    elif args.input_shape:
+        inputs = _random_inputs(args.input_shape, args.input_dtype or [])
+    else:
+        raise ConfigError(
+            "give the example inputs: --input-shape D0,D1,... (repeat per input) or --example-inputs FILE"
+        )
+    calibration = None
+    if args.calibration is not None:
+        rows = _read_tensors(args.calibration, "--calibration")
+        n = rows[0].shape[0] if rows[0].dim() else 0
+        if len(rows) != len(inputs) or any(t.dim() == 0 or t.shape[0] != n for t in rows):
+            raise ConfigError(
+                f"--calibration must hold {len(inputs)} tensor(s) (one per model input) with the same "
+                "number of rows along dim 0"
+            )
+        calibration = [tuple(t[i : i + 1] for t in rows) for i in range(n)]
+    codecs = None
+    if args.codecs is not None:
+        codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    model = factory()
+    bundle = compile(
+        model,
+        tuple(inputs),
+        name=args.name,
+        version=args.model_version,
+        calibration=calibration,
+        codecs=codecs,
+        profile=bool(args.profile),
+        verbose=True,
+    )
+    out = bundle.save(args.out)
+    print(f"wrote {out} ({len(bundle.cuts)} cuts, graph {bundle.graph_hash})")
+    if not args.profile:
+        print("no profile: plan and the adaptive policy need one (compile --profile, or splitinfer profile)")
+    best = _best_codecs(bundle.fidelity, args.budget)
+    lossy = {k: r for k, r in best.items() if r["codec"].split("+", 1)[0] != "f32" and k < bundle.last_cut}
+    if lossy:
+        k, row = min(lossy.items(), key=lambda kv: kv[1]["bytes"])
+        print(
+            f"smallest payload at fidelity >= {args.budget}: cut {k} with {row['codec']}, "
+            f"{row['bytes'] / 1024:.1f} KiB"
+        )
+    return 0
+
+
+def _random_inputs(shapes_text: list[str], dtypes: list[str]) -> list[Any]:
+    """Example inputs of the given shapes and dtypes: floats random, ints 0, bools False (a
+    bool input is usually a padding mask: all True would mask every position)."""
+    import torch
+
+    from splitinfer.tensors import dtype_from_name
+
+    shapes = [_parse_shape(s) for s in shapes_text]
     if len(dtypes) not in (0, len(shapes)):
         raise ConfigError(f"give one --input-dtype per --input-shape ({len(shapes)}), or none")
     inputs = []
@@ -104,15 +189,42 @@ def _compile(args: argparse.Namespace) -> int:
         dtype = dtype_from_name(dtypes[i]) if dtypes else torch.float32
         if dtype.is_floating_point:
             inputs.append(torch.randn(shape, dtype=dtype))
-        elif dtype == torch.bool:
-            inputs.append(torch.ones(shape, dtype=dtype))
         else:
             inputs.append(torch.zeros(shape, dtype=dtype))
-    model = factory()
-    bundle = compile(model, tuple(inputs), name=args.name, version=args.model_version, verbose=True)
-    out = bundle.save(args.out)
-    print(f"wrote {out} ({len(bundle.cuts)} cuts, graph {bundle.graph_hash})")
-    return 0
+    return inputs
+
+
+def _read_tensors(path: str, what: str) -> list[Any]:
+    """The tensors in a ``.pt`` file (a tensor or a tuple/list of them; ``torch.load`` with
+    ``weights_only=True``: no code runs) or a ``.npz`` file (its arrays in order)."""
+    import numpy as np
+    import torch
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{what}: no file {path!r}")
+    try:
+        if file.suffix == ".npz":
+            with np.load(file, allow_pickle=False) as data:
+                return [torch.from_numpy(np.array(data[k])) for k in data.files]
+        if file.suffix in (".pt", ".pth"):
+            loaded = torch.load(file, weights_only=True, map_location="cpu")
+        else:
+            raise ConfigError(f"{what} takes a .pt or .npz file, got {path!r}")
+    except ConfigError:
+        raise
+    except Exception as exc:  # pickle, zip and numpy errors: say what the file must hold
+        raise ConfigError(f"{what}: cannot read {path!r}: {type(exc).__name__}: {exc}") from None
+    tensors = [loaded] if isinstance(loaded, torch.Tensor) else loaded
+    if (
+        not isinstance(tensors, list | tuple)
+        or not tensors
+        or not all(isinstance(t, torch.Tensor) for t in tensors)
+    ):
+        raise ConfigError(
+            f"{what}: {path!r} must hold a tensor or a tuple/list of tensors, one per model input"
+        )
+    return list(tensors)
 
 
 def add_inspect_parser(
@@ -134,8 +246,10 @@ def add_inspect_parser(
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from splitinfer._checks import check_number
     from splitinfer.manifest import Cut, read_manifest
 
+    check_number("--budget (fidelity, 0..1)", args.budget, lo=0.0, hi=1.0)
     root = Path(args.bundle)
     manifest = read_manifest(root)
     size = sum(f.stat().st_size for f in root.iterdir() if f.is_file())
@@ -149,14 +263,22 @@ def _inspect(args: argparse.Namespace) -> int:
     if best:
         head += f"{'smallest at fidelity >= ' + str(args.budget) + ' (95% CI)':<52}  "
     print(head + "tensors")
+    unmeasured = _unmeasured(manifest, len(cuts) - 1)
     for c in cuts:
         tensors = ", ".join(str(t) for t in c.tensors)
         line = f"{c.index:>4}  {c.name:<{width}}  {c.nbytes / 1024:>9.1f}  "
         if best:
             row = best.get(c.index)
             pick = f"{row['codec']} {row['bytes'] / 1024:.1f} KiB ({_fidelity_text(row)})" if row else "-"
+            if c.index in unmeasured:
+                pick += " *"
             line += f"{pick:<52}  "
         print(line + tensors)
+    if best and unmeasured:
+        print(
+            f"* lossy codecs unmeasured at {len(unmeasured)} cut(s) (no fidelity row: policies never "
+            "use them; compile with fidelity_all_cuts=True to measure them)"
+        )
     fidelity = manifest.get("fidelity", {})
     if fidelity.get("table"):
         if fidelity.get("held_out"):
@@ -180,6 +302,13 @@ def _fidelity_text(row: dict[str, Any]) -> str:
     if not isinstance(span, list) or len(span) != 2:
         return f"{row['fidelity']:.3f}"
     return f"{row['fidelity']:.3f} [{span[0]:.2f}-{span[1]:.2f}]"
+
+
+def _unmeasured(manifest: dict[str, Any], last: int) -> set[int]:
+    """The cuts (but the last) where some lossy codec of the bundle has no fidelity row."""
+    lossy = [c for c in manifest.get("codecs", []) if c.split("+", 1)[0] != "f32"]
+    rows = {(r["cut"], r["codec"]) for r in manifest.get("fidelity", {}).get("table", [])}
+    return {k for k in range(last) for c in lossy if (k, c) not in rows}
 
 
 def _best_codecs(fidelity: dict[str, Any], budget: float) -> dict[int, dict[str, Any]]:
@@ -331,7 +460,8 @@ def plot_plan(explanation: Any, last_cut: int, path: str | Path) -> Path:
     e = explanation.estimates
     ax.set_title(
         f"{explanation.policy}: uplink {e.uplink_bps / 1e6:.3g} Mbit/s, rtt {e.rtt_s * 1000:.0f} ms, "
-        f"device x{e.device_slowdown:g} (best codec per cut; cut {last_cut} = all on device)"
+        f"device x{e.device_slowdown:g}\n(best codec per cut; cut {last_cut} = all on device)",
+        fontsize=10,
     )
     ax.set_xlabel("cut")
     ax.set_ylabel("predicted latency (ms)")

@@ -33,6 +33,7 @@ for a thousand candidates).
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import random
 from collections.abc import Callable
@@ -49,6 +50,8 @@ from splitinfer.partitioner._estimate import Estimates
 
 #: Objectives of the adaptive policy -> the uplink quantile's z-score they price (0: expected).
 OBJECTIVES = {"mean": 0.0, "p95": 1.6448536269514722}
+
+log = logging.getLogger("splitinfer.partitioner")
 
 __all__ = [
     "OBJECTIVES",
@@ -448,9 +451,20 @@ def adaptive(
 
 
 def static(
-    bundle: Manifest, *, cut: int, codec: str, profile: str | None = None, cloud_batch: int = 1
+    bundle: Manifest,
+    *,
+    cut: int,
+    codec: str,
+    profile: str | None = None,
+    cloud_batch: int = 1,
+    allow_unmeasured: bool = False,
 ) -> TablePolicy:
-    """Always ``cut`` with ``codec`` (the codec is ignored at the last cut)."""
+    """Always ``cut`` with ``codec`` (the codec is ignored at the last cut).
+
+    A lossy codec at a cut where the bundle's fidelity table has no row for it (its fidelity
+    is unknown: compile measures lossy codecs at every cut only for models of at most 32 cuts,
+    see docs/partitioning.md) is refused unless ``allow_unmeasured=True``, which logs a warning.
+    """
     bundle.cut(cut)
     if codec not in bundle.codecs:
         raise ConfigError(f"bundle {bundle.name!r} offers codecs {', '.join(bundle.codecs)}; not {codec!r}")
@@ -459,6 +473,18 @@ def static(
         row = model.local
     else:
         row = int(np.flatnonzero((model.cut == cut) & (model.codec_index == model.codecs.index(codec)))[0])
+        if math.isnan(float(model.fidelity[row])):
+            unknown = (
+                f"bundle {bundle.name!r} has no fidelity row for lossy codec {codec} at cut {cut}: "
+                "its effect on the outputs was never measured"
+            )
+            if not allow_unmeasured:
+                raise ConfigError(
+                    f"{unknown}. Measure it (compile with fidelity_all_cuts=True), pick a cut or codec "
+                    "with a row (splitinfer inspect marks the unmeasured ones), or pass "
+                    "allow_unmeasured=True to use it anyway"
+                )
+            log.warning("%s; using it because allow_unmeasured=True", unknown)
     allowed = np.zeros(len(model), dtype=bool)
     allowed[row] = True
     return TablePolicy("static", model, allowed, [""] * len(model), settings=f"cut {cut}, codec {codec}")
@@ -540,7 +566,8 @@ def make_policy(name: str, bundle: Manifest, **kwargs: Any) -> TablePolicy:
 
     ``adaptive``: fidelity_budget=0.99, privacy_floor=None, energy_weight=0.0 (seconds per
     joule), energy=EnergyModel(), explore=0.05, explore_margin=0.1, seed=None, profile=None,
-    cloud_batch=1, objective="mean" (or "p95"). ``static``: cut, codec, profile, cloud_batch.
+    cloud_batch=1, objective="mean" (or "p95"). ``static``: cut, codec, profile, cloud_batch,
+    allow_unmeasured=False.
     ``local``: profile.
     ``cloud``: fidelity_budget, profile, cloud_batch. ``neurosurgeon``: privacy_floor, profile,
     cloud_batch. ``profile`` names one of ``bundle.profiles`` (default ``host``, else the

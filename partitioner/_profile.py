@@ -25,6 +25,11 @@ the cost model). A spec that :func:`~splitinfer.compression.get_codec` refuses i
 a warning; a codec that does not apply at a cut (``jpeg`` beyond cut 0) is skipped silently.
 ``response_bytes`` is the model's outputs encoded with ``f32`` at batch 1.
 
+A busy machine makes a profile lie (a model that runs in 0.7 ms profiled at 98 ms): the profile
+records ``spread`` (slowest over fastest run of the whole chain) and ``load_per_core`` (the
+1-minute load average per core), and a WARNING log line says how to re-profile when the runs
+disagree by more than 4 times or the load is above 1 per core (:func:`busy_warning`).
+
 A profile measured on one machine stands for another through the slowdown factors of
 :class:`~splitinfer.partitioner.Estimates` (a device 8x slower than the profiling host:
 ``device_slowdown=8``).
@@ -33,6 +38,7 @@ A profile measured on one machine stands for another through the slowdown factor
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import platform
 import statistics
@@ -50,7 +56,9 @@ from splitinfer.compression import Codec, get_codec
 from splitinfer.errors import CodecError, ConfigError, CutNotLoadedError
 from splitinfer.tensors import TensorSpec, dtype_from_name
 
-__all__ = ["machine_description", "profile_bundle"]
+log = logging.getLogger("splitinfer.partitioner")
+
+__all__ = ["MAX_LOAD_PER_CORE", "MAX_SPREAD", "busy_warning", "machine_description", "profile_bundle"]
 
 
 def machine_description() -> str:
@@ -161,9 +169,13 @@ def _measure(
     with Progress(n * len(sizes), f"profile {bundle.name}", enabled=progress) as bar, torch.inference_mode():
         for batch in sizes:
             x = tuple(_synthetic(s, batch) for s in bundle.inputs)
-            full = statistics.median(
-                _timed(partial(bundle.run_segments, 0, n, x), 2 * repeats + 1, warmup + 1)
-            )
+            chain = _timed(partial(bundle.run_segments, 0, n, x), 2 * repeats + 1, warmup + 1)
+            full = statistics.median(chain)
+            if batch == sizes[0]:
+                spread = max(chain) / max(min(chain), 1e-9)
+                busy = busy_warning(bundle.name, chain, _load_per_core())
+                if busy:  # logged, not warnings.warn: a busy CI machine must not fail a run
+                    log.warning("%s", busy)
             medians, p90s = [], []
             frontier = x
             for i in range(n):
@@ -182,6 +194,8 @@ def _measure(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "repeats": repeats,
         "warmup": warmup,
+        "spread": round(spread, 3),
+        "load_per_core": _load_per_core(),
         "segments": segments,
         "codecs": rows,
         "response_bytes": response_bytes,
@@ -211,6 +225,39 @@ def _profile_codecs(
             }
         )
     return rows
+
+
+#: Slowest over fastest run of the whole chain beyond which the repeats disagree wildly.
+MAX_SPREAD = 4.0
+#: 1-minute load average per core above which the machine is busy.
+MAX_LOAD_PER_CORE = 1.0
+
+
+def _load_per_core() -> float | None:
+    try:
+        return round(os.getloadavg()[0] / (os.cpu_count() or 1), 3)
+    except (OSError, AttributeError):  # no load average on this platform
+        return None
+
+
+def busy_warning(name: str, chain_s: Sequence[float], load_per_core: float | None) -> str | None:
+    """Why a profile of ``name`` (whose whole-chain runs took ``chain_s``) cannot be trusted, or
+    None: its runs disagree by more than :data:`MAX_SPREAD` times, or the load average per core
+    was above :data:`MAX_LOAD_PER_CORE`; the message says how to re-profile."""
+    fastest, slowest = min(chain_s), max(chain_s)
+    reasons = []
+    if slowest > MAX_SPREAD * max(fastest, 1e-9):
+        reasons.append(f"its runs took from {fastest * 1e3:.3g} to {slowest * 1e3:.3g} ms")
+    if load_per_core is not None and load_per_core > MAX_LOAD_PER_CORE:
+        reasons.append(f"the load average was {load_per_core:.2f} per core")
+    if not reasons:
+        return None
+    return (
+        f"the profile of {name} was taken on a busy machine ({'; '.join(reasons)}): its times may be "
+        "far too high, and plan and the adaptive policy would trust them. Re-profile when the "
+        f"machine is idle: splitinfer profile <bundle dir> --repeats 20 (or profile_bundle(bundle, "
+        "threads=1) on a machine shared with other work)"
+    )
 
 
 def _fit_to_chain(medians: list[float], p90s: list[float], full: float) -> dict[str, list[float]]:
