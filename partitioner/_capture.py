@@ -121,7 +121,7 @@ def compile(  # the public name the API promises
         try:
             program, graph = _capture(model, args)
         except CaptureError:
-            _check_batch_first(model, example_inputs)
+            _check_batch_first(model, example_inputs, args)
             raise
         modules, positions = _cut(graph, args, max_frontier_bytes)
         programs, frontiers = _segment(model, graph, modules, positions, args)
@@ -353,9 +353,17 @@ def _build_segments(graph: Cuttable, positions: list[int]) -> tuple[list[fx.Grap
     return modules, kept
 
 
-def _check_batch_first(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> None:
-    """After a failed capture: ConfigError if the model runs on the example inputs with a batch
-    dim added in front, that is, if they lack one (torch's own error names a channel count)."""
+def _check_batch_first(
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], args: tuple[torch.Tensor, ...]
+) -> None:
+    """After a failed capture: ConfigError if the model fails on ``args`` (the example inputs at
+    the export batch) but runs with a batch dim added in front of the example inputs, that is,
+    if they lack one (torch's own error names a channel count)."""
+    try:
+        model(*args)
+        return  # it runs at the export batch: the capture failed for another reason
+    except Exception:
+        pass
     try:
         model(*(t.unsqueeze(0) for t in example_inputs))
     except Exception:  # the model fails either way: the capture error is the one to show
