@@ -71,7 +71,7 @@ def server_timing(stages: dict[str, float]) -> str:
 def _model_label(request: web.Request) -> str:
     state = request.app.get(STATE)
     name = request.match_info.get("name", "")
-    return name if state is not None and name in state.models else UNKNOWN_MODEL
+    return name if state is not None and name in state.repository.models else UNKNOWN_MODEL
 
 
 def _observe(request: web.Request, code: str) -> None:
@@ -184,7 +184,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         if tokens is not None:
             check_authorization(tokens, request.headers.get("Authorization"))
         state = request.app[STATE]
-        if request.match_info.get("name") not in state.models:
+        if request.match_info.get("name") not in state.repository.models:
             raise Problem("unknown_model", f"no model {request.match_info.get('name')!r} here")
         admit(state, request)
     except Problem as p:
