@@ -164,9 +164,17 @@ async def test_model_listing_health_and_metrics(server, cnn_bundle):
 async def test_a_stale_graph_is_answered_on_the_device_never_wrongly(server, cnn_bundle, cnn):
     stale = si.Bundle(**{**cnn_bundle.__dict__, "graph_hash": "f" * 32, "_runners": {}})
     x = torch.rand(1, 3, 32, 32)
-    async with EdgeClient(server.url, bundle=stale, policy="static", cut=4, codec="f32+zstd1") as client:
+    with pytest.raises(errors.GraphMismatchError) as info:  # entering asks the server for the model
+        async with EdgeClient(server.url, bundle=stale, policy="static", cut=4, codec="f32+zstd1"):
+            pass
+    assert "f" * 32 in str(info.value) and cnn_bundle.graph_hash in str(info.value)
+    client = EdgeClient(server.url, bundle=stale, policy="static", cut=4, codec="f32+zstd1")
+    try:  # a client that never checked: every request still answered on the device
         out = await client.ainfer(x)
         assert client.last_trace.fallback == "graph_mismatch"
+        assert client.refusals["graph_mismatch"] == 1
+    finally:
+        await client.aclose()
     with torch.no_grad():
         assert torch.equal(out, cnn(x))
 
