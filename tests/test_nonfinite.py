@@ -12,7 +12,7 @@ import torch
 import zstandard
 
 import splitinfer as si
-from splitinfer.compression import get_codec
+from splitinfer.compression import available_codecs, get_codec
 from splitinfer.errors import CodecError
 
 from .zoo import ZOO, batched
@@ -171,3 +171,16 @@ def test_a_transformer_split_where_its_padding_mask_crosses_gets_the_models_answ
             got = bundle.tail(k, codec.decode(codec.encode(list(frontier))))
             assert torch.allclose(got, expected, atol=0.05), (k, spec, (got - expected).abs().max())
             assert table[(k, spec)]["fidelity"] >= 0.99  # and the fidelity table saw the same
+
+
+@pytest.mark.parametrize("spec", [c for c in available_codecs() if not c.startswith("jpeg")])
+def test_every_offered_codec_keeps_nonfinite_values(spec):
+    """Every codec the package offers, new ones included, inherits the patch (or is lossless)."""
+    x = _tensor(3)
+    try:
+        codec = get_codec(spec)
+    except CodecError as exc:  # an optional dependency (an entropy coder) is missing here
+        pytest.skip(str(exc))
+    (y,) = codec.decode(codec.encode([x]))
+    (yn,) = codec.decode_numpy(codec.encode([x.numpy()]))
+    assert _same_nonfinite(y.float().numpy(), x.numpy()) and _same_nonfinite(yn.astype(np.float32), x.numpy())
