@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import signal
+import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -18,6 +22,7 @@ from splitinfer.cloud._state import STATE
 from splitinfer.edge import EdgeClient
 from splitinfer.errors import BundleError
 from splitinfer.lab._demo import demo_model
+from splitinfer.lab._server import ServerProcess
 from tests.test_cloud_support import INFER, compute_held, frame, outputs, post, problem_code, running, until
 
 LOAD = "/v2/repository/models/democnn/load"
@@ -193,3 +198,24 @@ def test_a_broken_bundle_still_stops_the_start(tmp_path, cnn_bundle):
     shutil.copytree(root / "democnn" / "1", root / "twin" / "1")
     with pytest.raises(BundleError, match="two bundles"):
         load_repository(root, torch.device("cpu"))
+
+
+def test_sighup_reloads_the_repository_of_a_running_server(tmp_path, cnn_bundle, second):
+    _, bundle2 = second
+    root = _versioned(tmp_path, ("1", cnn_bundle))
+    with ServerProcess(root) as server:
+        assert server.proc is not None
+
+        def versions() -> list[str]:
+            with urllib.request.urlopen(server.url + "/v1/models/democnn", timeout=10) as r:
+                return [v["version"] for v in json.loads(r.read())["versions"]]
+
+        assert versions() == ["1"]
+        bundle2.save(root / "democnn" / "2")
+        server.proc.send_signal(signal.SIGHUP)
+        for _ in range(300):
+            if versions() == ["1", "2"]:
+                break
+            time.sleep(0.1)
+        assert versions() == ["1", "2"]
+        assert server.proc.poll() is None  # still serving
