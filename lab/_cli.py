@@ -22,25 +22,40 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo",
-        help="every split policy, live, on EfficientNet-Lite0 over a real 3G trace (about 2 minutes)",
+        help="every split policy, live, on EfficientNet-Lite0 in a deployment: devices of different "
+        "speeds on real 3G traces, a cloud that gets busy (about 2 minutes)",
         description=(
             "Compile EfficientNet-Lite0 with its real weights (calibrated on real photos; cached, so "
             "only the first run compiles: under a minute, or a few on a busy machine), start the "
             "cloud server on 127.0.0.1, and run the edge client with each policy (adaptive, "
-            "neurosurgeon, cloud, local, static) side by side through the link emulator replaying "
-            "the same stretch of a real 3G trace, with a device N times slower than this machine. "
+            "neurosurgeon, cloud, local, static) side by side. The default scenario is a deployment: "
+            "three devices (0.25x, 1x and 4x the median device's speed) each on its own stretch of a "
+            "real 3G trace through its own link emulator, a background tenant whose load on the cloud "
+            "peaks halfway through, and a static configuration chosen at deploy time on traces the "
+            "run does not replay. `--scenario single`: one device on one trace stretch, an idle cloud. "
             "Prints a table per policy and writes a report (Markdown, CSV, PNG plots). Ctrl-C stops "
             "everything it started."
         ),
     )
     p.add_argument(
+        "--scenario",
+        choices=("deployment", "single"),
+        default="deployment",
+        help="deployment (default): several devices, real traces, a busy cloud, a deploy-time static; "
+        "single: one device on one trace stretch, static tuned on that stretch",
+    )
+    p.add_argument(
         "--trace",
         default=None,
         metavar="NAME|FILE",
-        help="shipped trace name or a trace file (default norway-3g-train-1)",
+        help="--scenario single: shipped trace name or a trace file (default norway-3g-train-1)",
     )
     p.add_argument(
-        "--offset", type=float, default=30.0, metavar="S", help="seconds into the trace to start (default 30)"
+        "--offset",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds into the trace to start (default 30; deployment: device i starts 37 s later than i-1)",
     )
     p.add_argument(
         "--duration",
@@ -54,8 +69,9 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=float,
         default=None,
         metavar="N",
-        help="emulated device N times slower than this machine (default: where running all on the device "
-        "ties with sending the input to the cloud on this stretch)",
+        help="emulated device N times slower than this machine (deployment: the median device) (default: "
+        "where running all on the device ties with sending the input to the cloud on this stretch; "
+        "deployment: on a shipped trace the run does not replay)",
     )
     p.add_argument(
         "--budget", type=float, default=0.99, help="fidelity budget: top-1 agreement at least (default 0.99)"
@@ -87,6 +103,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     config = DemoConfig(
         model="democnn" if args.quick else "efficientnet-lite0",
+        scenario=args.scenario,
         trace=args.trace or DEFAULT_TRACE,
         offset_s=args.offset,
         duration_s=args.duration or (8.0 if args.quick else None),

@@ -25,12 +25,15 @@ Ctrl-C stops everything it started (the server subprocess, emulators, clients).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
 import signal
+import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -45,8 +48,9 @@ from torch import nn
 from splitinfer._version import __version__
 from splitinfer.bundle import Bundle
 from splitinfer.errors import ConfigError
+from splitinfer.lab._hindsight import Link
 from splitinfer.lab._live import POLICIES
-from splitinfer.netem import BandwidthTrace
+from splitinfer.netem import BandwidthTrace, shipped_traces
 
 __all__ = ["DemoConfig", "demo_model", "run_demo"]
 
@@ -58,6 +62,12 @@ DEFAULT_TRACE = "norway-3g-train-1"
 #: ``q6+ans`` (issue 22): on held-out photos ``q4c`` misses 0.99 at the dense cuts 1-5 and ``q6+ans``
 #: meets it at 18.7 KiB where ``q8+zstd1`` takes 25.5 (benchmarks/results/codecs.md).
 DEMO_CODECS = ("f32", "q8+zstd1", "q6+ans", "q4c+zstd1")
+SCENARIOS = ("deployment", "single")
+#: The deployment's devices: each on its own real trace (the shipped ones at least twice the
+#: longest run long, so that the stretch it runs on can be left out of the tuning), at these
+#: multiples of the median device's slowdown (the issue's fleet, 0.25x to 4x).
+DEPLOYMENT_TRACES = ("norway-3g-train-1", "norway-3g-tram-10", "norway-3g-bus-1")
+FLEET = (0.25, 1.0, 4.0)
 #: Policy run lengths: with a cached bundle, and when the run had to compile it first.
 DEFAULT_DURATION_S, FIRST_RUN_DURATION_S = 90.0, 60.0
 
@@ -118,6 +128,8 @@ class DemoConfig:
     """Settings of one demo run; checked when built."""
 
     model: str = "efficientnet-lite0"
+    #: "deployment": several devices, a deploy-time static, a busy cloud; "single": one device, one trace.
+    scenario: str = "deployment"
     trace: str = DEFAULT_TRACE
     #: Seconds into the trace where the stretch starts.
     offset_s: float = 30.0
@@ -138,6 +150,8 @@ class DemoConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.scenario not in SCENARIOS:
+            raise ConfigError(f"--scenario must be one of {', '.join(SCENARIOS)}; got {self.scenario!r}")
         if self.model not in MODELS:
             raise ConfigError(f"model must be one of {', '.join(MODELS)}; got {self.model!r}")
         if (self.duration_s is not None and not self.duration_s > 0) or not self.interval_s > 0:
@@ -299,6 +313,60 @@ def static_choice(
     return d.cut, d.codec
 
 
+def tuning_links(
+    run_stretches: Sequence[tuple[str, float]], duration_s: float, names: Sequence[str]
+) -> list[tuple[Link, float, str]]:
+    """The links a deploy-time static is tuned on: every shipped trace in ``names``, leaving out
+    the stretch ``[offset, offset + duration_s)`` the run replays of it (``run_stretches``: trace
+    name and offset). Returns (link, seconds of it to tune on, what it is)."""
+    used = dict(run_stretches)
+    out = []
+    for name in names:
+        trace = BandwidthTrace.load(name)
+        if name in used:
+            rest = trace.period - duration_s
+            if rest <= 0:
+                raise ConfigError(
+                    f"trace {name} ({trace.period:.0f} s) is too short to leave a {duration_s:g} s run out"
+                )
+            start = used[name] + duration_s
+            label = (
+                f"{name} from {start % trace.period:.0f} s for {rest:.0f} s (all of it but the run's "
+                f"{duration_s:g} s from {used[name]:g} s)"
+            )
+            out.append((Link.from_trace(stretch(trace, start), rest), rest, label))
+        else:
+            out.append((Link.from_trace(trace, trace.period), trace.period, f"{name} (whole)"))
+    return out
+
+
+def choose_static(
+    bundle: Bundle,
+    links: Sequence[tuple[Link, float, str]],
+    ds: float,
+    *,
+    rtt_s: float,
+    budget: float,
+    interval_s: float = 0.2,
+) -> tuple[int, str]:
+    """The one (cut, codec) of least mean realized latency over ``links`` (a request every
+    ``interval_s`` of each link's span) on a device ``ds`` times slower than the profile: a
+    static configuration tuned before deployment, for a population of links, as
+    benchmarks/bench_policy.py's deploy-time static is."""
+    from splitinfer.lab._hindsight import World
+    from splitinfer.partitioner import make_policy
+
+    policy = make_policy("adaptive", bundle, fidelity_budget=budget, explore=0.0)
+    allowed = policy.rows
+    total = np.zeros(len(allowed))
+    for i, (link, span, _) in enumerate(links):
+        world = World(policy, link, ds, np.random.default_rng(i))
+        for t in np.arange(0.0, span, interval_s):
+            total += world.latencies(allowed, float(t), rtt_s)
+    row = int(allowed[int(np.argmin(total))])
+    return int(policy.model.cut[row]), policy.model.codec(row)
+
+
 # -- the command ------------------------------------------------------------------------------
 
 
@@ -307,11 +375,12 @@ def run_demo(config: DemoConfig) -> int:
 
     SIGTERM is handled as Ctrl-C is: everything started is stopped.
     """
+    run = _run_demo if config.scenario == "single" else _run_deployment
     if threading.current_thread() is not threading.main_thread():
-        return _run_demo(config)
+        return run(config)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return _run_demo(config)
+        return run(config)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -404,6 +473,174 @@ def _run_demo(config: DemoConfig) -> int:
         records=records,
         summaries=summaries,
         trace=trace,
+        duration_s=duration_s,
+        bundle=bundle,
+    )
+    say("")
+    say(f"report: {report.resolve()} (plots and every request next to it)")
+    return 0
+
+
+def _run_deployment(config: DemoConfig) -> int:
+    """The default scenario: what a deployment meets. Several devices of different speeds, each
+    on its own real trace stretch through its own link emulator, every policy side by side on
+    each device (one :func:`~splitinfer.lab._live.run_session` per device, all at once, against
+    one server), while a background tenant's load on the cloud ramps from nothing to twice one
+    compute thread's rate at half time and back (:func:`~splitinfer.lab._shared.run_shared` with
+    no devices of its own). ``static`` is chosen at deploy time: the least mean latency at the
+    median device over the shipped traces with the run's own stretches left out."""
+    from splitinfer.lab._live import live_stack, run_session
+    from splitinfer.lab._report import format_table, price, summarize, write_report
+    from splitinfer.lab._shared import run_shared
+    from splitinfer.partitioner import make_policy
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    started = time.perf_counter()
+    spec = MODELS[config.model]
+    placed = [(name, config.offset_s + 37.0 * i) for i, name in enumerate(DEPLOYMENT_TRACES)]
+    traces = [stretch(BandwidthTrace.load(name), offset) for name, offset in placed]
+    cache_dir = config.cache_dir or cache_root()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    compiled = cached_bundle(spec, cache_dir) is None
+    repo = prepare_bundle(spec, cache_dir, say, config.progress)
+    if config.duration_s is None:
+        config = replace(config, duration_s=FIRST_RUN_DURATION_S if compiled else DEFAULT_DURATION_S)
+    duration_s = config.duration_s
+    assert duration_s is not None  # for type checkers
+    rtt = 2 * config.delay_s
+    tuning = tuning_links(placed, duration_s, sorted(shipped_traces()))
+    chosen: dict[str, Any] = {}
+
+    def choose(bundle: Bundle) -> None:  # deploy time, while the server starts: nothing of the run
+        tie_on = BandwidthTrace.load(next(n for n in sorted(shipped_traces()) if n not in DEPLOYMENT_TRACES))
+        ds = config.slowdown or tie_slowdown(
+            bundle, tie_on, duration_s=duration_s, rtt_s=rtt, budget=config.budget
+        )
+        chosen["ds"] = ds
+        chosen["static"] = choose_static(bundle, tuning, ds, rtt_s=rtt, budget=config.budget)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the emulated devices: one thread, as profiled
+    try:
+        with live_stack(repo, spec.name, spec.image_size, meanwhile=choose) as live:
+            bundle, server = live.bundle, live.server
+            ds, static = float(chosen["ds"]), chosen["static"]
+            slowdowns = [max(1.0, float(round(ds * f))) for f in FLEET]
+            whole_s = float(make_policy("local", bundle).model.head[-1])
+            peak = 2.0 / whole_s
+            say(f"cloud: splitinfer serve (pid {server.pid}) on {server.url}")
+            for i, (tr, sd) in enumerate(zip(traces, slowdowns)):
+                say(
+                    f"device {i + 1}: {sd:g}x slower than this machine, link {tr.name} (for {duration_s:g} s)"
+                )
+            say(
+                f"tenant: the whole model's input straight to the cloud, 0 -> {peak:.0f} -> 0 requests/s "
+                f"(peak at {duration_s / 2:g} s: twice what one compute thread serves)"
+            )
+            say(
+                f"policies: {', '.join(config.policies)} side by side on every device for {duration_s:g} s "
+                f"(static = cut {static[0]} {static[1]}: chosen at deploy time, not on these stretches)"
+            )
+            sessions = [
+                live.session(
+                    trace=tr,
+                    duration_s=duration_s,
+                    device_slowdown=sd,
+                    static=static,
+                    budget=config.budget,
+                    delay_s=config.delay_s,
+                    interval_s=config.interval_s,
+                    deadline_s=config.deadline_s,
+                    policies=config.policies,
+                    seed=config.seed + 100 * i,
+                    progress=config.progress and i == 0,
+                    label=f"device 1 of {len(traces)}",
+                )
+                for i, (tr, sd) in enumerate(zip(traces, slowdowns))
+            ]
+
+            async def everything() -> tuple[list[list[Any]], Any]:
+                runs = [asyncio.ensure_future(run_session(s)) for s in sessions]
+                try:
+                    # The tenant starts when every device's trace clock has (a session sets its
+                    # counts then), so that the cloud is busiest halfway through the devices' run.
+                    # (A poll: a session has no event to wait on.)
+                    while not all(s.counts for s in sessions) and not any(r.done() for r in runs):  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
+                    tenant = await run_shared(
+                        url=server.url,
+                        server_pid=server.pid,
+                        bundle=bundle,
+                        repo_model=repo / spec.name,
+                        policy="tenant",
+                        devices=[],
+                        images=live.images,
+                        reference=live.reference,
+                        duration_s=duration_s,
+                        tenant_peak_rps=peak,
+                    )
+                    return list(await asyncio.gather(*runs)), tenant
+                finally:
+                    for r in runs:
+                        r.cancel()
+                    await asyncio.gather(*runs, return_exceptions=True)
+
+            per_device, tenant = asyncio.run(everything())
+    finally:
+        torch.set_num_threads(threads)
+    records: list[Any] = []
+    as_run = []
+    for rs, tr, sd in zip(per_device, traces, slowdowns):
+        priced, ds_run = price(rs, bundle, tr, device_slowdown=sd, rtt_s=rtt, budget=config.budget)
+        records += priced
+        as_run.append(ds_run)
+    summaries = summarize(records, bundle.last_cut, config.policies)
+    say("")
+    say(format_table(summaries))
+    busy = [u for u in tenant.utilisation if abs(u[0] - duration_s / 2) <= duration_s / 4]
+    idle = [u for u in tenant.utilisation if abs(u[0] - duration_s / 2) > duration_s / 4]
+    tuned_on = "; ".join(label for _, _, label in tuning)
+    facts = [
+        "scenario: a deployment. One static configuration, chosen before the run, has to serve "
+        f"{len(traces)} devices of different speeds on different real networks, and the cloud gets "
+        "busy halfway through; the adaptive policy meets the same run",
+        f"model: {spec.name}, {len(bundle.cuts)} cuts, codecs {', '.join(bundle.codecs)}, fidelity "
+        f"budget {config.budget} (top-1 agreement on {bundle.fidelity.get('samples')} calibration photos)",
+        *(
+            f"device {i + 1}: {sd:g}x slower than this machine (it ran {r:.1f}x: the `local` policy's "
+            f"measured time over the profile's), link {tr.name} for {duration_s:g} s (real trace, "
+            f"looped), round trip {rtt * 1000:.0f} ms"
+            for i, (tr, sd, r) in enumerate(zip(traces, slowdowns, as_run))
+        ),
+        f"device speeds: {', '.join(f'{1 / f:g}x' for f in FLEET)} the median device's, which is {ds:g}x "
+        "slower than this machine"
+        + (
+            " (where all-on-device ties with all-in-the-cloud on a trace the run does not use)"
+            if config.slowdown is None
+            else ""
+        ),
+        f"cloud: one `splitinfer serve` subprocess, one compute thread; a background tenant sends the whole "
+        f"model's input straight to it at 0 -> {peak:.0f} -> 0 requests/s, busiest at {duration_s / 2:g} s "
+        f"(it got {tenant.tenant_ok} answers, {tenant.tenant_shed} shed or given up); the cloud's CPU: "
+        f"{statistics.mean(u[1] for u in busy) if busy else math.nan:.2f} cores in the busy half, "
+        f"{statistics.mean(u[1] for u in idle) if idle else math.nan:.2f} in the rest",
+        f"static: cut {static[0]} ({bundle.cuts[static[0]].name}) with {static[1]}, chosen at deploy time: "
+        f"least mean latency at the median device over {tuned_on}; "
+        "not tuned on the stretches the run replays",
+        "mean / oracle: the oracle is priced per device (its trace, its speed as run) with an idle cloud; "
+        "it does not see the tenant's queue",
+        f"the plots shade device 1's trace ({traces[0].name}); their latencies are every device's",
+        f"the whole run took {time.perf_counter() - started:.0f} s",
+    ]
+    report = write_report(
+        config.out_dir,
+        title="splitinfer demo: a deployment (devices of different speeds, real 3G traces, a busy cloud)",
+        facts=facts,
+        records=records,
+        summaries=summaries,
+        trace=traces[0],
         duration_s=duration_s,
         bundle=bundle,
     )

@@ -32,17 +32,88 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("demo-cache")
 
 
+def _table(stdout: str) -> dict[str, re.Match[str]]:
+    return {m["policy"]: m for m in map(ROW.match, stdout.splitlines()) if m}
+
+
 @pytest.mark.slow
-def test_quick_demo_prints_every_policy_and_writes_the_report(tmp_path, cache):
+def test_the_default_demo_is_a_deployment_and_its_report_says_so(tmp_path, cache):
+    """Three devices of different speeds on different real trace stretches, a tenant that makes
+    the cloud busy halfway, and a static tuned on what the run does not replay."""
+    from splitinfer.lab._demo import DEPLOYMENT_TRACES
+
     out_dir = tmp_path / "report"
     proc = subprocess.run(
-        [*CLI, "--duration", "6", "--out", str(out_dir), "--cache-dir", str(cache)],
+        [*CLI, "--duration", "5", "--out", str(out_dir), "--cache-dir", str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = _table(proc.stdout)
+    assert set(rows) == set(POLICIES), proc.stdout
+    assert rows["local"]["shares"] == "100%/0%/0%" and rows["cloud"]["shares"] == "0%/0%/100%"
+    text = (out_dir / "report.md").read_text()
+    assert "scenario: a deployment" in text
+    devices = re.findall(
+        r"^- device (\d+): (\d+)x slower than this machine .* link (\S+) from (\d+) s for 5 s", text, re.M
+    )
+    assert [int(d[0]) for d in devices] == [1, 2, 3], text
+    assert [d[2] for d in devices] == list(DEPLOYMENT_TRACES)
+    slowdowns = [int(d[1]) for d in devices]
+    assert slowdowns == sorted(slowdowns) and slowdowns[-1] >= 8 * slowdowns[0]  # 16x apart
+    tenant = re.search(
+        r"tenant sends .* at 0 -> (\d+) -> 0 requests/s, busiest at 2.5 s \(it got (\d+) answers", text
+    )
+    assert tenant and int(tenant[1]) > 0 and int(tenant[2]) > 0, text
+    static = re.search(
+        r"^- static: .*chosen at deploy time: least mean latency at the median device over (.*); not tuned",
+        text,
+        re.M,
+    )
+    assert static, text
+    # The static's tuning links: every run trace appears only with its run stretch left out.
+    for _, _, name, start in devices:
+        tuned = re.search(
+            re.escape(name) + r" from (\d+) s for (\d+) s \(all of it but the run's 5 s from (\d+) s\)",
+            static[1],
+        )
+        assert tuned, static[1]
+        assert int(tuned[3]) == int(start) and int(tuned[1]) == int(start) + 5
+    for policy in POLICIES:
+        assert f"| {policy} |" in text
+    lines = (out_dir / "requests.csv").read_text().splitlines()
+    assert len(lines) - 1 == sum(int(m["n"]) for m in rows.values())
+
+
+def test_a_deploy_time_static_is_not_tuned_on_the_run():
+    from splitinfer.lab._demo import tuning_links
+
+    links = tuning_links([("norway-3g-train-1", 30.0)], 60.0, ["norway-3g-train-1", "norway-3g-bus-1"])
+    whole = BandwidthTrace.load("norway-3g-train-1")
+    (train, span, label), (_, bus_span, bus_label) = links
+    assert span == pytest.approx(whole.period - 60.0) and "all of it but the run's 60 s from 30 s" in label
+    for t in np.arange(0.0, span, 0.5):  # the tuning link is the trace from 90 s on, up to 30 s again
+        s0 = (90.0 + t) % whole.period
+        assert float(train.done(t, 2e5)) - t == pytest.approx(whole.finish_time(s0, 2e5) - s0, abs=0.01)
+    assert (
+        bus_label == "norway-3g-bus-1 (whole)" and bus_span == BandwidthTrace.load("norway-3g-bus-1").period
+    )
+    with pytest.raises(ConfigError, match="too short"):
+        tuning_links([("fcc-hsdpa-ferry-10-part0", 0.0)], 60.0, ["fcc-hsdpa-ferry-10-part0"])
+
+
+@pytest.mark.slow
+def test_quick_single_demo_prints_every_policy_and_writes_the_report(tmp_path, cache):
+    out_dir = tmp_path / "report"
+    proc = subprocess.run(
+        [*CLI, "--scenario", "single", "--duration", "6", "--out", str(out_dir), "--cache-dir", str(cache)],
         capture_output=True,
         text=True,
         timeout=110,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = {m["policy"]: m for m in map(ROW.match, proc.stdout.splitlines()) if m}
+    rows = _table(proc.stdout)
     assert set(rows) == set(POLICIES), proc.stdout
     for m in rows.values():
         assert int(m["n"]) >= 1
@@ -197,6 +268,7 @@ def test_summary_and_table_of_records():
     ("kw", "match"),
     [
         ({"model": "resnet"}, "model must be one of"),
+        ({"scenario": "fleet"}, "--scenario must be one of"),
         ({"duration_s": 0}, "--duration"),
         ({"slowdown": 0.5}, "--slowdown"),
         ({"budget": 1.5}, "--budget"),
