@@ -244,7 +244,7 @@ EST = Estimates(uplink_bps=2e6, downlink_bps=8e6, rtt_s=0.08, cloud_queue_s=0.0,
 
 def test_the_contract_example():
     bundle = tiny()
-    policy = make_policy("adaptive", bundle, fidelity_budget=0.99, privacy_floor=None)
+    policy = make_policy("adaptive", bundle, fidelity_budget=0.99, privacy_floor=None, explore=0.0)
     assert isinstance(policy, Policy)
     d = policy.decide(EST)
     assert isinstance(d, Decision)
