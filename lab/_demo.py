@@ -1,6 +1,17 @@
-"""``splitinfer demo``: every policy, live, on a real model over a real 3G trace.
+"""``splitinfer demo``: every policy, live, on a real model over real 3G traces.
 
-What runs (all on 127.0.0.1, all real):
+Two scenarios. ``deployment`` (the default) is what one configuration chosen in advance meets
+in a deployment: three devices of different speeds (:data:`FLEET` times the median device's
+slowdown), each on its own stretch of a different real trace (:data:`DEPLOYMENT_TRACES`), every
+policy side by side on each (one live session per device, all at once, against one server),
+while a background tenant (:func:`splitinfer.lab._shared.run_shared` with no devices of its
+own) loads the cloud from nothing to twice one compute thread's rate at half time and back.
+Its ``static`` is chosen at deploy time (:func:`choose_static` over :func:`tuning_links`: the
+shipped traces with the run's own stretches left out, at the median device, whose slowdown is
+found on a shipped trace the run does not replay). ``single`` is the run described below: one
+device, one stretch, an idle cloud, and a static tuned in hindsight on that stretch.
+
+What runs in ``single`` (all on 127.0.0.1, all real; ``deployment`` differs as said above):
 
 1. EfficientNet-Lite0 with its ImageNet weights is compiled with ``si.compile``, calibrated on
    real photos (crops and flips of skimage's and sklearn's sample images), with a restricted
@@ -28,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -563,31 +575,43 @@ def _run_deployment(config: DemoConfig) -> int:
 
             async def everything() -> tuple[list[list[Any]], Any]:
                 runs = [asyncio.ensure_future(run_session(s)) for s in sessions]
+                parts: list[asyncio.Future[Any]] = list(runs)
                 try:
                     # The tenant starts when every device's trace clock has (a session sets its
                     # counts then), so that the cloud is busiest halfway through the devices' run.
                     # (A poll: a session has no event to wait on.)
                     while not all(s.counts for s in sessions) and not any(r.done() for r in runs):  # noqa: ASYNC110
                         await asyncio.sleep(0.05)
-                    tenant = await run_shared(
-                        url=server.url,
-                        server_pid=server.pid,
-                        bundle=bundle,
-                        repo_model=repo / spec.name,
-                        policy="tenant",
-                        devices=[],
-                        images=live.images,
-                        reference=live.reference,
-                        duration_s=duration_s,
-                        tenant_peak_rps=peak,
+                    tenant = asyncio.ensure_future(
+                        run_shared(
+                            url=server.url,
+                            server_pid=server.pid,
+                            bundle=bundle,
+                            repo_model=repo / spec.name,
+                            policy="tenant",
+                            devices=[],
+                            images=live.images,
+                            reference=live.reference,
+                            duration_s=duration_s,
+                            tenant_peak_rps=peak,
+                        )
                     )
-                    return list(await asyncio.gather(*runs)), tenant
+                    parts.append(tenant)
+                    await asyncio.wait(parts)  # wait, unlike gather, passes no cancellation on
+                    return [r.result() for r in runs], tenant.result()
                 finally:
-                    for r in runs:
-                        r.cancel()
-                    await asyncio.gather(*runs, return_exceptions=True)
+                    if not all(t.done() for t in parts):
+                        await _stop(parts)
 
-            per_device, tenant = asyncio.run(everything())
+            # The tenant is a client of the server's own address; the requests it gives up on are
+            # counted in the report, not logged line by line among the devices' fallbacks.
+            quiet = _NotAbout(server.url)
+            edge_log = logging.getLogger("splitinfer.edge")
+            edge_log.addFilter(quiet)
+            try:
+                per_device, tenant = asyncio.run(everything())
+            finally:
+                edge_log.removeFilter(quiet)
     finally:
         torch.set_num_threads(threads)
     records: list[Any] = []
@@ -614,6 +638,15 @@ def _run_deployment(config: DemoConfig) -> int:
             f"looped), round trip {rtt * 1000:.0f} ms"
             for i, (tr, sd, r) in enumerate(zip(traces, slowdowns, as_run))
         ),
+        *(
+            f"device {i + 1}, mean / p95 ms: "
+            + ", ".join(
+                f"{p} {statistics.mean(xs):.0f} / {float(np.percentile(xs, 95)):.0f}"
+                for p in config.policies
+                if (xs := [r.latency_s * 1000 for r in rs if r.policy == p])
+            )
+            for i, rs in enumerate(per_device)
+        ),
         f"device speeds: {', '.join(f'{1 / f:g}x' for f in FLEET)} the median device's, which is {ds:g}x "
         "slower than this machine"
         + (
@@ -623,7 +656,8 @@ def _run_deployment(config: DemoConfig) -> int:
         ),
         f"cloud: one `splitinfer serve` subprocess, one compute thread; a background tenant sends the whole "
         f"model's input straight to it at 0 -> {peak:.0f} -> 0 requests/s, busiest at {duration_s / 2:g} s "
-        f"(it got {tenant.tenant_ok} answers, {tenant.tenant_shed} shed or given up); the cloud's CPU: "
+        f"({tenant.tenant_sent} sent, {tenant.tenant_ok} completed, counting those its own client "
+        f"finished when the cloud was overdue; {tenant.tenant_shed} refused or given up); the cloud's CPU: "
         f"{statistics.mean(u[1] for u in busy) if busy else math.nan:.2f} cores in the busy half, "
         f"{statistics.mean(u[1] for u in idle) if idle else math.nan:.2f} in the rest",
         f"static: cut {static[0]} ({bundle.cuts[static[0]].name}) with {static[1]}, chosen at deploy time: "
@@ -647,6 +681,58 @@ def _run_deployment(config: DemoConfig) -> int:
     say("")
     say(f"report: {report.resolve()} (plots and every request next to it)")
     return 0
+
+
+async def _stop(parts: Sequence[asyncio.Future[Any]]) -> None:
+    """Stop the deployment's parts (Ctrl-C), each cancelled once (a second cancel would cut its
+    cleanup short), the tenant's requests in flight first: run_shared tracks no such request, so
+    one would outlive the tenant's client being closed, and its retry reopen the client's session.
+
+    A hedged request cancelled mid-race leaves its send behind (EdgeClient does not cancel it),
+    which then fails against the closed link: from here on, the loop drops that one message
+    for a CloudError (the run is ending; anything else is still reported)."""
+    from splitinfer.errors import CloudError
+
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") == "Task exception was never retrieved" and isinstance(
+            context.get("exception"), CloudError
+        ):
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    tenant_requests: list[asyncio.Future[Any]] = [
+        t
+        for t in asyncio.all_tasks()
+        if getattr(t.get_coro(), "__qualname__", "").endswith("run_shared.<locals>.one_tenant_request")
+    ]
+    for request in tenant_requests:
+        request.cancel()
+    if tenant_requests:
+        await asyncio.wait(tenant_requests)
+    for part in parts:
+        part.cancel()
+    await asyncio.wait(parts)
+    for done in [*tenant_requests, *parts]:  # retrieved, so that none is logged as never retrieved
+        if not done.cancelled():
+            done.exception()
+
+
+class _NotAbout(logging.Filter):
+    """Drops log records that name ``url``."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.url not in record.getMessage()
 
 
 def _machine() -> str:
