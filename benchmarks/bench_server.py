@@ -396,6 +396,9 @@ def _servers(args: argparse.Namespace, repo: Path) -> list[Server]:
         serve += ["--torch-threads", str(args.torch_threads)]
     infer = f"/v1/models/{MODEL}/infer"
     servers = [Server("splitinfer", serve, "/v2/health/ready", infer, False, tuple(CUTS))]
+    for runtime in getattr(args, "runtimes", ()):  # bench_runtime.py: the same server on another runtime
+        on = [*serve, "--runtime", runtime]
+        servers.append(Server(f"splitinfer {runtime}", on, "/v2/health/ready", infer, False, tuple(CUTS)))
     if args.inline_ms > 0:
         inline = [*serve, "--inline-below-ms", str(args.inline_ms)]
         servers.append(Server("splitinfer inline", inline, "/v2/health/ready", infer, False, ("late",)))

@@ -52,6 +52,11 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     option("compute-threads", "threads running tails, a batch each (default 0: one per core)", type=int)
     option("torch-threads", "threads torch uses in one batch (default 0: cores / compute threads)", type=int)
     option(
+        "runtime",
+        "where tails run: torch, onnxruntime (the bundle's ONNX graph) or auto (default torch)",
+        choices=["torch", "onnxruntime", "auto"],
+    )
+    option(
         "inline-below-ms",
         "run batches predicted to take at most this long on the event loop, not a thread (default 0: never)",
         type=float,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from splitinfer.compression import get_codec
 from splitinfer.errors import CodecError, ConfigError
+from splitinfer.runtime import RUNTIMES
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +48,10 @@ class ServerConfig:
     #: Threads torch uses inside one computation (0: the usable cores shared among the compute
     #: threads, at least 1). More threads than cores in all makes OpenMP crawl on a busy machine.
     torch_threads: int = 0
+    #: Where tails run: ``torch`` (the .pt2 programs), ``onnxruntime`` (the bundle's ONNX graph;
+    #: ``torch_threads`` is then each session's intra-op threads) or ``auto`` (ONNX Runtime for
+    #: the bundles that have ONNX, when onnxruntime imports). docs/runtimes.md.
+    runtime: str = "torch"
     #: Batches whose tail is predicted to take at most this long (from the compute time measured
     #: per row so far) run on the event loop instead of a compute thread, where the handoff would
     #: cost more than the work. 0 (the default) sends every batch to the compute threads.
@@ -123,6 +128,8 @@ class ServerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1024:
                 raise ConfigError(f"{name} must be 0 (automatic) to 1024, got {value!r}")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         _at_least("max_body_bytes", self.max_body_bytes, 1024, "frames carry a header of their own")
         _at_least("max_decoded_bytes", self.max_decoded_bytes, 1024, "it bounds one request's frontier")
         if self.device and not re.fullmatch(r"cpu|cuda(:\d{1,3})?", self.device):

@@ -113,8 +113,19 @@ def _fingerprint(path: Path) -> tuple[str, tuple[tuple[str, int, int], ...]]:
 class Repository:
     """The served versions of every model (the newest is what a request without a version gets)."""
 
-    def __init__(self, root: Path, device: torch.device, max_versions: int = 0, share: bool = True):
+    def __init__(
+        self,
+        root: Path,
+        device: torch.device,
+        max_versions: int = 0,
+        share: bool = True,
+        runtime: str = "torch",
+        threads: int | None = None,
+    ):
         self.root = root
+        #: Where tails run (torch or onnxruntime, docs/runtimes.md) and ONNX Runtime's intra-op threads.
+        self.runtime = runtime
+        self.threads = threads
         #: Where every version's segments are loaded (the device the tails run on).
         self.device = device
         #: Segments by segment_key, shared by every loaded bundle whose segment has that key
@@ -190,8 +201,10 @@ class Repository:
         """Load one version (blocking: run it on a worker thread); BundleError if it cannot be served."""
         digest = _digest(path)
         before = set(self.segments.keys()) if self.segments is not None else set()
-        bundle = Bundle.load(path, device=self.device, shared=self.segments)
-        if self.segments is not None:
+        bundle = Bundle.load(
+            path, device=self.device, shared=self.segments, runtime=self.runtime, threads=self.threads
+        )
+        if self.segments is not None and bundle.onnx_runner is None:  # ONNX Runtime: no torch segments
             reused = sum(1 for s in bundle.segments if any(s is self.segments.get(k) for k in before))
             if reused:
                 log.info(
@@ -284,11 +297,14 @@ class Repository:
 
 
 def load_repository(
-    root: Path, device: torch.device, max_versions: int = 0, share: bool = True
+    root: Path, device: torch.device, max_versions: int = 0,
+    share: bool = True,
+    runtime: str = "torch",
+    threads: int | None = None,
 ) -> Repository:
     """Every bundle under ``root``, by model and version, with its segments on ``device`` (equal
     segments once, with ``share``); a broken bundle stops the start, loudly."""
-    repo = Repository(root, device, max_versions, share)
+    repo = Repository(root, device, max_versions, share, runtime, threads)
     for name, present in scan(root).items():
         repo.flip(name, repo.prepare(name, present, strict=True))
     if not repo.models:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import math
@@ -17,11 +18,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
 from urllib.parse import quote
 
-import torch
 from prometheus_client import CollectorRegistry
-from torch.utils import _pytree as pytree
 
-from splitinfer import protocol
+from splitinfer import _pytree, protocol
 from splitinfer.bundle import Bundle
 from splitinfer.compression import get_codec
 from splitinfer.edge._breaker import CircuitBreaker
@@ -119,8 +118,10 @@ class EdgeClient:
     after ``bundle``, ``policy``, ``config``, ``registry``, ``transport`` and ``breaker`` are
     settings, collected in a :class:`ClientConfig` (``self.config``, checked when built):
     ``deadline_s``, ``device_slowdown``, ``fidelity_budget``, ``max_cut``, ``token``,
-    ``ca_file``, ``client_cert``, ``client_key``, ``prior``, ``probe``, ``hedge``; any other keyword is a
-    policy option. ``config=ClientConfig(...)`` passes them whole (keywords then override it).
+    ``ca_file``, ``client_cert``, ``client_key``, ``prior``, ``probe``, ``hedge``, ``runtime``
+    (``auto``, ``onnxruntime`` or ``torch``: where the head and the fallback run); any other
+    keyword is a policy option. ``config=ClientConfig(...)`` passes them whole (keywords then
+    override it).
 
     ``policy`` is a name for :func:`splitinfer.partitioner.make_policy` (``adaptive``,
     ``static``, ``local``, ``cloud``, ``neurosurgeon``) or a Policy; policy options go to
@@ -167,7 +168,7 @@ class EdgeClient:
         **settings: Any,
     ):
         self.config = ClientConfig.build(config, settings)
-        self.bundle = _load_bundle(bundle, self.config.max_cut)
+        self.bundle = _load_bundle(bundle, self.config.max_cut, self.config.runtime)
         self.max_cut = _max_cut(self.bundle, self.config.max_cut)
         self.policy: Policy = _make_policy(policy, self.bundle, self.config)
         self.deadline_s = self.config.deadline_s
@@ -254,7 +255,7 @@ class EdgeClient:
                 await asyncio.sleep(took * (self.device_slowdown - 1.0))
         return result, time.perf_counter() - t0
 
-    def _profiled_tail(self, k: int, frontier: tuple[torch.Tensor, ...]) -> float | None:
+    def _profiled_tail(self, k: int, frontier: tuple[Any, ...]) -> float | None:
         """The profile's time for the device's tail from cut ``k`` (batch-1 time x rows)."""
         if self._chain is None:
             return None
@@ -266,7 +267,8 @@ class EdgeClient:
         """The profile's time for the head of cut ``k`` on these inputs (batch-1 time x rows)."""
         if self._chain is None:
             return None
-        rows = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
+        first: Any = inputs[0] if inputs else None  # a torch tensor or a numpy array
+        rows = first.shape[0] if getattr(first, "ndim", 0) else 1
         return self._chain[k] * rows
 
     @overload
@@ -307,17 +309,17 @@ class EdgeClient:
                 outputs, trace = await self._fall_back(decision, frontier, trace, exc)
         stages["total"] = time.perf_counter() - started
         self._record(trace, decision)
-        result = pytree.tree_unflatten(list(outputs), pytree.treespec_loads(self.bundle.out_spec))
+        result = _pytree.unflatten(list(outputs), self.bundle.out_spec)
         return (result, trace) if return_trace else result
 
     async def _remote(
         self,
         decision: Decision,
         est: Estimates,
-        frontier: tuple[torch.Tensor, ...],
+        frontier: tuple[Any, ...],
         trace: Trace,
         started: float,
-    ) -> tuple[tuple[torch.Tensor, ...], Trace]:
+    ) -> tuple[tuple[Any, ...], Trace]:
         codec = self.bundle.codec_for(decision.cut, decision.codec)
         payload, trace.stages["encode"] = await self._emulated(
             codec.encode, list(frontier), profiled_s=decision.stages.get("encode", 0.0) / est.device_slowdown
@@ -368,9 +370,10 @@ class EdgeClient:
             raise exc
         t0 = time.perf_counter()
         rheader, rpayload = protocol.decode_response(resp.body)
-        outputs = get_codec(rheader.codec).decode(
-            rpayload, max_nbytes=sum(s.nbytes() for s in rheader.tensors)
-        )
+        response_codec = get_codec(rheader.codec)
+        # numpy in, numpy out (an ONNX Runtime head on numpy inputs needs no torch)
+        decode = response_codec.decode_numpy if _all_numpy(frontier) else response_codec.decode
+        outputs = decode(rpayload, max_nbytes=sum(s.nbytes() for s in rheader.tensors))
         trace.stages["response_decode"] = time.perf_counter() - t0
         cloud = protocol.parse_server_timing(resp.headers.get("Server-Timing"))
         trace.stages.update({f"cloud_{k}": v for k, v in cloud.items()})
@@ -389,9 +392,9 @@ class EdgeClient:
         send: asyncio.Future[TransportResponse],
         hedge_s: float,
         decision: Decision,
-        frontier: tuple[torch.Tensor, ...],
+        frontier: tuple[Any, ...],
         trace: Trace,
-    ) -> tuple[tuple[torch.Tensor, ...], Trace] | None:
+    ) -> tuple[tuple[Any, ...], Trace] | None:
         """Wait ``hedge_s`` for ``send``; if it is still out, race the device's tail against it.
 
         Returns the device's outputs (and the trace, fallback ``hedge``) if the device finished
@@ -527,8 +530,8 @@ class EdgeClient:
         return ok
 
     async def _fall_back(
-        self, decision: Decision, frontier: tuple[torch.Tensor, ...], trace: Trace, exc: Exception
-    ) -> tuple[tuple[torch.Tensor, ...], Trace]:
+        self, decision: Decision, frontier: tuple[Any, ...], trace: Trace, exc: Exception
+    ) -> tuple[tuple[Any, ...], Trace]:
         """Finish on the device from the frontier already computed; fail loudly if it cannot."""
         reason = _reason(exc)
         self._log_fallback(reason, exc)
@@ -794,9 +797,32 @@ class EdgeClient:
         self.close()
 
 
-def _load_bundle(bundle: str | os.PathLike[str] | Bundle, max_cut: int | None) -> Bundle:
-    """``bundle`` itself, or the bundle saved there with the segments up to ``max_cut``."""
-    return bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle), upto_cut=max_cut)
+def _load_bundle(bundle: str | os.PathLike[str] | Bundle, max_cut: int | None, runtime: str | None) -> Bundle:
+    """``bundle`` itself, or the bundle saved there with the segments up to ``max_cut``, on
+    ``runtime`` (``auto``: ONNX Runtime when the bundle has ONNX and onnxruntime imports;
+    None: torch when it is installed, else auto)."""
+    if not isinstance(bundle, Bundle):
+        if runtime is None:
+            runtime = "torch" if _torch_installed() else "auto"
+        return Bundle.load(Path(bundle), upto_cut=max_cut, runtime=runtime)
+    if runtime not in (None, "auto", bundle.runtime):
+        raise ConfigError(
+            f"this bundle object runs on {bundle.runtime}; for runtime={runtime!r} pass its directory, "
+            f"or Bundle.load(path, runtime={runtime!r})"
+        )
+    return bundle
+
+
+def _torch_installed() -> bool:
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except ImportError:  # a finder that refuses torch (tests/test_layering.py's BLOCK_TORCH)
+        return False
+
+
+def _all_numpy(frontier: tuple[Any, ...]) -> bool:
+    """Whether a frontier is numpy arrays (so the answer is decoded to numpy too)."""
+    return bool(frontier) and all(type(t).__module__ == "numpy" for t in frontier)
 
 
 def _max_cut(bundle: Bundle, max_cut: int | None) -> int:

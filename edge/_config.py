@@ -11,6 +11,7 @@ from typing import Any
 from splitinfer._checks import check_number
 from splitinfer.errors import ConfigError
 from splitinfer.partitioner import Estimates
+from splitinfer.runtime import RUNTIMES
 
 __all__ = ["ClientConfig"]
 
@@ -49,6 +50,10 @@ class ClientConfig:
     #: host; ``profile`` waits out the profiled time times the slowdown (at least the time the
     #: work took), so that contention on a shared host is not multiplied into device time.
     emulate: str = "measured"
+    #: Where the head and the fallback run: ``auto`` (ONNX Runtime when the bundle has an ONNX
+    #: graph and onnxruntime imports, else torch), ``onnxruntime`` or ``torch``; None: torch
+    #: where torch is installed (outputs bitwise as before), else ``auto`` (docs/runtimes.md).
+    runtime: str | None = None
     #: Settings for :func:`~splitinfer.partitioner.make_policy` (``cut=``, ``codec=``, ...).
     policy_options: Mapping[str, object] = field(default_factory=dict, hash=False)
 
@@ -77,6 +82,8 @@ class ClientConfig:
             raise ConfigError(f"hedge must be True or False, got {self.hedge!r}")
         if self.probe is not None and not isinstance(self.probe, bool):
             raise ConfigError(f"probe must be True, False or None (the policy decides), got {self.probe!r}")
+        if self.runtime is not None and self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if not isinstance(self.policy_options, Mapping):
             raise ConfigError(f"policy_options must be a mapping, got {type(self.policy_options).__name__}")
         object.__setattr__(self, "policy_options", dict(self.policy_options))  # a copy of its own

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -20,6 +21,8 @@ from splitinfer.partitioner._fidelity import measure
 from splitinfer.partitioner._graph import Cuttable, SegmentError, batch_symbol
 from splitinfer.protocol import valid_model_name
 from splitinfer.tensors import TensorSpec
+
+log = logging.getLogger("splitinfer.partitioner")
 
 __all__ = ["DEFAULT_CODECS", "LOSSLESS_CODECS", "compile"]
 
@@ -84,6 +87,7 @@ def compile(  # the public name the API promises
     fidelity_all_cuts: bool | None = None,
     zstd_dictionaries: bool = False,
     profile: bool | str = False,
+    runtimes: Sequence[str] | None = None,
     progress: bool = False,
     verbose: bool = False,
 ) -> Bundle:
@@ -112,6 +116,11 @@ def compile(  # the public name the API promises
     ``profile=True`` (or a profile name; True means ``"host"``) measures segment and codec
     latencies on this machine and stores them in ``bundle.profiles``, as ``splitinfer profile``
     does for a saved bundle; the adaptive policy needs one. ``progress`` draws progress bars.
+
+    ``runtimes`` are where the segments may run: ``"torch"`` always, ``"onnxruntime"`` too by
+    default when onnx, onnxscript and onnxruntime import (the chain exported to ONNX once and
+    checked against torch at every cut; docs/runtimes.md). A model ONNX cannot export logs a
+    warning naming the operator and compiles for torch alone (``bundle.onnx["refused"]``).
     """
     started = time.perf_counter()
     _check_arguments(model, example_inputs, name)
@@ -126,6 +135,8 @@ def compile(  # the public name the API promises
         modules, positions = _cut(graph, args, max_frontier_bytes)
         programs, frontiers = _segment(model, graph, modules, positions, args)
     bundle = _assemble(name, version, graph, positions, frontiers, programs, tuple(example_inputs), program)
+    if _wants_onnx(runtimes):
+        _add_onnx(bundle, args)
     _add_fidelity(
         bundle,
         example_inputs,
@@ -246,6 +257,37 @@ def _assemble(
         version=version,
         _programs=programs,
     )
+
+
+def _wants_onnx(runtimes: Sequence[str] | None) -> bool:
+    """Whether to export ONNX: asked for (ConfigError if it cannot be), or by default when it can."""
+    from splitinfer.partitioner._onnx import onnx_importable
+
+    if runtimes is None:
+        return onnx_importable()
+    if isinstance(runtimes, str) or not set(runtimes) <= {"torch", "onnxruntime"} or "torch" not in runtimes:
+        raise ConfigError(f"runtimes must be ('torch',) or ('torch', 'onnxruntime'), got {runtimes!r}")
+    if "onnxruntime" in runtimes and not onnx_importable():
+        raise ConfigError(
+            "runtimes=('torch', 'onnxruntime') needs onnx, onnxscript and onnxruntime: "
+            "pip install 'splitinfer[onnx]'"
+        )
+    return "onnxruntime" in runtimes
+
+
+def _add_onnx(bundle: Bundle, args: tuple[torch.Tensor, ...]) -> None:
+    """Export ``bundle``'s chain to ONNX (``bundle.onnx``), or record why it cannot be."""
+    from splitinfer.partitioner._onnx import export_onnx
+    from splitinfer.runtime import ONNX_FILE
+
+    try:
+        graph, entry = export_onnx(bundle.segments, args)  # type: ignore[arg-type]
+    except CaptureError as exc:
+        log.warning("%s; bundle %r runs on torch only", exc, bundle.name)
+        bundle.onnx = {"refused": str(exc)}
+        return
+    bundle._onnx_graph = graph
+    bundle.onnx = {"file": ONNX_FILE, **entry}
 
 
 def _add_profile(bundle: Bundle, name: str, progress: bool) -> None:

@@ -256,12 +256,19 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"bundle   {manifest['name']} version {manifest.get('version')}  ({size / 2**20:.1f} MiB on disk)")
     print(f"graph    {manifest['graph_hash']}")
     print(f"codecs   {', '.join(manifest.get('codecs', []))}")
+    onnx = manifest.get("onnx") or {}
+    if onnx.get("file"):
+        print(f"onnx     opset {onnx.get('opset')}: heads and tails of every cut on torch or onnxruntime")
+    else:
+        print(f"onnx     none ({onnx.get('refused') or 'compiled without onnx'}): every cut on torch only")
+    errors = onnx.get("max_abs_error", {}) if onnx.get("file") else {}
     cuts = [Cut.from_json(c) for c in manifest["cuts"]]
     width = max(len(c.name) for c in cuts)
     best = _best_codecs(manifest.get("fidelity", {}), args.budget)
     head = f"{'cut':>4}  {'name':<{width}}  {'KiB@1':>9}  "
     if best:
         head += f"{'smallest at fidelity >= ' + str(args.budget) + ' (95% CI)':<52}  "
+    head += f"{'runtimes (onnx error)':<28}  "
     print(head + "tensors")
     unmeasured = _unmeasured(manifest, len(cuts) - 1)
     for c in cuts:
@@ -273,6 +280,9 @@ def _inspect(args: argparse.Namespace) -> int:
             if c.index in unmeasured:
                 pick += " *"
             line += f"{pick:<52}  "
+        error = errors.get(str(c.index))
+        runtimes = f"torch onnxruntime ({error:.1e})" if error is not None else "torch"
+        line += f"{runtimes:<28}  "
         print(line + tensors)
     if best and unmeasured:
         print(

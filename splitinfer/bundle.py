@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from splitinfer import _pytree
 from splitinfer.errors import BundleError, ConfigError, CutNotLoadedError
 from splitinfer.manifest import (
     MANIFEST,
@@ -42,6 +43,7 @@ from splitinfer.manifest import (
     sha256_of,
     update_manifest,
 )
+from splitinfer.runtime import ONNX_FILE, OnnxGraph, OnnxRunner, choose_runtime, load_onnx
 from splitinfer.tensors import TensorSpec
 
 if TYPE_CHECKING:
@@ -75,6 +77,12 @@ class Bundle(Manifest):
     _runners: dict[tuple[int, int], Callable[..., Sequence[torch.Tensor]]] = field(
         default_factory=dict, repr=False, compare=False, kw_only=True
     )
+    #: The ONNX Runtime sessions when this bundle runs on ONNX Runtime (``runtime=`` of
+    #: :meth:`load`), and the cuts ``lo..hi`` between which it may run segments.
+    onnx_runner: OnnxRunner | None = field(default=None, repr=False, compare=False, kw_only=True)
+    _onnx_range: tuple[int, int] = field(default=(0, 0), repr=False, compare=False, kw_only=True)
+    #: The ONNX graph in pieces, kept after compile so that :meth:`save` can write it.
+    _onnx_graph: OnnxGraph | None = field(default=None, repr=False, compare=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if len(self.segments) != self.n_segments:
@@ -92,16 +100,32 @@ class Bundle(Manifest):
         """This bundle's metadata alone, without its segments."""
         return Manifest(**{name: getattr(self, name) for name in Manifest.__dataclass_fields__})
 
+    @property
+    def runtime(self) -> str:
+        """Where this bundle's segments run: ``torch`` or ``onnxruntime``."""
+        return "torch" if self.onnx_runner is None else "onnxruntime"
+
     def can_head(self, k: int) -> bool:
         """Whether this process holds segments ``0..k-1``."""
+        if self.onnx_runner is not None:
+            return self._onnx_range[0] == 0 and k <= self._onnx_range[1]
         return all(s is not None for s in self.segments[:k])
 
     def can_tail(self, k: int) -> bool:
         """Whether this process holds segments ``k..n-1``."""
+        if self.onnx_runner is not None:
+            return self._onnx_range[1] == self.n_segments and k >= self._onnx_range[0]
         return all(s is not None for s in self.segments[k:])
 
-    def flatten_inputs(self, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+    def flatten_inputs(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
         """The model inputs as frontier 0, checked against the compiled input specs."""
+        if self.onnx_runner is not None:  # numpy arrays or torch tensors, without torch's pytree
+            leaves = _pytree.flatten((tuple(inputs), {}), self.in_spec)
+            for i, (leaf, want) in enumerate(zip(leaves, self.inputs)):
+                if not hasattr(leaf, "shape") or not want.matches(TensorSpec.of(leaf)):
+                    got = TensorSpec.of(leaf) if hasattr(leaf, "shape") else type(leaf).__name__
+                    raise ConfigError(f"input {i} of bundle {self.name!r} must be {want}, got {got}")
+            return tuple(leaves)
         import torch
         from torch.utils import _pytree as pytree
 
@@ -121,7 +145,11 @@ class Bundle(Manifest):
         self, start: int, stop: int, frontier: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, ...]:
         """Frontier ``stop`` from frontier ``start``."""
-        missing = [i for i in range(start, stop) if self.segments[i] is None]
+        if self.onnx_runner is not None:
+            lo, hi = self._onnx_range
+            missing = [i for i in range(start, stop) if not lo <= i < hi]
+        else:
+            missing = [i for i in range(start, stop) if self.segments[i] is None]
         if missing:
             raise CutNotLoadedError(
                 f"segments {missing[0]}..{missing[-1]} of bundle {self.name!r} are not loaded in "
@@ -129,6 +157,8 @@ class Bundle(Manifest):
             )
         if start == stop:
             return tuple(frontier)
+        if self.onnx_runner is not None:
+            return _run_onnx(self.onnx_runner, start, stop, frontier)
         import torch
 
         runner = self._runners.get((start, stop))
@@ -148,6 +178,8 @@ class Bundle(Manifest):
         self.cut(k)
         self.check_frontier(k, frontier)
         leaves = self.run_segments(k, self.n_segments, frontier)
+        if self.onnx_runner is not None:
+            return _pytree.unflatten(list(leaves), self.out_spec)
         from torch.utils import _pytree as pytree
 
         return pytree.tree_unflatten(list(leaves), pytree.treespec_loads(self.out_spec))
@@ -182,6 +214,10 @@ class Bundle(Manifest):
                 seg = tmp / segment_file(i)
                 torch.export.save(program, seg)
                 files[seg.name] = sha256_of(seg)
+            if self._onnx_graph is not None:
+                path = tmp / ONNX_FILE
+                path.write_bytes(self._onnx_graph.to_bytes())
+                files[path.name] = sha256_of(path)
             for cut, by_spec in self.dictionaries.items():
                 for spec, dictionary in by_spec.items():
                     path = tmp / dict_file(cut, spec)
@@ -205,6 +241,8 @@ class Bundle(Manifest):
         from_cut: int | None = None,
         device: str | torch.device | None = None,
         shared: MutableMapping[str, Segment] | None = None,
+        runtime: str = "torch",
+        threads: int | None = None,
     ) -> Bundle:
         """Load a bundle directory, verifying every file's sha256.
 
@@ -218,6 +256,10 @@ class Bundle(Manifest):
         kept twice but taken from it (models fine-tuned from one backbone share its segments and
         their memory); the segments loaded here are added. Pass the same mapping for every
         bundle of one device (a ``weakref.WeakValueDictionary`` frees a segment with its last user).
+        ``runtime`` is ``torch`` (the .pt2 programs), ``onnxruntime`` (the ONNX graph, no torch
+        needed: inputs and outputs are numpy arrays, or torch tensors when torch tensors go in)
+        or ``auto`` (ONNX Runtime when the bundle has an ONNX graph and onnxruntime imports);
+        ``threads`` is ONNX Runtime's intra-op threads per session (None: its default).
         """
         root = Path(path)
         doc = read_manifest(root)
@@ -228,6 +270,11 @@ class Bundle(Manifest):
         if not 0 <= lo <= n or not 0 <= hi <= n:
             raise ConfigError(f"upto_cut and from_cut must lie in 0..{n}, got {upto_cut}, {from_cut}")
         segments: list[Segment | None] = [None] * n
+        if choose_runtime(runtime, doc) == "onnxruntime":
+            bundle = cls.from_manifest(meta, segments)
+            bundle.onnx_runner = load_onnx(root, doc, threads=threads)
+            bundle._onnx_range = (lo, hi)
+            return bundle
         for i, name in enumerate(doc["segments"]):
             if lo <= i < hi:
                 segments[i] = _load_segment(root, name, doc["files"], device, shared)
@@ -239,6 +286,19 @@ class Bundle(Manifest):
         return cls(
             **{name: getattr(manifest, name) for name in Manifest.__dataclass_fields__}, segments=segments
         )
+
+
+def _run_onnx(runner: OnnxRunner, start: int, stop: int, frontier: Sequence[Any]) -> tuple[Any, ...]:
+    """Segments ``start..stop-1`` on ONNX Runtime: numpy in, numpy out; torch tensors in (the
+    cloud's decoded frontiers), torch tensors out (zero-copy both ways)."""
+    as_torch = any(type(t).__module__.startswith("torch") for t in frontier)
+    arrays = [t.detach().cpu().numpy() if as_torch else t for t in frontier]
+    outputs = runner.run(start, stop, arrays)
+    if not as_torch:
+        return tuple(outputs)
+    import torch
+
+    return tuple(torch.from_numpy(o) for o in outputs)
 
 
 def _load_segment(

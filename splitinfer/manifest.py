@@ -117,6 +117,15 @@ class Manifest:
     calibration: dict[str, Any] = field(default_factory=dict)
     #: zstd dictionaries by cut index (as a string) and codec spec (docs/bundle-format.md).
     dictionaries: dict[str, dict[str, ZstdDictionary]] = field(default_factory=dict)
+    #: The ONNX graph, when compiled with one (docs/runtimes.md): ``file``, ``opset`` and the
+    #: chain's ``max_abs_error`` against torch per cut; or ``refused``, why ONNX could not
+    #: export the model. Empty for older bundles and ``runtimes=("torch",)``.
+    onnx: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def runtimes(self) -> tuple[str, ...]:
+        """The runtimes every head and tail of this bundle can run on."""
+        return ("torch", "onnxruntime") if self.onnx.get("file") else ("torch",)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._summary()})"
@@ -193,6 +202,7 @@ class Manifest:
                 cut: {spec: {"file": dict_file(cut, spec), "id": d.id} for spec, d in by_spec.items()}
                 for cut, by_spec in self.dictionaries.items()
             },
+            **({"onnx": self.onnx} if self.onnx else {}),
             "files": dict(files or {}),
         }
 
@@ -215,6 +225,7 @@ class Manifest:
                 profiles=dict(obj.get("profiles") or {}),
                 calibration=dict(obj.get("calibration") or {}),
                 dictionaries=dictionaries or {},
+                onnx=dict(obj.get("onnx") or {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"bundle {obj.get('name', '?')!r}: manifest field is invalid ({exc})") from None
