@@ -96,7 +96,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     pool = ThreadPoolExecutor(compute_threads, thread_name_prefix="splitinfer-compute")
     try:
         repository = await asyncio.get_running_loop().run_in_executor(
-            pool, load_repository, config.repository, device, config.max_versions, config.share_weights,
+            pool,
+            load_repository,
+            config.repository,
+            device,
+            config.max_versions,
+            config.share_weights,
             config.runtime,
             torch_threads,
         )

@@ -297,7 +297,9 @@ class Repository:
 
 
 def load_repository(
-    root: Path, device: torch.device, max_versions: int = 0,
+    root: Path,
+    device: torch.device,
+    max_versions: int = 0,
     share: bool = True,
     runtime: str = "torch",
     threads: int | None = None,
