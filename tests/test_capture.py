@@ -87,10 +87,13 @@ def test_weights_are_stored_once(tmp_path):
     state = io.BytesIO()
     torch.save(model.state_dict(), state)
     path = bundle.save(tmp_path / "b")
-    on_disk = sum(f.stat().st_size for f in path.iterdir())
     weights = sum(v.numel() * v.element_size() for v in model.state_dict().values())
-    # Serialized programs carry a few KiB of graph each; weights appear once.
-    assert on_disk < weights + 12_000 * bundle.n_segments
+    # Per runtime, weights appear once: the torch segments together (a few KiB of graph each),
+    # and the ONNX graph file (docs/runtimes.md) holds its own single copy.
+    torch_files = sum(f.stat().st_size for f in path.glob("segment_*.pt2"))
+    assert torch_files < weights + 12_000 * bundle.n_segments
+    for other in [f for f in path.iterdir() if f.name.startswith("graph.onnx")]:
+        assert other.stat().st_size < 1.5 * weights + 12_000 * bundle.n_segments
     assert len(bundle.cuts) > 20
 
 
