@@ -111,6 +111,10 @@ class Trace:
         return {k: (predicted[k], self.stages[k]) for k in keys if k in predicted and k in self.stages}
 
 
+# How often the check on entering asks the server before a graph mismatch raises (see _check_server).
+MISMATCH_ASKS = 8
+
+
 class EdgeClient:
     """The edge SDK. Use it as a context manager, sync (``infer``) or async (``ainfer``).
 
@@ -711,7 +715,23 @@ class EdgeClient:
         """The metadata check on entering and on warm-up: a misconfiguration raises; a cloud that
         cannot be reached (it may come later) is logged once."""
         try:
-            await self.amodel_metadata()
+            for ask in range(MISMATCH_ASKS):
+                try:
+                    await self.amodel_metadata()
+                    break
+                except GraphMismatchError as exc:
+                    # Behind a load balancer during a rolling update one replica may hold the new
+                    # graph while others still serve ours: ask again (each ask may reach another
+                    # replica) and raise only when every answer disagrees.
+                    if ask == MISMATCH_ASKS - 1:
+                        raise
+                    if "partial_mismatch" not in self._warned:
+                        self._warned.add("partial_mismatch")
+                        log.warning(
+                            "%s (asking again: behind a load balancer another replica may serve this "
+                            "graph; the requests a mismatching replica gets finish on the device)",
+                            exc,
+                        )
         except (CloudUnavailableError, CloudTimeoutError) as exc:
             if "unreachable" not in self._warned:
                 self._warned.add("unreachable")

@@ -127,6 +127,14 @@ def export_onnx(
     module, cuts = _all_frontiers(segments)
     with torch.no_grad():
         want = [t.detach() for t in module(*args)]
+    for k, cut in enumerate(cuts):
+        if any(want[p].dtype == torch.bfloat16 for p in cut):
+            # ONNX Runtime's Python API hands tensors over as numpy arrays, and numpy has no
+            # bfloat16: such a graph would export but could not be fed or read.
+            raise CaptureError(
+                f"ONNX Runtime cannot carry the bfloat16 tensor at cut {k} (numpy has no bfloat16); "
+                "cast it to float32 or float16 in the model to run it on ONNX Runtime"
+            )
     batch = torch.export.Dim("batch", min=1)
     try:
         with _quiet():
