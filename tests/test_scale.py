@@ -165,7 +165,9 @@ def test_autoscaling_signal_tracks_the_offered_load(
     idle, low, high = (sum(s["per_replica"].values()) for s in steps)
     assert set(steps[2]["per_replica"]) == {"r1", "r2", "r3"}  # one value per pod, as the HPA reads
     assert idle == 0
-    assert 0 < low < high, steps
+    # The gauge is sampled at each scrape: one client's short requests may be between scrapes
+    # every time (the sampled mean is then 0), so only four clients' load must show, and above one's.
+    assert 0 <= low < high, steps
     for step in steps[1:]:
         assert step["figures"].errors == 0 and step["figures"].wrong == 0
     # The gauge's average agrees in kind with Little's law from the duration histograms.
