@@ -165,6 +165,7 @@ def bench_servers(bundle_dir: Path, args: argparse.Namespace) -> list:
         waker=False,
         bundle=bundle_dir,
         runtimes=["onnxruntime"],
+        device="cpu",
     )
     return bench_server.bench(sargs)
 
