@@ -208,10 +208,15 @@ def test_compose_stack_is_consistent(tmp_path: Path) -> None:
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (DEPLOY / source).exists(), f"{name} mounts {source}, which does not exist"
-    # Prometheus scrapes the server on its metrics port, by its compose service name.
+    # Prometheus scrapes every replica on its metrics port, by its compose service name (DNS:
+    # the `lb` profile's replicas exist only with it), labelled with the replica.
     scrape = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]
     (job,) = [j for j in scrape if j["job_name"] == "splitinfer"]
-    assert job["static_configs"][0]["targets"] == [f"server:{env['SPLITINFER_METRICS_PORT']}"]
+    (dns,) = job["dns_sd_configs"]
+    replicas = [name for name, s in services.items() if s.get("image") == server["image"]]
+    assert sorted(dns["names"]) == sorted(replicas) == ["server", "server-2", "server-3"]
+    assert dns["type"] == "A" and dns["port"] == int(env["SPLITINFER_METRICS_PORT"])
+    assert {"source_labels": ["__meta_dns_name"], "target_label": "replica"} in job["relabel_configs"]
     # Grafana: the provisioned dashboards path is where compose mounts the dashboards.
     provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/splitinfer.yaml").read_text())
     mounts = dict(v.split(":")[:2] for v in services["grafana"]["volumes"] if v.startswith("."))
@@ -314,6 +319,10 @@ def test_dashboard_shows_what_operators_need() -> None:
             assert panel["targets"], panel["title"]
 
 
+#: Alerts about the scrape itself: they read Prometheus's own `up`, no splitinfer metric.
+READS_ONLY_UP = {"alert SplitinferTargetDown", "alert SplitinferNoTargets"}
+
+
 def test_every_metric_the_dashboard_alerts_and_autoscaler_use_is_exported() -> None:
     """Drift: a metric renamed in cloud/_metrics.py or edge/_metrics.py breaks this test."""
     exported = exported_metric_names()
@@ -329,7 +338,7 @@ def test_every_metric_the_dashboard_alerts_and_autoscaler_use_is_exported() -> N
     used["HPA"] = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
     missing = {where: sorted(names - exported) for where, names in used.items() if names - exported}
     assert not missing, f"metrics not exported by the server or edge: {missing}"
-    unused = [where for where, names in used.items() if not names and where != "alert SplitinferTargetDown"]
+    unused = [where for where, names in used.items() if not names and where not in READS_ONLY_UP]
     assert not unused, f"queries that read no splitinfer metric: {unused}"
 
 
@@ -346,7 +355,12 @@ def test_prometheus_config_and_rules_pass_promtool() -> None:
         result = run([promtool, *args])
         assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}{result.stderr}"
     names = {rule["alert"] for rule in alert_rules()}
-    assert {"SplitinferHighP99Latency", "SplitinferHighRejectionRate", "SplitinferTargetDown"} <= names
+    assert {
+        "SplitinferHighP99Latency",
+        "SplitinferHighRejectionRate",
+        "SplitinferTargetDown",
+        "SplitinferNoTargets",
+    } <= names
 
 
 def test_prometheusrule_carries_the_same_alerts() -> None:

@@ -121,6 +121,7 @@ def _prometheus_config(tmp_path: Path, server_metrics: int, edge_metrics: int) -
     targets = {"splitinfer": server_metrics, "splitinfer-edge": edge_metrics}
     for job in config["scrape_configs"]:
         job.pop("file_sd_configs", None)
+        job.pop("dns_sd_configs", None)
         job["static_configs"] = [{"targets": [f"127.0.0.1:{targets.pop(job['job_name'])}"]}]
     assert not targets, f"prometheus.yml has no job for {targets}"
     path = tmp_path / "prometheus.yml"
