@@ -862,6 +862,8 @@ def _make_policy(policy: str | Policy, bundle: Bundle, config: ClientConfig) -> 
     options = dict(config.policy_options)
     if policy in ("adaptive", "cloud"):
         options.setdefault("fidelity_budget", config.fidelity_budget)
+    if policy == "adaptive" and not (config.hedge and bundle.can_head(bundle.last_cut)):
+        options.setdefault("hedge", False)  # a client that does not hedge: never price a hedge
     return make_policy(policy, bundle, **options)
 
 

@@ -115,9 +115,12 @@ class LogEwma:
 
     ``update(x, duration)`` moves the mean by ``w * clip(log(x) - mean)`` with
     ``w = 1 - exp(-max(duration, min_duration) / tau)`` and the residual clipped to
-    ``max(clip * dev, min_clip)`` (``dev``: running mean absolute residual). The first sample
-    sets the mean. ``value`` is ``exp(mean)``; ``sd(age)`` the uncertainty of the log after
-    ``age`` seconds without samples.
+    ``max(clip * dev, min_clip)`` (``dev``: running mean absolute residual). Change detection
+    (``jump_after`` > 0): once ``jump_after`` consecutive samples fall beyond that clip on the same
+    side, the link changed rather than misbehaved once: from then on every sample on that side of
+    the mean (at any distance) is taken unclipped with ``tau * jump_tau``, until one falls on the
+    other side. The first sample sets the mean. ``value`` is ``exp(mean)``; ``sd(age)`` the
+    uncertainty of the log after ``age`` seconds without samples.
     """
 
     def __init__(
@@ -128,10 +131,19 @@ class LogEwma:
         clip: float = 3.0,
         min_clip: float = math.log(2.0),
         drift: float = 0.01,
+        jump_after: int = 0,
+        jump_tau: float = 0.25,
     ):
         if tau <= 0:
             raise ConfigError(f"tau must be > 0 seconds, got {tau}")
+        if jump_after < 0 or not 0 < jump_tau <= 1:
+            raise ConfigError(f"jump_after must be >= 0 and jump_tau in (0, 1], got {jump_after}, {jump_tau}")
         self.tau = tau
+        self.jump_after = jump_after
+        self.jump_tau = jump_tau
+        #: Consecutive samples on one side (+ above the mean, - below) beyond the clip, or, once
+        #: ``jump_after`` of them were, at any distance.
+        self.run = 0
         self.min_duration = min_duration
         self.clip = clip
         self.min_clip = min_clip
@@ -151,11 +163,23 @@ class LogEwma:
             self.mean = y
             self.dev = self.min_clip / self.clip
             return
-        w = 1.0 - math.exp(-max(duration, self.min_duration) / self.tau)
+        tau = self.tau
         residual = y - self.mean
         limit = max(self.clip * self.dev, self.min_clip)
         clipped = max(-limit, min(limit, residual))
-        self.mean += w * clipped
+        if self.jump_after:
+            side = 1 if residual > 0 else -1
+            beyond = abs(residual) > limit
+            if self.run * side > 0 and (beyond or abs(self.run) >= self.jump_after):
+                self.run += side  # still on the far side (once a jump, at any distance)
+            else:
+                self.run = side if beyond else 0
+            if abs(self.run) >= self.jump_after:
+                # A change, not an outlier: take the residual whole and react faster.
+                clipped, tau = residual, tau * self.jump_tau
+        d = max(duration, self.min_duration)
+        self.mean += (1.0 - math.exp(-d / tau)) * clipped
+        w = 1.0 - math.exp(-d / self.tau)  # the spread moves at the usual pace
         self.dev += w * (min(abs(residual), 2 * limit) - self.dev)
 
     def value(self, default: float) -> float:
@@ -195,7 +219,11 @@ class Estimator:
     ``risk`` how much the uplink's spread lowers the rate reported (0: the geometric mean; 0.5:
     the rate predicting the expected transfer time); ``probe_after_s`` how old the uplink
     estimate may grow before :meth:`needs_probe`, ``rtt_probe_after_s`` the round trip's
-    newest sample before :meth:`needs_rtt_probe`; ``window`` the samples of the medians.
+    newest sample before :meth:`needs_rtt_probe`; ``window`` the samples of the medians;
+    ``jump_after`` the rates' change detection (:class:`LogEwma`: after that many consecutive
+    samples beyond the outlier clip on one side, the estimate follows unclipped at a quarter of
+    ``tau_s`` until a sample falls on the other side; 0, the default until the replay has
+    measured it, turns it off).
 
     The edge should call :meth:`observe_head` once at start-up with a warm-up inference at the
     last cut, so that the device's speed is known before the first decision.
@@ -212,6 +240,7 @@ class Estimator:
         probe_after_s: float = 1.0,
         rtt_probe_after_s: float = 30.0,
         window: int = 15,
+        jump_after: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ):
         if probe_after_s <= 0 or rtt_probe_after_s <= 0:
@@ -226,8 +255,8 @@ class Estimator:
         self.probe_after_s = probe_after_s
         self.rtt_probe_after_s = rtt_probe_after_s
         self.clock = clock
-        self.uplink = LogEwma(tau=tau_s, min_duration=0.002)
-        self.downlink = LogEwma(tau=tau_s, min_duration=0.002)
+        self.uplink = LogEwma(tau=tau_s, min_duration=0.002, jump_after=jump_after)
+        self.downlink = LogEwma(tau=tau_s, min_duration=0.002, jump_after=jump_after)
         self.device = LogEwma(tau=1.0, min_duration=0.1, drift=0.0)
         self.cloud = LogEwma(tau=1.0, min_duration=0.1, drift=0.0)
         self.rtt = _WindowMedian(window)

@@ -47,6 +47,7 @@ from splitinfer.errors import ConfigError
 from splitinfer.manifest import Manifest
 from splitinfer.partitioner._costs import STAGES, CostModel, EnergyModel, energy_weights, latency_weights
 from splitinfer.partitioner._estimate import Estimates
+from splitinfer.partitioner._hedge import expected_hedged, max_saving
 
 #: Objectives of the adaptive policy -> the uplink quantile's z-score they price (0: expected).
 OBJECTIVES = {"mean": 0.0, "p95": 1.6448536269514722}
@@ -170,8 +171,10 @@ class TablePolicy:
     docstring for ``explore``. ``objective="p95"`` prices the upload at the uplink's 5 %
     quantile (``uplink_bps * exp(-1.645 * uplink_sd)``) instead of its expected rate: the
     request's latency that 95 % of requests stay under, for apps that care about the tail.
-    ``excluded`` gives, per row, why it is not allowed (shown by
-    :meth:`explain`). Build one with :func:`make_policy`.
+    ``hedged=True`` (mean objective only) prices each sent candidate at its expected time with
+    the hedge, ``E[min(cloud, hedge_after + finish)]`` under the uplink's current log-sd
+    (:func:`splitinfer.partitioner._hedge.expected_hedged`). ``excluded`` gives, per row, why it
+    is not allowed (shown by :meth:`explain`). Build one with :func:`make_policy`.
     """
 
     def __init__(
@@ -188,6 +191,7 @@ class TablePolicy:
         seed: int | None = None,
         settings: str = "",
         objective: str = "mean",
+        hedged: bool = False,
     ):
         if objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -208,6 +212,9 @@ class TablePolicy:
         self.settings = settings
         self.objective = objective
         self._z = OBJECTIVES[objective]
+        #: Price the hedge into the mean objective (the p95 objective prices the upload's quantile
+        #: instead): a sent request costs ``E[min(cloud, hedge_after + finish)]``.
+        self.hedged = bool(hedged) and not self._z
         self._excluded = excluded
         self._rows = rows
         # Per allowed row, as Python numbers: what a decision needs without numpy indexing.
@@ -249,12 +256,38 @@ class TablePolicy:
             return self._decision(0, est, explored=False)
         objective = self._weights(est) @ self._features_t
         best = int(objective.argmin())
+        if self.hedged:
+            best = self._hedged_best(objective, best, est)
         if self.explore and self._rng.random() < self.explore:
             near = np.flatnonzero(objective <= objective[best] * (1.0 + self.explore_margin))
             near = near[near != best]
             if near.size:
                 return self._decision(int(near[self._rng.randrange(near.size)]), est, explored=True)
         return self._decision(best, est, explored=False)
+
+    def _hedged_best(self, objective: np.ndarray, best: int, est: Estimates) -> int:
+        """The allowed row of least objective once each sent candidate's hedge is priced.
+
+        The hedge only lowers a candidate's cost, by at most :func:`max_saving` of it, so only
+        the rows within that share of the unhedged best can win: those few are priced exactly
+        (usually one to five, which keeps ``decide`` within its budget)."""
+        limit = float(objective[best]) / (1.0 - max_saving(est.uplink_sd))
+        near = np.flatnonzero(objective <= limit)
+        if near.size <= 1:
+            return best
+        sd, ds, cs = est.uplink_sd, est.device_slowdown, est.cloud_slowdown
+        fixed = est.rtt_s + est.cloud_queue_s + self.model.response_bytes * 8.0 / est.downlink_bps
+        winner, least = best, math.inf
+        for i in near.tolist():
+            cost = float(objective[i])
+            _, _, sent, _, _, decode, tail, bits, finish = self._info[i]
+            if sent:
+                up = bits / est.uplink_bps
+                cloud = fixed + up + (decode + tail) * cs
+                cost -= cloud - expected_hedged(cloud, up, finish * ds, sd)
+            if cost < least:
+                winner, least = i, cost
+        return winner
 
     def _decision(self, i: int, est: Estimates, *, explored: bool) -> Decision:
         """The decision for allowed row number ``i`` (same numbers as CostModel.stages)."""
@@ -291,6 +324,18 @@ class TablePolicy:
         objective = latency + self.energy_weight * energy
         if self._z and est.uplink_sd:  # the upload at the uplink's quantile (as in decide)
             objective = objective + matrix[:, STAGES.index("uplink")] * math.expm1(self._z * est.uplink_sd)
+        if self.hedged:  # a sent request costs its expected time with the hedge (as in decide)
+            finish = (model.head[model.local] - model.head) * est.device_slowdown
+            up = matrix[:, STAGES.index("uplink")]
+            cloud = matrix[:, 2:].sum(axis=1)
+            objective = objective - np.array(
+                [
+                    cloud[i] - expected_hedged(float(cloud[i]), float(up[i]), float(finish[i]), est.uplink_sd)
+                    if model.sent[i]
+                    else 0.0
+                    for i in range(len(model))
+                ]
+            )
         allowed = np.zeros(len(model), dtype=bool)
         allowed[self._rows] = True
         order = sorted(
@@ -425,9 +470,14 @@ def adaptive(
     profile: str | None = None,
     cloud_batch: int = 1,
     objective: str = "mean",
+    hedge: bool = False,
 ) -> TablePolicy:
     """Least predicted latency (+ ``energy_weight`` s/J x energy) under the budget and floor;
-    ``objective="p95"``: the latency at the uplink's 5 % quantile (see TablePolicy)."""
+    ``objective="p95"``: the latency at the uplink's 5 % quantile (see TablePolicy).
+    ``hedge``: the mean objective prices a sent request with its hedge (the client finishes an
+    overdue one on the device, ``EdgeClient``'s default): its expected time under the uplink's
+    current uncertainty, ``E[min(cloud, hedge_after + finish)]``. Off by default until the
+    replay has measured it (benchmarks/bench_policy.py's ``adaptive-priced`` row)."""
     check_number("fidelity_budget", fidelity_budget, lo=0.0, hi=1.0)
     floor = _check_floor(bundle, privacy_floor)
     model = CostModel(bundle, profile=profile, cloud_batch=cloud_batch)
@@ -445,8 +495,10 @@ def adaptive(
         explore_margin=explore_margin,
         seed=seed,
         settings=f"fidelity budget {fidelity_budget}, privacy floor {floor}"
-        + ("" if objective == "mean" else f", objective {objective}"),
+        + ("" if objective == "mean" else f", objective {objective}")
+        + (", hedge priced" if hedge and objective == "mean" else ""),
         objective=objective,
+        hedged=hedge,
     )
 
 
@@ -566,7 +618,7 @@ def make_policy(name: str, bundle: Manifest, **kwargs: Any) -> TablePolicy:
 
     ``adaptive``: fidelity_budget=0.99, privacy_floor=None, energy_weight=0.0 (seconds per
     joule), energy=EnergyModel(), explore=0.05, explore_margin=0.1, seed=None, profile=None,
-    cloud_batch=1, objective="mean" (or "p95"). ``static``: cut, codec, profile, cloud_batch,
+    cloud_batch=1, objective="mean" (or "p95"), hedge=False. ``static``: cut, codec, profile, cloud_batch,
     allow_unmeasured=False.
     ``local``: profile.
     ``cloud``: fidelity_budget, profile, cloud_batch. ``neurosurgeon``: privacy_floor, profile,

@@ -70,6 +70,32 @@ def test_short_transfers_count_less_than_long_ones():
     assert ewma.value(0) > 1.9e6  # clipped: one sample moves at most a few deviations
 
 
+def test_a_jump_is_followed_faster_than_an_outlier_is():
+    """Change detection: two samples in a row beyond the clip on one side are a change, and the
+    estimate follows it unclipped at a quarter of tau; a single outlier is still clipped."""
+
+    def steady(**kw: object) -> LogEwma:
+        ewma = LogEwma(tau=0.5, **kw)  # type: ignore[arg-type]
+        for _ in range(30):
+            ewma.update(2e6, 0.1, 0.0)
+        return ewma
+
+    one = steady(jump_after=2)
+    one.update(2e5, 0.1, 0.0)  # one sample at a tenth
+    assert one.value(0) > 2e6 / 2.01  # clipped to a factor of two, and weighted by 0.1 s
+    one.update(2e6, 0.1, 0.0)
+    assert one.run == 0
+    detecting, plain = steady(jump_after=2), steady(jump_after=0)
+    for ewma in (detecting, plain):
+        for _ in range(3):  # the link drops to a tenth and stays there
+            ewma.update(2e5, 0.1, 0.0)
+    assert detecting.run == -3
+    assert detecting.value(0) < 2e5 * 2 < plain.value(0)
+    with pytest.raises(ConfigError, match="jump_after"):
+        LogEwma(tau=0.5, jump_after=-1)
+    assert Estimator(jump_after=2).uplink.jump_after == 2 and Estimator().uplink.jump_after == 0
+
+
 def test_staleness_grows_uncertainty_and_asks_for_a_probe():
     now = [0.0]
     est = fresh(clock=lambda: now[0], probe_after_s=3.0)

@@ -146,7 +146,9 @@ def close(a: float, b: float) -> bool:
 )
 def test_adaptive_is_the_brute_force_optimum(bundle, est, budget, floor):
     floor = None if floor is None else min(floor, bundle.last_cut)
-    policy = make_policy("adaptive", bundle, fidelity_budget=budget, privacy_floor=floor, explore=0.0)
+    policy = make_policy(
+        "adaptive", bundle, fidelity_budget=budget, privacy_floor=floor, explore=0.0, hedge=False
+    )
     costs = brute_force(bundle, est, budget, floor)
     best = min(costs.values())
     d = policy.decide(est)
@@ -154,6 +156,73 @@ def test_adaptive_is_the_brute_force_optimum(bundle, est, budget, floor):
     assert close(costs[key(bundle, d)], best)
     assert close(d.predicted_s, best)
     assert close(sum(d.stages.values()), d.predicted_s)
+
+
+def hedged_costs(bundle: Manifest, est: Estimates, budget: float) -> dict[tuple[int, str], float]:
+    """Each allowed candidate's expected latency with the hedge, from brute_force's numbers."""
+    from splitinfer.partitioner._hedge import expected_hedged
+
+    seg = bundle.profiles["host"]["segments"]["1"]["median_s"]
+    n = bundle.last_cut
+    costs = {(n, "local"): sum(seg) * est.device_slowdown}
+    plain = brute_force(bundle, est, budget, None)
+    m = make_policy("adaptive", bundle, fidelity_budget=budget, hedge=False).model
+    for (k, c), latency in plain.items():
+        if k == n:
+            continue
+        r = int(np.flatnonzero((m.cut == k) & (m.codec_index == m.codecs.index(c)))[0])
+        stages = m.stages(r, est)
+        cloud = sum(v for name, v in stages.items() if name not in ("head", "encode"))
+        finish = sum(seg[k:]) * est.device_slowdown
+        costs[(k, c)] = latency - cloud + expected_hedged(cloud, stages["uplink"], finish, est.uplink_sd)
+    return costs
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    bundle=bundles(),
+    est=estimates,
+    sd=st.floats(0.0, 3.0),
+    budget=st.sampled_from([0.0, 0.99]),
+)
+def test_a_hedged_adaptive_is_the_brute_force_optimum_of_the_hedged_costs(bundle, est, sd, budget):
+    """decide() prices exactly only the candidates max_saving leaves in the running: never a loss."""
+    est = dataclasses.replace(est, uplink_sd=sd)
+    policy = make_policy("adaptive", bundle, fidelity_budget=budget, explore=0.0, hedge=True)
+    costs = hedged_costs(bundle, est, budget)
+    d = policy.decide(est)
+    assert math.isclose(costs[key(bundle, d)], min(costs.values()), rel_tol=1e-9, abs_tol=1e-12)
+    ex = policy.explain(est)
+    assert (ex.decision.cut, ex.decision.codec) == (d.cut, d.codec) or math.isclose(
+        costs[key(bundle, ex.decision)], costs[key(bundle, d)], rel_tol=1e-9
+    )
+
+
+def test_expected_hedged_is_the_mean_of_the_first_answer():
+    """Against a Monte Carlo of min(C, hedge_after + finish) for a log-normal cloud time."""
+    from splitinfer.partitioner._hedge import MIN_SD, expected_hedged, hedge_seconds, max_saving
+
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal(400_000)
+    for cloud, up, finish, sd in ((0.8, 0.8, 0.0, 0.5), (0.8, 0.6, 0.2, 1.0), (0.3, 0.1, 0.05, 2.0)):
+        s = max(MIN_SD, sd * up / cloud)
+        c = cloud * np.exp(s * z - s * s / 2)  # mean `cloud`
+        sampled = float(np.minimum(c, hedge_seconds(cloud, up, sd) + finish).mean())
+        exact = expected_hedged(cloud, up, finish, sd)
+        assert exact == pytest.approx(sampled, rel=3e-3)
+        assert exact <= cloud and 1 - exact / cloud <= max_saving(sd) + 1e-12
+    # a finish much longer than the cloud: the hedge is worth next to nothing
+    assert expected_hedged(0.5, 0.3, 10.0, 0.3) == pytest.approx(0.5, rel=1e-6)
+    assert max_saving(0.0) == max_saving(MIN_SD) < max_saving(1.0) < max_saving(2.0)
+
+
+def test_a_client_that_does_not_hedge_gets_a_policy_that_does_not_price_it():
+    bundle = tiny()
+    assert make_policy("adaptive", bundle, hedge=True).hedged
+    assert not make_policy("adaptive", bundle).hedged  # off by default until measured
+    assert not make_policy(
+        "adaptive", bundle, hedge=True, objective="p95"
+    ).hedged  # it prices the quantile instead
 
 
 @settings(max_examples=60, deadline=None)
@@ -194,7 +263,7 @@ def tie(policy: Any, a: int, b: int, *ests: Estimates) -> bool:
 @settings(max_examples=100, deadline=None)
 @given(bundle=bundles(), est=estimates, factor=st.floats(1.5, 1e3))
 def test_a_slower_uplink_never_sends_more_bytes(bundle, est, factor):
-    policy = make_policy("adaptive", bundle, fidelity_budget=0.0, explore=0.0)
+    policy = make_policy("adaptive", bundle, fidelity_budget=0.0, explore=0.0, hedge=False)
     slow_est = dataclasses.replace(est, uplink_bps=est.uplink_bps / factor)
     fast, slow = row(policy, policy.decide(est)), row(policy, policy.decide(slow_est))
     sizes = policy.model.bytes
@@ -214,7 +283,7 @@ def test_no_uplink_means_all_on_the_device(bundle, est):
 @settings(max_examples=100, deadline=None)
 @given(bundle=bundles(), est=estimates, factor=st.floats(1.5, 1e3))
 def test_a_slower_device_moves_work_to_the_cloud(bundle, est, factor):
-    policy = make_policy("adaptive", bundle, fidelity_budget=0.99, explore=0.0)
+    policy = make_policy("adaptive", bundle, fidelity_budget=0.99, explore=0.0, hedge=False)
     slow_est = dataclasses.replace(est, device_slowdown=est.device_slowdown * factor)
     fast, slow = row(policy, policy.decide(est)), row(policy, policy.decide(slow_est))
     device = policy.model.features[:, 0]  # head + encode, profiled seconds
