@@ -664,6 +664,11 @@ def main() -> int:
         "--probe-after", type=float, help="the estimators' probe_after_s (default: Estimator's)"
     )
     parser.add_argument(
+        "--jump-after",
+        type=int,
+        help="the estimators' jump_after: change detection after that many samples (default: Estimator's)",
+    )
+    parser.add_argument(
         "--decide-only", action="store_true", help="only time decide() (writes results/decide.md)"
     )
     parser.add_argument("--no-sensitivity", action="store_true", help="skip the half/double slowdown runs")
@@ -853,6 +858,8 @@ def estimator_settings(args: argparse.Namespace) -> dict[str, Any]:
         settings["probe_after_s"] = args.probe_after
     if args.risk is not None:
         settings["risk"] = args.risk
+    if args.jump_after is not None:
+        settings["jump_after"] = args.jump_after
     return settings
 
 

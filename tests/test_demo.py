@@ -17,12 +17,13 @@ import pytest
 from splitinfer.errors import ConfigError
 from splitinfer.lab._demo import POLICIES, DemoConfig, stretch
 from splitinfer.lab._hindsight import Link
+from splitinfer.lab._live import HINDSIGHT
 from splitinfer.lab._report import Record, format_table, summarize
 from splitinfer.netem import BandwidthTrace
 
 CLI = [sys.executable, "-m", "splitinfer", "demo", "--quick", "--no-progress"]
 ROW = re.compile(
-    r"^(?P<policy>\w+)\s+(?P<n>\d+)\s+(?P<mean>\d+)\s+(?P<p95>\d+)\s+(?P<ratio>[\d.]+)\s+(?P<kib>[\d.]+)\s+"
+    r"^(?P<policy>[\w-]+)\s+(?P<n>\d+)\s+(?P<mean>\d+)\s+(?P<p95>\d+)\s+(?P<ratio>[\d.]+)\s+(?P<kib>[\d.]+)\s+"
     r"(?P<agree>[\d.]+)%\s+(?P<fallbacks>\d+)\s+(?P<shares>\d+%/\d+%/\d+%)\s+(?P<mix>.+)$"
 )
 
@@ -112,7 +113,7 @@ def test_quick_single_demo_prints_every_policy_and_writes_the_report(tmp_path, c
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = _table(proc.stdout)
-    assert set(rows) == set(POLICIES), proc.stdout
+    assert set(rows) == {*POLICIES, HINDSIGHT}, proc.stdout  # and the hindsight-tuned static, named so
     for m in rows.values():
         assert int(m["n"]) >= 1
         assert 0 < int(m["mean"]) < 10_000 and 0 < int(m["p95"]) < 20_000
@@ -125,7 +126,8 @@ def test_quick_single_demo_prints_every_policy_and_writes_the_report(tmp_path, c
     report = out_dir / "report.md"
     assert f"report: {report.resolve()}" in proc.stdout
     text = report.read_text()
-    for policy in POLICIES:
+    assert "chosen at deploy time" in text and "no deployment has that baseline" in text
+    for policy in (*POLICIES, HINDSIGHT):
         assert f"| {policy} |" in text
     for plot in ("latency.png", "cuts.png"):
         assert (out_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
