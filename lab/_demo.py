@@ -9,7 +9,8 @@ own) loads the cloud from nothing to twice one compute thread's rate at half tim
 Its ``static`` is chosen at deploy time (:func:`choose_static` over :func:`tuning_links`: the
 shipped traces with the run's own stretches left out, at the median device, whose slowdown is
 found on a shipped trace the run does not replay). ``single`` is the run described below: one
-device, one stretch, an idle cloud, and a static tuned in hindsight on that stretch.
+device, one stretch, an idle cloud, a static chosen at deploy time the same way (the stretch
+left out), and an extra row, ``static-hindsight``: the static tuned on that very stretch.
 
 What runs in ``single`` (all on 127.0.0.1, all real; ``deployment`` differs as said above):
 
@@ -61,7 +62,7 @@ from splitinfer._version import __version__
 from splitinfer.bundle import Bundle
 from splitinfer.errors import ConfigError
 from splitinfer.lab._hindsight import Link
-from splitinfer.lab._live import POLICIES
+from splitinfer.lab._live import HINDSIGHT, POLICIES
 from splitinfer.netem import BandwidthTrace, shipped_traces
 
 __all__ = ["DemoConfig", "demo_model", "run_demo"]
@@ -176,9 +177,11 @@ class DemoConfig:
             )
         if not 0 <= self.budget <= 1:
             raise ConfigError(f"--budget is a top-1 agreement between 0 and 1, got {self.budget}")
-        unknown = set(self.policies) - set(POLICIES)
+        unknown = set(self.policies) - {*POLICIES, HINDSIGHT}
         if unknown or not self.policies:
-            raise ConfigError(f"policies must be among {', '.join(POLICIES)}; got {sorted(unknown)}")
+            raise ConfigError(
+                f"policies must be among {', '.join((*POLICIES, HINDSIGHT))}; got {sorted(unknown)}"
+            )
 
 
 # -- the bundle, cached ----------------------------------------------------------------------
@@ -315,7 +318,8 @@ def median_rate(traces: Sequence[BandwidthTrace], duration_s: float) -> float:
 def static_choice(
     bundle: Bundle, *, rate_bps: float, ds: float, rtt_s: float, budget: float
 ) -> tuple[int, str]:
-    """What adaptive picks at ``rate_bps`` (a median rate): a good static choice, tuned once."""
+    """What adaptive picks at ``rate_bps`` (a median rate): the static tuned in hindsight when that
+    rate is the scored stretch's (``static-hindsight``)."""
     from splitinfer.partitioner import Estimates, make_policy
 
     est = Estimates(
@@ -422,20 +426,33 @@ def _run_demo(config: DemoConfig) -> int:
     rtt = 2 * config.delay_s
     chosen: dict[str, Any] = {}
 
+    # static is tuned at deploy time on the shipped traces, this stretch left out (a trace file
+    # of one's own is not among them); static-hindsight, adaptive's choice at this stretch's
+    # median rate, is the extra row no deployment has.
+    shipped = sorted(shipped_traces())
+    run_stretch = [(config.trace, config.offset_s)] if config.trace in shipped else []
+    if run_stretch and BandwidthTrace.load(config.trace).period <= duration_s:
+        shipped, run_stretch = [n for n in shipped if n != config.trace], []  # none of it to tune on
+    policies = config.policies
+    if "static" in policies and HINDSIGHT not in policies:
+        policies = (*policies, HINDSIGHT)
+
     def choose(bundle: Bundle) -> None:  # while the server starts
         ds = config.slowdown or tie_slowdown(
             bundle, trace, duration_s=duration_s, rtt_s=rtt, budget=config.budget
         )
         rate = median_rate([trace], duration_s)
         chosen["ds"] = ds
-        chosen["static"] = static_choice(bundle, rate_bps=rate, ds=ds, rtt_s=rtt, budget=config.budget)
+        tuning = tuning_links(run_stretch, duration_s, shipped)
+        chosen["static"] = choose_static(bundle, tuning, ds, rtt_s=rtt, budget=config.budget)
+        chosen["hindsight"] = static_choice(bundle, rate_bps=rate, ds=ds, rtt_s=rtt, budget=config.budget)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the emulated device: one thread, as profiled
     try:
         with live_stack(repo, spec.name, spec.image_size, meanwhile=choose) as live:
             bundle, server = live.bundle, live.server
-            ds, static = float(chosen["ds"]), chosen["static"]
+            ds, static, hindsight = float(chosen["ds"]), chosen["static"], chosen["hindsight"]
             say(f"cloud: splitinfer serve (pid {server.pid}) on {server.url}")
             say(
                 f"link: {trace.name}, mean {trace.mean_bps() / 1e6:.2f} Mbit/s over the whole trace, "
@@ -443,26 +460,29 @@ def _run_demo(config: DemoConfig) -> int:
                 + (" (where all-on-device ties with all-in-the-cloud)" if config.slowdown is None else "")
             )
             say(
-                f"policies: {', '.join(config.policies)} side by side for {duration_s:g} s "
-                f"(static = cut {static[0]} {static[1]}: adaptive's choice at the stretch's median rate)"
+                f"policies: {', '.join(policies)} side by side for {duration_s:g} s "
+                f"(static = cut {static[0]} {static[1]}: chosen at deploy time on the shipped traces, "
+                f"not on this stretch; {HINDSIGHT} = cut {hindsight[0]} {hindsight[1]}: adaptive's "
+                "choice at this stretch's median rate, a baseline no deployment has)"
             )
             session = live.session(
                 trace=trace,
                 duration_s=duration_s,
                 device_slowdown=ds,
                 static=static,
+                hindsight=hindsight,
                 budget=config.budget,
                 delay_s=config.delay_s,
                 interval_s=config.interval_s,
                 deadline_s=config.deadline_s,
-                policies=config.policies,
+                policies=policies,
                 seed=config.seed,
                 progress=config.progress,
             )
             records, ds_run = run_priced(session)
     finally:
         torch.set_num_threads(threads)
-    summaries = summarize(records, bundle.last_cut, config.policies)
+    summaries = summarize(records, bundle.last_cut, policies)
     say("")
     say(format_table(summaries))
     facts = [
@@ -473,7 +493,12 @@ def _run_demo(config: DemoConfig) -> int:
         f"device: {ds:g}x slower than this machine ({_machine()}); it ran {ds_run:.1f}x slower, "
         "sharing the machine (the `local` policy's measured time over the profile's), which is "
         "how the oracle prices it; cloud: a `splitinfer serve` subprocess with one compute thread",
-        f"static: cut {static[0]} ({bundle.cuts[static[0]].name}) with {static[1]}",
+        f"static: cut {static[0]} ({bundle.cuts[static[0]].name}) with {static[1]}, chosen at deploy "
+        "time: the least mean latency at this device over the shipped traces"
+        + (" with this run's stretch left out" if run_stretch else "")
+        + f"; {HINDSIGHT}: cut {hindsight[0]} ({bundle.cuts[hindsight[0]].name}) with {hindsight[1]}, "
+        "adaptive's choice at this stretch's median rate (tuned on the run it is scored on: no "
+        "deployment has that baseline)",
         "the policies ran side by side, one emulated link each, a request at most every "
         f"{config.interval_s:g} s each",
         f"the whole run took {time.perf_counter() - started:.0f} s",

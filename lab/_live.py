@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from splitinfer.bundle import Bundle
+from splitinfer.errors import ConfigError
 from splitinfer.lab._server import ServerProcess
 from splitinfer.netem import BandwidthTrace
 
@@ -43,6 +44,10 @@ __all__ = [
 ]
 
 POLICIES = ("adaptive", "neurosurgeon", "cloud", "local", "static")
+#: An extra row a session can run beside :data:`POLICIES`: a static configuration tuned in
+#: hindsight on the very stretch it is scored on (``Session.hindsight``). No deployment has that
+#: baseline; it is named for what it is and kept to show how little a perfect static would win.
+HINDSIGHT = "static-hindsight"
 
 
 @dataclass
@@ -66,6 +71,8 @@ class Session:
     progress: bool = True
     label: str = "policies"
     counts: dict[str, int] = field(default_factory=dict)
+    #: The (cut, codec) of the ``static-hindsight`` row, when ``policies`` has it.
+    hindsight: tuple[int, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -167,15 +174,20 @@ async def run_session(session: Session) -> list[Any]:
             await em.start()
         for name, em in zip(s.policies, emulators):
             options: dict[str, Any] = {}
-            if name == "static":
-                options = {"cut": s.static[0], "codec": s.static[1]}
+            if name in ("static", HINDSIGHT):
+                choice = s.static if name == "static" else s.hindsight
+                if choice is None:
+                    raise ConfigError(
+                        f"policy {HINDSIGHT!r} needs Session.hindsight, the (cut, codec) it runs"
+                    )
+                options = {"cut": choice[0], "codec": choice[1]}
             elif name == "adaptive":
                 options = {"seed": s.seed}
             clients.append(
                 EdgeClient(
                     f"http://127.0.0.1:{em.port}",
                     bundle=s.bundle,
-                    policy=name,
+                    policy="static" if name == HINDSIGHT else name,
                     device_slowdown=s.device_slowdown,
                     fidelity_budget=s.budget,
                     deadline_s=s.deadline_s,

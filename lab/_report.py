@@ -188,14 +188,14 @@ def _mix_text(mix: Sequence[tuple[str, float]], top: int = 3) -> str:
 def format_table(summaries: dict[str, Summary]) -> str:
     """A fixed-width table, one line per policy."""
     head = (
-        f"{'policy':<14}{'requests':>9}{'mean ms':>9}{'p95 ms':>9}{'/oracle':>9}{'KiB/req':>9}"
+        f"{'policy':<17}{'requests':>9}{'mean ms':>9}{'p95 ms':>9}{'/oracle':>9}{'KiB/req':>9}"
         f"{'agree':>8}{'fallbacks':>10}  {'device/split/cloud':<19} cut:codec mix"
     )
     lines = [head, "-" * len(head)]
     for s in summaries.values():
         shares = f"{s.local:.0%}/{s.split:.0%}/{s.cloud:.0%}"
         lines.append(
-            f"{s.policy:<14}{s.requests:>9}{s.mean_s * 1000:>9.0f}{s.p95_s * 1000:>9.0f}{s.vs_oracle:>9.2f}"
+            f"{s.policy:<17}{s.requests:>9}{s.mean_s * 1000:>9.0f}{s.p95_s * 1000:>9.0f}{s.vs_oracle:>9.2f}"
             f"{s.bytes_per_request / 1024:>9.1f}{s.agreement:>8.1%}{s.fallbacks:>10}  {shares:<19} "
             f"{_mix_text(s.mix)}"
         )
