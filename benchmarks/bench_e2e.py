@@ -161,7 +161,7 @@ def main() -> int:
         speeds: dict[str, list[float]] = {}
         for k, (set_name, trs) in enumerate(traces.items()):
             speeds[set_name] = fleet_speeds(args.fleet, len(trs), args.seed + k)
-            for tr, speed in zip(trs, speeds[set_name]):
+            for i, (tr, speed) in enumerate(zip(trs, speeds[set_name])):
                 session = live.session(
                     trace=tr,
                     duration_s=seconds,
@@ -173,6 +173,8 @@ def main() -> int:
                     label=f"{set_name}/{tr.name}"[:28],
                 )
                 records, ds_run = run_priced(session)
+                # each trace's device counts equally in the set's figures (lab/_report.device_weights)
+                records = [replace(r, device=i) for r in records]
                 runs[set_name].append((tr.name, static, records))
                 fits.setdefault(set_name, []).append(ds_run / (ds / speed))
     loads = (load_before, os.getloadavg())

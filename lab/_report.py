@@ -60,6 +60,8 @@ class Record:
     uplink_true_bps: float = math.nan
     #: Hindsight: the cut the oracle would have taken (-1 if unknown).
     oracle_cut: int = -1
+    #: Which device of the run sent it (0 when the run has one).
+    device: int = 0
 
     def ran_cut(self, last_cut: int) -> int:
         """The cut that really ran: the last one when the request stayed on the device."""
@@ -92,8 +94,27 @@ class Summary:
         return self.mean_s / self.oracle_mean_s if self.oracle_mean_s > 0 else math.nan
 
 
-def p95(xs: Sequence[float]) -> float:
-    return float(np.percentile(xs, 95)) if len(xs) else math.nan
+def p95(xs: Sequence[float], weights: Sequence[float] | None = None) -> float:
+    """The 95th percentile; with ``weights``, of the weighted distribution (inverted CDF)."""
+    if not len(xs):
+        return math.nan
+    if weights is None or len(set(weights)) == 1:
+        return float(np.percentile(xs, 95))
+    return float(np.percentile(xs, 95, weights=weights, method="inverted_cdf"))
+
+
+def device_weights(rs: Sequence[Record]) -> list[float]:
+    """A weight per record that counts every device of the run equally (each device's requests
+    share 1 / devices). A live run is closed-loop (a device sends its next request when the last
+    one ended), so a policy that is slow on one device sends fewer requests there; pooled with
+    equal weights, its slowest device would count least. One device: every weight is equal."""
+    per = Counter(r.device for r in rs)
+    return [1.0 / (per[r.device] * len(per)) for r in rs]
+
+
+def _wmean(xs: Sequence[float], ws: Sequence[float]) -> float:
+    total = sum(ws)
+    return sum(x * w for x, w in zip(xs, ws)) / total if total > 0 else math.nan
 
 
 def price(
@@ -146,22 +167,26 @@ def price(
 
 
 def summarize(records: Sequence[Record], last_cut: int, policies: Sequence[str]) -> dict[str, Summary]:
-    """A :class:`Summary` per policy, in the order of ``policies`` (those with records)."""
+    """A :class:`Summary` per policy, in the order of ``policies`` (those with records).
+
+    Latencies (mean, p95, the oracle's and the model's means) count every device equally
+    (:func:`device_weights`); requests, bytes, agreement and shares are per request."""
     out: dict[str, Summary] = {}
     for name in policies:
         rs = [r for r in records if r.policy == name]
         if not rs:
             continue
         lat = [r.latency_s for r in rs]
+        ws = device_weights(rs)
         kinds = Counter(kind_of(r.ran_cut(last_cut), last_cut) for r in rs)
         mix = Counter(_choice(r, last_cut) for r in rs)
-        oracle = [r.oracle_s for r in rs if not math.isnan(r.oracle_s)]
-        world = [r.world_s for r in rs if not math.isnan(r.world_s)]
+        oracle = [(r.oracle_s, w) for r, w in zip(rs, ws) if not math.isnan(r.oracle_s)]
+        world = [(r.world_s, w) for r, w in zip(rs, ws) if not math.isnan(r.world_s)]
         out[name] = Summary(
             policy=name,
             requests=len(rs),
-            mean_s=statistics.mean(lat),
-            p95_s=p95(lat),
+            mean_s=_wmean(lat, ws),
+            p95_s=p95(lat, ws),
             bytes_per_request=statistics.mean(r.bytes_up for r in rs),
             agreement=sum(r.agree for r in rs) / len(rs),
             fallbacks=sum(bool(r.fallback) for r in rs),
@@ -169,8 +194,8 @@ def summarize(records: Sequence[Record], last_cut: int, policies: Sequence[str])
             split=kinds["split"] / len(rs),
             cloud=kinds["cloud"] / len(rs),
             mix=tuple((c, n / len(rs)) for c, n in mix.most_common()),
-            oracle_mean_s=statistics.mean(oracle) if oracle else math.nan,
-            world_mean_s=statistics.mean(world) if world else math.nan,
+            oracle_mean_s=_wmean(*zip(*oracle)) if oracle else math.nan,
+            world_mean_s=_wmean(*zip(*world)) if world else math.nan,
         )
     return out
 
@@ -252,6 +277,24 @@ def write_report(
         lines += [f"![{name}]({name})" for name in plots] + [""]
     else:
         lines += ["(No plots: install matplotlib, `pip install 'splitinfer[plot]'`.)", ""]
+    devices = sorted({r.device for r in records})
+    if len(devices) > 1:
+        lines += [
+            "Per device (mean / p95 ms, requests): the table above counts every device equally, so "
+            "a policy that is slow on one device, and so sends fewer requests there, is not let off.",
+            "",
+            "| policy | " + " | ".join(f"device {d + 1}" for d in devices) + " |",
+            "|---|" + "---:|" * len(devices),
+        ]
+        for name in summaries:
+            cells = []
+            for d in devices:
+                lat = [r.latency_s for r in records if r.policy == name and r.device == d]
+                cells.append(
+                    f"{statistics.mean(lat) * 1000:.0f} / {p95(lat) * 1000:.0f} ({len(lat)})" if lat else ""
+                )
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines += ["Every request: [`requests.csv`](requests.csv).", ""]
     cut_lines = sorted({r.ran_cut(bundle.last_cut) for r in records})
     lines += ["Cuts chosen:", ""] + [f"- {k}: {bundle.cuts[k].name}" for k in cut_lines] + [""]

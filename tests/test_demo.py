@@ -264,6 +264,23 @@ def test_summary_and_table_of_records():
     assert table.splitlines()[2].split()[:4] == ["adaptive", "2", "200", "290"]
 
 
+def test_every_device_counts_equally_in_a_summary(tmp_path):
+    """A closed-loop run: a policy slow on one device sends fewer requests there. Pooled with equal
+    weights, that device would hardly count (here: mean 1.8 s, p95 1 s); each device counting
+    equally, its mean is the devices' mean and its p95 is the slow device's."""
+
+    def rec(latency, device):
+        return Record("local", 0.0, latency, 4, "f32", 0, 10, "", True, 0.1, 0.1, 0.1, device=device)
+
+    records = [rec(1.0, 0) for _ in range(10)] + [rec(10.0, 1)]
+    s = summarize(records, last_cut=4, policies=["local"])["local"]
+    assert s.requests == 11
+    assert s.mean_s == pytest.approx(5.5) and s.p95_s == pytest.approx(10.0)
+    assert s.oracle_mean_s == pytest.approx(0.1)
+    one = summarize([rec(1.0, 0), rec(3.0, 0)], last_cut=4, policies=["local"])["local"]
+    assert one.mean_s == pytest.approx(2.0) and one.p95_s == pytest.approx(2.9)  # as before: unweighted
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
