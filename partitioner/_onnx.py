@@ -78,8 +78,14 @@ def _operator(exc: BaseException) -> str:
 
 
 def _all_frontiers(segments: Sequence[fx.GraphModule]) -> tuple[fx.GraphModule, list[list[int]]]:
-    """One module running ``segments`` that returns every distinct frontier tensor once, and
-    for each cut the positions of its tensors in that output (cut 0: the inputs)."""
+    """One module running ``segments`` that returns every frontier tensor, and for each cut the
+    positions of its tensors in that output (cut 0: the inputs).
+
+    Past cut 0 each frontier tensor is returned as a clone taken at its cut: a segment may
+    mutate its input in place (``zeros_like(mask).masked_fill_(mask, -inf)`` in
+    nn.MultiheadAttention's padding mask, cut between the two), and the tensor itself would come
+    out of the functional graph as its value after the mutation, not the value crossing the cut
+    (a head on ONNX Runtime then sent -inf where torch's head sends 0)."""
     root = torch.nn.Module()
     graph = fx.Graph()
     values: list[fx.Node] = []
@@ -109,7 +115,11 @@ def _all_frontiers(segments: Sequence[fx.GraphModule]) -> tuple[fx.GraphModule, 
                 env[node] = graph.get_attr(f"s{i}.{node.target}")
             else:
                 env[node] = graph.node_copy(node, env.__getitem__)
-        cuts.append(positions(values))
+        snapshots: dict[fx.Node, fx.Node] = {}
+        for value in values:
+            if value not in snapshots:
+                snapshots[value] = graph.call_function(torch.ops.aten.clone.default, (value,))
+        cuts.append(positions([snapshots[v] for v in values]))
     graph.output(tuple(distinct))
     return fx.GraphModule(root, graph), cuts
 
@@ -149,7 +159,7 @@ def export_onnx(
     except Exception as exc:  # the exporter raises many types; name the operator at the boundary
         raise CaptureError(f"ONNX cannot export this model: {_operator(exc)}") from exc
     graph = _split(onnx, model, cuts)
-    errors = _check(model, graph, args, want, cuts)
+    errors = _check(model, graph, args, _torch_frontiers(segments, args), cuts)
     return graph, {"opset": _opset(model), "max_abs_error": errors}
 
 
@@ -287,16 +297,37 @@ def _rename(node: Any, renames: dict[str, str]) -> None:
             node.output[j] = renames[name]
 
 
+def _torch_frontiers(
+    segments: Sequence[fx.GraphModule], args: tuple[torch.Tensor, ...]
+) -> list[list[torch.Tensor]]:
+    """Every cut's frontier as torch's heads compute it: the segments run one by one, each on
+    copies (a segment that mutates its input in place must not change the frontier kept)."""
+    frontier = [t.detach().clone() for t in args]
+    out = [frontier]
+    with torch.no_grad():
+        for seg in segments:
+            frontier = [t.detach().clone() for t in seg(*[t.clone() for t in frontier])]
+            out.append(frontier)
+    return out
+
+
 def _check(
     model: Any,
     graph: OnnxGraph,
     args: tuple[torch.Tensor, ...],
-    want: list[torch.Tensor],
+    want: list[list[torch.Tensor]],
     cuts: list[list[int]],
 ) -> dict[str, float]:
-    """The exported graph (every frontier an output) in ONNX Runtime against torch at every cut,
-    and the whole chain fused from the pieces: the max abs error per cut; CaptureError where a
-    frontier is off by more than the tolerance."""
+    """The exported graph (every frontier an output) in ONNX Runtime against torch at every cut;
+    each segment's piece on its own, fed torch's frontier, against torch's next frontier; and the
+    whole chain fused from the pieces: the max abs error per cut; CaptureError where a frontier
+    is off by more than the tolerance.
+
+    The pieces are what heads and tails run (any range is their concatenation, and a piece reads
+    nothing but its frontier, its own nodes and initializers): checking the unsplit graph alone
+    once let a piece that computed a wrong frontier ship (the masked attention of issue 17).
+    ``want`` is torch's frontier at every cut (:func:`_torch_frontiers`), not the fused module's
+    outputs: those alias tensors a later segment mutates in place."""
     import onnxruntime as ort
 
     from splitinfer.runtime import OnnxRunner, session_options
@@ -306,13 +337,35 @@ def _check(
     )
     feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), args)}
     outputs = session.run(None, feeds)
-    errors = {
-        str(k): _error([outputs[p] for p in cut], [want[p] for p in cut], k) for k, cut in enumerate(cuts)
-    }
+    errors = {}
+    for k, cut in enumerate(cuts):
+        try:
+            errors[str(k)] = _error([outputs[p] for p in cut], want[k], k)
+        except CaptureError as exc:
+            where = f", computed by segment {k - 1} ({_operators(graph.bodies[k - 1])})" if k else ""
+            raise CaptureError(f"{exc}{where}") from None
+    del session, outputs
     n = len(cuts) - 1
+    for i in range(n):
+        piece = OnnxRunner(graph, threads=1).run(i, i + 1, [t.numpy() for t in want[i]])
+        try:
+            error = _error(piece, want[i + 1], i + 1)
+        except CaptureError as exc:
+            raise CaptureError(f"{exc}, computed by segment {i} ({_operators(graph.bodies[i])})") from None
+        errors[str(i + 1)] = max(errors[str(i + 1)], error)
     whole = OnnxRunner(graph, threads=1).run(0, n, [t.numpy() for t in args])
-    _error(whole, [want[p] for p in cuts[n]], n)
+    _error(whole, want[n], n)
     return errors
+
+
+def _operators(body: bytes) -> str:
+    """The ONNX operators of a segment's piece, for a message: ``Where, Softmax, ...``."""
+    import onnx
+
+    piece = onnx.GraphProto()
+    piece.ParseFromString(body)
+    ops = list(dict.fromkeys(node.op_type for node in piece.node))
+    return "operators " + ", ".join(ops[:12]) + (", ..." if len(ops) > 12 else "")
 
 
 def _error(got: Sequence[np.ndarray], want: Sequence[torch.Tensor], cut: int) -> float:
