@@ -13,8 +13,8 @@ except bfloat16, which numpy lacks: those decode to float32 arrays holding the b
 Specs are ``<base>[+zstd<level 1..22>]`` (or ``q<bits>[c]+ans``: the codes rANS-coded under
 per-channel statistics that travel in the blob, ``_ans.py``, with the ``entropy`` extra) with
 base ``f32 | f16 | bf16`` (cast), ``q2``..``q8`` (uniform affine quantization, one range per
-tensor), ``q2c``..``q8c`` (one range per channel, dim 1; tensors of fewer than two dims get one
-range) or ``jpeg1``..``jpeg100`` (float image
+tensor), ``q2c``..``q8c`` (one range per channel, dim 1, for tensors of 3+ dims; others, such as
+``N x C`` pooled features, get one range) or ``jpeg1``..``jpeg100`` (float image
 batches ``N x 3 x H x W``; each colour channel mapped from its calibrated range, or else from
 its min/max over the batch, to 0..255). Blobs are self-describing: ranges, scales, shapes and
 dtypes travel in the header, and decoding checks every field and size before it allocates

@@ -12,7 +12,8 @@ JSON form (what a bundle stores per cut in ``manifest.json``)::
                  null]                                                null: not quantized (int, bool)
 
 ``lo``/``hi`` hold one float per channel (dim 1) for per-channel ranges, or a single float; a
-tensor with fewer than two dims always has a single range.
+tensor with fewer than three dims always has a single range (``_quant.has_channels``; ranges
+calibrated per channel for a 2-D tensor before issue 22 are merged into one when encoding).
 """
 
 from __future__ import annotations
@@ -118,11 +119,15 @@ class ClipRanges:
             out.append((tuple(entry["lo"]), tuple(entry["hi"])))
         return cls(tuple(out), obj.get("per_channel"), obj.get("method", "manual"))  # type: ignore[arg-type]
 
-    def arrays(self, index: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
-        """float64 ``(lo, hi)`` of tensor ``index``, broadcast to ``channels`` channels."""
+    def arrays(self, index: int, channels: int, *, merge: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """float64 ``(lo, hi)`` of tensor ``index``, broadcast to ``channels`` channels; with
+        ``merge``, per-channel ranges of a tensor that gets one range (a 2-D tensor, calibrated
+        before issue 22) become their union."""
         if index >= len(self.tensors) or self.tensors[index] is None:
             raise CodecError(f"the clip ranges hold no range for tensor {index}")
         lo, hi = (np.asarray(v, np.float64) for v in self.tensors[index])  # type: ignore[union-attr]
+        if merge and channels == 1 and lo.size > 1:
+            lo, hi = lo.min(keepdims=True), hi.max(keepdims=True)
         if lo.size not in (1, channels):
             raise CodecError(f"tensor {index} has {channels} channels, its clip range {lo.size}")
         return np.broadcast_to(lo, (channels,)), np.broadcast_to(hi, (channels,))

@@ -12,7 +12,7 @@ cast        ``[dtype, shape]``                               floats cast to f32/
 q<b>[c]     ``[dtype, shape, lo, scale]`` for floats         ``ceil(numel * b / 8)`` bytes: the codes
             (``lo``/``scale``: bin, little-endian float32,   as one LSB-first bit stream (``_pack.py``)
             one per channel of dim 1 for ``c`` codecs on
-            tensors of 2+ dims, else one);
+            tensors of 3+ dims, else one);
             ``[dtype, shape]`` for other dtypes              the tensor's bytes, unchanged
 q<b>[c]+ans ``[dtype, shape, lo, scale, weights, words]``    ``4 * words`` bytes: the codes' rANS
             for floats (``weights``: bin, the symbol         stream (``_ans.py``); other dtypes as
@@ -61,7 +61,7 @@ from splitinfer.compression._frontier import Decoded, arrays_of, f32_floats, num
 from splitinfer.compression._jpeg import MAX_SIDE, decode_images, encode_images
 from splitinfer.compression._nonfinite import apply_patches, attach_patches, detach_patches, find_patches
 from splitinfer.compression._pack import pack_bits, packed_nbytes, unpack_bits
-from splitinfer.compression._quant import affine, channel_view, dequantize, quantize, sanitize
+from splitinfer.compression._quant import affine, channel_view, dequantize, has_channels, quantize, sanitize
 from splitinfer.compression._spec import parse_spec
 from splitinfer.errors import CodecError
 from splitinfer.tensors import DTYPES
@@ -240,7 +240,7 @@ class QuantCodec(_Adapters):
             a3 = channel_view(a, self.per_channel)  # float32 (_wire_name)
             clean, lo, hi, finite = sanitize(a3)
             if self.clip is not None:
-                lo, hi = self.clip.arrays(i, a3.shape[1])
+                lo, hi = self.clip.arrays(i, a3.shape[1], merge=not has_channels(a.ndim))
             lo32, scale, limited = affine(lo, hi, levels)
             codes = quantize(clean, lo32, scale, levels, inside=finite and self.clip is None and not limited)
             entry: list[object] = [
@@ -279,7 +279,7 @@ class QuantCodec(_Adapters):
                     "a floating tensor entry is [dtype, shape, lo, scale"
                     + (", weights, words]" if self.ans else "]")
                 )
-            channels = shape[1] if self.per_channel and len(shape) >= 2 else 1
+            channels = _channels(fields[0], shape, self.per_channel)
             lo = f32_field(fields[0], channels, "lo")
             scale = f32_field(fields[1], channels, "scale")
             top = np.abs(lo.astype(np.float64)) + (levels - 1) * scale.astype(np.float64)
@@ -320,6 +320,17 @@ class QuantCodec(_Adapters):
                 values = dequantize(_codes3(codes, shape, lows.size), lows, scales)
                 decoded.append((name, "float32", values.reshape(shape)))
         return decoded
+
+
+def _channels(lo: object, shape: tuple[int, ...], per_channel: bool) -> int:
+    """The number of ranges a tensor entry of ``shape`` carries: ``shape[1]`` for a per-channel
+    codec on 3+ dims (``_quant.has_channels``), else 1; a 2-D tensor may carry ``shape[1]``
+    too (blobs encoded before issue 22 gave pooled features one range a channel)."""
+    if not per_channel or len(shape) < 2:
+        return 1
+    if has_channels(len(shape)):
+        return shape[1]
+    return shape[1] if isinstance(lo, bytes) and len(lo) == 4 * shape[1] else 1
 
 
 def _codes3_shape(shape: tuple[int, ...], channels: int) -> tuple[int, int, int]:

@@ -4,7 +4,7 @@ Bases:
 
 - ``f32``, ``f16``, ``bf16``: cast floating tensors (lossless for ``f32``);
 - ``q2`` .. ``q8``: uniform affine quantization to that many bits, one range per tensor;
-  ``q2c`` .. ``q8c``: one range per channel (dim 1);
+  ``q2c`` .. ``q8c``: one range per channel (dim 1) of tensors of 3+ dims, one range otherwise;
 - ``jpeg1`` .. ``jpeg100``: JPEG at that quality, for float image batches ``N x 3 x H x W``.
 
 Every base may be followed by ``+zstd1`` .. ``+zstd22``; a quantizing base (``q<bits>[c]``) may

@@ -98,7 +98,7 @@ def test_integer_and_bool_tensors_round_trip_exactly_in_every_codec(shape, seed,
 
 def _expected_range(x: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per-element [lo, hi] of the encode-time ranges, as the codec documents them."""
-    a = x.reshape(x.shape[0], x.shape[1], -1) if per_channel and x.ndim >= 2 else x.reshape(1, 1, -1)
+    a = x.reshape(x.shape[0], x.shape[1], -1) if per_channel and x.ndim >= 3 else x.reshape(1, 1, -1)
     finite = np.isfinite(a)
     lo = np.where(finite, a, np.inf).min(axis=(0, 2), keepdims=True).astype(np.float64)
     hi = np.where(finite, a, -np.inf).max(axis=(0, 2), keepdims=True).astype(np.float64)
@@ -144,7 +144,7 @@ def test_quantized_values_stay_within_half_a_step_of_the_clipped_input(t, bits, 
 )
 def test_calibrated_ranges_clip_outside_and_keep_half_a_step_inside(t, bits, seed, per_channel):
     rng = np.random.default_rng(seed)
-    channels = t.shape[1] if per_channel and t.dim() >= 2 else 1
+    channels = t.shape[1] if per_channel and t.dim() >= 3 else 1
     a = rng.standard_normal(channels)
     b = a + rng.random(channels) * rng.choice([0.0, 0.1, 1.0, 10.0])
     ranges = ClipRanges.from_arrays([(a, b)], per_channel=per_channel)
