@@ -521,6 +521,7 @@ def _profile(args: argparse.Namespace) -> int:
     from splitinfer.bundle import Bundle
     from splitinfer.manifest import read_manifest, update_manifest
     from splitinfer.partitioner._profile import profile_bundle
+    from splitinfer.runtime import has_onnx, load_onnx, onnx_available
 
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", args.name):
         raise ConfigError(f"--name must be 1-64 characters of [A-Za-z0-9._-], got {args.name!r}")
@@ -532,6 +533,10 @@ def _profile(args: argparse.Namespace) -> int:
         ) from None
     root = Path(args.bundle)
     bundle = Bundle.load(root)
+    doc = read_manifest(root)
+    # ONNX Runtime is timed too where the bundle has its graph (the cost model prices each side
+    # on the runtime it runs)
+    onnx = load_onnx(root, doc).graph if has_onnx(doc) and onnx_available() else None
     profile = profile_bundle(
         bundle,
         batch_sizes=sizes,
@@ -539,14 +544,19 @@ def _profile(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         threads=args.threads,
         progress=not args.quiet,
+        onnx=onnx,
     )
-    profiles = dict(read_manifest(root).get("profiles", {}))
+    profiles = dict(doc.get("profiles", {}))
     profiles[args.name] = profile
     update_manifest(root, profiles=profiles)
-    whole = {b: sum(s["median_s"]) * 1000 for b, s in profile["segments"].items()}
+
+    def whole(segments: dict[str, Any]) -> str:
+        return ", ".join(f"{sum(s['median_s']) * 1000:.2f} ms at batch {b}" for b, s in segments.items())
+
+    ort = profile.get("runtimes", {}).get("onnxruntime")
     print(
-        f"profile {args.name!r} of {bundle.name}: whole model "
-        + ", ".join(f"{ms:.2f} ms at batch {b}" for b, ms in whole.items())
+        f"profile {args.name!r} of {bundle.name}: whole model {whole(profile['segments'])}"
+        + (f"; on onnxruntime {whole(ort['segments'])}" if ort else "")
         + f"; {len(profile['codecs'])} codec measurements; stored in {root}"
     )
     return 0

@@ -16,7 +16,9 @@ estimates, which is what makes a decision over a thousand candidates take micros
 Where numbers come from:
 
 - head and tail: the profile's per-segment medians at batch 1 (the tail at ``cloud_batch``,
-  the batch size the cloud runs, when the profile has it: a request waits for its whole batch);
+  the batch size the cloud runs, when the profile has it: a request waits for its whole batch),
+  the head's on ``head_runtime`` (default: the runtime the bundle runs on in this process), the
+  tail's on ``tail_runtime`` (default torch), torch's where the profile has none for a runtime;
 - encode and decode: the profile's codec table; a (cut, codec) it lacks is interpolated from
   the same codec's cost per float32 byte at the other cuts (0 if the codec was never profiled);
 - bytes: the fidelity table, else the profile's codec table, else, for a lossless codec, the
@@ -41,7 +43,7 @@ from splitinfer._checks import check_number
 from splitinfer.errors import ConfigError
 from splitinfer.manifest import Manifest
 from splitinfer.partitioner._estimate import Estimates
-from splitinfer.partitioner._profiles import pick_profile, segment_medians
+from splitinfer.partitioner._profiles import pick_profile, runtime_of, segment_medians
 
 __all__ = [
     "FEATURES",
@@ -107,7 +109,15 @@ class CostModel:
     sent. Arrays are read-only.
     """
 
-    def __init__(self, bundle: Manifest, *, profile: str | None = None, cloud_batch: int = 1):
+    def __init__(
+        self,
+        bundle: Manifest,
+        *,
+        profile: str | None = None,
+        cloud_batch: int = 1,
+        head_runtime: str | None = None,
+        tail_runtime: str = "torch",
+    ):
         if not bundle.codecs:
             raise ConfigError(f"bundle {bundle.name!r} offers no codecs")
         if not isinstance(cloud_batch, int) or cloud_batch < 1:
@@ -120,12 +130,14 @@ class CostModel:
         self.profile_name = None if picked is None else picked[0]
         prof: Mapping[str, Any] = {} if picked is None else picked[1]
         self.profiled = picked is not None
-        seg1 = None if picked is None else segment_medians(bundle, picked[0], prof, 1)
+        # heads priced on the runtime this bundle runs on here (the edge's), tails on the cloud's
+        self.runtimes = (head_runtime or runtime_of(bundle), tail_runtime)
+        seg1 = None if picked is None else segment_medians(bundle, picked[0], prof, 1, self.runtimes[0])
         if picked is not None and seg1 is None:
             raise ConfigError(f"profile {picked[0]!r} of bundle {bundle.name!r} has no batch-1 segment times")
-        segb = None if picked is None else segment_medians(bundle, picked[0], prof, cloud_batch)
+        segb = None if picked is None else segment_medians(bundle, picked[0], prof, cloud_batch, tail_runtime)
         if segb is None:
-            segb = seg1
+            segb = None if picked is None else segment_medians(bundle, picked[0], prof, 1, tail_runtime)
         n = self.n
         head_k = np.concatenate([[0.0], np.cumsum(seg1)]) if seg1 is not None else np.full(n + 1, np.nan)
         cum_b = np.concatenate([[0.0], np.cumsum(segb)]) if segb is not None else np.full(n + 1, np.nan)

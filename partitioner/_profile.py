@@ -8,7 +8,15 @@ transformer's cost; integer inputs are zeros) and returns one profile in the man
     {"machine": str, "created": iso8601, "repeats": int, "warmup": int,
      "segments": {"1": {"median_s": [...], "p90_s": [...]}, "8": {...}},
      "codecs": [{"cut": k, "codec": spec, "encode_s": s, "decode_s": s, "bytes": float}, ...],
-     "response_bytes": float}
+     "response_bytes": float,
+     "runtimes": {"onnxruntime": {"threads": int | None, "segments": {"1": {...}, "8": {...}}}}}
+
+``segments`` are torch's times (the bundle's fused fx chain in eager). When the bundle has an
+ONNX graph at hand (a compiled bundle's, or ``onnx=``: ``splitinfer profile`` reads the saved
+bundle's) and onnxruntime imports, ``runtimes.onnxruntime`` holds the same measurement on ONNX Runtime:
+each segment as a session of its own, the whole chain as one, fitted alike. The cost model prices
+each side on the runtime it runs (``_profiles.segment_medians``; torch's where a profile has no
+times for a runtime, as profiles from before issue 17).
 
 Segments: each segment is timed on its own (``warmup`` runs, then ``repeats``; median and
 90th percentile) at every batch size, and the chain of all segments is timed fused, as the edge
@@ -54,6 +62,7 @@ from splitinfer._progress import Progress
 from splitinfer.bundle import Bundle
 from splitinfer.compression import Codec, get_codec
 from splitinfer.errors import CodecError, ConfigError, CutNotLoadedError
+from splitinfer.runtime import OnnxGraph, OnnxRunner, onnx_available
 from splitinfer.tensors import TensorSpec, dtype_from_name
 
 log = logging.getLogger("splitinfer.partitioner")
@@ -137,26 +146,65 @@ def profile_bundle(
     warmup: int = 1,
     threads: int | None = None,
     progress: bool = True,
+    runtimes: Sequence[str] | None = None,
+    onnx: OnnxGraph | None = None,
 ) -> dict[str, Any]:
     """Measure ``bundle`` on this machine and return a profile (see the module docstring).
 
     ``batch_sizes`` are the batch sizes to time segments at (1 is always included: the edge
     runs one request at a time); ``codecs`` defaults to ``bundle.codecs``; ``threads`` sets
     torch's intra-op threads while profiling (default: leave them; on a machine shared with
-    other work, 1 gives far steadier times). Store the result as ``bundle.profiles[name]`` (or
-    ``update_manifest(path, profiles=...)`` for a saved bundle).
+    other work, 1 gives far steadier times; ONNX Runtime's intra-op threads alike, None: its
+    default). Store the result as ``bundle.profiles[name]`` (or ``update_manifest(path,
+    profiles=...)`` for a saved bundle).
+
+    ``runtimes`` are the runtimes to time: torch always, and by default onnxruntime too when the
+    ONNX graph is at hand (``onnx``, else the one ``bundle`` holds) and onnxruntime imports;
+    ``("torch", "onnxruntime")`` requires both (ConfigError). The bundle must run on torch.
     """
     sizes = _check(bundle, batch_sizes, repeats, warmup)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be an int >= 1 or None, got {threads!r}")
+    graph = _onnx_to_time(bundle, runtimes, onnx)
     specs = _usable_codecs(bundle, codecs)
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _measure(bundle, sizes, specs, repeats, warmup, progress)
+        profile = _measure(bundle, sizes, specs, repeats, warmup, progress)
     finally:
         torch.set_num_threads(previous)
+    if graph is not None:
+        profile["runtimes"] = {
+            "onnxruntime": {
+                "threads": threads,
+                "segments": _measure_onnx(bundle, graph, sizes, repeats, warmup, threads, progress),
+            }
+        }
+    return profile
+
+
+def _onnx_to_time(bundle: Bundle, runtimes: Sequence[str] | None, onnx: OnnxGraph | None) -> OnnxGraph | None:
+    """The ONNX graph to time ONNX Runtime on, or None (see :func:`profile_bundle`)."""
+    if bundle.runtime != "torch":
+        raise ConfigError(
+            f"profile bundle {bundle.name!r} loaded with runtime='torch': the profile times torch, "
+            "and ONNX Runtime too when the bundle has an ONNX graph"
+        )
+    if runtimes is not None and (
+        isinstance(runtimes, str) or not set(runtimes) <= {"torch", "onnxruntime"} or "torch" not in runtimes
+    ):
+        raise ConfigError(f"runtimes must be ('torch',) or ('torch', 'onnxruntime'), got {runtimes!r}")
+    graph = onnx if onnx is not None else bundle._onnx_graph
+    if runtimes is None:
+        return graph if graph is not None and onnx_available() else None
+    if "onnxruntime" not in runtimes:
+        return None
+    if graph is None:
+        raise ConfigError(f"bundle {bundle.name!r} has no ONNX graph to time ONNX Runtime on")
+    if not onnx_available():
+        raise ConfigError("timing ONNX Runtime needs onnxruntime: pip install 'splitinfer[edge]'")
+    return graph
 
 
 def _measure(
@@ -200,6 +248,39 @@ def _measure(
         "codecs": rows,
         "response_bytes": response_bytes,
     }
+
+
+def _measure_onnx(
+    bundle: Bundle,
+    graph: OnnxGraph,
+    sizes: list[int],
+    repeats: int,
+    warmup: int,
+    threads: int | None,
+    progress: bool,
+) -> dict[str, dict[str, list[float]]]:
+    """Per-segment times on ONNX Runtime (one session per segment, fitted to the whole chain's
+    session, as for torch) at every batch size; sessions are built before they are timed."""
+    n = bundle.n_segments
+    runner = OnnxRunner(graph, threads=threads, name=bundle.name)
+    segments: dict[str, dict[str, list[float]]] = {}
+    with Progress(n * len(sizes), f"profile {bundle.name} on onnxruntime", enabled=progress) as bar:
+        runner.session(0, n)
+        for i in range(n):
+            runner.session(i, i + 1)
+        for batch in sizes:
+            x = [_synthetic(s, batch).numpy() for s in bundle.inputs]
+            full = statistics.median(_timed(partial(runner.run, 0, n, x), 2 * repeats + 1, warmup + 1))
+            medians, p90s = [], []
+            frontier = x
+            for i in range(n):
+                times = _timed(partial(runner.run, i, i + 1, frontier), repeats, warmup)
+                medians.append(statistics.median(times))
+                p90s.append(_p90(times))
+                frontier = runner.run(i, i + 1, frontier)
+                bar.step(note=f"batch {batch}: {bundle.cuts[i + 1].name}")
+            segments[str(batch)] = _fit_to_chain(medians, p90s, full)
+    return segments
 
 
 def _profile_codecs(

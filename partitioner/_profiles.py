@@ -2,6 +2,11 @@
 
 Shared by the cost model (``_costs``) and the estimator (``_estimate``), which both read the
 profiles a manifest carries; no torch, no measuring (``_profile`` measures).
+
+A profile's ``segments`` are torch's times; ``runtimes.onnxruntime.segments`` (when the bundle
+has an ONNX graph and the profile was taken with onnxruntime installed) are ONNX Runtime's.
+:func:`segment_medians` reads those of the runtime asked for, and falls back to torch's for a
+profile that lacks them (profiles from before issue 17), so that old profiles price as before.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import numpy as np
 from splitinfer.errors import ConfigError
 from splitinfer.manifest import Manifest
 
-__all__ = ["chain_times", "pick_profile", "segment_medians"]
+__all__ = ["chain_times", "pick_profile", "runtime_of", "segment_medians"]
 
 
 def pick_profile(bundle: Manifest, name: str | None) -> tuple[str, dict[str, Any]] | None:
@@ -38,8 +43,23 @@ def pick_profile(bundle: Manifest, name: str | None) -> tuple[str, dict[str, Any
     return chosen, profiles[chosen]
 
 
-def segment_medians(bundle: Manifest, name: str, profile: Mapping[str, Any], batch: int) -> np.ndarray | None:
-    seg = profile.get("segments", {}).get(str(batch))
+def runtime_of(bundle: Manifest) -> str:
+    """The runtime ``bundle``'s segments run on in this process (a Manifest alone: torch)."""
+    runtime = getattr(bundle, "runtime", "torch")
+    return runtime if isinstance(runtime, str) else "torch"
+
+
+def segment_medians(
+    bundle: Manifest, name: str, profile: Mapping[str, Any], batch: int, runtime: str = "torch"
+) -> np.ndarray | None:
+    """Profile ``name``'s per-segment medians at ``batch`` on ``runtime`` (torch's where the
+    profile has none for it), None when it has none at that batch; ConfigError if malformed."""
+    source = profile
+    if runtime != "torch":
+        by_runtime = (profile.get("runtimes") or {}).get(runtime)
+        if isinstance(by_runtime, Mapping) and str(batch) in (by_runtime.get("segments") or {}):
+            source = by_runtime
+    seg = source.get("segments", {}).get(str(batch))
     if seg is None:
         return None
     times = np.asarray(seg.get("median_s", []), dtype=np.float64)
@@ -52,13 +72,24 @@ def segment_medians(bundle: Manifest, name: str, profile: Mapping[str, Any], bat
     return times
 
 
-def chain_times(bundle: Manifest, profile: str | None = None) -> tuple[list[float], list[float]] | None:
-    """Profiled ``head(k)`` and ``tail(k)`` at batch 1 for every cut, or None without a profile."""
+def chain_times(
+    bundle: Manifest,
+    profile: str | None = None,
+    *,
+    head_runtime: str | None = None,
+    tail_runtime: str = "torch",
+) -> tuple[list[float], list[float]] | None:
+    """Profiled ``head(k)`` and ``tail(k)`` at batch 1 for every cut, or None without a profile.
+
+    Heads are priced on ``head_runtime`` (default: the runtime ``bundle`` runs on here, the
+    edge's), tails on ``tail_runtime`` (the cloud's; default torch, the server's default)."""
     picked = pick_profile(bundle, profile)
     if picked is None:
         return None
-    seg = segment_medians(bundle, picked[0], picked[1], 1)
-    if seg is None:
+    head_seg = segment_medians(bundle, picked[0], picked[1], 1, head_runtime or runtime_of(bundle))
+    tail_seg = segment_medians(bundle, picked[0], picked[1], 1, tail_runtime)
+    if head_seg is None or tail_seg is None:
         return None
-    head = np.concatenate([[0.0], np.cumsum(seg)])
-    return head.tolist(), (head[-1] - head).tolist()
+    head = np.concatenate([[0.0], np.cumsum(head_seg)])
+    cum = np.concatenate([[0.0], np.cumsum(tail_seg)])
+    return head.tolist(), (cum[-1] - cum).tolist()

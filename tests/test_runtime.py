@@ -267,3 +267,46 @@ def test_an_adaptive_edge_without_torch_on_real_photos(efficientnet, effnet_repo
     last = bundle.last_cut
     # after the kill, a request the policy sends to the cloud finishes on the device
     assert all(cut == last or fallback for cut, fallback in where[6:]), where
+
+
+def test_the_profile_times_both_runtimes_and_each_side_is_priced_on_its_own(cnn_bundle, tmp_path):
+    """``profile_bundle`` times ONNX Runtime beside torch; the cost model prices the head on the
+    runtime the edge's bundle runs on and the tail on the cloud's (torch unless told), and a
+    profile without ONNX Runtime times (older ones) prices every side on torch's."""
+    from splitinfer.manifest import update_manifest
+    from splitinfer.partitioner import profile_bundle
+    from splitinfer.partitioner._costs import CostModel
+    from splitinfer.partitioner._profiles import chain_times
+
+    n = cnn_bundle.n_segments
+    profile = profile_bundle(cnn_bundle, batch_sizes=(1, 4), repeats=3, warmup=1, threads=1, progress=False)
+    ort_times = profile["runtimes"]["onnxruntime"]
+    assert ort_times["threads"] == 1
+    for batch in ("1", "4"):
+        seg = ort_times["segments"][batch]
+        assert len(seg["median_s"]) == len(seg["p90_s"]) == n
+        assert all(t > 0 for t in seg["median_s"])
+    path = cnn_bundle.save(tmp_path / "democnn")
+    update_manifest(path, profiles={"host": profile})
+    on_torch, on_ort = si.Bundle.load(path), si.Bundle.load(path, runtime="onnxruntime")
+    assert on_ort.runtime == "onnxruntime"
+
+    def cum(times):
+        return np.concatenate([[0.0], np.cumsum(times)])
+
+    torch1, ort1 = cum(profile["segments"]["1"]["median_s"]), cum(ort_times["segments"]["1"]["median_s"])
+    ort4 = cum(ort_times["segments"]["4"]["median_s"])
+    edge_torch, edge_ort = CostModel(on_torch), CostModel(on_ort)
+    assert edge_ort.runtimes == ("onnxruntime", "torch") and edge_torch.runtimes == ("torch", "torch")
+    assert np.allclose(edge_torch.head, torch1[edge_torch.cut])
+    assert np.allclose(edge_ort.head, ort1[edge_ort.cut])
+    assert np.array_equal(edge_ort.tail, edge_torch.tail)  # the cloud's runtime, not the edge's
+    sent = edge_ort.cut < edge_ort.n
+    cloud_ort = CostModel(on_ort, tail_runtime="onnxruntime", cloud_batch=4)
+    assert np.allclose(cloud_ort.tail[sent], (ort4[-1] - ort4)[cloud_ort.cut[sent]])
+    head, tail = chain_times(on_ort)
+    assert np.allclose(head, ort1) and np.allclose(tail, torch1[-1] - torch1)
+    # a profile from before ONNX Runtime was timed: both sides on torch's times
+    old = {k: v for k, v in profile.items() if k != "runtimes"}
+    update_manifest(path, profiles={"host": old})
+    assert np.allclose(CostModel(si.Bundle.load(path, runtime="onnxruntime")).head, edge_torch.head)
