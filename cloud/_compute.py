@@ -126,6 +126,8 @@ def _compute(
     before the thread lets go of the batch. Frames are decoded on the host, before this.
     """
     inputs = [torch.cat(p, dim=0) for p in zip(*frontiers)] if len(frontiers) > 1 else frontiers[0]
+    if bundle.onnx_runner is not None:  # ONNX Runtime takes host arrays to its own device
+        return bundle.run_segments(cut, bundle.n_segments, inputs)
     if device.type != "cuda":
         return bundle.run_segments(cut, bundle.n_segments, [t.to(device) for t in inputs])
     stream = _stream(device)

@@ -178,8 +178,15 @@ class ServerConfig:
         return self.tls_cert is not None
 
     def torch_device(self) -> torch.device:
-        """The device tails run on (imports torch); ConfigError for a CUDA device torch cannot see."""
+        """The device tails run on (imports torch); ConfigError for a CUDA device torch cannot see,
+        or, with runtime ``onnxruntime``, that ONNX Runtime has no CUDA provider for (it places
+        the tails itself: the default is cuda when it has one, docs/runtimes.md)."""
         import torch
+
+        if self.runtime == "onnxruntime":
+            from splitinfer.runtime import onnx_device
+
+            return torch.device(onnx_device(self.device))
 
         if not self.device:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -259,7 +259,9 @@ class Bundle(Manifest):
         ``runtime`` is ``torch`` (the .pt2 programs), ``onnxruntime`` (the ONNX graph, no torch
         needed: inputs and outputs are numpy arrays, or torch tensors when torch tensors go in)
         or ``auto`` (ONNX Runtime when the bundle has an ONNX graph and onnxruntime imports);
-        ``threads`` is ONNX Runtime's intra-op threads per session (None: its default).
+        ``threads`` is ONNX Runtime's intra-op threads per session (None: its default); on ONNX
+        Runtime a CUDA ``device`` takes its CUDA execution provider (ConfigError where this
+        onnxruntime has none; ``auto`` then picks torch).
         """
         root = Path(path)
         doc = read_manifest(root)
@@ -270,9 +272,9 @@ class Bundle(Manifest):
         if not 0 <= lo <= n or not 0 <= hi <= n:
             raise ConfigError(f"upto_cut and from_cut must lie in 0..{n}, got {upto_cut}, {from_cut}")
         segments: list[Segment | None] = [None] * n
-        if choose_runtime(runtime, doc) == "onnxruntime":
+        if choose_runtime(runtime, doc, device) == "onnxruntime":
             bundle = cls.from_manifest(meta, segments)
-            bundle.onnx_runner = load_onnx(root, doc, threads=threads)
+            bundle.onnx_runner = load_onnx(root, doc, threads=threads, device=device)
             bundle._onnx_range = (lo, hi)
             return bundle
         for i, name in enumerate(doc["segments"]):

@@ -33,6 +33,8 @@ __all__ = [
     "has_onnx",
     "load_onnx",
     "onnx_available",
+    "onnx_device",
+    "providers_for",
     "session_options",
 ]
 
@@ -62,18 +64,23 @@ def has_onnx(doc: Mapping[str, Any]) -> bool:
     return isinstance(entry, dict) and entry.get("file") == ONNX_FILE
 
 
-def choose_runtime(runtime: str, doc: Mapping[str, Any]) -> str:
-    """``onnxruntime`` or ``torch`` for the bundle ``doc`` describes.
+def choose_runtime(runtime: str, doc: Mapping[str, Any], device: object = None) -> str:
+    """``onnxruntime`` or ``torch`` for the bundle ``doc`` describes, its segments on ``device``.
 
-    ``auto`` takes ONNX Runtime when the bundle has an ONNX graph and onnxruntime imports;
-    ``onnxruntime`` requires both (ConfigError naming what is missing and the fix).
+    ``auto`` takes ONNX Runtime when the bundle has an ONNX graph, onnxruntime imports and, for
+    a CUDA ``device``, has its CUDA execution provider (else torch, which runs there);
+    ``onnxruntime`` requires all of them (ConfigError naming what is missing and the fix).
     """
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "torch":
         return "torch"
     if runtime == "auto":
-        return "onnxruntime" if has_onnx(doc) and onnx_available() else "torch"
+        if not has_onnx(doc) or not onnx_available():
+            return "torch"
+        if _is_cuda(device) and _CUDA_EP not in _available_providers():
+            return "torch"
+        return "onnxruntime"
     if not has_onnx(doc):
         raise ConfigError(
             f"bundle {doc.get('name', '?')!r} has no ONNX graph: recompile it with onnx and "
@@ -81,14 +88,67 @@ def choose_runtime(runtime: str, doc: Mapping[str, Any]) -> str:
         )
     if not onnx_available():
         raise ConfigError("runtime 'onnxruntime' needs onnxruntime: pip install 'splitinfer[edge]'")
+    providers_for(device)  # a CUDA device this onnxruntime cannot run on is refused here
     return "onnxruntime"
 
 
-def load_onnx(root: Path, doc: Mapping[str, Any], *, threads: int | None = None) -> OnnxRunner:
-    """The runner of the ONNX graph of the bundle at ``root``, its file verified first."""
+#: ONNX Runtime's execution provider for NVIDIA GPUs (the onnxruntime-gpu package has it).
+_CUDA_EP = "CUDAExecutionProvider"
+
+
+def _is_cuda(device: object) -> bool:
+    return device is not None and str(device).split(":", 1)[0] == "cuda"
+
+
+def _available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def providers_for(device: object = None) -> list[Any]:
+    """ONNX Runtime's execution providers for ``device`` (None, ``cpu``, ``cuda`` or ``cuda:N``,
+    as a string or a torch.device): the CPU provider, or the CUDA provider on GPU N with the CPU
+    provider for what it lacks. ConfigError for a CUDA device when this onnxruntime has no CUDA
+    provider (the plain ``onnxruntime`` package has none: ``onnxruntime-gpu`` does), never a
+    silent run on the CPU."""
+    text = "cpu" if device is None or str(device) == "" else str(device)
+    kind, _, index = text.partition(":")
+    if kind == "cpu" and not index:
+        return ["CPUExecutionProvider"]
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ConfigError(f"device must be cpu, cuda or cuda:N for ONNX Runtime, got {text!r}")
+    available = _available_providers()
+    if _CUDA_EP not in available:
+        import onnxruntime as ort
+
+        raise ConfigError(
+            f"device {text} with runtime 'onnxruntime' needs ONNX Runtime's {_CUDA_EP}, and "
+            f"onnxruntime {ort.__version__} here has only {', '.join(available)}: install "
+            "onnxruntime-gpu instead of onnxruntime, or run on the CPU (device cpu), or on torch "
+            "(runtime torch)"
+        )
+    return [(_CUDA_EP, {"device_id": int(index or 0)}), "CPUExecutionProvider"]
+
+
+def onnx_device(device: str) -> str:
+    """Where ONNX Runtime runs for a device setting (``""``: cuda when this onnxruntime has the
+    CUDA provider, else cpu; ``cpu``; ``cuda[:N]``, refused without that provider)."""
+    if device == "":
+        return "cuda" if onnx_available() and _CUDA_EP in _available_providers() else "cpu"
+    providers_for(device)
+    return device
+
+
+def load_onnx(
+    root: Path, doc: Mapping[str, Any], *, threads: int | None = None, device: object = None
+) -> OnnxRunner:
+    """The runner of the ONNX graph of the bundle at ``root`` on ``device`` (None: the CPU),
+    its file verified first."""
+    providers = providers_for(device)
     data = read_verified(root, ONNX_FILE, doc["files"])
     graph = OnnxGraph.from_bytes(data, len(doc["segments"]), str(root / ONNX_FILE))
-    return OnnxRunner(graph, threads=threads, name=str(doc.get("name", "?")))
+    return OnnxRunner(graph, threads=threads, name=str(doc.get("name", "?")), providers=providers)
 
 
 def session_options(threads: int | None = None) -> Any:
@@ -220,10 +280,19 @@ class OnnxRunner:
     a session of its own holding the weights it needs.
     """
 
-    def __init__(self, graph: OnnxGraph, *, threads: int | None = None, name: str = "?"):
+    def __init__(
+        self,
+        graph: OnnxGraph,
+        *,
+        threads: int | None = None,
+        name: str = "?",
+        providers: Sequence[Any] = ("CPUExecutionProvider",),
+    ):
         self.graph = graph
         self.threads = threads
         self.name = name
+        #: ONNX Runtime's execution providers, in order of preference (:func:`providers_for`).
+        self.providers = list(providers)
         self._sessions: dict[tuple[int, int], tuple[Any, list[str]]] = {}
         self._lock = threading.Lock()
 
@@ -241,7 +310,7 @@ class OnnxRunner:
                     session = ort.InferenceSession(
                         self.graph.fuse(start, stop),
                         session_options(self.threads),
-                        providers=["CPUExecutionProvider"],
+                        providers=self.providers,
                     )
                 except Exception as exc:  # onnxruntime raises its own types (Fail, InvalidGraph, ...)
                     raise BundleError(

@@ -310,3 +310,32 @@ def test_the_profile_times_both_runtimes_and_each_side_is_priced_on_its_own(cnn_
     old = {k: v for k, v in profile.items() if k != "runtimes"}
     update_manifest(path, profiles={"host": old})
     assert np.allclose(CostModel(si.Bundle.load(path, runtime="onnxruntime")).head, edge_torch.head)
+
+
+def _has_cuda_provider() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(_has_cuda_provider(), reason="this onnxruntime has a CUDA provider: nothing to refuse")
+def test_cuda_with_onnxruntime_is_refused_where_it_has_no_cuda_provider(repository):
+    """``--device cuda`` on ONNX Runtime needs its CUDA provider: without one the bundle, the
+    server's config and ``splitinfer serve`` refuse it with the fix, never run on the CPU."""
+    src = repository / "democnn"
+    with pytest.raises(ConfigError, match="onnxruntime-gpu"):
+        si.Bundle.load(src, runtime="onnxruntime", device="cuda")
+    with pytest.raises(ConfigError, match="cpu, cuda or cuda:N"):
+        si.Bundle.load(src, runtime="onnxruntime", device="tpu")
+    assert si.Bundle.load(src, runtime="auto", device="cpu").runtime == "onnxruntime"
+    with pytest.raises(ConfigError, match="CUDAExecutionProvider"):
+        ServerConfig(repository=repository, runtime="onnxruntime", device="cuda:0").torch_device()
+    assert str(ServerConfig(repository=repository, runtime="onnxruntime").torch_device()) == "cpu"
+    serve = ["serve", "--repository", str(repository), "--port", "0", "--runtime", "onnxruntime"]
+    out = subprocess.run(
+        [sys.executable, "-m", "splitinfer", *serve, "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0 and "onnxruntime-gpu" in out.stderr, (out.returncode, out.stderr[-2000:])
