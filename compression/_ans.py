@@ -33,7 +33,16 @@ import numpy as np
 
 from splitinfer.errors import CodecError
 
-__all__ = ["available", "check_weights", "decode_codes", "encode_codes", "require"]
+__all__ = [
+    "available",
+    "check_ranged",
+    "check_weights",
+    "decode_codes",
+    "decode_ranged",
+    "encode_codes",
+    "encode_ranged",
+    "require",
+]
 
 
 def available() -> bool:
@@ -124,3 +133,86 @@ def decode_codes(
     if groups == 1:
         return codes.reshape(shape3)
     return np.ascontiguousarray(codes.reshape(channels, n, rest).transpose(1, 0, 2))
+
+
+# -- ranged tables (the pca codecs, ``_projection.py``) ------------------------------------
+#
+# Groups of codes whose symbols occupy a narrow range of the alphabet (the coefficients of a
+# channel projection: a low-variance component uses a few codes around its centre) carry a
+# table over that range only: ``tables`` is ``first`` (``G`` bytes: each group's smallest code),
+# then ``last`` (``G`` bytes: its largest), then each group's weights for codes
+# ``first..last`` (uint8, as above; the first and last have weight >= 1), groups in order. A
+# group with one code (``first == last``) costs no stream words at all. ``words`` codes group
+# 0 first, then group 1, ...
+
+
+def _weights(counts: np.ndarray) -> np.ndarray:
+    top = max(int(counts.max()), 1)
+    return np.where(counts > 0, np.maximum(1, np.rint(counts * 255 / top)), 0).astype(np.uint8)
+
+
+def encode_ranged(streams: np.ndarray, spec: str) -> tuple[bytes, np.ndarray]:
+    """``(tables, words)`` of the uint8 codes ``(G, M)``: group ``g``'s codes are row ``g``."""
+    constriction = require(spec)
+    groups = streams.shape[0]
+    first, last = streams.min(axis=1), streams.max(axis=1)
+    tables: list[bytes] = [first.astype(np.uint8).tobytes(), last.astype(np.uint8).tobytes()]
+    coded: list[tuple[np.ndarray, np.ndarray]] = []
+    for g in range(groups):
+        lo, hi = int(first[g]), int(last[g])
+        symbols = streams[g].astype(np.int32) - lo
+        weights = _weights(np.bincount(symbols, minlength=hi - lo + 1))
+        tables.append(weights.tobytes())
+        if hi > lo:
+            coded.append((symbols, weights))
+    coder = constriction.stream.stack.AnsCoder()
+    categorical = constriction.stream.model.Categorical
+    for symbols, weights in reversed(coded):  # a stack: encode the last group first
+        probs = weights.astype(np.float32)
+        probs /= probs.sum()
+        coder.encode_reverse(symbols, categorical(probs, perfect=False))
+    return b"".join(tables), np.asarray(coder.get_compressed(), "<u4")
+
+
+def check_ranged(tables: object, groups: int, levels: int) -> list[np.ndarray]:
+    """The ``(first, last, weights...)`` of a ``tables`` field for ``groups`` groups of codes
+    below ``levels``: ``[first, last, w_0, ..., w_{G-1}]``; CodecError if malformed."""
+    if not isinstance(tables, bytes) or len(tables) < 2 * groups:
+        raise CodecError(f"ans tables must start with 2 x {groups} bytes")
+    head = np.frombuffer(tables, np.uint8, 2 * groups).reshape(2, groups).astype(np.int64)
+    first, last = head
+    if (last < first).any() or (last >= levels).any():
+        raise CodecError(f"ans tables need first <= last < {levels} for every group")
+    sizes = last - first + 1
+    if int(sizes.sum()) != len(tables) - 2 * groups:
+        raise CodecError("ans tables are not as long as their ranges say")
+    flat = np.frombuffer(tables, np.uint8, offset=2 * groups)
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    if (flat[starts] == 0).any() or (flat[ends - 1] == 0).any():
+        raise CodecError("ans tables need a nonzero weight at both ends of every range")
+    return [first, last, *np.split(flat, ends[:-1])]
+
+
+def decode_ranged(
+    tables: list[np.ndarray], words: memoryview | bytes, per_group: int, spec: str
+) -> np.ndarray:
+    """The uint8 codes ``(G, per_group)`` coded in ``words`` under checked ``tables``
+    (:func:`check_ranged`)."""
+    constriction = require(spec)
+    first, last, weights = tables[0], tables[1], tables[2:]
+    out = np.empty((len(weights), per_group), np.uint8)
+    stream = np.frombuffer(words, "<u4").astype(np.uint32)
+    categorical = constriction.stream.model.Categorical
+    try:
+        decoder = constriction.stream.stack.AnsCoder(stream)
+        for g, w in enumerate(weights):
+            if last[g] == first[g]:
+                out[g] = first[g]
+                continue
+            probs = w.astype(np.float32)
+            probs /= probs.sum()
+            out[g] = decoder.decode(categorical(probs, perfect=False), per_group) + first[g]
+    except (ValueError, RuntimeError, AssertionError, OverflowError) as exc:
+        raise CodecError(f"ans payload is corrupt: {exc}") from None
+    return out

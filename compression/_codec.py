@@ -18,6 +18,8 @@ q<b>[c]+ans ``[dtype, shape, lo, scale, weights, words]``    ``4 * words`` bytes
             for floats (``weights``: bin, the symbol         stream (``_ans.py``); other dtypes as
             statistics; ``words``: int, the stream's         for ``q<b>[c]``
             uint32 count; both empty for an empty tensor)
+pca<r>q<b>  ``[dtype, shape, proj_id, start, delta]``         the ``(N, r, R)`` coefficient codes,
+            (``+ans``: ``tables, words`` too)                packed or rANS-coded (``_projection.py``)
 jpeg<q>     ``[dtype, shape, lo, scale, sizes]``: shape      ``N`` JPEG files (``sizes`` bytes each)
             ``(N, 3, H, W)``, ``lo``/``scale`` 3 float32s,
             ``sizes`` bin of ``N`` uint32 (none if empty)
@@ -61,6 +63,7 @@ from splitinfer.compression._frontier import Decoded, arrays_of, f32_floats, num
 from splitinfer.compression._jpeg import MAX_SIDE, decode_images, encode_images
 from splitinfer.compression._nonfinite import apply_patches, attach_patches, detach_patches, find_patches
 from splitinfer.compression._pack import pack_bits, packed_nbytes, unpack_bits
+from splitinfer.compression._projection import ChannelProjection, ProjectionCore
 from splitinfer.compression._quant import affine, channel_view, dequantize, has_channels, quantize, sanitize
 from splitinfer.compression._spec import parse_spec
 from splitinfer.errors import CodecError
@@ -74,6 +77,7 @@ __all__ = [
     "CastCodec",
     "Codec",
     "JpegCodec",
+    "ProjectionCodec",
     "QuantCodec",
     "available_codecs",
     "get_codec",
@@ -435,8 +439,18 @@ class JpegCodec(_Adapters):
         return decoded
 
 
+@dataclass(frozen=True)
+class ProjectionCodec(ProjectionCore, _Adapters):
+    """A calibrated channel projection, its coefficients quantized on one step, packed, zstd-ed
+    or rANS-coded (``_projection.py``); encoding and decoding need its cut's ``projection``."""
+
+
 def get_codec(
-    spec: str, *, clip: ClipRanges | None = None, dictionary: ZstdDictionary | None = None
+    spec: str,
+    *,
+    clip: ClipRanges | None = None,
+    dictionary: ZstdDictionary | None = None,
+    projection: ChannelProjection | None = None,
 ) -> Codec:
     """The codec named by ``spec``; an unknown or malformed spec lists the valid forms.
 
@@ -444,8 +458,25 @@ def get_codec(
     decoding does not need them, so ``get_codec(spec)`` decodes what any bound codec encodes.
     ``dictionary`` binds a ``+zstd`` codec to a zstd dictionary (``_dictionary.py``): its blobs
     name the dictionary, and only a codec bound to the same one decodes them.
+    ``projection`` binds a ``pca<r>q<bits>`` codec to its cut's calibrated channel projection
+    (``_projection.fit``); both encoding and decoding need it, and a decoder bound to another
+    projection refuses the blob.
     """
     parsed = parse_spec(spec)
+    if projection is not None and not isinstance(projection, ChannelProjection):
+        raise CodecError(f"projection must be a ChannelProjection, got {type(projection).__name__}")
+    if parsed.kind == "pca":
+        if clip is not None or dictionary is not None:
+            raise CodecError(
+                f"codec {spec!r} takes its ranges from its channel projection: no clip ranges or dictionary"
+            )
+        if parsed.ans:
+            _ans.require(parsed.text)
+        return ProjectionCodec(
+            parsed.text, parsed.rank, parsed.bits, parsed.zstd_level, parsed.ans, projection
+        )
+    if projection is not None:
+        raise CodecError(f"codec {spec!r} does not project: only pca<r>q<bits> codecs take a projection")
     if clip is not None and not isinstance(clip, ClipRanges):
         raise CodecError(f"clip must be ClipRanges, got {type(clip).__name__}")
     if dictionary is not None:
@@ -476,7 +507,8 @@ def available_codecs() -> list[str]:
     """Representative specs of every codec family (other bit widths and levels work too).
 
     The ``jpeg`` specs encode only float image batches ``N x 3 x H x W``; the ``+ans`` specs are
-    listed when the constriction package (the ``entropy`` extra) is installed.
+    listed when the constriction package (the ``entropy`` extra) is installed. The
+    ``pca<r>q<bits>`` codecs are not listed: they work only bound to a cut's projection.
     """
     ans = ["q8c+ans", "q6c+ans", "q5c+ans", "q4c+ans", "q4+ans", "q3c+ans"] if _ans.available() else []
     return [

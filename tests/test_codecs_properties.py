@@ -5,6 +5,7 @@ size), a layout (contiguous, transposed, strided) and a seed; their values come 
 large tensors stay cheap. The example budget is small: the whole file runs in a few seconds.
 """
 
+import importlib.util
 import math
 
 import numpy as np
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from splitinfer.compression import ClipRanges, get_codec
+from splitinfer.compression._projection import fit
 from splitinfer.errors import CodecError
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -170,14 +172,25 @@ def test_frontiers_of_several_tensors_keep_order_shapes_and_dtypes(tensors, spec
     assert [(t.shape, t.dtype) for t in out] == [(t.shape, t.dtype) for t in tensors]
 
 
+PROJECTION = fit([torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(3))])
+
+
+def _codec(spec: str):
+    return get_codec(spec, projection=PROJECTION) if spec.startswith("pca") else get_codec(spec)
+
+
 def _some_blob(spec: str) -> bytes:
     g = torch.Generator().manual_seed(0)
+    if spec.startswith("pca"):
+        return _codec(spec).encode([torch.randn(2, 5, 6, generator=g)])
     if spec.startswith("jpeg"):
         return get_codec(spec).encode([torch.rand(1, 3, 16, 16, generator=g)])
     return get_codec(spec).encode([torch.randn(2, 5, 6, generator=g), torch.arange(4), torch.tensor(1.0)])
 
 
-FUZZ_SPECS = ["f32", "f16+zstd1", "q8", "q4c+zstd1", "q3+zstd3", "q7c", "jpeg80", "jpeg80+zstd1"]
+FUZZ_SPECS = ["f32", "f16+zstd1", "q8", "q4c+zstd1", "q3+zstd3", "q7c", "jpeg80", "jpeg80+zstd1", "pca3q5"]
+if importlib.util.find_spec("constriction") is not None:
+    FUZZ_SPECS += ["pca4q6+ans", "q5c+ans"]
 BLOBS = {spec: _some_blob(spec) for spec in FUZZ_SPECS}
 
 
@@ -194,7 +207,7 @@ def test_mutated_or_truncated_blobs_raise_only_codec_errors(spec, edits, cut):
     if cut is not None:
         blob = blob[: cut % (len(blob) + 1)]
     try:
-        out = get_codec(spec).decode(bytes(blob), max_nbytes=1 << 16)
+        out = _codec(spec).decode(bytes(blob), max_nbytes=1 << 16)
     except CodecError:
         return
     assert all(isinstance(t, torch.Tensor) for t in out)
@@ -209,3 +222,29 @@ def test_large_tensor_round_trip(spec):
     else:
         bits = int(spec[1])
         assert (y - x).abs().max() <= (x.max() - x.min()) / ((1 << bits) - 1) * 0.5001
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(0, 3),
+    rest=st.sampled_from([(), (1,), (6,), (3, 4)]),
+    spec=st.sampled_from(["pca5q8", "pca2q3+zstd1", "pca5q6"]),
+    scale=st.sampled_from([1e-30, 1.0, 1e30]),
+    nonfinite=st.booleans(),
+)
+def test_pca_codecs_return_the_shape_finite_values_and_exact_nonfinite_ones(
+    seed, n, rest, spec, scale, nonfinite
+):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, 5, *rest)) * scale).astype(np.float32)
+    if nonfinite and x.size:
+        flat = x.reshape(-1)
+        flat[rng.integers(0, x.size, 3)] = rng.choice([np.nan, np.inf, -np.inf], 3)
+    codec = _codec(spec)
+    (y,) = codec.decode_numpy(codec.encode([x]))
+    assert y.shape == x.shape and y.dtype == np.float32
+    bad = ~np.isfinite(x)
+    assert np.array_equal(y[bad], x[bad], equal_nan=True) and np.isfinite(y[~bad]).all()
+    (t,) = codec.decode(codec.encode([torch.from_numpy(x)]))
+    assert np.array_equal(t.numpy(), y, equal_nan=True)

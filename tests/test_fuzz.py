@@ -41,6 +41,7 @@ from splitinfer.cloud._compute import decode_frame
 from splitinfer.cloud._handlers import _check
 from splitinfer.cloud._problem import Problem
 from splitinfer.compression import get_codec
+from splitinfer.compression._projection import fit
 from splitinfer.errors import CodecError, ProtocolError
 from splitinfer.tensors import DTYPES, specs_of
 from tests.test_faults_support import LONG, ServeProcess, report, scale
@@ -241,7 +242,16 @@ SPECS = (
     "q5c+ans",
     "q3+ans",
     "jpeg75",
+    "pca5q5+ans",
+    "pca8q4+zstd1",
+    "pca3q6",
 )
+#: The projection the pca codecs are bound to (8 channels, as the first samples below).
+PROJECTION = fit([torch.randn(4, 8, 4, 4, generator=torch.Generator().manual_seed(7))])
+
+
+def _codec(spec: str):
+    return get_codec(spec, projection=PROJECTION) if spec.startswith("pca") else get_codec(spec)
 
 
 def _blobs() -> dict[str, list[bytes]]:
@@ -255,12 +265,12 @@ def _blobs() -> dict[str, list[bytes]]:
     ]
     blobs: dict[str, list[bytes]] = {}
     for spec in SPECS:
-        codec = get_codec(spec)
+        codec = _codec(spec)
         blobs[spec] = []
         for tensors in samples:
             try:
                 blobs[spec].append(codec.encode(tensors))
-            except CodecError:  # jpeg takes image batches only
+            except CodecError:  # jpeg takes image batches only, pca one tensor of 8 channels
                 continue
     return blobs
 
@@ -290,7 +300,7 @@ def test_fuzz_the_codec_decoders():
         spec, blob = case
         stats["inputs"] += 1
         try:
-            tensors = get_codec(spec).decode(blob, max_nbytes=limit)
+            tensors = _codec(spec).decode(blob, max_nbytes=limit)
         except CodecError:
             stats["refused"] += 1
             return
