@@ -42,7 +42,7 @@ def fidelity_lines(model: torch.nn.Module, bundle: si.Bundle, images: int) -> li
     calibration = [(x[i : i + 1],) for i in range(images)]
     load = os.getloadavg()
     w0, c0 = time.perf_counter(), time.process_time()
-    fidelity, ranges, _ = measure(bundle, calibration, list(DEFAULT_CODECS), progress=False)
+    fidelity, ranges, *_ = measure(bundle, calibration, list(DEFAULT_CODECS), progress=False)
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     lossy = [r for r in fidelity["table"] if not r["codec"].startswith("f32")]
     methods = [r["method"] for by_base in ranges.values() for r in by_base.values()]

@@ -332,13 +332,14 @@ def _add_fidelity(
                 "evaluation inputs need calibration inputs too (the table holds them out of it)"
             )
         options = {**options, "dictionaries": False}  # nothing to train on
-    fidelity, ranges, dictionaries = measure(bundle, inputs, chosen, **options)
+    fidelity, ranges, dictionaries, projections = measure(bundle, inputs, chosen, **options)
     if calibration is None:
         fidelity["samples"] = 0  # bytes measured on the example inputs only
     bundle.codecs = chosen
     bundle.fidelity = fidelity
     bundle.calibration = ranges
     bundle.dictionaries = dictionaries
+    bundle.projections = projections
 
 
 def _check_image_codecs(bundle: Bundle, chosen: list[str], *, explicit: bool) -> None:

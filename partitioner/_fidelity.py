@@ -2,7 +2,7 @@
 
 Contract: ``measure(bundle, inputs, codecs, evaluation=None)`` requires a bundle with every
 segment loaded and calibration inputs (model input tuples, batch first); it returns the
-``fidelity``, ``calibration`` and ``dictionaries`` that the manifest stores
+``fidelity``, ``calibration``, ``dictionaries`` and ``projections`` that the manifest stores
 (docs/bundle-format.md). Clip ranges and dictionaries are fitted on ``inputs``; agreement and
 bytes are measured on ``evaluation`` when given (held out: inputs the ranges never saw, so the
 table says what production traffic will get), else on ``inputs`` themselves (in-sample, as
@@ -17,6 +17,9 @@ inputs it was measured on:
   classifier (one output of shape ``(batch, classes)``), mean cosine similarity of the outputs
   otherwise, measured by running the tail on the decoded frontier; lossless codecs score 1.0;
 - bytes: mean encoded size of one request (batch 1), over up to ``bytes_samples`` inputs;
+- channel projections: at each cut where a ``pca<r>q<bits>`` codec applies (a frontier of one
+  floating tensor), one projection fitted on the calibration frontier (``_projection.fit``),
+  shared by every pca codec of the cut (each keeps its first ``r`` components);
 - zstd dictionaries (``dictionaries=True``): for each cut and ``+zstd`` codec, a dictionary
   trained on the calibration frontiers, tried only where the payload is at most
   :data:`DICT_MAX_BYTES` and kept only where it makes the payload measurably smaller
@@ -57,6 +60,7 @@ from splitinfer.compression import ClipRanges, get_codec
 from splitinfer.compression._calibrate import CALIBRATION_METHODS, calibrate_all
 from splitinfer.compression._codec import payload_of
 from splitinfer.compression._dictionary import ZstdDictionary, train
+from splitinfer.compression._projection import MAX_CHANNELS, ChannelProjection, fit
 from splitinfer.compression._spec import parse_spec
 from splitinfer.errors import CodecError, ConfigError
 
@@ -152,10 +156,24 @@ def interval(metric: str, values: torch.Tensor) -> tuple[float, float]:
 
 
 def _applies(spec: str, frontier: Sequence[torch.Tensor], cut: int) -> bool:
-    """JPEG only fits image batches at cut 0; other codecs fit every frontier."""
-    if parse_spec(spec).kind != "jpeg":
+    """JPEG only fits image batches at cut 0; a channel projection (pca) only a frontier of one
+    floating tensor ``N x C x ...`` of at most MAX_CHANNELS channels; other codecs fit every
+    frontier."""
+    kind = parse_spec(spec).kind
+    if kind == "pca":
+        return _projectable(frontier)
+    if kind != "jpeg":
         return True
     return cut == 0 and all(t.dtype.is_floating_point and t.dim() == 4 and t.shape[1] == 3 for t in frontier)
+
+
+def _projectable(frontier: Sequence[torch.Tensor]) -> bool:
+    return (
+        len(frontier) == 1
+        and frontier[0].dtype.is_floating_point
+        and frontier[0].dim() >= 2
+        and 0 < frontier[0].shape[1] <= MAX_CHANNELS
+    )
 
 
 def _fast_layout(frontier: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -187,12 +205,19 @@ def _run(bundle: Bundle, k: int, frontier: Sequence[torch.Tensor]) -> list[torch
 @dataclass(frozen=True)
 class _Variant:
     base: str
-    method: str  # "-" for casts
+    method: str  # "-" for casts and projections
     clip: ClipRanges | None
+    projection: ChannelProjection | None = None
+
+
+def _codec(spec: str, clip: ClipRanges | None, projection: ChannelProjection | None) -> Any:
+    if parse_spec(spec).kind == "pca":
+        return get_codec(spec, projection=projection)
+    return get_codec(spec, clip=clip)
 
 
 def _decode(bundle: Bundle, k: int, v: _Variant, frontier: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    codec = get_codec(v.base, clip=v.clip)
+    codec = _codec(v.base, v.clip, v.projection)
     try:
         return codec.decode(codec.encode(list(frontier)))
     except CodecError as exc:
@@ -228,9 +253,12 @@ def measure(
     dictionaries: bool = False,
     progress: bool = True,
     evaluation: Iterable[Any] | None = None,
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, ZstdDictionary]]]:
-    """The fidelity table, the calibrated clip ranges and the kept zstd dictionaries (module
-    docstring); dictionaries map cut (as a string) and codec spec to a trained dictionary.
+) -> tuple[
+    dict[str, Any], dict[str, Any], dict[str, dict[str, ZstdDictionary]], dict[str, ChannelProjection]
+]:
+    """The fidelity table, the calibrated clip ranges, the kept zstd dictionaries and the
+    channel projections (module docstring); dictionaries map cut (as a string) and codec spec
+    to a trained dictionary, projections cut to the projection its pca codecs use.
     ``evaluation`` (inputs like ``inputs``) holds the table's inputs out of the calibration."""
     for spec in codecs:
         get_codec(spec)  # CodecError listing the valid forms for a bad spec
@@ -256,6 +284,7 @@ def measure(
     table: list[dict[str, Any]] = []
     ranges: dict[str, dict[str, Any]] = {}
     kept: dict[str, dict[str, ZstdDictionary]] = {}
+    projections: dict[str, ChannelProjection] = {}
     frontier = x
     with Progress(n, "fidelity", enabled=progress) as bar, torch.inference_mode():
         for k in range(n):
@@ -266,7 +295,13 @@ def measure(
             clips = _choose_ranges(bundle, k, bases, methods, calibration, reference, metric, probe)
             for base, clip in clips.items():
                 ranges.setdefault(str(k), {})[base] = clip.to_json()
-            variants = [_Variant(b, "-" if b not in clips else clips[b].method, clips.get(b)) for b in bases]
+            projection = None
+            if any(parse_spec(b).kind == "pca" for b in bases):
+                projection = projections[str(k)] = fit(calibration)
+            variants = [
+                _Variant(b, "-" if b not in clips else clips[b].method, clips.get(b), projection)
+                for b in bases
+            ]
             scores = {
                 v.base: per_sample(metric, out, want)
                 for v, out in zip(variants, _tails(bundle, k, variants, evaluated))
@@ -276,7 +311,7 @@ def measure(
             for spec in codecs:
                 if not _applies(spec, frontier, k) or not (_is_lossless(spec) or _base(spec) in scores):
                     continue
-                codec = get_codec(spec, clip=clips.get(_base(spec)))
+                codec = _codec(spec, clips.get(_base(spec)), projection)
                 nbytes = _mean_bytes(codec, samples[:bytes_samples])
                 if _is_lossless(spec):
                     score, (low, high) = 1.0, (1.0, 1.0)
@@ -292,7 +327,12 @@ def measure(
                     "interval": [round(low, 4), round(high, 4)],
                     "bytes": nbytes,
                 }
-                if dictionaries and parse_spec(spec).zstd_level is not None and nbytes <= DICT_MAX_BYTES:
+                if (
+                    dictionaries
+                    and parse_spec(spec).zstd_level is not None
+                    and parse_spec(spec).kind != "pca"
+                    and nbytes <= DICT_MAX_BYTES
+                ):
                     training = trained_on if trained_on is not None else samples[bytes_samples:]
                     found = _dictionary(codec, training, samples[:bytes_samples], nbytes)
                     if found is not None:
@@ -311,7 +351,7 @@ def measure(
         "method": method,
         "table": table,
     }
-    return fidelity, ranges, kept
+    return fidelity, ranges, kept, projections
 
 
 def _mean_bytes(codec: Any, samples: Sequence[Sequence[torch.Tensor]]) -> float:
@@ -336,7 +376,7 @@ def _choose_ranges(
     ties go to the higher mean cosine similarity of the outputs, then to the simpler method.
     Candidates with identical ranges are run once.
     """
-    quant = [b for b in bases if parse_spec(b).kind != "cast"]
+    quant = [b for b in bases if parse_spec(b).kind in ("quant", "jpeg")]
     if not quant:
         return {}
     calibrated = calibrate_all(frontier, quant, methods)

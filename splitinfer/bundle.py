@@ -38,6 +38,8 @@ from splitinfer.manifest import (
     dict_file,
     frontier_nbytes,
     load_dictionaries,
+    load_projections,
+    projection_file,
     read_manifest,
     segment_file,
     sha256_of,
@@ -223,6 +225,10 @@ class Bundle(Manifest):
                     path = tmp / dict_file(cut, spec)
                     path.write_bytes(dictionary.data)
                     files[path.name] = sha256_of(path)
+            for cut, projection in self.projections.items():
+                path = tmp / projection_file(cut)
+                path.write_bytes(projection.data)
+                files[path.name] = sha256_of(path)
             (tmp / MANIFEST).write_text(json.dumps(self.to_json(files), indent=1) + "\n")
             if out.exists():
                 _remove_bundle_dir(out)
@@ -265,7 +271,9 @@ class Bundle(Manifest):
         """
         root = Path(path)
         doc = read_manifest(root)
-        meta = Manifest.from_json(doc, dictionaries=load_dictionaries(root, doc))
+        meta = Manifest.from_json(
+            doc, dictionaries=load_dictionaries(root, doc), projections=load_projections(root, doc)
+        )
         n = meta.n_segments
         lo = 0 if from_cut is None else from_cut
         hi = n if upto_cut is None else upto_cut

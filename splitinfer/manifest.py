@@ -24,6 +24,9 @@ from splitinfer._version import __version__
 from splitinfer.compression import ClipRanges, Codec, get_codec
 from splitinfer.compression._dictionary import MAX_SIZE as _MAX_DICT_BYTES
 from splitinfer.compression._dictionary import ZstdDictionary
+from splitinfer.compression._projection import MAX_CHANNELS as _MAX_PROJ_CHANNELS
+from splitinfer.compression._projection import ChannelProjection
+from splitinfer.compression._spec import parse_spec
 from splitinfer.errors import BundleError, ConfigError
 from splitinfer.tensors import TensorSpec
 
@@ -86,6 +89,11 @@ def segment_file(i: int) -> str:
     return f"segment_{i:03d}.pt2"
 
 
+def projection_file(cut: str) -> str:
+    """The file name of the channel projection of ``cut`` (the pca codecs) in a bundle directory."""
+    return f"proj_{int(cut):03d}.bin"
+
+
 def dict_file(cut: str, spec: str) -> str:
     """The file name of the zstd dictionary of ``spec`` at ``cut`` in a bundle directory."""
     return f"dict_{int(cut):03d}_{spec.replace('+', '-')}.zstd"
@@ -117,6 +125,8 @@ class Manifest:
     calibration: dict[str, Any] = field(default_factory=dict)
     #: zstd dictionaries by cut index (as a string) and codec spec (docs/bundle-format.md).
     dictionaries: dict[str, dict[str, ZstdDictionary]] = field(default_factory=dict)
+    #: Calibrated channel projections of the pca codecs by cut index (as a string).
+    projections: dict[str, ChannelProjection] = field(default_factory=dict)
     #: The ONNX graph, when compiled with one (docs/runtimes.md): ``file``, ``opset`` and the
     #: chain's ``max_abs_error`` against torch per cut; or ``refused``, why ONNX could not
     #: export the model. Empty for older bundles and ``runtimes=("torch",)``.
@@ -167,6 +177,8 @@ class Manifest:
         self.cut(k)
         if spec not in self.codecs:
             raise ConfigError(f"bundle {self.name!r} offers codecs {', '.join(self.codecs)}; not {spec!r}")
+        if parse_spec(spec).kind == "pca":
+            return self.decoder_for(k, spec)
         ranges = self.calibration.get(str(k), {}).get(spec.split("+", 1)[0])
         return get_codec(
             spec,
@@ -175,7 +187,10 @@ class Manifest:
         )
 
     def decoder_for(self, k: int, spec: str) -> Codec:
-        """The codec that decodes what :meth:`codec_for` encodes at cut ``k`` (its dictionary)."""
+        """The codec that decodes what :meth:`codec_for` encodes at cut ``k`` (its dictionary,
+        or for a pca codec its projection)."""
+        if parse_spec(spec).kind == "pca":
+            return get_codec(spec, projection=self.projections.get(str(k)))
         return get_codec(spec, dictionary=self.dictionaries.get(str(k), {}).get(spec))
 
     # -- storage -------------------------------------------------------------------------
@@ -202,15 +217,35 @@ class Manifest:
                 cut: {spec: {"file": dict_file(cut, spec), "id": d.id} for spec, d in by_spec.items()}
                 for cut, by_spec in self.dictionaries.items()
             },
+            **(
+                {
+                    "projections": {
+                        cut: {
+                            "file": projection_file(cut),
+                            "id": p.id,
+                            "channels": p.channels,
+                            "components": p.count,
+                        }
+                        for cut, p in self.projections.items()
+                    }
+                }
+                if self.projections
+                else {}
+            ),
             **({"onnx": self.onnx} if self.onnx else {}),
             "files": dict(files or {}),
         }
 
     @classmethod
     def from_json(
-        cls, obj: Mapping[str, Any], *, dictionaries: dict[str, dict[str, ZstdDictionary]] | None = None
+        cls,
+        obj: Mapping[str, Any],
+        *,
+        dictionaries: dict[str, dict[str, ZstdDictionary]] | None = None,
+        projections: dict[str, ChannelProjection] | None = None,
     ) -> Manifest:
-        """A manifest from its JSON document (the dictionaries' bytes come separately)."""
+        """A manifest from its JSON document (the dictionaries' and projections' bytes come
+        separately)."""
         try:
             return cls(
                 name=str(obj["name"]),
@@ -225,6 +260,7 @@ class Manifest:
                 profiles=dict(obj.get("profiles") or {}),
                 calibration=dict(obj.get("calibration") or {}),
                 dictionaries=dictionaries or {},
+                projections=projections or {},
                 onnx=dict(obj.get("onnx") or {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -239,7 +275,9 @@ class Manifest:
         """
         root = Path(path)
         doc = read_manifest(root)
-        return cls.from_json(doc, dictionaries=load_dictionaries(root, doc))
+        return cls.from_json(
+            doc, dictionaries=load_dictionaries(root, doc), projections=load_projections(root, doc)
+        )
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -313,4 +351,38 @@ def load_dictionaries(root: Path, manifest: Mapping[str, Any]) -> dict[str, dict
                     f"corrupted; recompile or copy the bundle again"
                 )
             out.setdefault(str(cut), {})[str(spec)] = ZstdDictionary(data)
+    return out
+
+
+def load_projections(root: Path, manifest: Mapping[str, Any]) -> dict[str, ChannelProjection]:
+    """The channel projections the manifest lists (absent before issue 22: none), each checked
+    against its sha256 in ``files`` and parsed without pickle (``compression/_projection.py``)."""
+    out: dict[str, ChannelProjection] = {}
+    listed = manifest.get("projections") or {}
+    if not isinstance(listed, dict):
+        raise BundleError(f"bundle {root}: 'projections' must be a map of cut to file")
+    limit = 16 + 4 * (_MAX_PROJ_CHANNELS + 4) * _MAX_PROJ_CHANNELS
+    for cut, entry in listed.items():
+        name = entry.get("file") if isinstance(entry, dict) else None
+        try:
+            expected = projection_file(str(cut))
+        except ValueError:  # a cut that is not a number
+            expected = None
+        if expected is None or name != expected:
+            raise BundleError(f"bundle {root} lists an invalid projection file {name!r}")
+        path = root / name
+        try:
+            size = path.stat().st_size
+            data = path.read_bytes() if 0 < size <= limit else b""
+        except OSError:
+            raise BundleError(f"bundle {root} is missing {name}: copy the bundle directory") from None
+        if not data or hashlib.sha256(data).hexdigest() != manifest["files"].get(name):
+            raise BundleError(
+                f"{path} does not match the sha256 in its manifest: the file was modified or "
+                f"corrupted; recompile or copy the bundle again"
+            )
+        try:
+            out[str(cut)] = ChannelProjection.from_bytes(data)
+        except ValueError as exc:  # CodecError
+            raise BundleError(f"{path} is not a valid channel projection: {exc}") from None
     return out

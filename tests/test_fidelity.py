@@ -234,3 +234,47 @@ def test_tails_that_need_contiguous_tensors_are_measured_too():
     assert all(
         r["fidelity"] == 1.0 for r in bundle.fidelity["table"] if r["codec"] == "f16" and r["cut"] == 0
     )
+
+
+def test_pca_codecs_get_a_projection_per_cut_stored_hashed_and_bound(tmp_path):
+    pytest.importorskip("constriction")
+    import hashlib
+    import json
+
+    from splitinfer.errors import BundleError
+
+    codecs = ["f32", "pca4q6+ans", "pca2q8"]
+    model, inputs = ZOO["multi_io"]()  # every cut carries two tensors or more: no projection
+    calibration = [batched(inputs, 2, seed=i) for i in range(4)]
+    multi = si.compile(model, inputs, name="mio", calibration=calibration, codecs=codecs)
+    assert multi.projections == {}
+    last = multi.cuts[-1].index  # the output: nothing is sent, every codec has a row
+    assert not any(r["codec"].startswith("pca") and r["cut"] != last for r in multi.fidelity["table"])
+    model, inputs = ZOO["mobilenet"]()
+    calibration = [batched(inputs, 2, seed=i) for i in range(4)]
+    bundle = si.compile(model, inputs, name="mnet", calibration=calibration, codecs=codecs)
+    table = _table(bundle)
+    single = [c.index for c in bundle.cuts[:-1] if len(c.tensors) == 1 and len(c.tensors[0].shape) >= 2]
+    assert single
+    assert set(bundle.projections) == {str(k) for k in single}
+    assert all((k, "pca4q6+ans") in table and (k, "pca2q8") in table for k in single)
+    path = bundle.save(tmp_path / "b")
+    doc = json.loads((path / "manifest.json").read_text())
+    k = single[0]
+    entry = doc["projections"][str(k)]
+    data = (path / entry["file"]).read_bytes()
+    assert doc["files"][entry["file"]] == hashlib.sha256(data).hexdigest()
+    assert entry["id"] == bundle.projections[str(k)].id
+    loaded = si.Bundle.load(path)
+    frontier = list(loaded.head(k, *[t[:1] for t in calibration[0]]))
+    blob = loaded.codec_for(k, "pca4q6+ans").encode(frontier)
+    (got,) = loaded.decoder_for(k, "pca4q6+ans").decode(blob)
+    assert got.shape == frontier[0].shape
+    assert row_fidelity_ok(table[(k, "pca4q6+ans")])
+    (path / entry["file"]).write_bytes(data[:-4] + b"\0\0\0\0")
+    with pytest.raises(BundleError, match="sha256"):
+        si.Bundle.load(path)
+
+
+def row_fidelity_ok(row):
+    return 0.0 <= row["fidelity"] <= 1.0 and row["bytes"] > 0
