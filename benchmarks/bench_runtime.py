@@ -13,7 +13,9 @@ Same run, interleaved (benchmarks/_common.py ``interleaved``):
    .[torch]`` (CPU torch), both built for real from this checkout in a temporary directory.
 
 Writes benchmarks/results/runtime.md. Run: `.venv/bin/python benchmarks/bench_runtime.py`
-(about ten minutes; `--quick` for a smoke run; `--skip-server`, `--skip-venv` leave parts out).
+(about fifteen minutes; `--quick` for a smoke run; `--parts heads,cold` runs some parts and keeps
+the other parts' sections of the existing file, so that each run stays short; `--skip-server`,
+`--skip-venv` leave parts out).
 """
 
 from __future__ import annotations
@@ -45,12 +47,34 @@ def _du(path: Path) -> int:
     return total
 
 
-def bench_heads(bundle_dir: Path, repeats: int) -> list[tuple[str, str, int, dict[str, float]]]:
-    """(what, threads, batch, {runtime: median ms}) for heads of several cuts and the whole model."""
+def plain_export(model) -> bytes:
+    """The issue's reference: the whole model exported as a user would, without splitinfer
+    (``torch.export`` with a dynamic batch, example batch 2, then ``torch.onnx.export(program,
+    dynamo=True)`` with the exporter's optimizer on)."""
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    x = torch.randn(2, 3, 224, 224)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model.eval(), (x,), dynamic_shapes=({0: torch.export.Dim("b", min=1)},))
+        onnx_program = torch.onnx.export(program, (x,), dynamo=True, verbose=False)
+    assert onnx_program is not None
+    return onnx_program.model_proto.SerializeToString()
+
+
+def bench_heads(bundle_dir: Path, repeats: int, plain: bytes) -> list[tuple[str, str, int, dict[str, float]]]:
+    """(what, threads, batch, {runtime: median ms}) for heads of several cuts and the whole model
+    (and, for the whole model, the plain export of :func:`plain_export`, in the same loop)."""
+    import onnxruntime as ort
     import torch
     from _common import interleaved, median_ms
 
     import splitinfer as si
+    from splitinfer.runtime import session_options
 
     rows = []
     cores = os.cpu_count() or 1
@@ -60,18 +84,20 @@ def bench_heads(bundle_dir: Path, repeats: int) -> list[tuple[str, str, int, dic
     for threads in (1, cores):
         torch.set_num_threads(threads)
         ob = si.Bundle.load(bundle_dir, runtime="onnxruntime", threads=threads)
+        ref = ort.InferenceSession(plain, session_options(threads), providers=["CPUExecutionProvider"])
+        ref_input = ref.get_inputs()[0].name
         for batch in (1, 8):
             x = torch.rand(batch, 3, 224, 224)
             xn = x.numpy()
             for k in cuts if batch == 1 else [last]:
                 what = "whole model" if k == last else f"head({k}) {tb.cuts[k].name}"
-                times = interleaved(
-                    {
-                        "torch": lambda k=k, x=x: tb.head(k, x),
-                        "onnxruntime": lambda k=k, xn=xn, ob=ob: ob.head(k, xn),
-                    },
-                    repeats,
-                )
+                fns = {
+                    "torch": lambda k=k, x=x: tb.head(k, x),
+                    "onnxruntime": lambda k=k, xn=xn, ob=ob: ob.head(k, xn),
+                }
+                if k == last:
+                    fns["plain"] = lambda xn=xn, ref=ref, name=ref_input: ref.run(None, {name: xn})
+                times = interleaved(fns, repeats)
                 row = {name: median_ms(t) for name, t in times.items()}
                 rows.append((what, str(threads), batch, row))
                 print(f"{what:<40} threads {threads} batch {batch}: {row}", flush=True)
@@ -142,10 +168,10 @@ def bench_venvs(tmp: Path) -> dict[str, int]:
     return sizes
 
 
-def bench_servers(bundle_dir: Path, args: argparse.Namespace) -> list:
+def bench_servers(bundle_dir: Path, args: argparse.Namespace, cut: str) -> list:
     import bench_server
 
-    for name in set(bench_server.CUTS) - {"mid", "late"}:
+    for name in set(bench_server.CUTS) - {cut}:
         del bench_server.CUTS[name]
     sargs = argparse.Namespace(
         quick=args.quick,
@@ -170,27 +196,37 @@ def bench_servers(bundle_dir: Path, args: argparse.Namespace) -> list:
     return bench_server.bench(sargs)
 
 
-def report(heads, cold, venvs, servers, args, compile_s: float) -> str:
-    from _common import machine
+#: The parts, each a section of the report of its own (``--parts`` runs some, keeping the others).
+PARTS = ("heads", "cold", "venv", "server-mid", "server-late")
 
+
+def _when() -> str:
     load = os.getloadavg()
+    return (
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min) at the end of this part, "
+        f"on {os.cpu_count()} cores shared with other work."
+    )
+
+
+def section_heads(heads) -> list[str]:
     lines = [
-        "# Runtime benchmark: ONNX Runtime against torch eager, EfficientNet-Lite0",
-        "",
-        f"Reproduce: `.venv/bin/python benchmarks/bench_runtime.py{' --quick' if args.quick else ''}`.",
-        f"Machine: {machine()}; load average {load[0]:.1f} at the end on {os.cpu_count()} cores (shared "
-        "with other work, so absolute numbers are noisy; the ratios come from the same run, interleaved).",
-        "Compiling the bundle (torch segments + the ONNX export and its check at every cut) took "
-        f"{compile_s:.0f} s.",
-        "",
         "## Heads and the whole model (median ms per call; torch = the bundle's fused fx chain in eager)",
         "",
-        "| range | threads | batch | torch ms | onnxruntime ms | speed-up |",
-        "|---|---|---|---|---|---|",
+        _when(),
+        "",
+        "The plain export is the issue's reference: the whole model through `torch.export` (dynamic "
+        "batch) and `torch.onnx.export(program, dynamo=True)` with the exporter's optimizer, outside "
+        "splitinfer, one ONNX Runtime session with the same options, timed in the same loop.",
+        "",
+        "| range | threads | batch | torch ms | onnxruntime ms | speed-up | plain export ms "
+        "| bundle / plain |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for what, threads, batch, row in heads:
         t, o = row["torch"], row["onnxruntime"]
-        lines.append(f"| {what} | {threads} | {batch} | {t:.2f} | {o:.2f} | {t / o:.2f}x |")
+        ref = f"{row['plain']:.2f} | {o / row['plain']:.2f}" if "plain" in row else " | "
+        lines.append(f"| {what} | {threads} | {batch} | {t:.2f} | {o:.2f} | {t / o:.2f}x | {ref} |")
     whole = [(t, b, r["torch"] / r["onnxruntime"]) for w, t, b, r in heads if w == "whole model"]
     lines += [
         "",
@@ -201,65 +237,107 @@ def report(heads, cold, venvs, servers, args, compile_s: float) -> str:
         )
         + ".",
     ]
-    if cold:
+    return lines
+
+
+def section_cold(cold) -> list[str]:
+    lines = [
+        "## Edge cold start (import + load bundle + first answer, fresh process, bundle on local disk)",
+        "",
+        _when(),
+        "",
+        "| runtime | median s | min s | runs |",
+        "|---|---|---|---|",
+    ]
+    for runtime, xs in cold.items():
+        lines.append(f"| {runtime} | {statistics.median(xs):.2f} | {min(xs):.2f} | {len(xs)} |")
+    o, t_cold = statistics.median(cold["onnxruntime"]), statistics.median(cold["torch"])
+    lines += [
+        "",
+        f"Target: <= 1 s on ONNX Runtime: {o:.2f} s, {'met' if o <= 1 else 'missed'} "
+        f"(torch: {t_cold:.2f} s, {t_cold / o:.1f}x as long).",
+    ]
+    return lines
+
+
+def section_venv(venvs) -> list[str]:
+    e, t = venvs["edge"], venvs["torch"]
+    return [
+        "## Installed size",
+        "",
+        _when(),
+        "",
+        "| venv | MiB |",
+        "|---|---|",
+        "| `pip install splitinfer[edge]` (numpy, onnxruntime, aiohttp, msgpack, zstandard, "
+        f"prometheus-client; no torch) | {e / 2**20:.0f} |",
+        f"| `pip install torch==2.13.0` (CPU) + `splitinfer[torch]` | {t / 2**20:.0f} |",
+        "",
+        f"Target: the [edge] venv <= 1/4 of the torch one: {e / t:.3f} of it, "
+        f"{'met' if e * 4 <= t else 'missed'}.",
+    ]
+
+
+def section_server(cut: str, servers) -> list[str]:
+    lines = [
+        f"## Server: {cut} cut, tails on each runtime against LitServe (bench_server.py's harness)",
+        "",
+        _when(),
+        "",
+        "| cut | C | server | req/s | p50 ms | p99 ms | vs LitServe req/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    by = {(r.server, r.cut, r.concurrency): r for r in servers}
+    if not any(r.server == "litserve" for r in servers):
+        lines.insert(3, "LitServe is not installed here (`pip install -e '.[bench]'`): not measured.\n")
+    for r in servers:
+        lit = by.get(("litserve", r.cut, r.concurrency))
+        vs = lit is not None and lit.rps > 0 and r.server != "litserve"
+        ratio = f"{r.rps / lit.rps:.2f}x" if vs else ""
+        lines.append(
+            f"| {r.cut} | {r.concurrency} | {r.server} | {r.rps:.1f} | {r.p50_ms:.1f} "
+            f"| {r.p99_ms:.1f} | {ratio} |"
+        )
+    ort, lit = by.get(("splitinfer onnxruntime", cut, 32)), by.get(("litserve", cut, 32))
+    if cut == "mid" and ort is not None and lit is not None and lit.rps > 0:
+        ok = ort.rps >= 2 * lit.rps and ort.p99_ms < lit.p99_ms
         lines += [
             "",
-            "## Edge cold start (import + load bundle + first answer, fresh process, bundle on local disk)",
-            "",
+            f"Target: mid cut at C = 32 on ONNX Runtime >= 2x LitServe's throughput with a lower p99: "
+            f"{ort.rps / lit.rps:.2f}x, p99 {ort.p99_ms:.0f} against {lit.p99_ms:.0f} ms, "
+            f"{'met' if ok else 'missed'}.",
         ]
-        lines += ["| runtime | median s | min s | runs |", "|---|---|---|---|"]
-        for runtime, xs in cold.items():
-            lines.append(f"| {runtime} | {statistics.median(xs):.2f} | {min(xs):.2f} | {len(xs)} |")
-        o, t_cold = statistics.median(cold["onnxruntime"]), statistics.median(cold["torch"])
-        lines += [
-            "",
-            f"Target: <= 1 s on ONNX Runtime: {o:.2f} s, {'met' if o <= 1 else 'missed'} "
-            f"(torch: {t_cold:.2f} s, {t_cold / o:.1f}x as long).",
-        ]
-    if venvs:
-        e, t = venvs["edge"], venvs["torch"]
-        lines += [
-            "",
-            "## Installed size",
-            "",
-            "| venv | MiB |",
-            "|---|---|",
-            "| `pip install splitinfer[edge]` (numpy, onnxruntime, aiohttp, msgpack, zstandard, "
-            f"prometheus-client; no torch) | {e / 2**20:.0f} |",
-            f"| `pip install torch==2.13.0` (CPU) + `splitinfer[torch]` | {t / 2**20:.0f} |",
-            "",
-            f"Target: the [edge] venv <= 1/4 of the torch one: {e / t:.3f} of it, "
-            f"{'met' if e * 4 <= t else 'missed'}.",
-        ]
-    if servers:
-        lines += [
-            "",
-            "## Server: tails on each runtime against LitServe (benchmarks/bench_server.py's harness)",
-            "",
-            "| cut | C | server | req/s | p50 ms | p99 ms | vs LitServe req/s |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        by = {(r.server, r.cut, r.concurrency): r for r in servers}
-        for r in servers:
-            lit = by.get(("litserve", r.cut, r.concurrency))
-            ratio = (
-                f"{r.rps / lit.rps:.2f}x"
-                if lit is not None and lit.rps > 0 and r.server != "litserve"
-                else ""
-            )
-            lines.append(
-                f"| {r.cut} | {r.concurrency} | {r.server} | {r.rps:.1f} | {r.p50_ms:.1f} "
-                f"| {r.p99_ms:.1f} | {ratio} |"
-            )
-        ort, lit = by.get(("splitinfer onnxruntime", "mid", 32)), by.get(("litserve", "mid", 32))
-        if ort is not None and lit is not None and lit.rps > 0:
-            ok = ort.rps >= 2 * lit.rps and ort.p99_ms < lit.p99_ms
-            lines += [
-                "",
-                f"Target: mid cut at C = 32 on ONNX Runtime >= 2x LitServe's throughput with a lower p99: "
-                f"{ort.rps / lit.rps:.2f}x, p99 {ort.p99_ms:.0f} against {lit.p99_ms:.0f} ms, "
-                f"{'met' if ok else 'missed'}.",
-            ]
+    return lines
+
+
+HEADER = "# Runtime benchmark: ONNX Runtime against torch eager, EfficientNet-Lite0"
+
+
+def report(sections: dict[str, list[str]], args: argparse.Namespace, compile_s: float, previous: str) -> str:
+    """The report: this run's sections, and the other parts' sections kept from ``previous``
+    (each part's ratios come from its own run, interleaved; each section says when and under
+    what load it was measured)."""
+    from _common import machine
+
+    kept: dict[str, str] = {}
+    if previous.startswith(HEADER):
+        for chunk in previous.split("\n<!-- part: ")[1:]:
+            name, _, body = chunk.partition(" -->\n")
+            kept[name] = body.rstrip("\n")
+    lines = [
+        HEADER,
+        "",
+        "Reproduce: `.venv/bin/python benchmarks/bench_runtime.py` (all parts; `--parts heads,cold` "
+        "runs some and keeps the others' sections).",
+        f"Machine: {machine()}. Absolute numbers are noisy on this shared machine; every ratio "
+        "comes from one part's run, interleaved (see each part's load average).",
+        "Compiling the bundle (torch segments + the ONNX export and its check at every cut) took "
+        f"{compile_s:.0f} s in the last run.",
+    ]
+    for name in PARTS:
+        body = "\n".join(sections[name]) if name in sections else kept.get(name)
+        if body is not None:
+            lines += ["", f"<!-- part: {name} -->", body]
     return "\n".join(lines) + "\n"
 
 
@@ -268,10 +346,24 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--skip-server", action="store_true")
-    parser.add_argument("--skip-venv", action="store_true")
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated parts to run, of {', '.join(PARTS)}; the report keeps the other parts' "
+        "sections from the existing --out file (default: all)",
+    )
+    parser.add_argument("--skip-server", action="store_true", help="leave out server-mid and server-late")
+    parser.add_argument("--skip-venv", action="store_true", help="leave out venv")
     parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "runtime.md")
     args = parser.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    if unknown := set(parts) - set(PARTS):
+        parser.error(f"unknown parts {sorted(unknown)}: choose from {', '.join(PARTS)}")
+    parts = [
+        p
+        for p in parts
+        if not (args.skip_server and p.startswith("server")) and not (args.skip_venv and p == "venv")
+    ]
     import torch
     from _common import efficientnet_lite0
 
@@ -283,12 +375,21 @@ def main(argv: list[str] | None = None) -> int:
         bundle = si.compile(efficientnet_lite0(), (torch.randn(1, 3, 224, 224),), name=MODEL)
         compile_s = time.perf_counter() - t0
         bundle_dir = bundle.save(tmp / MODEL)
-        heads = bench_heads(bundle_dir, 10 if args.quick else 40)
-        cold = bench_cold(bundle_dir, 1 if args.quick else 5)
-        print("cold start:", cold, flush=True)
-        venvs = {} if args.skip_venv else bench_venvs(tmp)
-        servers = [] if args.skip_server else bench_servers(bundle_dir, args)
-        text = report(heads, cold, venvs, servers, args, compile_s)
+        sections: dict[str, list[str]] = {}
+        if "heads" in parts:
+            plain = plain_export(efficientnet_lite0())
+            sections["heads"] = section_heads(bench_heads(bundle_dir, 10 if args.quick else 40, plain))
+        if "cold" in parts:
+            cold = bench_cold(bundle_dir, 1 if args.quick else 5)
+            print("cold start:", cold, flush=True)
+            sections["cold"] = section_cold(cold)
+        if "venv" in parts:
+            sections["venv"] = section_venv(bench_venvs(tmp))
+        for cut in ("mid", "late"):
+            if f"server-{cut}" in parts:
+                sections[f"server-{cut}"] = section_server(cut, bench_servers(bundle_dir, args, cut))
+        previous = args.out.read_text() if args.out.exists() else ""
+        text = report(sections, args, compile_s, previous)
         args.out.write_text(text)
         print(text)
     finally:
