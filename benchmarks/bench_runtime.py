@@ -311,6 +311,8 @@ def section_server(cut: str, servers) -> list[str]:
 
 
 HEADER = "# Runtime benchmark: ONNX Runtime against torch eager, EfficientNet-Lite0"
+#: Everything after this line of the report is written by hand and kept as it is.
+NOTES = "<!-- notes: kept as written -->\n"
 
 
 def report(sections: dict[str, list[str]], args: argparse.Namespace, compile_s: float, previous: str) -> str:
@@ -320,6 +322,7 @@ def report(sections: dict[str, list[str]], args: argparse.Namespace, compile_s: 
     from _common import machine
 
     kept: dict[str, str] = {}
+    previous, _, notes = previous.partition(NOTES)
     if previous.startswith(HEADER):
         for chunk in previous.split("\n<!-- part: ")[1:]:
             name, _, body = chunk.partition(" -->\n")
@@ -338,7 +341,8 @@ def report(sections: dict[str, list[str]], args: argparse.Namespace, compile_s: 
         body = "\n".join(sections[name]) if name in sections else kept.get(name)
         if body is not None:
             lines += ["", f"<!-- part: {name} -->", body]
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    return text + "\n" + NOTES + notes if notes else text
 
 
 def main(argv: list[str] | None = None) -> int:
