@@ -16,6 +16,19 @@ import torch
 from splitinfer.lab._models import efficientnet_lite0  # noqa: F401  (re-exported for the benchmarks)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: The trace sets the deployment benchmarks replay by default (``--traces``): the project's
+#: read-only folder beside the repository (a worktree sits one level deeper).
+DEFAULT_TRACES = next(
+    (
+        p
+        for p in (
+            Path(__file__).resolve().parents[2] / "shared" / "traces",
+            Path(__file__).resolve().parents[3] / "shared" / "traces",
+        )
+        if p.is_dir()
+    ),
+    Path(__file__).resolve().parents[2] / "shared" / "traces",
+)
 
 
 def machine() -> str:

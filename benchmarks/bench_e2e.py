@@ -43,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, add_deployment_args, fleet_speeds, machine, trace_sets
+from _common import DEFAULT_TRACES, RESULTS, add_deployment_args, fleet_speeds, machine, trace_sets
 
 from splitinfer.bundle import Bundle
 from splitinfer.lab._demo import MODELS, cache_root, choose_static, prepare_bundle, tie_slowdown
@@ -53,7 +53,7 @@ from splitinfer.lab._report import Record, p95, summarize, write_csv
 from splitinfer.netem import BandwidthTrace
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACES = ROOT / ".." / "shared" / "traces"
+TRACES = DEFAULT_TRACES
 #: Deploy time: the static is tuned on this many traces of --static-from (evenly spaced), the
 #: median device is the median tie of the first TIES of them.
 TUNING = 24

@@ -42,7 +42,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, add_deployment_args, fleet_speeds, load_average, machine, trace_sets
+from _common import (
+    DEFAULT_TRACES,
+    RESULTS,
+    add_deployment_args,
+    fleet_speeds,
+    load_average,
+    machine,
+    trace_sets,
+)
 
 from splitinfer.lab._hindsight import Link, World, kind_of
 from splitinfer.manifest import Cut, Manifest, update_manifest
@@ -51,11 +59,7 @@ from splitinfer.partitioner._policy import TablePolicy
 from splitinfer.tensors import TensorSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-#: The shipped trace sets (read-only, outside the repository; the worktrees sit one level deeper).
-TRACES = next(
-    (p for p in (ROOT.parent / "shared" / "traces", ROOT.parents[1] / "shared" / "traces") if p.is_dir()),
-    ROOT.parent / "shared" / "traces",
-)
+TRACES = DEFAULT_TRACES
 CACHE = Path.home() / ".cache" / "splitinfer-bench" / "efficientnet-lite0"
 CODECS = [
     "f32",
