@@ -18,17 +18,8 @@ from splitinfer.lab._models import efficientnet_lite0  # noqa: F401  (re-exporte
 RESULTS = Path(__file__).resolve().parent / "results"
 #: The trace sets the deployment benchmarks replay by default (``--traces``): the project's
 #: read-only folder beside the repository (a worktree sits one level deeper).
-DEFAULT_TRACES = next(
-    (
-        p
-        for p in (
-            Path(__file__).resolve().parents[2] / "shared" / "traces",
-            Path(__file__).resolve().parents[3] / "shared" / "traces",
-        )
-        if p.is_dir()
-    ),
-    Path(__file__).resolve().parents[2] / "shared" / "traces",
-)
+_BESIDE = [p / "shared" / "traces" for p in Path(__file__).resolve().parents[2:4]]
+DEFAULT_TRACES = next((p for p in _BESIDE if p.is_dir()), _BESIDE[0])
 
 
 def machine() -> str:

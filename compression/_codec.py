@@ -138,11 +138,12 @@ class _Adapters:
         """The wire dtype in which ``_encode`` wants a tensor of dtype ``name``."""
         return f32_floats(name)
 
+    # The two hooks every concrete codec implements (CastCodec, QuantCodec, JpegCodec, ...).
     def _encode(self, arrays: Wire) -> bytes:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _encode")
 
     def _decode(self, view: memoryview, max_nbytes: int) -> list[Decoded]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _decode")
 
     def encode(self, tensors: Frontier) -> bytes:
         """The blob of ``tensors`` (torch tensors or numpy arrays)."""

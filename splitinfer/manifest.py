@@ -324,6 +324,23 @@ def update_manifest(root: str | os.PathLike[str], **fields: Any) -> None:
     tmp.replace(path / MANIFEST)
 
 
+def _read_listed(root: Path, name: str, manifest: Mapping[str, Any], limit: int) -> bytes:
+    """The bytes of the listed bundle file ``name`` (at most ``limit``), checked against its
+    sha256 in ``files``; an empty, oversized or altered file is refused alike."""
+    path = root / name
+    try:
+        size = path.stat().st_size
+        data = path.read_bytes() if 0 < size <= limit else b""
+    except OSError:
+        raise BundleError(f"bundle {root} is missing {name}: copy the bundle directory") from None
+    if not data or hashlib.sha256(data).hexdigest() != manifest["files"].get(name):
+        raise BundleError(
+            f"{path} does not match the sha256 in its manifest: the file was modified or "
+            f"corrupted; recompile or copy the bundle again"
+        )
+    return data
+
+
 def load_dictionaries(root: Path, manifest: Mapping[str, Any]) -> dict[str, dict[str, ZstdDictionary]]:
     """The zstd dictionaries the manifest lists, each checked against its sha256 in ``files``."""
     out: dict[str, dict[str, ZstdDictionary]] = {}
@@ -339,17 +356,7 @@ def load_dictionaries(root: Path, manifest: Mapping[str, Any]) -> dict[str, dict
                 expected = None
             if expected is None or name != expected:
                 raise BundleError(f"bundle {root} lists an invalid dictionary file {name!r}")
-            path = root / name
-            try:
-                size = path.stat().st_size
-                data = path.read_bytes() if 0 < size <= _MAX_DICT_BYTES else b""
-            except OSError:
-                raise BundleError(f"bundle {root} is missing {name}: copy the bundle directory") from None
-            if not data or hashlib.sha256(data).hexdigest() != manifest["files"].get(name):
-                raise BundleError(
-                    f"{path} does not match the sha256 in its manifest: the file was modified or "
-                    f"corrupted; recompile or copy the bundle again"
-                )
+            data = _read_listed(root, name, manifest, _MAX_DICT_BYTES)
             out.setdefault(str(cut), {})[str(spec)] = ZstdDictionary(data)
     return out
 
@@ -370,19 +377,9 @@ def load_projections(root: Path, manifest: Mapping[str, Any]) -> dict[str, Chann
             expected = None
         if expected is None or name != expected:
             raise BundleError(f"bundle {root} lists an invalid projection file {name!r}")
-        path = root / name
-        try:
-            size = path.stat().st_size
-            data = path.read_bytes() if 0 < size <= limit else b""
-        except OSError:
-            raise BundleError(f"bundle {root} is missing {name}: copy the bundle directory") from None
-        if not data or hashlib.sha256(data).hexdigest() != manifest["files"].get(name):
-            raise BundleError(
-                f"{path} does not match the sha256 in its manifest: the file was modified or "
-                f"corrupted; recompile or copy the bundle again"
-            )
+        data = _read_listed(root, name, manifest, limit)
         try:
             out[str(cut)] = ChannelProjection.from_bytes(data)
         except ValueError as exc:  # CodecError
-            raise BundleError(f"{path} is not a valid channel projection: {exc}") from None
+            raise BundleError(f"{root / name} is not a valid channel projection: {exc}") from None
     return out

@@ -5,6 +5,8 @@ a transformer whose float padding mask crosses the cut gets the model's answer (
 
 from __future__ import annotations
 
+import os
+
 import msgpack
 import numpy as np
 import pytest
@@ -180,6 +182,8 @@ def test_every_offered_codec_keeps_nonfinite_values(spec):
     try:
         codec = get_codec(spec)
     except CodecError as exc:  # an optional dependency (an entropy coder) is missing here
+        if os.environ.get("CI"):  # .ci/run installs every extra: CI fails rather than skips
+            pytest.fail(str(exc))
         pytest.skip(str(exc))
     (y,) = codec.decode(codec.encode([x]))
     (yn,) = codec.decode_numpy(codec.encode([x.numpy()]))
