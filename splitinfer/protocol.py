@@ -5,13 +5,20 @@ A request or response body is one msgpack map, the *header*, immediately followe
 
     request header   {"v": 1, "model": str, "graph": str, "cut": int, "codec": str,
                       "tensors": [[dtype, shape], ...], "id": str, "deadline_s": float | None,
-                      "payload_nbytes": int}
+                      "payload_nbytes": int, "tasks": [[model, graph], ...]}
     response header  {"v": 1, "id": str, "codec": str, "tensors": [[dtype, shape], ...],
-                      "payload_nbytes": int}
+                      "payload_nbytes": int, "models": [[model, n_tensors], ...]}
 
 ``tensors`` repeats what the payload holds so that a receiver can check shapes against the
 cut before it decodes anything. ``deadline_s`` is the time the sender still grants the request
-when it sends it (relative, so clocks need not agree). Decoding validates every field, type
+when it sends it (relative, so clocks need not agree).
+
+``tasks`` (optional, absent when empty) names other models, with their graph hashes, that
+share the posted model's head up to the request's cut: one frontier, several answers. Their
+response carries ``models``: the posted model then each task, with how many of ``tensors``
+(in that order) are its outputs. Frames without these fields are what they always were, so
+older clients and servers keep talking; a server that predates them answers the posted model
+alone (no ``models``), which the client notices. Decoding validates every field, type
 and size, and raises the errors of :mod:`splitinfer.errors`.
 
 Errors travel as ``application/problem+json`` (RFC 9457) with a stable ``code``:
@@ -45,6 +52,7 @@ from splitinfer.tensors import TensorSpec
 __all__ = [
     "FRAME_CONTENT_TYPE",
     "MAX_HEADER_BYTES",
+    "MAX_TASKS",
     "PROBLEM_CONTENT_TYPE",
     "PROBLEM_STATUS",
     "PROTOCOL_VERSION",
@@ -66,6 +74,8 @@ PROBLEM_CONTENT_TYPE = "application/problem+json"
 MAX_HEADER_BYTES = 64 * 1024
 _MAX_TENSORS = 256
 _MAX_NAME = 256
+#: Most task models one request may name besides the posted one.
+MAX_TASKS = 16
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 #: Every problem code the server may send, with its HTTP status. Codes are stable: clients
@@ -81,6 +91,7 @@ PROBLEM_STATUS: dict[str, int] = {
     "method_not_allowed": 405,
     "request_timeout": 408,
     "graph_mismatch": 409,
+    "head_not_shared": 409,
     "too_large": 413,
     "unsupported_media_type": 415,
     "bad_cut": 422,
@@ -111,6 +122,8 @@ class RequestHeader:
     payload_nbytes: int
     deadline_s: float | None = None
     version: int = PROTOCOL_VERSION
+    #: Other models (name, graph hash) to answer from the same frontier (see the module docstring).
+    tasks: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -122,6 +135,9 @@ class ResponseHeader:
     tensors: tuple[TensorSpec, ...]
     payload_nbytes: int
     version: int = PROTOCOL_VERSION
+    #: For a request with tasks: each model (the posted one first) and how many of ``tensors``
+    #: are its outputs, in order.
+    models: tuple[tuple[str, int], ...] = ()
 
 
 def _specs_to_wire(specs: tuple[TensorSpec, ...]) -> list[list[Any]]:
@@ -141,6 +157,8 @@ def encode_request(header: RequestHeader, payload: bytes) -> bytes:
         "deadline_s": header.deadline_s,
         "payload_nbytes": header.payload_nbytes,
     }
+    if header.tasks:
+        fields["tasks"] = [[name, graph] for name, graph in header.tasks]
     return _frame(fields, payload)
 
 
@@ -153,6 +171,8 @@ def encode_response(header: ResponseHeader, payload: bytes) -> bytes:
         "tensors": _specs_to_wire(header.tensors),
         "payload_nbytes": header.payload_nbytes,
     }
+    if header.models:
+        fields["models"] = [[name, count] for name, count in header.models]
     return _frame(fields, payload)
 
 
@@ -255,6 +275,7 @@ def decode_request(
     request_id = _field(header, "id", str)
     if len(request_id) > _MAX_NAME:
         raise ProtocolError("request id is longer than 256 characters")
+    tasks = _tasks_from_wire(header.get("tasks"), model)
     return (
         RequestHeader(
             model=model,
@@ -265,9 +286,56 @@ def decode_request(
             request_id=request_id,
             payload_nbytes=len(payload),
             deadline_s=None if deadline is None else float(deadline),
+            tasks=tasks,
         ),
         payload,
     )
+
+
+def _tasks_from_wire(value: Any, model: str) -> tuple[tuple[str, str], ...]:
+    """The ``tasks`` of a request header: distinct [model, graph] pairs other than ``model``."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_TASKS:
+        raise ProtocolError(
+            f"frame header field 'tasks' must be a list of at most {MAX_TASKS} [model, graph]"
+        )
+    tasks = []
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2 and all(isinstance(v, str) for v in item)):
+            raise ProtocolError(f"each task must be [model, graph hash], got {item!r:.60}")
+        name, graph = item
+        if not valid_model_name(name) or len(graph) > _MAX_NAME:
+            raise ProtocolError(f"task {name!r:.60} is not a valid model name and graph hash")
+        tasks.append((name, graph))
+    names = [model, *(name for name, _ in tasks)]
+    if len(set(names)) != len(names):
+        raise ProtocolError(f"a request names each model once (posted model and tasks), got {names}")
+    return tuple(tasks)
+
+
+def _models_from_wire(value: Any, n_tensors: int) -> tuple[tuple[str, int], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_TASKS + 1:
+        raise ProtocolError("frame header field 'models' must be a list of [model, n_tensors]")
+    models = []
+    for item in value:
+        if not (
+            isinstance(item, list)
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], int)
+            and not isinstance(item[1], bool)
+            and item[1] >= 0
+        ):
+            raise ProtocolError(f"each entry of 'models' must be [model, n_tensors], got {item!r:.60}")
+        models.append((item[0], item[1]))
+    if sum(n for _, n in models) != n_tensors:
+        raise ProtocolError(
+            f"'models' accounts for {sum(n for _, n in models)} tensors, the frame has {n_tensors}"
+        )
+    return tuple(models)
 
 
 def decode_response(
@@ -275,12 +343,14 @@ def decode_response(
 ) -> tuple[ResponseHeader, memoryview]:
     """Split and validate a response body; returns the header and a view of the payload."""
     header, payload = _split(body, max_payload)
+    tensors = _specs_from_wire(header.get("tensors"))
     return (
         ResponseHeader(
             request_id=_field(header, "id", str),
             codec=_field(header, "codec", str),
-            tensors=_specs_from_wire(header.get("tensors")),
+            tensors=tensors,
             payload_nbytes=len(payload),
+            models=_models_from_wire(header.get("models"), len(tensors)),
         ),
         payload,
     )

@@ -59,6 +59,58 @@ def test_response_round_trip():
     assert bytes(payload) == b"abc"
 
 
+def test_a_request_for_several_models_round_trips_and_old_frames_are_unchanged():
+    header = _request(tasks=(("dogs", "d0g5"), ("birds", "b1rd")))
+    decoded, _ = protocol.decode_request(protocol.encode_request(header, b"hello"))
+    assert decoded == header
+    # a frame without tasks carries no such field: what old clients send, and old servers read
+    plain = protocol.encode_request(_request(), b"hello")
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(plain)
+    assert set(unpacker.unpack()) == set(_valid_map())
+    assert protocol.decode_request(_raw_body(_valid_map()))[0].tasks == ()
+    response = protocol.ResponseHeader("r1", "f32", (TensorSpec((1, 5), "float32"),), 3)
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(protocol.encode_response(response, b"abc"))
+    assert "models" not in unpacker.unpack()
+
+
+def test_a_response_for_several_models_says_whose_tensors_are_whose():
+    specs = (TensorSpec((1, 5), "float32"), TensorSpec((1, 7), "float32"), TensorSpec((1,), "int64"))
+    header = protocol.ResponseHeader("r1", "f32", specs, 3, models=(("cats", 1), ("dogs", 2)))
+    decoded, _ = protocol.decode_response(protocol.encode_response(header, b"abc"))
+    assert decoded == header
+    bad = msgpack.packb(
+        {
+            "v": 1,
+            "id": "r1",
+            "codec": "f32",
+            "tensors": [["float32", [1]]],
+            "payload_nbytes": 0,
+            "models": [["a", 2]],
+        }
+    )
+    with pytest.raises(errors.ProtocolError, match="accounts for 2 tensors"):
+        protocol.decode_response(bad)
+
+
+@pytest.mark.parametrize(
+    "tasks",
+    [
+        "dogs",
+        [["dogs"]],
+        [["dogs", 5]],
+        [["../dogs", "g"]],
+        [["dogs", "g"], ["dogs", "h"]],
+        [["democnn", "g"]],
+        [[f"m{i}", "g"] for i in range(protocol.MAX_TASKS + 1)],
+    ],
+)
+def test_malformed_tasks_are_protocol_errors(tasks):
+    with pytest.raises(errors.ProtocolError):
+        protocol.decode_request(_raw_body(_valid_map(tasks=tasks)))
+
+
 def test_encode_refuses_a_payload_that_disagrees_with_its_header():
     with pytest.raises(errors.ConfigError, match="payload bytes"):
         protocol.encode_request(_request(payload_nbytes=4), b"hello")
