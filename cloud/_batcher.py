@@ -1,6 +1,7 @@
 """Dynamic batching per (model, cut), on a bounded pool of compute threads.
 
-Every (model, cut) pair gets a :class:`Batcher`: a FIFO of jobs and one task that forms
+Every (model, cut) pair gets a :class:`Batcher` (or, for models whose segments are shared,
+every (cut, shared segment) pair: see below): a FIFO of jobs and one task that forms
 batches. A batch is dispatched when it is full (``max_batch_size`` rows), when its oldest job
 has waited ``max_queue_delay``, or as soon as it holds its share of the requests to be expected:
 the recent peak of concurrent requests, less those computing, spread over the free compute
@@ -16,6 +17,12 @@ With ``inline_below_s`` set, a batch whose predicted compute time (CPU time per 
 so far, times its rows) is below it runs on the event loop instead: for a very light tail the
 two thread handoffs cost more than the tail. The first batch of every (model, cut) goes to a
 compute thread to be measured.
+
+Models that share segments (fine-tuned from one backbone, loaded once: docs/server.md,
+"Weights shared across models") share batchers too: a request whose tail begins with a shared
+segment is queued by that segment's key and the cut, whatever its model, so requests of
+several models batch together. The batch runs the segments they all share once, then splits
+to each model's own (``run_batch(bundles=...)``).
 """
 
 from __future__ import annotations
@@ -41,8 +48,9 @@ log = logging.getLogger("splitinfer.cloud")
 #: Seconds over which the peak of concurrent requests is remembered (see Batcher._expecting).
 PEAK_WINDOW_S = 1.0
 
-#: Called after each batch with (model, cut, rows in the batch).
-BatchHook = Callable[[str, int, int], None]
+#: Called after each batch with (model, cut, rows in the batch, models in the batch): once per
+#: model of a batch that mixed several.
+BatchHook = Callable[[str, int, int, int], None]
 
 
 @dataclass(eq=False)
@@ -56,6 +64,8 @@ class Job:
     future: asyncio.Future[Answer]
     #: Run this job in a batch of its own (at a cut whose tensors are not batch-leading).
     alone: bool = False
+    #: The model it is for, in a batcher shared by several models (None: the batcher's own).
+    bundle: Bundle | None = None
     #: Shapes of its tensors without the batch dim: jobs batch only with equal signatures
     #: (None: the job runs alone).
     signature: tuple[tuple[int | None, ...], ...] | None = field(init=False)
@@ -73,10 +83,13 @@ class Job:
 class Batcher:
     """The queue and batch-forming task of one (model, cut)."""
 
-    def __init__(self, scheduler: Scheduler, bundle: Bundle, cut: int):
+    def __init__(self, scheduler: Scheduler, bundle: Bundle, cut: int, *, shared: bool = False):
         self.scheduler = scheduler
+        #: The model of its jobs; in a shared batcher, the first one's (jobs name their own).
         self.bundle = bundle
         self.cut = cut
+        #: Whether its jobs may be of several models (each job's ``bundle`` says which).
+        self.shared = shared
         self.queue: collections.deque[Job] = collections.deque()
         self.rows = 0
         #: Compute CPU seconds per row: follows cheaper batches at once, dearer ones slowly,
@@ -87,6 +100,8 @@ class Batcher:
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher {bundle.name}@{cut}")
 
     def submit(self, job: Job) -> None:
+        if self.shared and job.bundle is not None:  # hold a version that is in use, not an old one
+            self.bundle = job.bundle
         self.queue.append(job)
         self.rows += job.frame.rows
         self.scheduler.queued += 1
@@ -179,6 +194,10 @@ class Batcher:
                 continue
             batch.append(job)
             rows += job.frame.rows
+        if head.signature is not None:  # one frontier for several models: its jobs go together
+            frames = {id(job.frame) for job in batch}
+            taken = set(map(id, batch))
+            batch += [j for j in self.queue if id(j.frame) in frames and id(j) not in taken]
         for job in batch:
             self._remove(job)
         return batch
@@ -226,6 +245,7 @@ class Batcher:
                 self.scheduler.response_codec,
                 dispatched,
                 self.scheduler.device,
+                self._owners(batch),
             )
         except Exception:  # run_batch answers per job; this is a bug
             log.exception("a batch of %s at cut %d failed", self.bundle.name, self.cut)
@@ -245,6 +265,7 @@ class Batcher:
                 sched.response_codec,
                 dispatched,
                 sched.device,
+                self._owners(batch),
             )
         except Exception:  # run_batch answers per job; this is a broken pool or a bug
             log.exception("a batch of %s at cut %d failed", self.bundle.name, self.cut)
@@ -254,11 +275,16 @@ class Batcher:
             sched.computing -= len(batch)
         self._deliver(batch, results, dispatched)
 
+    def _owners(self, batch: list[Job]) -> list[Bundle] | None:
+        """Each job's model, for a batch of a shared batcher (None: all are this batcher's)."""
+        return [job.bundle or self.bundle for job in batch] if self.shared else None
+
     def _deliver(self, batch: list[Job], results: list[Answer | Problem], dispatched: float) -> None:
-        rows, cpu = 0, None
+        rows, cpu, models = 0, None, 1
         for job, result in zip(batch, results):
             if isinstance(result, Answer):
                 rows, cpu = result.batch_rows, result.compute_cpu / max(1, result.batch_rows)
+                models = max(models, result.batch_models)
                 if job.frame.encode:
                     result = self._finish(job, result)
             if isinstance(result, Problem):
@@ -271,7 +297,9 @@ class Batcher:
             old = self.cost_per_row
             self.cost_per_row = cpu if old is None else min(cpu, 0.9 * old + 0.1 * cpu)
         if rows:
-            self.scheduler.observe_batch(self.bundle.name, self.cut, rows)
+            names = dict.fromkeys((job.bundle or self.bundle).name for job in batch) if models > 1 else {}
+            for name in names or [self.bundle.name]:
+                self.scheduler.observe_batch(name, self.cut, rows, models)
 
     def _finish(self, job: Job, answer: Answer) -> Answer | Problem:
         try:
@@ -316,7 +344,8 @@ class Scheduler:
         self.response_codec = response_codec
         self.inline_below_s = inline_below_s
         self.on_batch = on_batch
-        #: By (model, cut, tag of the served version: cloud._repository.Served.tag).
+        #: By (model, cut, tag of the served version: cloud._repository.Served.tag); a batcher
+        #: shared by models is keyed ("", cut, key of the shared segment).
         self.batchers: dict[tuple[str, int, str], Batcher] = {}
         self.running: set[asyncio.Task[None]] = set()
         self.arriving = 0
@@ -329,11 +358,14 @@ class Scheduler:
         """Admitted requests not yet computing (what the queue bound limits)."""
         return self.arriving + self.queued
 
-    def batcher(self, bundle: Bundle, cut: int, tag: str = "1") -> Batcher:
-        key = (bundle.name, cut, tag)
+    def batcher(self, bundle: Bundle, cut: int, tag: str = "1", share: str | None = None) -> Batcher:
+        """The batcher of ``bundle``'s version ``tag`` at ``cut``; with ``share`` (the key of the
+        tail's first segment, when it is shared across models), the one every model whose tail
+        from ``cut`` begins with that segment uses (its jobs must name their ``bundle``)."""
+        key = (bundle.name, cut, tag) if share is None else ("", cut, share)
         batcher = self.batchers.get(key)
         if batcher is None:
-            batcher = self.batchers[key] = Batcher(self, bundle, cut)
+            batcher = self.batchers[key] = Batcher(self, bundle, cut, shared=share is not None)
         return batcher
 
     def admit(self) -> None:
@@ -356,15 +388,22 @@ class Scheduler:
                 if batcher.filling:
                     batcher.wake()
 
-    def observe_batch(self, model: str, cut: int, rows: int) -> None:
+    def observe_batch(self, model: str, cut: int, rows: int, models: int = 1) -> None:
         if self.on_batch is not None:
             try:
-                self.on_batch(model, cut, rows)
+                self.on_batch(model, cut, rows, models)
             except Exception:  # a metrics hook never fails a request
                 log.exception("the batch hook failed")
 
     def forget(self, model: str, tag: str) -> None:
         """Stop the batchers of a released version (their queues are empty: nothing is in flight)."""
+        for key, shared in [(k, b) for k, b in self.batchers.items() if b.shared]:
+            if shared.bundle.name == model:  # it must not keep that version loaded
+                if shared.queue:  # other models' requests: it goes on with one of theirs
+                    shared.bundle = shared.queue[0].bundle or shared.bundle
+                else:  # made again by the next request
+                    del self.batchers[key]
+                    shared.task.cancel()
         for key in [k for k in self.batchers if k[0] == model and k[2] == tag]:
             batcher = self.batchers.pop(key)
             batcher.task.cancel()

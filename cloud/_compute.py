@@ -7,6 +7,11 @@ Frames and outputs of at most :data:`SMALL_BYTES` are decoded and encoded on the
 instead (:func:`decode_frame`, :func:`encode_outputs`): for them, the Python work of a codec is
 a few microseconds, while each handoff of the GIL between the loop and a compute thread costs
 far more. The tail itself always runs in a compute thread.
+
+A batch may hold requests of several models whose tails begin with the same segments (models
+fine-tuned from one backbone, loaded with shared weights: equal segments are one object). Those
+segments run once for the whole batch, and a frontier that several requests carry (one upload
+for several task models) enters them once; then each model's own segments run on its rows.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ class Answer:
     outputs: list[torch.Tensor] | None = None
     #: CPU seconds the computing thread spent on the batch's compute (the cost estimate).
     compute_cpu: float = 0.0
+    #: Models whose requests ran through the batch's shared segments together (1: one model).
+    batch_models: int = 1
 
 
 def decode_frame(
@@ -79,11 +86,20 @@ def decode_frame(
     return frontier
 
 
-def encode_outputs(request_id: str, outputs: Sequence[torch.Tensor], response_codec: str) -> bytes:
-    """The response body carrying ``outputs``."""
+def encode_outputs(
+    request_id: str,
+    outputs: Sequence[torch.Tensor],
+    response_codec: str,
+    models: tuple[tuple[str, int], ...] = (),
+) -> bytes:
+    """The response body carrying ``outputs`` (of several models, ``models`` says whose)."""
     payload = get_codec(response_codec).encode(outputs)
     header = protocol.ResponseHeader(
-        request_id=request_id, codec=response_codec, tensors=specs_of(outputs), payload_nbytes=len(payload)
+        request_id=request_id,
+        codec=response_codec,
+        tensors=specs_of(outputs),
+        payload_nbytes=len(payload),
+        models=models,
     )
     return protocol.encode_response(header, payload)
 
@@ -117,23 +133,29 @@ def _split(outputs: Sequence[torch.Tensor], rows: Sequence[int]) -> list[list[to
 
 
 def _compute(
-    bundle: Bundle, cut: int, frontiers: list[list[torch.Tensor]], device: torch.device
+    bundle: Bundle,
+    cut: int,
+    frontiers: list[list[torch.Tensor]],
+    device: torch.device,
+    stop: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """The tail from ``cut`` on ``device`` for the concatenated frontiers; the outputs on the host.
+    """The tail from ``cut`` (to segment ``stop``, by default the last) on ``device`` for the
+    concatenated frontiers; the outputs on the host.
 
     On a CUDA device the batch is copied in through pinned memory, on this compute thread's own
     stream (one per thread: batches of different threads overlap), and the outputs copied back
     before the thread lets go of the batch. Frames are decoded on the host, before this.
     """
     inputs = [torch.cat(p, dim=0) for p in zip(*frontiers)] if len(frontiers) > 1 else frontiers[0]
+    stop = bundle.n_segments if stop is None else stop
     if bundle.onnx_runner is not None:  # ONNX Runtime takes host arrays to its own device
-        return bundle.run_segments(cut, bundle.n_segments, inputs)
+        return bundle.run_segments(cut, stop, inputs)
     if device.type != "cuda":
-        return bundle.run_segments(cut, bundle.n_segments, [t.to(device) for t in inputs])
+        return bundle.run_segments(cut, stop, [t.to(device) for t in inputs])
     stream = _stream(device)
     with torch.cuda.stream(stream):
         moved = [t.pin_memory().to(device, non_blocking=True) for t in inputs]
-        outputs = bundle.run_segments(cut, bundle.n_segments, moved)
+        outputs = bundle.run_segments(cut, stop, moved)
         host = tuple(o.to(HOST, non_blocking=True) for o in outputs)
     stream.synchronize()
     return host
@@ -160,8 +182,12 @@ def run_batch(
     response_codec: str,
     started: float,
     device: torch.device,
+    bundles: Sequence[Bundle] | None = None,
 ) -> list[Answer | Problem]:
     """Answer every frame of one batch (all at ``cut`` of ``bundle``, same non-batch shapes).
+
+    ``bundles`` gives each frame's own model when the batch mixes models whose tails from
+    ``cut`` begin with shared segments (see the module docstring); None: all are ``bundle``'s.
 
     The frames are decoded one by one (a frame that does not decode fails alone), concatenated
     along dim 0, run through the tail once and split back. If the batch fails, or its outputs
@@ -172,13 +198,21 @@ def run_batch(
     begin = time.perf_counter()
     results: list[Answer | Problem | None] = [None] * len(frames)
     decoded: list[tuple[int, list[torch.Tensor], float]] = []
+    owners = list(bundles) if bundles is not None else [bundle] * len(frames)
     for i, frame in enumerate(frames):
         try:
-            decoded.append((i, *_frontier(frame, bundle)))
+            decoded.append((i, *_frontier(frame, owners[i])))
         except Problem as p:
             results[i] = p
-    if decoded:
-        _run_decoded(bundle, cut, frames, decoded, response_codec, results, begin - started, device)
+    mixed = len({id(owners[i]) for i, _, _ in decoded}) > 1 or len({id(f) for _, f, _ in decoded}) < len(
+        decoded
+    )
+    if decoded and mixed:
+        _run_shared(owners, cut, frames, decoded, response_codec, results, begin - started, device)
+    elif decoded:
+        _run_decoded(
+            owners[decoded[0][0]], cut, frames, decoded, response_codec, results, begin - started, device
+        )
     return [r if r is not None else Problem("internal", "the request was not computed") for r in results]
 
 
@@ -216,6 +250,74 @@ def _run_decoded(
     for (i, _, dec), outputs in zip(decoded, parts):
         stages = {"queue": hop, "decode": dec, "compute": compute}
         results[i] = _answer(frames[i], outputs, stages, batch_rows, response_codec, cpu)
+
+
+def _run_shared(
+    owners: Sequence[Bundle],
+    cut: int,
+    frames: Sequence[Frame],
+    decoded: list[tuple[int, list[torch.Tensor], float]],
+    response_codec: str,
+    results: list[Answer | Problem | None],
+    hop: float,
+    device: torch.device,
+) -> None:
+    """A batch of several models (or one frontier for several): the segments their tails share
+    run once on the distinct frontiers, then each model's own segments on its rows."""
+    models = list({id(owners[i]): owners[i] for i, _, _ in decoded}.values())
+    stop = _shared_stop(models, cut)
+    distinct = list({id(f): f for _, f, _ in decoded}.values())
+    place = {id(f): n for n, f in enumerate(distinct)}
+    rows = [frames[next(i for i, g, _ in decoded if g is f)].rows for f in distinct]
+    t0, c0 = time.perf_counter(), time.thread_time()
+    answers: dict[int, list[torch.Tensor]] | None = None
+    try:
+        trunk = _split(_compute(models[0], cut, distinct, device, stop), rows)
+        if trunk is not None:
+            answers = {}
+            for model in models:
+                mine = [(i, place[id(f)]) for i, f, _ in decoded if owners[i] is model]
+                parts = _split(
+                    _compute(model, stop, [trunk[n] for _, n in mine], device),
+                    [frames[i].rows for i, _ in mine],
+                )
+                if parts is None:
+                    answers = None
+                    break
+                answers.update((i, out) for (i, _), out in zip(mine, parts))
+    except Exception:
+        log.warning(
+            "a batch of %d requests of %s at cut %d failed; running them one by one",
+            len(decoded),
+            ", ".join(m.name for m in models),
+            cut,
+            exc_info=True,
+        )
+        answers = None
+    if answers is None:  # each alone, so that one hostile frame cannot fail the others
+        for i, frontier, dec in decoded:
+            results[i] = _answer_alone(owners[i], cut, frames[i], frontier, dec, response_codec, hop, device)
+        return
+    compute, cpu = time.perf_counter() - t0, time.thread_time() - c0
+    batch_rows = sum(rows)
+    for i, _, dec in decoded:
+        stages = {"queue": hop, "decode": dec, "compute": compute}
+        answer = _answer(frames[i], answers[i], stages, batch_rows, response_codec, cpu)
+        if isinstance(answer, Answer):
+            answer.batch_models = len(models)
+        results[i] = answer
+
+
+def _shared_stop(models: Sequence[Bundle], cut: int) -> int:
+    """The segment up to which every model's tail from ``cut`` runs the very same segments."""
+    stop = cut
+    first = models[0]
+    while stop < first.n_segments and all(
+        stop < m.n_segments and m.segments[stop] is not None and m.segments[stop] is first.segments[stop]
+        for m in models
+    ):
+        stop += 1
+    return stop
 
 
 def _answer_alone(

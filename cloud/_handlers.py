@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from aiohttp import http_exceptions, web
 from aiohttp.typedefs import Middleware
@@ -15,8 +16,8 @@ from torch.utils import _pytree as pytree
 from splitinfer import protocol
 from splitinfer.bundle import Bundle
 from splitinfer.cloud._auth import check_authorization
-from splitinfer.cloud._batcher import Job
-from splitinfer.cloud._compute import SMALL_BYTES, Frame, decode_frame
+from splitinfer.cloud._batcher import Batcher, Job
+from splitinfer.cloud._compute import SMALL_BYTES, Answer, Frame, decode_frame, encode_outputs
 from splitinfer.cloud._problem import Problem, error_response, oip_path, problem_response
 from splitinfer.cloud._repository import Served
 from splitinfer.cloud._state import CONFIG, METRICS, STATE, TOKENS, ServerState
@@ -342,6 +343,8 @@ def _version_for(state: ServerState, name: str, header: protocol.RequestHeader) 
 
 async def _infer(state: ServerState, request: web.Request, name: str, started: float) -> web.Response:
     config, scheduler = state.config, state.scheduler
+    loop = asyncio.get_running_loop()
+    submitted: list[tuple[Served, Job, Batcher]] = []
     scheduler.admit()
     try:
         body = await read_body(request, config.max_body_bytes, config.read_timeout_s)
@@ -355,6 +358,7 @@ async def _infer(state: ServerState, request: web.Request, name: str, started: f
         served = _version_for(state, name, header)
         bundle = served.bundle
         rows = _check(bundle, header, name, config.max_decoded_bytes)
+        targets = [served, *_tasks_for(state, served, header)]
         deadline = None if header.deadline_s is None else started + header.deadline_s
         now = time.perf_counter()
         if deadline is not None and now >= deadline:
@@ -363,37 +367,103 @@ async def _infer(state: ServerState, request: web.Request, name: str, started: f
         if len(payload) <= SMALL_BYTES:  # decoded here: cheaper than a handoff to a thread
             frontier = decode_frame(header, payload, bundle)
             frame = Frame(header, payload, rows, frontier, time.perf_counter() - now)
-        future = asyncio.get_running_loop().create_future()
-        job = Job(frame, now, deadline, future, alone=not batchable(bundle, header.cut))
-        batcher = scheduler.batcher(bundle, header.cut, served.tag)
-        batcher.submit(job)
-        state.repository.enter(served)  # the version stays loaded until this request is answered
+        elif header.tasks:  # one frontier for every task: decoded once, off the loop
+            frontier = await loop.run_in_executor(scheduler.pool, decode_frame, header, payload, bundle)
+            frame = Frame(header, payload, rows, frontier, time.perf_counter() - now)
+        if header.tasks:  # the outputs of every model go out in one response, encoded below
+            frame = Frame(header, payload, rows, frame.frontier, frame.decode_s, encode=False)
+        for target in targets:
+            job = Job(
+                frame,
+                now,
+                deadline,
+                loop.create_future(),
+                alone=not batchable(target.bundle, header.cut),
+                bundle=target.bundle,
+            )
+            share = state.repository.batch_key(target, header.cut)
+            batcher = scheduler.batcher(target.bundle, header.cut, target.tag, share)
+            batcher.submit(job)
+            state.repository.enter(target)  # the version stays loaded until this request is answered
+            submitted.append((target, job, batcher))
     finally:
         scheduler.arrived()
     try:
-        answer = await job.future
+        answers = await asyncio.gather(*(job.future for _, job, _ in submitted), return_exceptions=True)
     except asyncio.CancelledError:
-        batcher.withdraw(job)
+        for _, job, batcher in submitted:
+            batcher.withdraw(job)
         raise
     finally:
-        state.repository.leave(served)
-    stages = answer.stages
+        for target, _, _ in submitted:
+            state.repository.leave(target)
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            raise answer
+    done = [a for a in answers if isinstance(a, Answer)]
+    out: bytes | None
+    if header.tasks:
+        stages, out = await _task_response(state, header, targets, done)
+    else:
+        stages, out = done[0].stages, done[0].body
     # "total" is the server's own time, from the last body byte to the answer: the time the body
     # spent arriving is the client's uplink, which the edge estimates from this header.
     stages["receive"] = received - started
     stages["total"] = time.perf_counter() - received
-    out = answer.body
     if out is None:  # never: the batcher encodes every answer before it resolves the future
         raise Problem("internal", "the server failed to encode the outputs; see its log")
     try:
         state.metrics.observe_success(name, header.cut, header.codec, stages, len(body), len(out))
     except Exception:
         log.exception("observing a request failed")
-    return web.Response(
-        body=out,
-        content_type=protocol.FRAME_CONTENT_TYPE,
-        headers={"Server-Timing": server_timing(stages)},
-    )
+    rows_in_batch, models = max(a.batch_rows for a in done), max(a.batch_models for a in done)
+    timing = f'{server_timing(stages)}, batch;desc="rows={rows_in_batch} models={models}"'
+    return web.Response(body=out, content_type=protocol.FRAME_CONTENT_TYPE, headers={"Server-Timing": timing})
+
+
+def _tasks_for(state: ServerState, served: Served, header: protocol.RequestHeader) -> list[Served]:
+    """The served versions of a request's task models, each checked to share the posted model's
+    head up to the request's cut (then the frontier is theirs too)."""
+    out = []
+    for task, graph in header.tasks:
+        target = state.repository.by_graph(task, graph)
+        if target is None:
+            try:
+                _version_for(state, task, replace(header, model=task, graph=graph))  # raises 404 or 409
+            except Problem as p:
+                raise Problem(p.code, f"task {task!r} of this request: {p.detail}") from None
+            raise AssertionError("unreachable")
+        if not served.shares_head(target, header.cut):
+            top = min(served.bundle.last_cut, target.bundle.last_cut)
+            shared = max((k for k in range(top + 1) if served.shares_head(target, k)), default=None)
+            where = "nowhere (their inputs differ)" if shared is None else f"up to cut {shared}"
+            raise Problem(
+                "head_not_shared",
+                f"models {served.name!r} and {task!r} here do not share their head up to cut {header.cut} "
+                "(their segments before it differ, or this server cannot tell: ONNX Runtime); they share "
+                f"it {where}: send one request per model, or an earlier cut",
+            )
+        out.append(target)
+    return out
+
+
+async def _task_response(
+    state: ServerState, header: protocol.RequestHeader, targets: list[Served], answers: list[Answer]
+) -> tuple[dict[str, float], bytes]:
+    """The stages and the body of one answer carrying every model's outputs (posted model first)."""
+    outputs = [t for answer in answers for t in answer.outputs or []]
+    models = tuple((target.name, len(answer.outputs or [])) for target, answer in zip(targets, answers))
+    codec = state.scheduler.response_codec
+    t0 = time.perf_counter()
+    if sum(o.numel() * o.element_size() for o in outputs) <= SMALL_BYTES:
+        out = encode_outputs(header.request_id, outputs, codec, models)
+    else:
+        out = await asyncio.get_running_loop().run_in_executor(
+            state.scheduler.pool, encode_outputs, header.request_id, outputs, codec, models
+        )
+    stages = {k: max(a.stages.get(k, 0.0) for a in answers) for k in ("queue", "decode", "compute")}
+    stages["encode"] = time.perf_counter() - t0
+    return stages, out
 
 
 # -- link probes ---------------------------------------------------------------------------
@@ -437,7 +507,27 @@ def _describe(state: ServerState, bundle: Bundle) -> dict[str, object]:
         "outputs": pytree.treespec_loads(bundle.out_spec).num_leaves,
         "max_batch_size": state.config.max_batch_size,
         "versions": [{"version": s.version, "graph_hash": s.bundle.graph_hash} for s in served],
+        "shared_heads": _shared_heads(state, bundle.name),
     }
+
+
+def _shared_heads(state: ServerState, name: str) -> dict[str, int]:
+    """Other models whose head the newest version of ``name`` shares, with the deepest cut up to
+    which it does (a request may name them as tasks at that cut or before it)."""
+    repo = state.repository
+    mine = repo.latest(name)
+    out: dict[str, int] = {}
+    if mine is None:
+        return out
+    for other in sorted(repo.models):
+        theirs = repo.latest(other)
+        if other == name or theirs is None:
+            continue
+        top = min(mine.bundle.last_cut, theirs.bundle.last_cut)
+        deepest = max((k for k in range(top + 1) if mine.shares_head(theirs, k)), default=-1)
+        if deepest >= 0:
+            out[other] = deepest
+    return out
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -95,6 +95,13 @@ class ServerMetrics:
             buckets=_BATCH_BUCKETS,
             registry=registry,
         )
+        self.shared_batches = Counter(
+            "splitinfer_shared_batches",
+            "Batches in which this model's requests ran through segments shared with other models' "
+            "requests (computed once for all of them), by model.",
+            ["model"],
+            registry=registry,
+        )
         self.rejections = Counter(
             "splitinfer_rejections",
             "Requests refused by a limit or policy, by reason (overloaded, not_ready, too_large, "
@@ -156,8 +163,10 @@ class ServerMetrics:
     def observe_load(self, model: str, version: str, ok: bool) -> None:
         self.model_loads.labels(model=model, result="ok" if ok else "failed").inc()
 
-    def observe_batch(self, model: str, cut: int, rows: int) -> None:
+    def observe_batch(self, model: str, cut: int, rows: int, models: int = 1) -> None:
         self.batch_size.labels(model=model).observe(rows)
+        if models > 1:
+            self.shared_batches.labels(model=model).inc()
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -59,10 +59,57 @@ class Served:
     tag: str
     inflight: int = 0
     retired: bool = field(default=False, compare=False)
+    #: Per segment, the digest of its graph and tensors (:func:`splitinfer.bundle.segment_key`);
+    #: None where unknown (ONNX Runtime, or a segment this process did not load).
+    segment_keys: tuple[str | None, ...] = field(default=(), compare=False)
+    #: Whether equal segments are one object in this server (``--share-weights``).
+    shared: bool = field(default=False, compare=False)
 
     @property
     def name(self) -> str:
         return self.bundle.name
+
+    def share_key(self, cut: int) -> str | None:
+        """What a batch of the tail from ``cut`` may be shared by: the key of segment ``cut``, if
+        this version's segments are shared with other models (None: batched per version)."""
+        return self.segment_keys[cut] if self.shared and cut < len(self.segment_keys) else None
+
+    def shares_head(self, other: Served, cut: int) -> bool:
+        """Whether segments ``0..cut-1`` of ``other`` compute what this version's compute (same
+        graphs, weights and constants) and cut ``cut`` carries the same tensors: then one head's
+        frontier at ``cut`` is every such model's."""
+        a, b = self.bundle, other.bundle
+        if cut > min(a.last_cut, b.last_cut) or a.cuts[cut].tensors != b.cuts[cut].tensors:
+            return False
+        if cut == 0:
+            return a.inputs == b.inputs and a.in_spec == b.in_spec
+        mine, theirs = self.segment_keys[:cut], other.segment_keys[:cut]
+        return len(mine) == len(theirs) == cut and None not in mine and mine == theirs
+
+
+class _KeyRecorder(MutableMapping[str, Segment]):
+    """A segment mapping for ``Bundle.load(shared=...)`` that shares nothing (every lookup
+    misses) but records each loaded segment with its key in ``seen`` (``--no-share-weights``:
+    requests of two models never share a batch, but the server can still tell whether their
+    heads are equal). Two equal segments of one bundle are both recorded."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, Segment]] = []
+
+    def __getitem__(self, key: str) -> Segment:
+        raise KeyError(key)
+
+    def __setitem__(self, key: str, value: Segment) -> None:
+        self.seen.append((key, value))
+
+    def __delitem__(self, key: str) -> None:
+        self.seen = [(k, v) for k, v in self.seen if k != key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys(k for k, _ in self.seen))
+
+    def __len__(self) -> int:
+        return len(dict.fromkeys(k for k, _ in self.seen))
 
 
 def _version_key(version: str) -> tuple[int, str]:
@@ -171,6 +218,16 @@ class Repository:
         for versions in self.models.values():
             yield from versions.values()
 
+    def batch_key(self, served: Served, cut: int) -> str | None:
+        """The key of the segment by which ``served``'s requests at ``cut`` batch with other
+        models' (their tails from ``cut`` begin with the very same loaded segment), or None: no
+        other model served has it there, and they batch on their own (per version)."""
+        key = served.share_key(cut)
+        if key is None:
+            return None
+        others = (s for s in self if s.name != served.name)
+        return key if any(s.share_key(cut) == key for s in others) else None
+
     # -- requests in flight --------------------------------------------------------------
 
     def enter(self, served: Served) -> None:
@@ -201,9 +258,15 @@ class Repository:
         """Load one version (blocking: run it on a worker thread); BundleError if it cannot be served."""
         digest = _digest(path)
         before = set(self.segments.keys()) if self.segments is not None else set()
+        # without sharing, a mapping that never hits still records each segment's key
+        recorder = _KeyRecorder()
+        keys = recorder if self.segments is None else self.segments
         bundle = Bundle.load(
-            path, device=self.device, shared=self.segments, runtime=self.runtime, threads=self.threads
+            path, device=self.device, shared=keys, runtime=self.runtime, threads=self.threads
         )
+        known = recorder.seen if self.segments is None else list(self.segments.items())
+        by_id = {id(segment): key for key, segment in known}
+        segment_keys = tuple(None if s is None else by_id.get(id(s)) for s in bundle.segments)
         if self.segments is not None and bundle.onnx_runner is None:  # ONNX Runtime: no torch segments
             reused = sum(1 for s in bundle.segments if any(s is self.segments.get(k) for k in before))
             if reused:
@@ -217,8 +280,15 @@ class Repository:
         if bundle.name != name:
             raise BundleError(f"{path} holds model {bundle.name!r}, not {name!r}")
         self._loads += 1
+        tag = version if self._loads == 1 else f"{version}.{self._loads}"
         return Served(
-            bundle, version, path, digest, tag=version if self._loads == 1 else f"{version}.{self._loads}"
+            bundle,
+            version,
+            path,
+            digest,
+            tag=tag,
+            segment_keys=segment_keys,
+            shared=self.segments is not None,
         )
 
     def plan(self, name: str, present: dict[str, Path]) -> dict[str, Path]:
