@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
@@ -26,6 +26,7 @@ from splitinfer.compression import get_codec
 from splitinfer.edge._breaker import CircuitBreaker
 from splitinfer.edge._config import ClientConfig
 from splitinfer.edge._metrics import EdgeMetrics
+from splitinfer.edge._multi import TaskSet, ainfer_many, make_tasks
 from splitinfer.edge._transport import HttpTransport, Transport, TransportResponse, make_ssl_context
 from splitinfer.errors import (
     AuthError,
@@ -157,6 +158,11 @@ class EdgeClient:
     first of the two answers is used. When the device wins, the trace's fallback is ``hedge``
     (and ``stages["local_tail"]``, ``predicted["hedge_after"]`` say when and how long); the
     cloud's late answer is ignored but still measures the link. ``deadline_s`` bounds both.
+
+    ``tasks``: other models (bundles or their directories) that share this bundle's head up to
+    some cut, fine-tuned from one backbone: :meth:`infer_many` computes the head once, sends one
+    frontier and returns every model's outputs, with decisions priced for one upload and every
+    tail (edge/_multi.py; docs/server.md, "One upload, several tasks").
     """
 
     def __init__(
@@ -169,12 +175,20 @@ class EdgeClient:
         registry: CollectorRegistry | None = None,
         transport: Transport | None = None,
         breaker: CircuitBreaker | None = None,
+        tasks: Sequence[str | os.PathLike[str] | Bundle] = (),
         **settings: Any,
     ):
         self.config = ClientConfig.build(config, settings)
         self.bundle = _load_bundle(bundle, self.config.max_cut, self.config.runtime)
         self.max_cut = _max_cut(self.bundle, self.config.max_cut)
         self.policy: Policy = _make_policy(policy, self.bundle, self.config)
+        #: The models infer_many answers from one upload (this bundle first), or None.
+        self.tasks: TaskSet | None = None
+        if tasks:
+            runtime = self.config.runtime
+            self.tasks = make_tasks(
+                self.bundle, tasks, self.policy, self.config, lambda b: _load_bundle(b, None, runtime)
+            )
         self.deadline_s = self.config.deadline_s
         self.device_slowdown = float(self.config.device_slowdown)
         self.can_finish_locally = self.bundle.can_head(self.bundle.last_cut)
@@ -222,9 +236,10 @@ class EdgeClient:
 
     # -- the request ---------------------------------------------------------------------
 
-    def _decide(self, est: Estimates) -> tuple[Decision, str | None]:
-        """The decision for the next request, and why it stays local if the plan was the cloud."""
-        decision = self.policy.decide(est)
+    def _decide(self, est: Estimates, policy: Policy | None = None) -> tuple[Decision, str | None]:
+        """The decision for the next request (by ``policy``, default this client's), and why it
+        stays local if the plan was the cloud."""
+        decision = (policy or self.policy).decide(est)
         last = self.bundle.last_cut
         if decision.cut > self.max_cut:
             raise ConfigError(f"policy chose cut {decision.cut}, beyond this client's max_cut {self.max_cut}")
@@ -792,6 +807,33 @@ class EdgeClient:
         if return_trace:
             return self._run(self.ainfer(*inputs, return_trace=True))
         return self._run(self.ainfer(*inputs))
+
+    @overload
+    async def ainfer_many(self, *inputs: Any, return_trace: Literal[False] = ...) -> dict[str, Any]: ...
+
+    @overload
+    async def ainfer_many(
+        self, *inputs: Any, return_trace: Literal[True]
+    ) -> tuple[dict[str, Any], Trace]: ...
+
+    async def ainfer_many(self, *inputs: Any, return_trace: bool = False) -> Any:
+        """Every model's outputs for ``inputs`` by model name (this bundle's and each task's),
+        from one upload (or all on the device); with ``return_trace=True``, ``(outputs, trace)``."""
+        outputs, trace = await ainfer_many(self, inputs)
+        return (outputs, trace) if return_trace else outputs
+
+    @overload
+    def infer_many(self, *inputs: Any, return_trace: Literal[False] = ...) -> dict[str, Any]: ...
+
+    @overload
+    def infer_many(self, *inputs: Any, return_trace: Literal[True]) -> tuple[dict[str, Any], Trace]: ...
+
+    def infer_many(self, *inputs: Any, return_trace: bool = False) -> Any:
+        """Synchronous :meth:`ainfer_many`; safe to call from several threads."""
+        self._check_open()
+        if return_trace:
+            return self._run(self.ainfer_many(*inputs, return_trace=True))
+        return self._run(self.ainfer_many(*inputs))
 
     def close(self) -> None:
         if self._loop is None:
