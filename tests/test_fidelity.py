@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 import subprocess
 import sys
@@ -254,7 +256,11 @@ def test_pca_codecs_get_a_projection_per_cut_stored_hashed_and_bound(tmp_path):
     calibration = [batched(inputs, 2, seed=i) for i in range(4)]
     bundle = si.compile(model, inputs, name="mnet", calibration=calibration, codecs=codecs)
     table = _table(bundle)
-    single = [c.index for c in bundle.cuts[:-1] if len(c.tensors) == 1 and len(c.tensors[0].shape) >= 2]
+    single = [
+        c.index
+        for c in bundle.cuts[:-1]
+        if len(c.tensors) == 1 and len(c.tensors[0].shape) >= 2 and _enough_vectors(c, rows=8)
+    ]
     assert single
     assert set(bundle.projections) == {str(k) for k in single}
     assert all((k, "pca4q6+ans") in table and (k, "pca2q8") in table for k in single)
@@ -274,6 +280,48 @@ def test_pca_codecs_get_a_projection_per_cut_stored_hashed_and_bound(tmp_path):
     (path / entry["file"]).write_bytes(data[:-4] + b"\0\0\0\0")
     with pytest.raises(BundleError, match="sha256"):
         si.Bundle.load(path)
+
+
+def _enough_vectors(cut, rows):
+    from splitinfer.partitioner._fidelity import VECTORS_PER_CHANNEL
+
+    shape = cut.tensors[0].shape
+    return rows * math.prod(shape[2:]) >= VECTORS_PER_CHANNEL * shape[1]
+
+
+class _PooledNet(torch.nn.Module):
+    """A convolution, then pooled features of 8 channels (a 2-D ``N x 8`` frontier), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean(dim=(2, 3)))
+
+
+def test_pca_is_left_out_where_the_calibration_cannot_fit_a_projection(caplog):
+    """Pooled features give one channel vector an input: a few dozen calibration inputs cannot
+    estimate a C x C covariance, and a table measured on those inputs would flatter it."""
+    pytest.importorskip("constriction")
+    torch.manual_seed(0)
+    model, x = _PooledNet().eval(), torch.randn(1, 3, 8, 8)
+    codecs = ["f32", "q8", "pca8q6+ans"]
+    few = [torch.randn(1, 3, 8, 8) for _ in range(6)]  # 6 vectors of 8 channels at the pooled cut
+    with caplog.at_level(logging.WARNING, logger="splitinfer.partitioner"):
+        bundle = si.compile(model, (x,), name="pooled", calibration=few, codecs=codecs)
+    pooled = [c.index for c in bundle.cuts[:-1] if len(c.tensors[0].shape) == 2]
+    assert pooled
+    rows = _table(bundle)
+    assert all((k, "pca8q6+ans") not in rows and (k, "q8") in rows for k in pooled)
+    assert all(str(k) not in bundle.projections for k in pooled)
+    assert any(str(c.index) in bundle.projections for c in bundle.cuts[:-1] if c.index not in pooled)
+    warned = [r.getMessage() for r in caplog.records if "pca codecs left out" in r.getMessage()]
+    assert len(warned) == 1 and "8 channels but 6 vectors" in warned[0] and "at least 32" in warned[0]
+    enough = [torch.randn(1, 3, 8, 8) for _ in range(32)]
+    bundle = si.compile(model, (x,), name="pooled", calibration=enough, codecs=codecs)
+    assert all((k, "pca8q6+ans") in _table(bundle) for k in pooled)
 
 
 def row_fidelity_ok(row):
