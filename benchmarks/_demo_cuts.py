@@ -26,6 +26,7 @@ from splitinfer.compression._calibrate import calibrate_all
 from splitinfer.compression._pack import pack_bits
 from splitinfer.compression._projection import ChannelProjection, fit
 from splitinfer.compression._quant import affine, channel_view, quantize, sanitize
+from splitinfer.partitioner._fidelity import VECTORS_PER_CHANNEL
 
 #: The demo's cuts (lab/_demo.py: 130 kB) at which the policy runs on slow links.
 CUTS = (1, 2, 3, 4, 5)
@@ -176,7 +177,9 @@ def measure(quick: bool = False, seed: int = 0) -> tuple[list[str], dict[str, An
                     "H pooled": np.mean(h_pool),
                 }
             )
-        if len(eval_f) == 1 and eval_f[0].dim() >= 2:
+        c = cal_f[0].shape[1]
+        vectors = math.prod(cal_f[0].shape[:1] + cal_f[0].shape[2:])
+        if len(eval_f) == 1 and eval_f[0].dim() >= 2 and vectors >= VECTORS_PER_CHANNEL * c:
             projection = fit(cal_f)
             for row in _pca(bundle, k, projection, singles, reference, f32_bytes, timing_n, reps):
                 pca_rows.append(row)
@@ -391,7 +394,10 @@ def _report(
             "per-position channel vectors (centred), all coefficients on one quantization step, the codes "
             "rANS-coded per component (`+ans`) or bit-packed and zstd-ed. `energy`: the calibration "
             "variance the r components carry. Agreement is that of the decoded codes (the same for "
-            "both stages).",
+            "both stages). As compile does, no projection is fitted where the calibration gives fewer "
+            f"than {VECTORS_PER_CHANNEL} channel vectors a channel: the pooled features (1280 channels, "
+            "one vector a crop) have none; fitted on 32 crops anyway, their 31 components carried all "
+            "the calibration energy and 0/128 held-out crops kept their class.",
             "",
             "| cut | codec | r / C | energy | agreement | +ans | +zstd1 | ms ans | ms zstd1 |",
             "|---|---|---|---:|---|---:|---:|---:|---:|",
