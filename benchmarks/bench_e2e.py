@@ -113,6 +113,11 @@ def main() -> int:
         "--slowdown", type=float, help="median device slowdown (default: the tie on --static-from)"
     )
     parser.add_argument("--cache-dir", type=Path, default=None, help="bundle cache (the demo's by default)")
+    parser.add_argument(
+        "--extra-codecs",
+        help="comma-separated codecs compiled into the demo's bundle beside its own (another cached "
+        "bundle); every policy may use them",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "e2e.md")
     parser.add_argument("--csv", type=Path, default=None, help="also write every request to this CSV")
     args = parser.parse_args()
@@ -125,6 +130,9 @@ def main() -> int:
     started = time.perf_counter()
     load_before = os.getloadavg()
     spec = MODELS["efficientnet-lite0"]
+    if args.extra_codecs:
+        extra = [c for c in args.extra_codecs.split(",") if c and c not in spec.codecs]
+        spec = replace(spec, codecs=(*spec.codecs, *extra))
     cache_dir = args.cache_dir or cache_root()
     cache_dir.mkdir(parents=True, exist_ok=True)
     repo = prepare_bundle(spec, cache_dir, print, progress=True)

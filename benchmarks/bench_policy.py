@@ -169,6 +169,36 @@ def build_bundle(cache: Path, repeats: int) -> dict[str, Any]:
     return facts
 
 
+def demo_bundle(extra: list[str]) -> Path:
+    """The demo's bundle compiled with ``extra`` codecs beside its own (built once, cached)."""
+    from dataclasses import replace
+
+    from splitinfer.lab._demo import MODELS, cache_root, prepare_bundle
+
+    spec = MODELS["efficientnet-lite0"]
+    spec = replace(spec, codecs=(*spec.codecs, *(c for c in extra if c not in spec.codecs)))
+    return prepare_bundle(spec, cache_root(), lambda m: print(m, file=sys.stderr), progress=True) / spec.name
+
+
+def restrict(bundle: Manifest, codecs: list[str]) -> Manifest:
+    """``bundle`` offering only ``codecs`` (its fidelity rows and profiled costs of the others
+    dropped): the policies cannot pick the others."""
+    from dataclasses import replace
+
+    if unknown := [c for c in codecs if c not in bundle.codecs]:
+        raise SystemExit(
+            f"--codecs: the bundle has no {', '.join(unknown)}; it has {', '.join(bundle.codecs)}"
+        )
+    table = [r for r in bundle.fidelity["table"] if r["codec"] in codecs]
+    profiles = {
+        name: {**p, "codecs": [r for r in p.get("codecs", []) if r["codec"] in codecs]}
+        for name, p in bundle.profiles.items()
+    }
+    return replace(
+        bundle, codecs=list(codecs), fidelity={**bundle.fidelity, "table": table}, profiles=profiles
+    )
+
+
 def load_bundle(
     cache: Path, *, fresh: bool, reprofile: bool, repeats: int
 ) -> tuple[Manifest, dict[str, Any]]:
@@ -676,6 +706,17 @@ def main() -> int:
         "--decide-only", action="store_true", help="only time decide() (writes results/decide.md)"
     )
     parser.add_argument("--no-sensitivity", action="store_true", help="skip the half/double slowdown runs")
+    parser.add_argument(
+        "--extra-codecs",
+        help="comma-separated codecs: replay on the demo's bundle (lab/_demo.py: compiled, calibrated, "
+        "held out and profiled as `make demo` does, cached beside it) compiled with these codecs beside "
+        "the demo's (replaces --cache)",
+    )
+    parser.add_argument(
+        "--codecs",
+        help="comma-separated codecs the policies may use, a subset of the bundle's (default: all of "
+        "them); the same bundle and profile with and without some codecs say what those buy",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "policy.md")
     args = parser.parse_args()
 
@@ -687,7 +728,11 @@ def main() -> int:
     limit = 12 if args.quick else None
     sets = trace_links(args.traces, limit)
     tuning = [link for links in trace_links(args.static_from, None).values() for link in links]
+    if args.extra_codecs:
+        args.cache = demo_bundle([c for c in args.extra_codecs.split(",") if c])
     bundle, facts = load_bundle(args.cache, fresh=args.fresh, reprofile=args.reprofile, repeats=args.repeats)
+    if args.codecs:
+        bundle = restrict(bundle, [c for c in args.codecs.split(",") if c])
     started = time.perf_counter()
     sweep_links = tuning[:: max(1, len(tuning) // 12)][:12]
     sweep_rows = sweep(bundle, sweep_links, list(SLOWDOWNS))

@@ -118,6 +118,8 @@ class ModelSpec:
     calibration_method: str = "auto"
     #: Held-out crops of other photos the fidelity table is measured on (None: in-sample).
     evaluation: int | None = None
+    #: The codecs compiled in (benchmarks add some: bench_policy.py --extra-codecs).
+    codecs: tuple[str, ...] = DEMO_CODECS
 
 
 def _efficientnet() -> nn.Module:
@@ -200,7 +202,7 @@ def bundle_key(spec: ModelSpec) -> str:
         "calibration": spec.calibration,
         "calibration_method": spec.calibration_method,
         "evaluation": spec.evaluation,
-        "codecs": DEMO_CODECS,
+        "codecs": spec.codecs,
         "repeats": spec.profile_repeats,
         "splitinfer": __version__,
         "torch": torch.__version__,
@@ -234,7 +236,7 @@ def prepare_bundle(spec: ModelSpec, cache_dir: Path, say: Callable[[str], None],
         evaluation=spec.evaluation,
         max_frontier_bytes=spec.max_frontier_bytes,
         calibration_method=spec.calibration_method,
-        codecs=list(DEMO_CODECS),
+        codecs=list(spec.codecs),
         progress=progress,
     )
     compiled = time.perf_counter() - started
@@ -253,7 +255,7 @@ def prepare_bundle(spec: ModelSpec, cache_dir: Path, say: Callable[[str], None],
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     say(
-        f"bundle: {len(bundle.cuts)} cuts x {len(DEMO_CODECS)} codecs, compiled with fidelity in "
+        f"bundle: {len(bundle.cuts)} cuts x {len(spec.codecs)} codecs, compiled with fidelity in "
         f"{compiled:.0f} s, profiled in {time.perf_counter() - started - compiled:.0f} s"
     )
     return repo
