@@ -25,9 +25,10 @@ image batches.
 Channel projection: ``pca<r>q<bits>[+ans|+zstd<level>]`` sends the first ``r`` principal
 components of the channel vectors of a single-tensor frontier ``N x C x ...``, quantized on one
 step for all components (``_projection.py``); an ``r`` beyond the projection's components
-keeps them all (``pca4096q7`` is a full decorrelating rotation at any cut). It must be bound to
-the projection fitted on the cut's calibration frontier (``get_codec(spec, projection=fit(samples))``; bundles do it in
-``codec_for`` and ``decoder_for``), on both sides.
+keeps them all (``pca4096q7`` is a full decorrelating rotation at any cut). It must be bound
+to the projection fitted on the cut's calibration frontier
+(``get_codec(spec, projection=fit(samples))``; bundles do it in ``codec_for`` and
+``decoder_for``), on both sides.
 
 Ranges: a quantized codec uses each tensor's (or channel's) min/max at encode time, or the
 ranges it is bound to with ``get_codec(spec, clip=calibrate(samples, spec, "mse"))``; see
