@@ -86,12 +86,13 @@ async def test_server_killed_and_restarted_under_load(repository, cnn_bundle, cn
         while not stop.is_set():
             x, want = xs[i % len(xs)], wants[i % len(xs)]
             i += 1
+            started_in = phase[0]  # an answer read just after the kill was sent before it
             out = await client.ainfer(x)
             trace = client.last_trace
             where = "cloud" if trace.fallback is None else f"device ({trace.fallback})"
-            counts[f"{phase[0]}: {where}"] += 1
+            counts[f"{started_in}: {where}"] += 1
             if not _same(out, want):
-                wrong.append(f"{phase[0]} {where}")
+                wrong.append(f"{started_in} {where}")
             await asyncio.sleep(0.005)
 
     def cloud(p: str) -> int:
