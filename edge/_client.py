@@ -331,14 +331,12 @@ class EdgeClient:
         result = _pytree.unflatten(list(outputs), self.bundle.out_spec)
         return (result, trace) if return_trace else result
 
-    async def _remote(
-        self,
-        decision: Decision,
-        est: Estimates,
-        frontier: tuple[Any, ...],
-        trace: Trace,
-        started: float,
-    ) -> tuple[tuple[Any, ...], Trace]:
+    async def _encode(
+        self, decision: Decision, est: Estimates, frontier: tuple[Any, ...], trace: Trace, started: float
+    ) -> tuple[bytes, float | None]:
+        """The frontier encoded with the decision's codec (timed into ``trace``, the device's
+        work observed), and the seconds left of the deadline (None without one); raises
+        CloudTimeoutError if none are left. Shared by one-model and multi-task requests."""
         codec = self.bundle.codec_for(decision.cut, decision.codec)
         payload, trace.stages["encode"] = await self._emulated(
             codec.encode, list(frontier), profiled_s=decision.stages.get("encode", 0.0) / est.device_slowdown
@@ -350,11 +348,22 @@ class EdgeClient:
         self.estimator.observe_device(
             predicted / est.device_slowdown, trace.stages["head"] + trace.stages["encode"]
         )
-        remaining = None
-        if self.deadline_s is not None:
-            remaining = self.deadline_s - (time.perf_counter() - started)
-            if remaining <= 0:
-                raise CloudTimeoutError("the deadline passed before the request was sent", code="deadline")
+        if self.deadline_s is None:
+            return payload, None
+        remaining = self.deadline_s - (time.perf_counter() - started)
+        if remaining <= 0:
+            raise CloudTimeoutError("the deadline passed before the request was sent", code="deadline")
+        return payload, remaining
+
+    async def _remote(
+        self,
+        decision: Decision,
+        est: Estimates,
+        frontier: tuple[Any, ...],
+        trace: Trace,
+        started: float,
+    ) -> tuple[tuple[Any, ...], Trace]:
+        payload, remaining = await self._encode(decision, est, frontier, trace, started)
         header = protocol.RequestHeader(
             model=self.bundle.name,
             graph=self.bundle.graph_hash,

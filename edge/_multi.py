@@ -40,7 +40,6 @@ from splitinfer.edge._config import ClientConfig
 from splitinfer.errors import (
     AuthError,
     CloudError,
-    CloudTimeoutError,
     CloudUnavailableError,
     CodecError,
     ConfigError,
@@ -341,19 +340,7 @@ async def _remote(
 ) -> tuple[Flat, Trace]:
     """One request carrying the frontier for every model; their outputs from its answer."""
     first = client.bundle
-    codec = first.codec_for(decision.cut, decision.codec)
-    payload, trace.stages["encode"] = await client._emulated(
-        codec.encode, list(frontier), profiled_s=decision.stages.get("encode", 0.0) / est.device_slowdown
-    )
-    predicted = decision.stages.get("head", 0.0) + decision.stages.get("encode", 0.0)
-    client.estimator.observe_device(
-        predicted / est.device_slowdown, trace.stages["head"] + trace.stages["encode"]
-    )
-    remaining = None
-    if client.deadline_s is not None:
-        remaining = client.deadline_s - (time.perf_counter() - started)
-        if remaining <= 0:
-            raise CloudTimeoutError("the deadline passed before the request was sent", code="deadline")
+    payload, remaining = await client._encode(decision, est, frontier, trace, started)
     header = protocol.RequestHeader(
         model=first.name,
         graph=first.graph_hash,
