@@ -20,7 +20,6 @@ from splitinfer.compression import get_codec
 from splitinfer.edge import EdgeClient
 from splitinfer.errors import ConfigError
 from splitinfer.partitioner import Estimates
-from splitinfer.tensors import specs_of
 from tests.test_cloud_support import compute_held, frame, outputs, post, problem_code, running, until
 
 
@@ -92,25 +91,6 @@ async def test_equal_segments_are_loaded_once_and_both_models_answer_right(tasks
 # -- requests of several models batched together, one upload for several tasks -------------
 
 
-def _tasks_frame(
-    bundle: si.Bundle, cut: int, x: torch.Tensor, tasks: list[si.Bundle], codec: str = "f32"
-) -> bytes:
-    """A request body for ``bundle`` at ``cut`` that also asks for ``tasks``' outputs."""
-    frontier = bundle.head(cut, x)
-    payload = get_codec(codec).encode(frontier)
-    header = protocol.RequestHeader(
-        model=bundle.name,
-        graph=bundle.graph_hash,
-        cut=cut,
-        codec=codec,
-        tensors=specs_of(frontier),
-        request_id="many",
-        payload_nbytes=len(payload),
-        tasks=tuple((t.name, t.graph_hash) for t in tasks),
-    )
-    return protocol.encode_request(header, payload)
-
-
 def _eager(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(x)
@@ -175,7 +155,7 @@ async def test_one_upload_is_answered_by_every_task_that_shares_the_head(tasks):
         shared = doc["shared_heads"]["dogs"]
         assert shared >= _backbone_cuts(cats)
         for cut in (0, 1, shared):
-            status, headers, body = await post(s, url, _tasks_frame(cats, cut, x, [dogs]))
+            status, headers, body = await post(s, url, frame(cats, cut, x, codec="f32", tasks=[dogs]))
             assert status == 200, body
             rheader, payload = protocol.decode_response(body)
             assert rheader.models == (("cats", 1), ("dogs", 1))
@@ -188,14 +168,16 @@ async def test_one_upload_is_answered_by_every_task_that_shares_the_head(tasks):
             assert _batch_desc(headers) == f'batch;desc="rows=2 models={models_in_batch}"'
             assert (got[0].shape, got[1].shape) == ((2, 5), (2, 7))
         # where the heads differ, the frontier is not the task's: refused, and why
-        status, headers, body = await post(s, url, _tasks_frame(cats, shared + 1, x, [dogs]))
+        status, headers, body = await post(s, url, frame(cats, shared + 1, x, codec="f32", tasks=[dogs]))
         assert (status, problem_code(status, headers, body)) == (409, "head_not_shared")
         assert f"up to cut {shared}" in json.loads(body)["detail"]
         status, headers, body = await post(
-            s, url, _tasks_frame(cats, 1, x, [replace(dogs, graph_hash="0" * 16)])
+            s, url, frame(cats, 1, x, codec="f32", tasks=[replace(dogs, graph_hash="0" * 16)])
         )
         assert (status, problem_code(status, headers, body)) == (409, "graph_mismatch")
-        status, headers, body = await post(s, url, _tasks_frame(cats, 1, x, [replace(dogs, name="birds")]))
+        status, headers, body = await post(
+            s, url, frame(cats, 1, x, codec="f32", tasks=[replace(dogs, name="birds")])
+        )
         assert (status, problem_code(status, headers, body)) == (404, "unknown_model")
         assert "task 'birds'" in json.loads(body)["detail"]
         assert (
@@ -218,7 +200,7 @@ async def test_tasks_the_frontier_is_not_for_are_refused_and_nothing_else_is_los
     async with running(tmp_path, share_weights=False) as server, aiohttp.ClientSession() as s:
         url = server.url + "/v1/models/cats/infer"
         for cut in (0, 1):
-            status, headers, body = await post(s, url, _tasks_frame(cats, cut, x, [dogs, birds]))
+            status, headers, body = await post(s, url, frame(cats, cut, x, codec="f32", tasks=[dogs, birds]))
             assert (status, problem_code(status, headers, body)) == (409, "head_not_shared")
             detail = json.loads(body)["detail"]
             assert "'birds'" in detail and "nowhere (their inputs differ)" in detail
@@ -228,7 +210,7 @@ async def test_tasks_the_frontier_is_not_for_are_refused_and_nothing_else_is_los
         # the same upload for the models that do share the head is answered, whole
         doc = await (await s.get(server.url + "/v1/models/cats")).json()
         assert set(doc["shared_heads"]) == {"dogs"} and doc["shared_heads"]["dogs"] >= _backbone_cuts(cats)
-        status, headers, body = await post(s, url, _tasks_frame(cats, 1, x, [dogs]))
+        status, headers, body = await post(s, url, frame(cats, 1, x, codec="f32", tasks=[dogs]))
         assert status == 200, body
         rheader, payload = protocol.decode_response(body)
         got = get_codec(rheader.codec).decode(payload)

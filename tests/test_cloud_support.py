@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -31,8 +31,10 @@ def frame(
     codec: str = "f32+zstd1",
     deadline_s: float | None = None,
     request_id: str = "t",
+    tasks: Sequence[Bundle] = (),
 ) -> bytes:
-    """A request body carrying cut ``cut``'s frontier for the model input ``x``."""
+    """A request body carrying cut ``cut``'s frontier for the model input ``x`` (asking for
+    ``tasks``' outputs too, when given)."""
     frontier = bundle.head(cut, x)
     payload = get_codec(codec).encode(frontier)
     header = protocol.RequestHeader(
@@ -44,6 +46,7 @@ def frame(
         request_id=request_id,
         payload_nbytes=len(payload),
         deadline_s=deadline_s,
+        tasks=tuple((t.name, t.graph_hash) for t in tasks),
     )
     return protocol.encode_request(header, payload)
 
