@@ -33,8 +33,8 @@ import splitinfer as si  # noqa: E402
 from benchmarks._common import RESULTS, machine  # noqa: E402
 from splitinfer.bundle import Bundle  # noqa: E402
 from splitinfer.lab._demo import demo_model  # noqa: E402
-from tests.test_deploy_support import adapter_query, adapter_rules  # noqa: E402
-from tests.test_scale_support import (  # noqa: E402
+from tests.support.deploy import adapter_query, adapter_rules  # noqa: E402
+from tests.support.scale import (  # noqa: E402
     CHECK_FALL,
     CHECK_INTERVAL_S,
     Figures,
