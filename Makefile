@@ -35,7 +35,8 @@ test: $(VENV)/.stamp-dev-examples-plot-loadtest prometheus haproxy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # System packages the tests run for real, installed when missing (needs root and apt-get):
-# tests/test_prometheus.py and test_scale.py run a real Prometheus and tests/test_deploy.py its
+# tests/integration/deploy/: test_prometheus.py and test_scale.py run a real Prometheus and
+# test_deploy.py its
 # promtool (Debian's `prometheus`); test_scale.py and `make cluster` run HAProxy (`haproxy`).
 define apt_install
 	@$(2) || { \

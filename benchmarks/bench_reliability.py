@@ -1,6 +1,6 @@
 """Reliability and security, measured: fuzzing, faults, overload at 4x capacity, a 10-minute soak.
 
-The figures come from the reliability suites themselves (tests/test_fuzz.py, test_faults.py,
+The figures come from the reliability suites themselves (tests/integration/cloud/test_fuzz.py, test_faults.py,
 test_overload.py, test_soak.py), run here at full size (``SPLITINFER_RELIABILITY=long``) in a
 pytest subprocess that writes what it measured to JSON reports; this script turns them into
 benchmarks/results/reliability.md. ``make test`` runs the same suites short.
@@ -27,7 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = ["tests/test_fuzz.py", "tests/test_faults.py", "tests/test_overload.py", "tests/test_soak.py"]
+SUITES = [
+    "tests/integration/cloud/test_fuzz.py",
+    "tests/integration/cloud/test_faults.py",
+    "tests/integration/cloud/test_overload.py",
+    "tests/integration/cloud/test_soak.py",
+]
 MiB = 1 << 20
 
 
@@ -60,8 +65,9 @@ def fuzz_section(fuzz: dict) -> list[str]:
     lines = [
         "## Fuzzing",
         "",
-        "Structured, property-based fuzzing with hypothesis (see `tests/test_fuzz.py` for the",
-        "strategies): real frames and codec blobs of the demo CNN, mutated (bit flips, byte sets,",
+        "Structured, property-based fuzzing with hypothesis (see",
+        "`tests/integration/cloud/test_fuzz.py` for the strategies): real frames and codec blobs",
+        "of the demo CNN, mutated (bit flips, byte sets,",
         "deletions, insertions, truncations, splices), header fields replaced by junk of every",
         "msgpack type, and, for HTTP, random methods, paths, versions, headers (Content-Length,",
         "Transfer-Encoding, Expect, NUL and CR/LF) and broken framing against a real",
@@ -272,7 +278,8 @@ def write(
         "",
         "Reproduce: `make bench` (or `.venv/bin/python benchmarks/bench_reliability.py`); `make fuzz`",
         "for the fuzzing campaign alone. The figures are reported by the reliability suites",
-        "(`tests/test_fuzz.py`, `test_faults.py`, `test_overload.py`, `test_soak.py`) run at full size;",
+        "(`tests/integration/cloud/test_fuzz.py`, `test_faults.py`, `test_overload.py`,",
+        "`test_soak.py`) run at full size;",
         "`make test` runs the same suites short.",
         f"Machine: {machine()}; shared with 5 other agents' builds and tests while it ran, so the",
         "throughput figures are lower and noisier than on an idle machine.",

@@ -1,7 +1,7 @@
 """Scale-out benchmark: three `splitinfer serve` replicas behind HAProxy (the shipped
 deploy/haproxy/haproxy.cfg), edge clients sending continuously through it, and faults.
 
-The scenarios are tests/test_scale.py's (tests/test_scale_support.py), run with ten times as
+The scenarios are tests/integration/deploy/test_scale.py's (tests/support/scale.py), run with ten times as
 many requests and with their durations recorded: no fault; kill -9 of a replica; SIGTERM of
 one (drain); a replica added; a bundle updated on one replica only (version skew), then on all,
 then edges that reload. For each: requests, errors (unanswered), wrong answers, fallbacks to
@@ -147,7 +147,8 @@ def _report(
         "# Scale-out: replicas behind HAProxy, killed, drained, added and updated under load",
         "",
         "Reproduce: `.venv/bin/python benchmarks/bench_scale.py` (haproxy and prometheus installed:",
-        "`make haproxy prometheus`). The short version runs in `make test` (tests/test_scale.py).",
+        "`make haproxy prometheus`). The short version runs in `make test`",
+        "(tests/integration/deploy/test_scale.py).",
         f"Machine: {machine()}; load average {load_at_start:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end, shared with other work: latencies are noisy, "
         "the counts are not.",

@@ -24,7 +24,7 @@ also go to the ``--splitload-out`` JSON (merged from workers on the master), whi
 
 The process imports the real modules (``splitinfer.protocol``, ``splitinfer.partitioner``'s
 decision side, ``splitinfer.netem``, the lab's recording reader), none of which loads torch
-(tests/test_loadtest.py checks it). Run it with ``loadtests/run.py`` or
+(tests/integration/loadtests/test_loadtest.py checks it). Run it with ``loadtests/run.py`` or
 ``python -m locust -f loadtests/locustfile.py --headless --host URL --recording FILE ...``
 (loadtests/README.md, also for distributed runs).
 """

@@ -29,7 +29,7 @@ __all__ = ["Bundle", "Cut", "Manifest", "SplitInferError", "TensorSpec", "__vers
 
 def __getattr__(name: str) -> Any:
     # The one upward import of the ground floor, and a lazy one: the public facade re-exports
-    # the partitioner's compile (tests/test_layering.py allows exactly this).
+    # the partitioner's compile (tests/integration/core/test_layering.py allows exactly this).
     if name == "compile":
         from splitinfer.partitioner import compile
 

@@ -4,7 +4,7 @@ balancer. ``make cluster`` runs it until Ctrl-C::
 
     python deploy/haproxy/cluster.py --repository models/ --replicas 3
 
-The same classes start the clusters of ``tests/test_scale.py`` and
+The same classes start the clusters of ``tests/integration/deploy/test_scale.py`` and
 ``benchmarks/bench_scale.py``. The replicas are ``splitinfer serve`` subprocesses (started by
 ``splitinfer.lab``'s ServerProcess, so run this with the project's Python); HAProxy and
 Prometheus are the system's binaries (Debian's ``haproxy`` and ``prometheus`` packages;

@@ -1,4 +1,4 @@
-"""Helpers for tests/test_scale.py and benchmarks/bench_scale.py (no tests here): the local
+"""Helpers for tests/integration/deploy/test_scale.py and benchmarks/bench_scale.py (no tests here): the local
 cluster of ``deploy/haproxy/cluster.py`` (replicas, HAProxy, Prometheus), edge clients sending
 continuously through the balancer, and the scenarios (kill -9, SIGTERM, a replica added, a
 bundle updated on one replica) with their figures.

@@ -48,7 +48,7 @@ TORCH_FREE_MODULES = {
     "partitioner/_estimate.py",
     "partitioner/_policy.py",
     "partitioner/_profiles.py",
-    # the edge SDK runs on ONNX Runtime where torch is not installed (tests/test_runtime.py)
+    # the edge SDK runs on ONNX Runtime where torch is not installed (tests/integration/core/test_runtime.py)
     "edge/__init__.py",
     "edge/_breaker.py",
     "edge/_client.py",
