@@ -32,7 +32,8 @@ demo: $(VENV)/.stamp-examples-plot
 	$(VENV)/bin/splitinfer demo $(DEMO_ARGS)
 
 test: $(VENV)/.stamp-dev-examples-plot-loadtest prometheus haproxy
-	$(PY) -m pytest $(PYTEST_ARGS)
+	# pytest's own script: `python -m pytest` would put the working directory on sys.path
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # System packages the tests run for real, installed when missing (needs root and apt-get):
 # tests/integration/deploy/: test_prometheus.py and test_scale.py run a real Prometheus and
@@ -58,8 +59,7 @@ haproxy:
 CLUSTER_MODEL ?= efficientnet-lite0
 CLUSTER_REPO  ?= loadtests/.cache/repo
 cluster: $(VENV)/.stamp-dev-examples-plot-loadtest prometheus haproxy
-	$(PY) -c 'import sys; from pathlib import Path; sys.path.insert(0, "loadtests"); import run; \
-	  Path("$(CLUSTER_REPO)").mkdir(parents=True, exist_ok=True); run.build_bundle("$(CLUSTER_MODEL)", Path("$(CLUSTER_REPO)"))'
+	$(PY) loadtests/run.py --model $(CLUSTER_MODEL) --build-bundle $(CLUSTER_REPO)
 	$(PY) deploy/haproxy/cluster.py --repository $(CLUSTER_REPO) --replicas $(REPLICAS) $(CLUSTER_ARGS)
 
 # mypy checks every module of the package (the symlinks splitinfer/<room> make the checkout the

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from splitinfer.lab._models import efficientnet_lite0  # noqa: F401  (re-exported for the benchmarks)
+from splitinfer.lab import efficientnet_lite0  # noqa: F401  (re-exported for the benchmarks)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: The trace sets the deployment benchmarks replay by default (``--traces``): the project's

@@ -20,13 +20,17 @@ import numpy as np
 import torch
 import zstandard
 
-from splitinfer.compression import get_codec
-from splitinfer.compression._ans import encode_codes
-from splitinfer.compression._calibrate import calibrate_all
-from splitinfer.compression._pack import pack_bits
-from splitinfer.compression._projection import ChannelProjection, fit
-from splitinfer.compression._quant import affine, channel_view, quantize, sanitize
-from splitinfer.partitioner._fidelity import VECTORS_PER_CHANNEL
+from splitinfer.compression import ChannelProjection, calibrate_all, get_codec
+from splitinfer.compression import fit_projection as fit
+from splitinfer.compression.primitives import (
+    affine,
+    channel_view,
+    encode_codes,
+    pack_bits,
+    quantize,
+    sanitize,
+)
+from splitinfer.partitioner.fidelity import VECTORS_PER_CHANNEL
 
 #: The demo's cuts (lab/_demo.py: 130 kB) at which the policy runs on slow links.
 CUTS = (1, 2, 3, 4, 5)
@@ -42,14 +46,14 @@ PCA_BITS = (5, 6, 7)
 
 
 def _wilson(hits: int, n: int) -> tuple[float, float]:
-    from splitinfer.partitioner._fidelity import interval
+    from splitinfer.partitioner.fidelity import interval
 
     return interval("top1", torch.tensor([1.0] * hits + [0.0] * (n - hits), dtype=torch.float64))
 
 
 def _bundle() -> Any:
     import splitinfer as si
-    from splitinfer.lab._models import efficientnet_lite0
+    from splitinfer.lab import efficientnet_lite0
 
     return si.compile(
         efficientnet_lite0(), (torch.randn(1, 3, 224, 224),), name="demo", max_frontier_bytes=130_000
@@ -96,7 +100,7 @@ def _time_ms(codec: Any, samples: Sequence[list[torch.Tensor]], reps: int) -> fl
 
 def measure(quick: bool = False, seed: int = 0) -> tuple[list[str], dict[str, Any]]:
     """The report lines of the section and its numbers."""
-    from splitinfer.lab._images import CALIBRATION_PHOTOS, EVALUATION_PHOTOS, photo_batch
+    from splitinfer.lab import CALIBRATION_PHOTOS, EVALUATION_PHOTOS, photo_batch
 
     t_start = time.perf_counter()
     n_cal, n_eval = (8, 16) if quick else (32, 128)

@@ -16,15 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from _common import RESULTS, efficientnet_lite0, interleaved, machine, median_ms
 
 import splitinfer as si
-from splitinfer.lab._images import photo_batch
-from splitinfer.partitioner._capture import DEFAULT_CODECS
-from splitinfer.partitioner._fidelity import measure
+from splitinfer.lab import photo_batch
+from splitinfer.partitioner.fidelity import DEFAULT_CODECS, measure
 
 #: The fidelity table before it was reworked (one tail per cut and codec family at batch 32 in
 #: contiguous memory format, every cut, MSE ranges everywhere), measured once on this machine

@@ -37,11 +37,9 @@ import torch
 import zstandard
 from PIL import Image
 
-from splitinfer.compression import ClipRanges, available_codecs, calibrate, get_codec
-from splitinfer.compression._codec import payload_of
-from splitinfer.compression._dictionary import train
-from splitinfer.compression._pack import pack_bits, unpack_bits
-from splitinfer.compression._quant import affine, channel_view, quantize, sanitize
+from splitinfer.compression import ClipRanges, available_codecs, calibrate, get_codec, payload_of
+from splitinfer.compression import train_dictionary as train
+from splitinfer.compression.primitives import affine, channel_view, pack_bits, quantize, sanitize, unpack_bits
 
 RESULTS = Path(__file__).parent / "results" / "codecs.md"
 CUT_BLOCKS = (0, 2, 4, 8, 12, 15)
@@ -488,7 +486,7 @@ JPEG_NORMALISED = ("jpeg90", "jpeg95")
 
 def jpeg_normalised_section(m: torch.nn.Module, count: int, cal_count: int) -> list[str]:
     """JPEG at cut 0 of a model whose input is already ImageNet-normalised (as the demo's)."""
-    from splitinfer.lab._images import photo_batch
+    from splitinfer.lab import photo_batch
 
     images, cal_images = photo_batch(count, seed=5), photo_batch(cal_count, seed=9)
     with torch.no_grad():

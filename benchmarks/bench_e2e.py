@@ -40,16 +40,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from _common import DEFAULT_TRACES, RESULTS, add_deployment_args, fleet_speeds, machine, trace_sets
 
 from splitinfer.bundle import Bundle
-from splitinfer.lab._demo import MODELS, cache_root, choose_static, prepare_bundle, tie_slowdown
-from splitinfer.lab._hindsight import Link, kind_of
-from splitinfer.lab._live import POLICIES, live_stack, run_priced
-from splitinfer.lab._report import Record, p95, summarize, write_csv
+from splitinfer.lab.evaluation import (
+    MODELS,
+    POLICIES,
+    Link,
+    Record,
+    cache_root,
+    choose_static,
+    kind_of,
+    live_stack,
+    p95,
+    prepare_bundle,
+    run_priced,
+    summarize,
+    tie_slowdown,
+    write_csv,
+)
 from splitinfer.netem import BandwidthTrace
 
 ROOT = Path(__file__).resolve().parents[1]

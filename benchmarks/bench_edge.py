@@ -18,14 +18,11 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from _common import RESULTS, machine
 
 import splitinfer as si
 from splitinfer.edge import EdgeClient
-from splitinfer.lab._demo import demo_model
+from splitinfer.lab import demo_model
 
 
 def start_server(repository: Path) -> tuple[subprocess.Popen[str], str]:

@@ -39,9 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from _common import (
     DEFAULT_TRACES,
     RESULTS,
@@ -52,10 +49,9 @@ from _common import (
     trace_sets,
 )
 
-from splitinfer.lab._hindsight import Link, World, kind_of
+from splitinfer.lab.evaluation import Link, World, choose_static, kind_of, tie_slowdown
 from splitinfer.manifest import Cut, Manifest, update_manifest
-from splitinfer.partitioner import Estimates, Estimator, hedge_after, make_policy
-from splitinfer.partitioner._policy import TablePolicy
+from splitinfer.partitioner import Estimates, Estimator, TablePolicy, hedge_after, make_policy
 from splitinfer.tensors import TensorSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +169,7 @@ def demo_bundle(extra: list[str]) -> Path:
     """The demo's bundle compiled with ``extra`` codecs beside its own (built once, cached)."""
     from dataclasses import replace
 
-    from splitinfer.lab._demo import MODELS, cache_root, prepare_bundle
+    from splitinfer.lab.evaluation import MODELS, cache_root, prepare_bundle
 
     spec = MODELS["efficientnet-lite0"]
     spec = replace(spec, codecs=(*spec.codecs, *(c for c in extra if c not in spec.codecs)))
@@ -399,22 +395,6 @@ def p95(xs: list[float]) -> float:
 # -- experiments -------------------------------------------------------------------------------------
 
 
-def choose_static(bundle: Manifest, links: list[Link], ds: float, limit: int = 24) -> tuple[int, str]:
-    """The one (cut, codec) of least mean realized latency over ``links`` on a device ``ds``
-    times slower than the profile: a static configuration tuned before deployment, for a
-    population of links (at most ``limit`` of them, evenly spaced), never on the run it is
-    scored on unless that is the point (``static-hindsight``)."""
-    policy = make_policy("adaptive", bundle, fidelity_budget=BUDGET, explore=0.0)
-    allowed = policy.rows
-    total = np.zeros(len(allowed))
-    for i, link in enumerate(links[:: max(1, len(links) // limit)][:limit]):
-        world = World(policy, link, ds, np.random.default_rng(i))
-        for t in np.arange(0.0, link.duration, INTERVAL_S):
-            total += world.latencies(allowed, float(t), RTT_S)
-    row = int(allowed[int(np.argmin(total))])
-    return int(policy.model.cut[row]), policy.model.codec(row)
-
-
 def sweep(bundle: Manifest, links: list[Link], slowdowns: list[float]) -> list[dict[str, Any]]:
     """Oracle choices and the fixed ends' latency at several device slowdowns."""
     oracle_policy = make_policy("adaptive", bundle, fidelity_budget=BUDGET, explore=0.0)
@@ -447,19 +427,6 @@ def sweep(bundle: Manifest, links: list[Link], slowdowns: list[float]) -> list[d
             }
         )
     return rows
-
-
-def tie_slowdown(bundle: Manifest, links: list[Link]) -> float:
-    """The device slowdown at which all-on-device and all-in-the-cloud tie in mean latency.
-
-    Local latency is ``head(n) * ds``; the cloud's barely depends on ``ds`` (only its encode
-    runs on the device), so two fixed-point steps suffice. Rounded to an integer.
-    """
-    head_n = float(make_policy("local", bundle).model.head[-1])
-    ds = 32.0
-    for _ in range(2):
-        ds = sweep(bundle, links, [ds])[0]["cloud"] / head_n
-    return float(round(ds))
 
 
 #: Estimator variants the adaptive run's observations are replayed into: (label, settings).

@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from _common import RESULTS, machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +41,9 @@ def run_suites(suites: list[str], report_dir: Path, fuzz_examples: int) -> tuple
         "SPLITINFER_RELIABILITY_REPORT": str(report_dir),
         "SPLITINFER_FUZZ_EXAMPLES": str(fuzz_examples),
     }
-    command = [sys.executable, "-m", "pytest", *suites, "-q", "-p", "no:cacheprovider", "--timeout", "3600"]
+    # pytest's own script beside this interpreter: `python -m pytest` would put ROOT on sys.path
+    pytest = str(Path(sys.executable).with_name("pytest"))
+    command = [pytest, *suites, "-q", "-p", "no:cacheprovider", "--timeout", "3600"]
     print("$", " ".join(command), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)

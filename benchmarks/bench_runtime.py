@@ -32,7 +32,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
-sys.path.insert(0, str(HERE.parent))
 
 MODEL = "efficientnet-lite0"
 

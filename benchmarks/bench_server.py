@@ -46,7 +46,6 @@ from pathlib import Path
 import msgpack
 
 HERE = Path(__file__).resolve()
-sys.path.insert(0, str(HERE.parent))
 
 MODEL = "efficientnet-lite0"
 CUT_INDEX = {"late": 158, "mid": 77}

@@ -26,21 +26,21 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from _common import RESULTS, machine
 
-from splitinfer.lab._demo import (
+from splitinfer.lab.evaluation import (
     MODELS,
+    Device,
+    SharedResult,
     cache_root,
+    live_stack,
     median_rate,
     prepare_bundle,
+    run_shared,
     static_choice,
     stretch,
     tie_slowdown,
 )
-from splitinfer.lab._live import live_stack
-from splitinfer.lab._shared import Device, SharedResult, run_shared
 from splitinfer.netem import BandwidthTrace
 
 TRACES = ["norway-3g-bus-1", "norway-3g-train-1", "norway-3g-tram-10", "fcc-hsdpa-ferry-10-part0"]

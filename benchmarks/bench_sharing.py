@@ -36,7 +36,6 @@ import asyncio
 import copy
 import re
 import statistics
-import sys
 import tempfile
 import time
 import urllib.request
@@ -47,16 +46,13 @@ import aiohttp
 import torch
 
 HERE = Path(__file__).resolve()
-sys.path.insert(0, str(HERE.parent))
 
 from _common import RESULTS, efficientnet_lite0, load_average, machine  # noqa: E402
 
 import splitinfer as si  # noqa: E402
 from splitinfer import protocol  # noqa: E402
 from splitinfer.edge import EdgeClient  # noqa: E402
-from splitinfer.lab._images import photo_batch  # noqa: E402
-from splitinfer.lab._models import compile_on_photos  # noqa: E402
-from splitinfer.lab._server import ServerProcess  # noqa: E402
+from splitinfer.lab import ServerProcess, compile_on_photos, photo_batch  # noqa: E402
 from splitinfer.netem import PROFILES, BandwidthTrace, LinkEmulator  # noqa: E402
 from splitinfer.tensors import specs_of  # noqa: E402
 

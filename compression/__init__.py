@@ -39,6 +39,13 @@ Dictionaries: a ``+zstd<level>`` codec may be bound to a zstd dictionary trained
 blobs carry the dictionary's id, and a decoder bound to another dictionary, or to none,
 refuses them with a CodecError that names both.
 
+Bundles and the partitioner bind codecs with the names above too: :func:`parse_spec` reads a
+spec, :func:`fit_projection` and :func:`train_dictionary` make what a cut's codecs are bound to,
+:func:`calibrate_all` its ranges, and :func:`payload_of` gives the bytes a codec hands to zstd
+(what a dictionary is trained on).
+The building blocks of the codecs (bit packing, affine quantization, rANS) are public in
+:mod:`splitinfer.compression.primitives`, for measuring them and for writing a new codec.
+
 Non-finite values: every codec returns NaN, +inf and -inf exactly where they were.
 
 - ``f32`` keeps them bit for bit (``f16``/``bf16`` keep them too; finite floats beyond the f16
@@ -57,7 +64,32 @@ allocates; the adapters give it torch and numpy in and out, and, unless it decla
 from spoiling the finite values (``_quant.sanitize`` measures ranges without them).
 """
 
-from splitinfer.compression._calibrate import ClipRanges, calibrate
-from splitinfer.compression._codec import DEFAULT_MAX_NBYTES, Codec, available_codecs, get_codec
+from splitinfer.compression._calibrate import CALIBRATION_METHODS, ClipRanges, calibrate, calibrate_all
+from splitinfer.compression._codec import DEFAULT_MAX_NBYTES, Codec, available_codecs, get_codec, payload_of
+from splitinfer.compression._dictionary import MAX_SIZE as MAX_DICTIONARY_BYTES
+from splitinfer.compression._dictionary import ZstdDictionary
+from splitinfer.compression._dictionary import train as train_dictionary
+from splitinfer.compression._projection import MAX_CHANNELS as MAX_PROJECTION_CHANNELS
+from splitinfer.compression._projection import ChannelProjection
+from splitinfer.compression._projection import fit as fit_projection
+from splitinfer.compression._spec import Spec, parse_spec
 
-__all__ = ["DEFAULT_MAX_NBYTES", "ClipRanges", "Codec", "available_codecs", "calibrate", "get_codec"]
+__all__ = [
+    "CALIBRATION_METHODS",
+    "DEFAULT_MAX_NBYTES",
+    "MAX_DICTIONARY_BYTES",
+    "MAX_PROJECTION_CHANNELS",
+    "ChannelProjection",
+    "ClipRanges",
+    "Codec",
+    "Spec",
+    "ZstdDictionary",
+    "available_codecs",
+    "calibrate",
+    "calibrate_all",
+    "fit_projection",
+    "get_codec",
+    "parse_spec",
+    "payload_of",
+    "train_dictionary",
+]

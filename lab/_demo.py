@@ -63,6 +63,7 @@ from splitinfer.bundle import Bundle
 from splitinfer.errors import ConfigError
 from splitinfer.lab._hindsight import Link
 from splitinfer.lab._live import HINDSIGHT, POLICIES
+from splitinfer.lab._tuning import choose_static, tie_slowdown
 from splitinfer.netem import BandwidthTrace, shipped_traces
 
 __all__ = ["DemoConfig", "demo_model", "run_demo"]
@@ -285,32 +286,6 @@ def stretch(trace: BandwidthTrace, offset_s: float) -> BandwidthTrace:
     )
 
 
-def tie_slowdown(
-    bundle: Bundle, trace: BandwidthTrace, *, duration_s: float, rtt_s: float, budget: float
-) -> float:
-    """The device slowdown at which all-on-device ties with all-in-the-cloud on this stretch.
-
-    Local latency is ``head(n) * ds``; the cloud's barely depends on ``ds`` (only its encode runs
-    on the device), so a few fixed-point steps suffice. Rounded to an integer, at least 1.
-    """
-    from splitinfer.lab._hindsight import Link, World
-    from splitinfer.partitioner import make_policy
-
-    cloud = make_policy("cloud", bundle, fidelity_budget=budget)
-    head_n = float(make_policy("local", bundle).model.head[-1])
-    link = Link.from_trace(trace, duration_s + 60)
-    ds = 32.0
-    for _ in range(3):
-        world = World(cloud, link, ds)
-        mean = float(
-            np.mean(
-                [world.latencies(cloud.rows, float(t), rtt_s).min() for t in np.arange(0, duration_s, 0.25)]
-            )
-        )
-        ds = max(1.0, mean / head_n)
-    return float(max(1, round(ds)))
-
-
 def median_rate(traces: Sequence[BandwidthTrace], duration_s: float) -> float:
     """The median rate (bit/s) over the first ``duration_s`` of each trace."""
     grid = np.arange(0, duration_s, 0.1)
@@ -356,33 +331,6 @@ def tuning_links(
         else:
             out.append((Link.from_trace(trace, trace.period), trace.period, f"{name} (whole)"))
     return out
-
-
-def choose_static(
-    bundle: Bundle,
-    links: Sequence[tuple[Link, float, str]],
-    ds: float,
-    *,
-    rtt_s: float,
-    budget: float,
-    interval_s: float = 0.2,
-) -> tuple[int, str]:
-    """The one (cut, codec) of least mean realized latency over ``links`` (a request every
-    ``interval_s`` of each link's span) on a device ``ds`` times slower than the profile: a
-    static configuration tuned before deployment, for a population of links, as
-    benchmarks/bench_policy.py's deploy-time static is."""
-    from splitinfer.lab._hindsight import World
-    from splitinfer.partitioner import make_policy
-
-    policy = make_policy("adaptive", bundle, fidelity_budget=budget, explore=0.0)
-    allowed = policy.rows
-    total = np.zeros(len(allowed))
-    for i, (link, span, _) in enumerate(links):
-        world = World(policy, link, ds, np.random.default_rng(i))
-        for t in np.arange(0.0, span, interval_s):
-            total += world.latencies(allowed, float(t), rtt_s)
-    row = int(allowed[int(np.argmin(total))])
-    return int(policy.model.cut[row]), policy.model.codec(row)
 
 
 # -- the command ------------------------------------------------------------------------------

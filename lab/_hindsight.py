@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from splitinfer.netem import BandwidthTrace
-from splitinfer.partitioner._policy import TablePolicy
+from splitinfer.partitioner import TablePolicy
 
 __all__ = ["MIN_MBIT", "Link", "World", "kind_of"]
 

@@ -149,8 +149,7 @@ def _grid_weights(grid: str) -> Any:
     """The cost model's weight vector (``latency_weights``) at every point of a grid."""
     import numpy as np
 
-    from splitinfer.partitioner._costs import latency_weights
-    from splitinfer.partitioner._estimate import Estimates
+    from splitinfer.partitioner import Estimates, latency_weights
 
     axes = {"wide": WIDE_GRID, "explore": EXPLORE_GRID}[grid]
     weights = []
@@ -169,8 +168,7 @@ def reachable_pairs(
     its best, or within ``margin`` of its best (what exploration may take)."""
     import numpy as np
 
-    from splitinfer.partitioner._costs import CostModel
-    from splitinfer.partitioner._estimate import Estimates
+    from splitinfer.partitioner import CostModel, Estimates
 
     model = CostModel(bundle)
     allowed = [
@@ -202,8 +200,7 @@ def default_static(bundle: Any, fidelity_budget: float) -> tuple[int, str]:
     """A hand-tuned split for a typical 3G device: the best (cut, codec) strictly between the
     ends (not all in the cloud, not all on the device) for a 1.5 Mbit/s uplink, a 100 ms round
     trip and a device 8 times slower than the profiled host."""
-    from splitinfer.partitioner._costs import CostModel
-    from splitinfer.partitioner._estimate import Estimates
+    from splitinfer.partitioner import CostModel, Estimates
 
     model = CostModel(bundle)
     est = Estimates(uplink_bps=1.5e6, downlink_bps=6e6, rtt_s=0.1, device_slowdown=8.0)

@@ -45,8 +45,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import gevent
 from geventhttpclient import HTTPClient
 from locust import User, events, task
@@ -56,8 +54,7 @@ from shapes import SHAPES
 from splitinfer import netem, protocol
 from splitinfer.errors import ConfigError
 from splitinfer.lab import Recording
-from splitinfer.partitioner import Estimates, Estimator, make_policy
-from splitinfer.partitioner._costs import CostModel
+from splitinfer.partitioner import CostModel, Estimates, Estimator, make_policy
 
 #: Policies compared, in the order the reports list them.
 POLICIES = ("adaptive", "neurosurgeon", "cloud", "static", "local")

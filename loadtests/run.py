@@ -29,10 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import report  # loadtests/ is on the path when this file runs
 
-import report  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 CACHE = HERE / ".cache"
 RESULTS = HERE / "results"
@@ -193,7 +192,17 @@ def main(argv: list[str] | None = None) -> int:
         help="send to this server (e.g. `make cluster`'s balancer, serving this cache's repo) "
         "instead of starting one",
     )
+    parser.add_argument(
+        "--build-bundle",
+        type=Path,
+        metavar="REPO",
+        help="only compile the model's bundle into the repository REPO (what `make cluster` serves)",
+    )
     args = parser.parse_args(argv)
+    if args.build_bundle:
+        args.build_bundle.mkdir(parents=True, exist_ok=True)
+        build_bundle(args.model, args.build_bundle)
+        return 0
     repo = args.cache / "repo"
     repo.mkdir(parents=True, exist_ok=True)
     bundle_dir = build_bundle(args.model, repo)

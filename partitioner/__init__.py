@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from splitinfer.partitioner._costs import EnergyModel
+from splitinfer.partitioner._costs import CostModel, EnergyModel, latency_weights
 from splitinfer.partitioner._estimate import Estimates, Estimator
 from splitinfer.partitioner._hedge import hedge_after
-from splitinfer.partitioner._policy import Candidate, Decision, Explanation, Policy, make_policy
+from splitinfer.partitioner._policy import Candidate, Decision, Explanation, Policy, TablePolicy, make_policy
 
 if TYPE_CHECKING:
     from splitinfer.partitioner._capture import compile
@@ -25,14 +25,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Candidate",
+    "CostModel",
     "Decision",
     "EnergyModel",
     "Estimates",
     "Estimator",
     "Explanation",
     "Policy",
+    "TablePolicy",
     "compile",
     "hedge_after",
+    "latency_weights",
     "make_policy",
     "profile_bundle",
 ]

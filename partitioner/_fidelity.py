@@ -18,7 +18,7 @@ inputs it was measured on:
   otherwise, measured by running the tail on the decoded frontier; lossless codecs score 1.0;
 - bytes: mean encoded size of one request (batch 1), over up to ``bytes_samples`` inputs;
 - channel projections: at each cut where a ``pca<r>q<bits>`` codec applies (a frontier of one
-  floating tensor), one projection fitted on the calibration frontier (``_projection.fit``),
+  floating tensor), one projection fitted on the calibration frontier (``compression.fit_projection``),
   shared by every pca codec of the cut (each keeps its first ``r`` components);
 - zstd dictionaries (``dictionaries=True``): for each cut and ``+zstd`` codec, a dictionary
   trained on the calibration frontiers, tried only where the payload is at most
@@ -57,12 +57,19 @@ from torch.utils import _pytree as pytree
 
 from splitinfer._progress import Progress
 from splitinfer.bundle import Bundle
-from splitinfer.compression import ClipRanges, get_codec
-from splitinfer.compression._calibrate import CALIBRATION_METHODS, calibrate_all
-from splitinfer.compression._codec import payload_of
-from splitinfer.compression._dictionary import ZstdDictionary, train
-from splitinfer.compression._projection import MAX_CHANNELS, ChannelProjection, fit
-from splitinfer.compression._spec import parse_spec
+from splitinfer.compression import (
+    CALIBRATION_METHODS,
+    ChannelProjection,
+    ClipRanges,
+    ZstdDictionary,
+    calibrate_all,
+    get_codec,
+    parse_spec,
+    payload_of,
+)
+from splitinfer.compression import MAX_PROJECTION_CHANNELS as MAX_CHANNELS
+from splitinfer.compression import fit_projection as fit
+from splitinfer.compression import train_dictionary as train
 from splitinfer.errors import CodecError, ConfigError
 
 __all__ = [

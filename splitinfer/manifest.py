@@ -21,12 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from splitinfer._version import __version__
-from splitinfer.compression import ClipRanges, Codec, get_codec
-from splitinfer.compression._dictionary import MAX_SIZE as _MAX_DICT_BYTES
-from splitinfer.compression._dictionary import ZstdDictionary
-from splitinfer.compression._projection import MAX_CHANNELS as _MAX_PROJ_CHANNELS
-from splitinfer.compression._projection import ChannelProjection
-from splitinfer.compression._spec import parse_spec
+from splitinfer.compression import (
+    MAX_DICTIONARY_BYTES,
+    MAX_PROJECTION_CHANNELS,
+    ChannelProjection,
+    ClipRanges,
+    Codec,
+    ZstdDictionary,
+    get_codec,
+    parse_spec,
+)
 from splitinfer.errors import BundleError, ConfigError
 from splitinfer.tensors import TensorSpec
 
@@ -356,7 +360,7 @@ def load_dictionaries(root: Path, manifest: Mapping[str, Any]) -> dict[str, dict
                 expected = None
             if expected is None or name != expected:
                 raise BundleError(f"bundle {root} lists an invalid dictionary file {name!r}")
-            data = _read_listed(root, name, manifest, _MAX_DICT_BYTES)
+            data = _read_listed(root, name, manifest, MAX_DICTIONARY_BYTES)
             out.setdefault(str(cut), {})[str(spec)] = ZstdDictionary(data)
     return out
 
@@ -368,7 +372,7 @@ def load_projections(root: Path, manifest: Mapping[str, Any]) -> dict[str, Chann
     listed = manifest.get("projections") or {}
     if not isinstance(listed, dict):
         raise BundleError(f"bundle {root}: 'projections' must be a map of cut to file")
-    limit = 16 + 4 * (_MAX_PROJ_CHANNELS + 4) * _MAX_PROJ_CHANNELS
+    limit = 16 + 4 * (MAX_PROJECTION_CHANNELS + 4) * MAX_PROJECTION_CHANNELS
     for cut, entry in listed.items():
         name = entry.get("file") if isinstance(entry, dict) else None
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,13 @@ from prometheus_client import CollectorRegistry
 
 import splitinfer as si
 from splitinfer.cloud import ServerConfig, create_app
-from splitinfer.lab._demo import demo_model
+from splitinfer.lab import demo_model
+
+#: The repository root, which `python -m pytest` puts on sys.path as the working directory: the
+#: rooms' folders there (compression/, edge/, ...) would import as top-level packages, and on
+#: Python 3.14 `compression` is the standard library's. The package is imported as installed.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 
 
 @pytest.fixture(scope="session")

@@ -128,7 +128,7 @@ class Replica:
     already expects it. Its output goes to ``WORKDIR/<name>.log``."""
 
     def __init__(self, name: str, repository: Path, workdir: Path, *options: str):
-        from splitinfer.lab._server import ServerProcess
+        from splitinfer.lab import ServerProcess
 
         self.name, self.repository, self.options = name, repository, options
         self.port, self.metrics_port = free_port(), free_port()
