@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -16,6 +19,7 @@ import torch
 from splitinfer.lab import efficientnet_lite0  # noqa: F401  (re-exported for the benchmarks)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 #: The trace sets the deployment benchmarks replay by default (``--traces``): the project's
 #: read-only folder beside the repository (a worktree sits one level deeper).
 _BESIDE = [p / "shared" / "traces" for p in Path(__file__).resolve().parents[2:4]]
@@ -138,3 +142,16 @@ def load_average() -> str:
     """``uptime``'s load averages, for result files (the machine is shared)."""
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min, {os.cpu_count()} cores)"
+
+
+def deploy_script(relative: str) -> ModuleType:
+    """The Python file ``deploy/<relative>``, loaded by its path once (deploy/ is no package;
+    tests/support/deploy.py loads it the same way)."""
+    name = "splitinfer_deploy_" + Path(relative).stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, DEPLOY / relative)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

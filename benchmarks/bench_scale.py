@@ -1,13 +1,14 @@
 """Scale-out benchmark: three `splitinfer serve` replicas behind HAProxy (the shipped
 deploy/haproxy/haproxy.cfg), edge clients sending continuously through it, and faults.
 
-The scenarios are tests/integration/deploy/test_scale.py's (tests/support/scale.py), run with ten times as
-many requests and with their durations recorded: no fault; kill -9 of a replica; SIGTERM of
-one (drain); a replica added; a bundle updated on one replica only (version skew), then on all,
-then edges that reload. For each: requests, errors (unanswered), wrong answers, fallbacks to
-the device, p50 and p99 of the edge's end-to-end latency, against the run with no fault. Then
-the autoscaling signal: the prometheus-adapter rule's query, with its own 1-minute window,
-evaluated by a real Prometheus over the three replicas at three offered loads.
+The scenarios are deploy/haproxy/scenarios.py's, which tests/integration/deploy/test_scale.py
+runs short; here they run with ten times as many requests and with their durations recorded: no
+fault; kill -9 of a replica; SIGTERM of one (drain); a replica added; a bundle updated on one
+replica only (version skew), then on all, then edges that reload. For each: requests, errors
+(unanswered), wrong answers, fallbacks to the device, p50 and p99 of the edge's end-to-end
+latency, against the run with no fault. Then the autoscaling signal: the prometheus-adapter
+rule's query, with its own 1-minute window, evaluated by a real Prometheus over the three
+replicas at three offered loads.
 
 Writes benchmarks/results/scale.md. Run: `.venv/bin/python benchmarks/bench_scale.py` (about
 8 minutes; `--quick` for a short smoke run). Needs haproxy and prometheus (`make haproxy
@@ -25,36 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import RESULTS, deploy_script, machine
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import splitinfer as si
+from splitinfer.bundle import Bundle
+from splitinfer.lab import demo_model
 
-import splitinfer as si  # noqa: E402
-from benchmarks._common import RESULTS, machine  # noqa: E402
-from splitinfer.bundle import Bundle  # noqa: E402
-from splitinfer.lab._demo import demo_model  # noqa: E402
-from tests.support.deploy import adapter_query, adapter_rules  # noqa: E402
-from tests.support.scale import (  # noqa: E402
-    CHECK_FALL,
-    CHECK_INTERVAL_S,
-    Figures,
-    Scale,
-    add_one,
-    baseline,
-    drain_one,
-    install_bundle,
-    kill_one,
-    offered_load_steps,
-    replica_repositories,
-    running,
-    version_skew,
-    wait_until,
-)
+#: deploy/haproxy/scenarios.py: the cluster's scenarios, which test_scale.py runs short
+scenarios = deploy_script("haproxy/scenarios.py")
 
 CLIENTS = 3
 
 
-def _row(name: str, f: Figures, base: Figures) -> str:
+def _row(name: str, f: scenarios.Figures, base: scenarios.Figures) -> str:
     fallbacks = ", ".join(f"{k} {v}" for k, v in sorted(f.fallbacks.items())) or "0"
     ratio = f.p99_ms / base.p99_ms if base.p99_ms else float("nan")
     return (
@@ -68,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short smoke run (not recorded)")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.md")
     args = parser.parse_args(argv)
-    scale = Scale(before=40, after=120) if args.quick else Scale(before=200, after=800)
+    scale = scenarios.Scale(before=40, after=120) if args.quick else scenarios.Scale(before=200, after=800)
     step_s = 20.0 if args.quick else 75.0
     torch.set_num_threads(1)
     load_at_start = os.getloadavg()[0]
@@ -83,39 +67,43 @@ def main(argv: list[str] | None = None) -> int:
         def fresh(name: str) -> tuple[list[Path], Path]:
             work = tmp / name
             work.mkdir()
-            return replica_repositories(tmp / "repo", work), work
+            return scenarios.replica_repositories(tmp / "repo", work), work
 
         results: dict[str, Any] = {}
         repos, work = fresh("faults")
-        with running(repos, work, running_=2) as c:
+        with scenarios.running(repos, work, running_=2) as c:
             print("== no fault (2 replicas)", flush=True)
-            results["baseline2"] = baseline(c, bundle, model, scale, CLIENTS)
+            results["baseline2"] = scenarios.baseline(c, bundle, model, scale, CLIENTS)
             print("== replica added", flush=True)
-            results["added"] = add_one(c, bundle, model, scale, CLIENTS)
+            results["added"] = scenarios.add_one(c, bundle, model, scale, CLIENTS)
             print("== no fault (3 replicas)", flush=True)
-            results["baseline"] = baseline(c, bundle, model, scale, CLIENTS)
+            results["scenarios.baseline"] = scenarios.baseline(c, bundle, model, scale, CLIENTS)
             print("== kill -9", flush=True)
-            results["killed"] = kill_one(c, bundle, model, scale, CLIENTS)
+            results["killed"] = scenarios.kill_one(c, bundle, model, scale, CLIENTS)
             print("== SIGTERM", flush=True)
-            results["drained"] = drain_one(c, bundle, model, scale, CLIENTS)
+            results["drained"] = scenarios.drain_one(c, bundle, model, scale, CLIENTS)
 
         print("== version skew", flush=True)
         repos, work = fresh("skew")
-        install_bundle(repos[2], tmp / "v2" / "democnn")
-        with running(repos, work) as c:
-            skew = version_skew(
+        scenarios.install_bundle(repos[2], tmp / "v2" / "democnn")
+        with scenarios.running(repos, work) as c:
+            skew = scenarios.version_skew(
                 c, repos, (bundle, model), (new_bundle, new_model, tmp / "v2" / "democnn"), scale, CLIENTS
             )
 
         print("== autoscaling signal", flush=True)
         repos, work = fresh("hpa")
-        (rule,) = adapter_rules()
-        query = adapter_query(rule, "splitinfer_inflight_requests", 'job="splitinfer"', "replica")
+        (rule,) = scenarios.adapter_rules()
+        query = scenarios.adapter_query(rule, "splitinfer_inflight_requests", 'job="splitinfer"', "replica")
         window = "1m" if not args.quick else "15s"
         query = query.replace("[1m]", f"[{window}]")
-        with running(repos, work, prometheus=True) as c:
-            wait_until(lambda: len(c.prometheus.query('up{job="splitinfer"} == 1')) == 3, "scraped", 60)
-            steps = offered_load_steps(c, bundle, model, query, window, (0, 1, 2, 4, 8), step_s, rows=8)
+        with scenarios.running(repos, work, prometheus=True) as c:
+            scenarios.wait_until(
+                lambda: len(c.prometheus.query('up{job="splitinfer"} == 1')) == 3, "scraped", 60
+            )
+            steps = scenarios.offered_load_steps(
+                c, bundle, model, query, window, (0, 1, 2, 4, 8), step_s, rows=8
+            )
         shutil.rmtree(tmp, ignore_errors=True)
 
     if args.quick:
@@ -134,17 +122,17 @@ def _report(
     r: dict[str, Any],
     skew: Any,
     steps: list[dict[str, Any]],
-    scale: Scale,
+    scale: scenarios.Scale,
     window: str,
     step_s: float,
     query: str,
     load_at_start: float,
 ) -> str:
-    base, killed, drained, added = r["baseline"], r["killed"], r["drained"], r["added"]
+    base, killed, drained, added = r["scenarios.baseline"], r["killed"], r["drained"], r["added"]
     k, d, a = killed.extra, drained.extra, added.extra
     shares = ", ".join(f"{x:.0%}" for x in a["shares"])
     lines = [
-        "# Scale-out: replicas behind HAProxy, killed, drained, added and updated under load",
+        "# scenarios.Scale-out: replicas behind HAProxy, killed, drained, added and updated under load",
         "",
         "Reproduce: `.venv/bin/python benchmarks/bench_scale.py` (haproxy and prometheus installed:",
         "`make haproxy prometheus`). The short version runs in `make test`",
@@ -158,7 +146,8 @@ def _report(
         "- three `splitinfer serve` replicas on 127.0.0.1 (one compute thread, one torch thread each,",
         "  `--metrics-port`), serving the demo CNN; HAProxy 2.6 with `deploy/haproxy/haproxy.cfg` as",
         "  shipped (addresses from the environment; health checks on `/v2/health/ready` every",
-        f"  {CHECK_INTERVAL_S:g} s, down after {CHECK_FALL} failures or at once on a refused connection;",
+        f"  {scenarios.CHECK_INTERVAL_S:g} s, down after {scenarios.CHECK_FALL} failures or at once on a "
+        "refused connection;",
         "  `retry-on conn-failure empty-response junk-response 503`, `retries 2`, redispatch on each);",
         f"- {CLIENTS} EdgeClients in one process, each sending one request after another (static policy,",
         "  cut 6, `f32`, no deadline) through the balancer; edges and replicas share the machine;",
@@ -181,7 +170,7 @@ def _report(
         "What the balancer did:",
         "",
         f"- kill -9: HAProxy marked the dead replica down {k['out_of_rotation_s']:.2f} s after the kill",
-        f"  (health checks every {CHECK_INTERVAL_S:g} s); meanwhile it tried it for "
+        f"  (health checks every {scenarios.CHECK_INTERVAL_S:g} s); meanwhile it tried it for "
         f"{k['sent_to_dead_before_down']:.0f} request(s), each sent again",
         f"  to another replica, and never after ({k['sent_to_dead_after_down']:.0f}); "
         f"{k['lb_redispatches']:.0f} redispatches, {k['lb_retries']:.0f} retries in all.",

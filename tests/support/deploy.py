@@ -3,6 +3,7 @@ the metric names the code exports, processes started and always stopped); no tes
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -164,15 +166,13 @@ def alert_rules() -> list[dict[str, Any]]:
     return [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
 
 
-def adapter_rules() -> list[dict[str, Any]]:
-    return yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
-
-
-def adapter_query(rule: dict[str, Any], series: str, matchers: str, group_by: str) -> str:
-    """The adapter's metricsQuery with its Go-template fields filled in as the adapter does."""
-    return (
-        rule["metricsQuery"]
-        .replace("<<.Series>>", series)
-        .replace("<<.LabelMatchers>>", matchers)
-        .replace("<<.GroupBy>>", group_by)
-    )
+def deploy_script(relative: str) -> ModuleType:
+    """The Python file ``deploy/<relative>``, loaded by its path once (deploy/ is no package)."""
+    name = "splitinfer_deploy_" + Path(relative).stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, DEPLOY / relative)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -17,28 +17,16 @@ import torch
 
 import splitinfer as si
 from splitinfer.bundle import Bundle
-from splitinfer.lab._demo import demo_model
-from tests.support.deploy import adapter_query, adapter_rules, tool
-from tests.support.scale import (
-    Figures,
-    Scale,
-    add_one,
-    drain_one,
-    http_get,
-    install_bundle,
-    kill_one,
-    offered_load_steps,
-    replica_metrics_through_balancer,
-    replica_repositories,
-    running,
-    version_skew,
-    wait_until,
-)
+from splitinfer.lab import demo_model
+from tests.support.deploy import deploy_script, tool
+
+#: deploy/haproxy/scenarios.py: the cluster's scenarios, which benchmarks/bench_scale.py runs long
+scenarios = deploy_script("haproxy/scenarios.py")
 
 pytestmark = pytest.mark.slow
 
 #: Requests before and after each fault (the benchmark sends ten times as many).
-SCALE = Scale(before=15, after=45)
+SCALE = scenarios.Scale(before=15, after=45)
 CLIENTS = 3
 
 
@@ -50,7 +38,7 @@ def _tools() -> None:
 
 @pytest.fixture
 def repositories(repository: Path, tmp_path: Path) -> list[Path]:
-    return replica_repositories(repository, tmp_path)
+    return scenarios.replica_repositories(repository, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -63,23 +51,23 @@ def bundle(repository: Path) -> Bundle:
 def test_a_replica_added_killed_and_drained_under_load(
     repositories: list[Path], tmp_path: Path, bundle: Bundle, cnn: torch.nn.Module
 ) -> None:
-    with running(repositories, tmp_path, running_=2) as c:
+    with scenarios.running(repositories, tmp_path, running_=2) as c:
         # The balancer exposes each replica's own /metrics on its private listener, and keeps
         # the replicas' probes and metrics off the public one.
-        status, text = replica_metrics_through_balancer(c, 1)
+        status, text = scenarios.replica_metrics_through_balancer(c, 1)
         assert status == 200 and "splitinfer_inflight_requests" in text
 
-        assert http_get(f"{c.lb.url}/metrics")[0] == 404
-        assert http_get(f"{c.lb.url}/v2/health/ready")[0] == 404
+        assert scenarios.http_get(f"{c.lb.url}/metrics")[0] == 404
+        assert scenarios.http_get(f"{c.lb.url}/v2/health/ready")[0] == 404
 
         # A replica added (r3: declared to HAProxy, started now) gets traffic.
-        added = add_one(c, bundle, cnn, SCALE, CLIENTS)
+        added = scenarios.add_one(c, bundle, cnn, SCALE, CLIENTS)
         _assert_all_answered_by_the_cloud(added, "replica added")
         assert added.extra["answered_by_new"] > 0
 
         # kill -9 of r2: every request answered, by another replica after HAProxy's retry
         # (or on the device), none wrong; r2 leaves the rotation and gets nothing more.
-        killed = kill_one(c, bundle, cnn, SCALE, CLIENTS)
+        killed = scenarios.kill_one(c, bundle, cnn, SCALE, CLIENTS)
         assert killed.errors == 0, killed.error_samples
         assert killed.wrong == 0
         assert set(killed.fallbacks) <= {"unreachable", "cloud_error", "circuit_open", "timeout"}
@@ -88,13 +76,13 @@ def test_a_replica_added_killed_and_drained_under_load(
 
         # SIGTERM of r1: it drains (in-flight requests finish, new ones go elsewhere) and
         # exits cleanly; no request fails or falls back.
-        drained = drain_one(c, bundle, cnn, SCALE, CLIENTS)
+        drained = scenarios.drain_one(c, bundle, cnn, SCALE, CLIENTS)
         assert drained.extra["exit_code"] == 0, drained.extra["log_tail"]
         _assert_all_answered_by_the_cloud(drained, "SIGTERM")
         assert c.lb.status("r3") == "UP"
 
 
-def _assert_all_answered_by_the_cloud(figures: Figures, what: str) -> None:
+def _assert_all_answered_by_the_cloud(figures: scenarios.Figures, what: str) -> None:
     assert figures.requests >= SCALE.after, what
     assert figures.errors == 0, (what, figures.error_samples)
     assert figures.wrong == 0, what
@@ -121,11 +109,13 @@ def test_version_skew_falls_back_on_the_device_then_reloaded_edges_are_served(
     new_bundle: tuple[Bundle, torch.nn.Module, Path],
 ) -> None:
     assert new_bundle[0].graph_hash != bundle.graph_hash
-    install_bundle(repositories[2], new_bundle[2])  # r3 is updated first
-    with running(repositories, tmp_path) as c:
+    scenarios.install_bundle(repositories[2], new_bundle[2])  # r3 is updated first
+    with scenarios.running(repositories, tmp_path) as c:
         # r1 and r2 are retired rather than updated and restarted (the benchmark restarts them):
         # the same balancer behaviour, two torch imports fewer.
-        figures = version_skew(c, repositories, (bundle, cnn), new_bundle, SCALE, CLIENTS, restart=False)
+        figures = scenarios.version_skew(
+            c, repositories, (bundle, cnn), new_bundle, SCALE, CLIENTS, restart=False
+        )
     skew, rollout, reloaded = figures.skew, figures.rollout, figures.reloaded
     for phase in (skew, rollout, reloaded):
         assert phase.errors == 0, phase.error_samples
@@ -148,20 +138,20 @@ def test_autoscaling_signal_tracks_the_offered_load(
     """The adapter's query over three replicas, evaluated by Prometheus, rises with the load:
     idle, one sending edge, four. The window is shortened from the rule's 1m to 8s so each
     load step takes seconds (benchmarks/bench_scale.py runs the rule's own window)."""
-    (rule,) = adapter_rules()
+    (rule,) = scenarios.adapter_rules()
     window = "8s"
-    query = adapter_query(rule, "splitinfer_inflight_requests", 'job="splitinfer"', "replica")
+    query = scenarios.adapter_query(rule, "splitinfer_inflight_requests", 'job="splitinfer"', "replica")
     assert "[1m]" in query
     query = query.replace("[1m]", f"[{window}]")
-    with running(repositories, tmp_path, prometheus=True) as c:
+    with scenarios.running(repositories, tmp_path, prometheus=True) as c:
         prom = c.prometheus
 
         def scraped() -> bool:
             up = prom.query('up{job="splitinfer"}')
             return len(up) == 3 and all(s["value"][1] == "1" for s in up)
 
-        wait_until(scraped, "three replicas scraped", timeout=60)
-        steps = offered_load_steps(c, bundle, cnn, query, window, (0, 1, 4), step_s=8.0, rows=8)
+        scenarios.wait_until(scraped, "three replicas scraped", timeout=60)
+        steps = scenarios.offered_load_steps(c, bundle, cnn, query, window, (0, 1, 4), step_s=8.0, rows=8)
     idle, low, high = (sum(s["per_replica"].values()) for s in steps)
     assert set(steps[2]["per_replica"]) == {"r1", "r2", "r3"}  # one value per pod, as the HPA reads
     assert idle == 0

@@ -1,11 +1,11 @@
-"""Helpers for tests/integration/deploy/test_scale.py and benchmarks/bench_scale.py (no tests here): the local
-cluster of ``deploy/haproxy/cluster.py`` (replicas, HAProxy, Prometheus), edge clients sending
-continuously through the balancer, and the scenarios (kill -9, SIGTERM, a replica added, a
-bundle updated on one replica) with their figures.
+"""What a local cluster (``cluster.py``: replicas, HAProxy, Prometheus) is put through: edge
+clients sending continuously through the balancer, and the scenarios (kill -9, SIGTERM, a
+replica added, a bundle updated on one replica) with their figures.
 
-The test runs each scenario short and asserts on counts; the benchmark runs them longer and
-records the figures (durations included) in ``benchmarks/results/scale.md``. Nothing here
-asserts a duration.
+tests/integration/deploy/test_scale.py runs each scenario short and asserts on counts;
+benchmarks/bench_scale.py runs them longer and records the figures (durations included) in
+``benchmarks/results/scale.md``. Nothing here asserts a duration. deploy/ is no package: both
+load this file by its path (as this file loads ``cluster.py``).
 
 The replicas are ``splitinfer.lab``'s ServerProcess on fixed loopback ports (``cluster.Replica``),
 so that one can be started later, or again, where HAProxy expects it.
@@ -28,12 +28,15 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import yaml
 
 from splitinfer.bundle import Bundle
 from splitinfer.edge import EdgeClient
 
-ROOT = Path(__file__).resolve().parents[2]
-CLUSTER_SCRIPT = ROOT / "deploy" / "haproxy" / "cluster.py"
+HERE = Path(__file__).resolve().parent
+CLUSTER_SCRIPT = HERE / "cluster.py"
+#: The Prometheus adapter's rules (the autoscaler's metric), read by the offered-load scenario.
+ADAPTER_VALUES = HERE.parent / "k8s" / "prometheus-adapter" / "values.yaml"
 
 
 def _load_cluster() -> ModuleType:
@@ -74,6 +77,20 @@ def install_bundle(repository: Path, bundle_dir: Path, name: str = "democnn") ->
     """Replace the bundle ``name`` in a (stopped) replica's repository by ``bundle_dir``."""
     shutil.rmtree(repository / name)
     shutil.copytree(bundle_dir, repository / name)
+
+
+def adapter_rules() -> list[dict[str, Any]]:
+    return yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+
+
+def adapter_query(rule: dict[str, Any], series: str, matchers: str, group_by: str) -> str:
+    """The adapter's metricsQuery with its Go-template fields filled in as the adapter does."""
+    return (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", series)
+        .replace("<<.LabelMatchers>>", matchers)
+        .replace("<<.GroupBy>>", group_by)
+    )
 
 
 # --- Traffic -------------------------------------------------------------------------------------
