@@ -176,3 +176,9 @@ def deploy_script(relative: str) -> ModuleType:
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+#: deploy/haproxy/scenarios.py: the cluster's scenarios (test_scale.py runs them short,
+#: benchmarks/bench_scale.py long), and the readers of the adapter's rules they share.
+scenarios = deploy_script("haproxy/scenarios.py")
+adapter_rules, adapter_query = scenarios.adapter_rules, scenarios.adapter_query

@@ -18,10 +18,7 @@ import torch
 import splitinfer as si
 from splitinfer.bundle import Bundle
 from splitinfer.lab import demo_model
-from tests.support.deploy import deploy_script, tool
-
-#: deploy/haproxy/scenarios.py: the cluster's scenarios, which benchmarks/bench_scale.py runs long
-scenarios = deploy_script("haproxy/scenarios.py")
+from tests.support.deploy import scenarios, tool
 
 pytestmark = pytest.mark.slow
 
