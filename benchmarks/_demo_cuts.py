@@ -1,7 +1,7 @@
-"""Issue 22's measurement: the smallest codec at >= 99 % top-1 agreement on held-out photos at
-the demo bundle's dense early cuts (1-5) and the pooled features, before (bit-packed codes +
-zstd) and after (the ``+ans`` entropy stage), the entropy stages against the codes' entropy,
-and a calibrated channel projection (PCA across channels).
+"""The measurement behind the demo's codecs: the smallest codec at >= 99 % top-1 agreement on
+held-out photos at the demo bundle's dense early cuts (1-5) and the pooled features, before
+(bit-packed codes + zstd) and after (the ``+ans`` entropy stage), the entropy stages against
+the codes' entropy, and a calibrated channel projection (PCA across channels).
 
 Part of ``benchmarks/bench_codecs.py`` (``--demo-cuts`` runs only this part and rewrites its
 section of ``results/codecs.md``). It compiles EfficientNet-Lite0 as the demo does (cuts no
@@ -311,7 +311,7 @@ def _report(
     seconds: float,
 ) -> list[str]:
     lines = [
-        "## The demo's dense cuts: entropy stage and channel projection (issue 22)",
+        "## The demo's dense cuts: entropy stage and channel projection",
         "",
         f"Reproduce: `python benchmarks/bench_codecs.py --demo-cuts` (this section only; {seconds:.0f} s). "
         "EfficientNet-Lite0 compiled as the demo compiles it (cuts of at most 130 kB); the frontiers are "

@@ -76,7 +76,6 @@ INTERVAL_S = 0.2
 RTT_S = 0.08
 RTT_JITTER = 0.1
 QUEUE_S = 0.002
-CLOUD_SLOWDOWN = 1.0
 #: Device slowdowns swept; by default the runs use the one where the two fixed ends (all on the
 #: device, all in the cloud) tie in mean latency: neither wins outright (tie_slowdown).
 SLOWDOWNS = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0)

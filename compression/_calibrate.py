@@ -13,7 +13,7 @@ JSON form (what a bundle stores per cut in ``manifest.json``)::
 
 ``lo``/``hi`` hold one float per channel (dim 1) for per-channel ranges, or a single float; a
 tensor with fewer than three dims always has a single range (``_quant.has_channels``; ranges
-calibrated per channel for a 2-D tensor before issue 22 are merged into one when encoding).
+calibrated per channel for a 2-D tensor by older bundles are merged into one when encoding).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class ClipRanges:
     def arrays(self, index: int, channels: int, *, merge: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """float64 ``(lo, hi)`` of tensor ``index``, broadcast to ``channels`` channels; with
         ``merge``, per-channel ranges of a tensor that gets one range (a 2-D tensor, calibrated
-        before issue 22) become their union."""
+        per channel by an older bundle) become their union."""
         if index >= len(self.tensors) or self.tensors[index] is None:
             raise CodecError(f"the clip ranges hold no range for tensor {index}")
         lo, hi = (np.asarray(v, np.float64) for v in self.tensors[index])  # type: ignore[union-attr]

@@ -330,7 +330,7 @@ class QuantCodec(_Adapters):
 def _channels(lo: object, shape: tuple[int, ...], per_channel: bool) -> int:
     """The number of ranges a tensor entry of ``shape`` carries: ``shape[1]`` for a per-channel
     codec on 3+ dims (``_quant.has_channels``), else 1; a 2-D tensor may carry ``shape[1]``
-    too (blobs encoded before issue 22 gave pooled features one range a channel)."""
+    too (older encoders gave pooled features one range a channel)."""
     if not per_channel or len(shape) < 2:
         return 1
     if has_channels(len(shape)):

@@ -1,4 +1,4 @@
-"""Calibrated channel projection: the ``pca<r>q<bits>`` codecs (issue 22, item 1).
+"""Calibrated channel projection: the ``pca<r>q<bits>`` codecs.
 
 At compile time, :func:`fit` takes a cut's calibration frontier (one floating tensor
 ``N x C x ...``, seen as ``N * R`` vectors of ``C`` channel values, one per position) and computes

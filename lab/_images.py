@@ -34,7 +34,7 @@ _SKIMAGE_PHOTOS = (
     "immunohistochemistry",
     "retina",
 )
-#: Two disjoint sets of photos (issue 22): a fidelity table measured on crops of photos the clip
+#: Two disjoint sets of photos: a fidelity table measured on crops of photos the clip
 #: ranges never saw says what unseen inputs get. Each set mixes everyday scenes with others.
 CALIBRATION_PHOTOS = ("astronaut", "coffee", "motorcycle", "motorcycle_right", "hubble_deep_field", "china")
 EVALUATION_PHOTOS = ("chelsea", "rocket", "immunohistochemistry", "retina", "flower")

@@ -11,7 +11,7 @@ idle again. Per policy it reports mean and p95 latency, goodput (requests answer
 ``slo_s`` per second) and the cloud's utilisation over time (the server process's CPU seconds
 per second, sampled every second from /proc: what the cloud spends, whoever asked for it).
 
-Used by ``benchmarks/bench_shared.py`` and, short, by tests/integration/lab/test_shared.py.
+Used by ``benchmarks/bench_shared_cloud.py`` and, short, by tests/integration/lab/test_shared_cloud.py.
 """
 
 from __future__ import annotations

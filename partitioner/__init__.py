@@ -21,7 +21,7 @@ from splitinfer.partitioner._policy import Candidate, Decision, Explanation, Pol
 
 if TYPE_CHECKING:
     from splitinfer.partitioner._capture import compile
-    from splitinfer.partitioner._profile import profile_bundle
+    from splitinfer.partitioner._profiling import profile_bundle
 
 __all__ = [
     "Candidate",
@@ -48,7 +48,7 @@ def __getattr__(name: str) -> Any:
 
         return compile
     if name == "profile_bundle":
-        from splitinfer.partitioner._profile import profile_bundle
+        from splitinfer.partitioner._profiling import profile_bundle
 
         return profile_bundle
     raise AttributeError(f"module 'splitinfer.partitioner' has no attribute {name!r}")

@@ -15,8 +15,9 @@ from torch import fx, nn
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from splitinfer.bundle import Bundle, Cut, fast_module, frontier_nbytes
+from splitinfer.bundle import Bundle, Cut, fast_module
 from splitinfer.errors import CaptureError, ConfigError
+from splitinfer.manifest import frontier_nbytes
 from splitinfer.partitioner._fidelity import measure
 from splitinfer.partitioner._graph import Cuttable, SegmentError, batch_symbol
 from splitinfer.protocol import valid_model_name
@@ -292,7 +293,7 @@ def _add_onnx(bundle: Bundle, args: tuple[torch.Tensor, ...]) -> None:
 
 def _add_profile(bundle: Bundle, name: str, progress: bool) -> None:
     """Measure ``bundle``'s segment and codec latencies on this machine as profile ``name``."""
-    from splitinfer.partitioner._profile import profile_bundle
+    from splitinfer.partitioner._profiling import profile_bundle
 
     bundle.profiles[name] = profile_bundle(bundle, progress=progress)
 

@@ -306,7 +306,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _fidelity_text(row: dict[str, Any]) -> str:
-    """``0.984 [0.93-1.00]``: a row's fidelity and its 95 % interval (tables before issue 22
+    """``0.984 [0.93-1.00]``: a row's fidelity and its 95 % interval (older tables
     have none)."""
     span = row.get("interval")
     if not isinstance(span, list) or len(span) != 2:
@@ -520,7 +520,7 @@ def add_profile_parser(
 def _profile(args: argparse.Namespace) -> int:
     from splitinfer.bundle import Bundle
     from splitinfer.manifest import read_manifest, update_manifest
-    from splitinfer.partitioner._profile import profile_bundle
+    from splitinfer.partitioner._profiling import profile_bundle
     from splitinfer.runtime import has_onnx, load_onnx, onnx_available
 
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", args.name):

@@ -6,7 +6,7 @@ segment loaded and calibration inputs (model input tuples, batch first); it retu
 (docs/bundle-format.md). Clip ranges and dictionaries are fitted on ``inputs``; agreement and
 bytes are measured on ``evaluation`` when given (held out: inputs the ranges never saw, so the
 table says what production traffic will get), else on ``inputs`` themselves (in-sample, as
-before issue 22). Every row carries a 95 % confidence interval on its agreement (Wilson score
+in older bundles). Every row carries a 95 % confidence interval on its agreement (Wilson score
 interval for top-1, normal approximation for cosine similarity) and the table the number of
 inputs it was measured on:
 

@@ -20,7 +20,6 @@ and documented in docs/partitioning.md.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sympy  # type: ignore[import-untyped]  # sympy ships no type stubs
@@ -38,10 +37,6 @@ class SegmentError(Exception):
 
 def _is_sym(node: fx.Node) -> bool:
     return isinstance(node.meta.get("val"), _SYM_TYPES)
-
-
-def _is_tensor(node: fx.Node) -> bool:
-    return isinstance(node.meta.get("val"), torch.Tensor)
 
 
 def _module_path(node: fx.Node) -> str:
@@ -212,12 +207,3 @@ def batch_symbol(gm: fx.GraphModule) -> sympy.Symbol | None:
                 expr = val.shape[0].node.expr
                 return expr if isinstance(expr, sympy.Symbol) else None
     return None
-
-
-def run_chain(segments: Sequence[fx.GraphModule], frontier: tuple[torch.Tensor, ...]) -> list[tuple]:
-    """Every frontier along the chain, from ``frontier`` through each segment."""
-    out = [frontier]
-    for seg in segments:
-        frontier = tuple(seg(*frontier))
-        out.append(frontier)
-    return out

@@ -353,7 +353,7 @@ def _check(
 
     The pieces are what heads and tails run (any range is their concatenation, and a piece reads
     nothing but its frontier, its own nodes and initializers): checking the unsplit graph alone
-    once let a piece that computed a wrong frontier ship (the masked attention of issue 17).
+    once let a piece that computed a wrong frontier ship (a transformer's masked attention did).
     ``want`` is torch's frontier at every cut (:func:`_torch_frontiers`), not the fused module's
     outputs: those alias tensors a later segment mutates in place."""
     import onnxruntime as ort

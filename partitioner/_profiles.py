@@ -1,12 +1,13 @@
 """Reading a bundle's device profiles: which profile, and its head and tail times per cut.
 
 Shared by the cost model (``_costs``) and the estimator (``_estimate``), which both read the
-profiles a manifest carries; no torch, no measuring (``_profile`` measures).
+profiles a manifest carries; no torch, no measuring (``_profiling`` measures).
 
 A profile's ``segments`` are torch's times; ``runtimes.onnxruntime.segments`` (when the bundle
 has an ONNX graph and the profile was taken with onnxruntime installed) are ONNX Runtime's.
 :func:`segment_medians` reads those of the runtime asked for, and falls back to torch's for a
-profile that lacks them (profiles from before issue 17), so that old profiles price as before.
+profile that lacks them (profiles taken before ONNX Runtime was a runtime), so that old
+profiles price as before.
 """
 
 from __future__ import annotations

@@ -36,14 +36,12 @@ from splitinfer.manifest import (
     Cut,
     Manifest,
     dict_file,
-    frontier_nbytes,
     load_dictionaries,
     load_projections,
     projection_file,
     read_manifest,
     segment_file,
     sha256_of,
-    update_manifest,
 )
 from splitinfer.runtime import ONNX_FILE, OnnxGraph, OnnxRunner, choose_runtime, load_onnx
 from splitinfer.tensors import TensorSpec
@@ -52,9 +50,6 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["Bundle", "Cut"]
-
-# Re-exported for callers that knew them here (the manifest now owns them).
-_REEXPORTS = (MANIFEST, frontier_nbytes, read_manifest, update_manifest)
 
 #: torch.export.load is not thread-safe (its deserializer keeps module-level state and fails
 #: with "_CURRENT_DESERIALIZER is already set" when two threads load at once): segments of all

@@ -366,8 +366,9 @@ def load_dictionaries(root: Path, manifest: Mapping[str, Any]) -> dict[str, dict
 
 
 def load_projections(root: Path, manifest: Mapping[str, Any]) -> dict[str, ChannelProjection]:
-    """The channel projections the manifest lists (absent before issue 22: none), each checked
-    against its sha256 in ``files`` and parsed without pickle (``compression/_projection.py``)."""
+    """The channel projections the manifest lists (none in bundles made before the projection
+    codecs), each checked against its sha256 in ``files`` and parsed without pickle
+    (``compression/_projection.py``)."""
     out: dict[str, ChannelProjection] = {}
     listed = manifest.get("projections") or {}
     if not isinstance(listed, dict):

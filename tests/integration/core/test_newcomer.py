@@ -1,4 +1,4 @@
-"""A newcomer's first hour (issue 19, items 2, 3, 6, 7, 8, 11 and 12): unmeasured codecs are
+"""A newcomer's first hour: unmeasured codecs are
 never used silently, compile says what cannot work, the CLI is as capable as the API, profiles
 on a busy machine say so, and the docs tell the truth."""
 
@@ -193,7 +193,7 @@ def test_serve_does_not_claim_to_serve_before_the_bind_fails(calibrated):
 
 
 def test_a_profile_on_a_busy_machine_says_how_to_re_profile():
-    from splitinfer.partitioner._profile import busy_warning
+    from splitinfer.partitioner._profiling import busy_warning
 
     assert busy_warning("m", [0.0007, 0.0008, 0.0009], 0.2) is None
     wild = busy_warning("m", [0.0007, 0.098, 0.0009], 0.2)

@@ -344,7 +344,8 @@ async def test_estimates_converge_on_a_rate_limited_link(profiled):
     """Behind the link emulator at 2 Mbit/s up, the uplink estimate settles near 2 Mbit/s.
 
     The prior is off by 2x. (From a prior off by 25x the estimator mistakes upload time for
-    round-trip time when every request has the same size: see the closing note of issue 7.)
+    round-trip time when every request has the same size: from same-size requests alone the two
+    cannot be told apart.)
     """
     from splitinfer.netem import BandwidthTrace, LinkEmulator
 

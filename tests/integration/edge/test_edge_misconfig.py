@@ -1,4 +1,4 @@
-"""A misconfigured EdgeClient is told so (issue 19, items 4, 5, 9 and 10): a wrong token, a model
+"""A misconfigured EdgeClient is told so: a wrong token, a model
 the server does not host or another graph under its name raise on entering; later refusals are
 logged once per kind and counted; a closed client refuses work; traces are per request; reprs
 are one line. Real servers on 127.0.0.1."""

@@ -120,7 +120,7 @@ def test_per_channel_beats_per_tensor_on_small_channels_next_to_large_ones():
 def test_per_channel_uses_dim_1_and_falls_back_to_one_range_below_3_dims():
     codec = get_codec("q8c")
     maps = torch.randn(2, 6, 3) * torch.arange(1, 7).reshape(1, 6, 1)  # (batch, channels, positions)
-    features = torch.randn(4, 6) * torch.arange(1, 7)  # (batch, features): one range (issue 22)
+    features = torch.randn(4, 6) * torch.arange(1, 7)  # (batch, features): one range
     blob = codec.encode([maps, features, torch.randn(10), torch.tensor(1.5)])
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(blob)
@@ -418,7 +418,7 @@ def _pooled(n: int, seed: int) -> np.ndarray:
 def test_per_channel_codecs_give_2d_tensors_one_calibrated_range(spec, method):
     """An N x C tensor has one value a channel a sample: per-channel ranges calibrated on a few
     samples clipped held-out values in channels the calibration never saw lit (66 % top-1
-    agreement on EfficientNet-Lite0's pooled features, issue 22), and cost 8 bytes a value."""
+    agreement on EfficientNet-Lite0's pooled features), and cost 8 bytes a value."""
     if spec.endswith("+ans"):
         pytest.importorskip("constriction")
     clip = calibrate([[_pooled(32, 1)]], spec.split("+")[0], method)

@@ -1,6 +1,6 @@
 """Non-finite values through every lossy codec: NaN, +inf and -inf come back exactly where they
 were (compression/_nonfinite.py), on torch and numpy alike, at no cost when there are none; and
-a transformer whose float padding mask crosses the cut gets the model's answer (issue 19, item 1).
+a transformer whose float padding mask crosses the cut gets the model's answer.
 """
 
 from __future__ import annotations

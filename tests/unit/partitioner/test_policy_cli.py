@@ -10,8 +10,8 @@ import torch
 
 import splitinfer as si
 from splitinfer._units import parse_duration, parse_rate
-from splitinfer.bundle import read_manifest
 from splitinfer.errors import ConfigError
+from splitinfer.manifest import read_manifest
 from splitinfer.partitioner._cli import add_plan_parser, add_profile_parser
 
 

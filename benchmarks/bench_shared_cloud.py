@@ -1,7 +1,7 @@
 """A shared cloud: 24 edge devices and a ramping background tenant against one `splitinfer serve`.
 
-Writes benchmarks/results/shared.md (+ shared.json, shared.png). Run:
-`.venv/bin/python benchmarks/bench_shared.py [--duration S] [--devices N]`.
+Writes benchmarks/results/shared-cloud.md (+ shared-cloud.json, shared-cloud.png). Run:
+`.venv/bin/python benchmarks/bench_shared_cloud.py [--duration S] [--devices N]`.
 
 EfficientNet-Lite0 (the demo's bundle: 33 cuts, f32 / q8+zstd1 / q4c+zstd1, cached under
 ~/.cache/splitinfer/demo), one server with one compute thread. Each policy runs in turn on the
@@ -56,7 +56,7 @@ def main() -> int:
     )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per policy")
     parser.add_argument("--devices", type=int, default=24)
-    parser.add_argument("--out", type=Path, default=RESULTS / "shared.md")
+    parser.add_argument("--out", type=Path, default=RESULTS / "shared-cloud.md")
     args = parser.parse_args()
     spec = MODELS["efficientnet-lite0"]
     cache = cache_root()
@@ -117,7 +117,7 @@ def write(args, bundle, ds, static, peak, slo_s, devices, results, took) -> None
     lines = [
         "# Shared cloud: edge devices and a ramping tenant against one server",
         "",
-        f"Reproduce: `.venv/bin/python benchmarks/bench_shared.py --duration {args.duration:g} "
+        f"Reproduce: `.venv/bin/python benchmarks/bench_shared_cloud.py --duration {args.duration:g} "
         f"--devices {args.devices}`. Scenario: the script's docstring and lab/_shared.py. "
         f"Machine: {machine()} "
         "(shared with other work while it ran).",

@@ -1,5 +1,5 @@
 """A shared cloud, short: 24 edge devices on real trace stretches and a ramping tenant against one
-``splitinfer serve`` subprocess (benchmarks/bench_shared.py runs it long, on EfficientNet-Lite0)."""
+``splitinfer serve`` subprocess (benchmarks/bench_shared_cloud.py runs it long, on EfficientNet-Lite0)."""
 
 from __future__ import annotations
 
