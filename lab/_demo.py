@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from splitinfer._version import __version__
+from splitinfer import __version__
 from splitinfer.bundle import Bundle
 from splitinfer.errors import ConfigError
 from splitinfer.lab._hindsight import Link

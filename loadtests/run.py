@@ -78,7 +78,7 @@ def build_bundle(model: str, repo: Path) -> Path:
 def build_recording(bundle_dir: Path, out: Path, samples: int) -> Path:
     if out.exists() and out.stat().st_mtime >= (bundle_dir / "manifest.json").stat().st_mtime:
         return out
-    from splitinfer.lab._recording import format_summary, prepare
+    from splitinfer.lab import format_summary, prepare
 
     print(format_summary(prepare(bundle_dir, out, samples=samples, progress=False)))
     return out

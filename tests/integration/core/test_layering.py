@@ -1,12 +1,18 @@
 """The house holds: imports point one way (read from the source, lazy imports included), and the
 ground floor, the codecs and the decision run in a process where torch cannot be imported.
+Across rooms only public modules are imported; the tools around the package (benchmarks,
+deploy, load tests, examples) import only public names; nothing imports the tests.
 
 docs/DESIGN.md ("Layout") draws the rooms; :data:`ALLOWED` is that drawing as data.
+
+Run as a script, it prints the count of imports of another room's private modules by where
+they are (``python tests/integration/core/test_layering.py``).
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,7 +24,10 @@ import pytest
 import splitinfer
 
 PACKAGE = Path(splitinfer.__file__).resolve().parent
+REPOSITORY = Path(__file__).resolve().parents[3]
 ROOMS = ("compression", "partitioner", "edge", "cloud", "netem", "lab")
+#: The folders beside the package that use it as its users do: public names only.
+TOOLS = ("benchmarks", "deploy", "loadtests", "examples")
 
 #: Which rooms each room may import (``core`` is the ground floor: errors, tensors, protocol,
 #: manifest, bundle; it shares a floor with the numpy codecs of ``compression``). ``cli`` is the
@@ -226,3 +235,145 @@ def test_ground_floor_codecs_manifest_and_decision_run_without_torch(repository)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok")
+
+
+# --- Public seams ------------------------------------------------------------------------------
+
+#: Imports of another room's private module that remain until the edge's one request path
+#: lands (issue 29, item 1, on its own branch): the edge prices a set of tasks with the
+#: partitioner's internals. Each is (importing file, imported module); shrink this list as
+#: they go, and add nothing to it.
+PRIVATE_FOR_NOW = {
+    ("edge/_client.py", "splitinfer.partitioner._profiles"),
+    ("edge/_multi.py", "splitinfer.partitioner._costs"),
+    ("edge/_multi.py", "splitinfer.partitioner._policy"),
+}
+
+
+def private_room(module: str) -> str | None:
+    """The room whose private module ``module`` is (a part after the room starts with one
+    underscore), or None for a public module or one outside the package."""
+    parts = module.split(".")
+    room = room_of_module(module)
+    if room is None:
+        return None
+    rest = parts[2:] if room not in ("core", "cli") else parts[1:]
+    return room if any(p.startswith("_") and not p.startswith("__") for p in rest) else None
+
+
+def imported_modules(path: Path) -> list[tuple[str, int]]:
+    """Every absolute module ``path`` imports, with its line; ``from m import _x`` counts as
+    importing ``m._x`` (a private name, whatever it is)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.append((node.module, node.lineno))
+            found += [
+                (f"{node.module}.{a.name}", node.lineno)
+                for a in node.names
+                if a.name.startswith("_") and not a.name.startswith("__")
+            ]
+    return found
+
+
+def tool_files() -> list[str]:
+    return sorted(
+        str(p.relative_to(REPOSITORY))
+        for folder in TOOLS
+        for p in (REPOSITORY / folder).rglob("*.py")
+        if ".cache" not in p.parts
+    )
+
+
+def crossing_private_imports(rel: str, room: str) -> list[tuple[str, int]]:
+    """The imports in the package file ``rel`` (of ``room``) of another room's private module.
+
+    The ground floor's private modules (``splitinfer/_checks.py``, ``_units.py``, ...) are the
+    package's shared internals, under every room; the dispatcher (``cli``) reaches each room's
+    command line, its ``_cli`` module, as only it may.
+    """
+    out = []
+    for module, line, _top in imports_of(rel):
+        owner = private_room(module)
+        if owner is None or owner == room or owner == "core":
+            continue
+        if room == "cli" and module.split(".")[-1] == "_cli":
+            continue
+        out.append((module, line))
+    return out
+
+
+@pytest.mark.parametrize("rel", package_files())
+def test_rooms_import_only_public_modules_of_other_rooms(rel):
+    room = room_of_file(rel)
+    bad = [
+        f"{rel}:{line} imports {module}, private to {private_room(module)}"
+        for module, line in crossing_private_imports(rel, room)
+        if (rel, module) not in PRIVATE_FOR_NOW
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_allowed_for_now_list_holds_only_imports_that_remain():
+    remaining = {
+        (rel, m) for rel in package_files() for m, _ in crossing_private_imports(rel, room_of_file(rel))
+    }
+    assert remaining >= PRIVATE_FOR_NOW, f"gone, drop them: {sorted(PRIVATE_FOR_NOW - remaining)}"
+
+
+@pytest.mark.parametrize("rel", tool_files())
+def test_tools_import_only_public_names_and_no_tests(rel):
+    bad = [
+        f"{rel}:{line} imports {module}"
+        for module, line in imported_modules(REPOSITORY / rel)
+        if private_room(module) is not None or module.split(".")[0] == "tests"
+    ]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("rel", package_files())
+def test_the_package_imports_no_tests(rel):
+    bad = [f"{rel}:{line} imports {m}" for m, line, _top in imports_of(rel) if m.split(".")[0] == "tests"]
+    assert not bad, "\n".join(bad)
+
+
+def test_private_imports_are_recognised():
+    assert private_room("splitinfer.compression._codec") == "compression"
+    assert private_room("splitinfer._checks") == "core"
+    assert private_room("splitinfer.lab") is None and private_room("splitinfer.bundle") is None
+    assert private_room("splitinfer.lab.evaluation") is None and private_room("numpy._core") is None
+    assert crossing_private_imports("lab/_demo.py", "lab") == []
+    assert ("splitinfer.cloud._cli", 16) not in crossing_private_imports("cli.py", "core")
+
+
+def test_the_repository_root_is_not_on_sys_path():
+    """Its folders would import as top-level packages: ``import compression`` would find ours,
+    shadowing the standard library's on Python 3.14 (pyproject's ``--import-mode=importlib`` and
+    tests/conftest.py keep it off)."""
+    spec = importlib.util.find_spec("compression")
+    assert spec is None or REPOSITORY not in Path(spec.origin or "").resolve().parents
+
+
+def count_private_imports() -> dict[str, int]:
+    """Imports of another room's private module (the ground floor's included) by where they are:
+    ``product`` (the package), ``tests``, ``benchmarks``, ``others`` (deploy, load tests,
+    examples)."""
+    counts = {"product": 0, "tests": 0, "benchmarks": 0, "others": 0}
+    for rel in package_files():
+        room = room_of_file(rel)
+        counts["product"] += sum(
+            1 for m, _line, _top in imports_of(rel) if private_room(m) not in (None, room)
+        )
+    outside = [str(p.relative_to(REPOSITORY)) for p in (REPOSITORY / "tests").rglob("*.py")] + tool_files()
+    for rel in outside:
+        where = rel.split("/")[0]
+        n = sum(1 for m, _line in imported_modules(REPOSITORY / rel) if private_room(m) is not None)
+        counts[where if where in counts else "others"] += n
+    return counts
+
+
+if __name__ == "__main__":
+    counts = count_private_imports()
+    print(sum(counts.values()), counts)
