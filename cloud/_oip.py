@@ -25,11 +25,10 @@ compute thread for large bodies.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
 import logging
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,15 +37,14 @@ import numpy as np
 import torch
 from aiohttp import web
 
-from splitinfer import protocol
 from splitinfer._version import __version__
 from splitinfer.bundle import Bundle
-from splitinfer.cloud._batcher import Job
-from splitinfer.cloud._compute import SMALL_BYTES, Frame
-from splitinfer.cloud._handlers import admit, batchable, read_body, server_timing
+from splitinfer.cloud._compute import Answer, Frame
+from splitinfer.cloud._handlers import check_media, reader
 from splitinfer.cloud._problem import Problem
 from splitinfer.cloud._repository import Served, reload_models
-from splitinfer.cloud._state import STATE, ServerState
+from splitinfer.cloud._service import SERVICE, Call, InferenceService, Reply, Work
+from splitinfer.cloud._state import STATE
 from splitinfer.errors import BundleError
 from splitinfer.tensors import MAX_NDIM, TensorSpec, numpy_dtype
 
@@ -407,21 +405,12 @@ def encode_answer(
     return head + b"".join(chunks), len(head)
 
 
-# -- handlers ------------------------------------------------------------------------------
+# -- handlers: the /v2 adapter of the inference service ------------------------------------
 
 
 def _served(request: web.Request) -> Served:
     """The version a request names (the newest when it names none); Problem 404 if not served."""
-    repo = request.app[STATE].repository
-    name = request.match_info["name"]
-    version = request.match_info.get("version")
-    served = repo.get(name, version)
-    if served is None:
-        if repo.latest(name) is None:
-            raise Problem("unknown_model", f"no model {name!r} here; GET /v1/models lists them")
-        have = ", ".join(s.version for s in repo.versions(name))
-        raise Problem("unknown_model", f"model {name!r} has version(s) {have} here, not {version!r}")
-    return served
+    return request.app[SERVICE].find(request.match_info["name"], request.match_info.get("version"))
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -443,92 +432,39 @@ async def model_ready(request: web.Request) -> web.Response:
 
 
 async def infer(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    started = time.perf_counter()
+    """``POST /v2/models/{name}[/versions/{v}]/infer``: JSON (or binary tensors) in and out."""
+    service = request.app[SERVICE]
     served = _served(request)
-    admit(state, request, MEDIA_TYPES)
-    state.drain.enter()
-    state.repository.enter(served)  # the version stays loaded until this request is answered
-    try:
-        return await _infer(state, request, served, started)
-    finally:
-        state.repository.leave(served)
-        state.drain.leave()
+    call = Call(
+        read=reader(request),
+        parse=functools.partial(_parse, service, served, request.headers.get(HEADER_LENGTH)),
+        declared_bytes=request.content_length,
+        check=functools.partial(check_media, request, MEDIA_TYPES),
+        hold=served,
+    )
+    result = await service.infer(call)
+    headers = {**result.reply.headers, "Server-Timing": result.timing}
+    return web.Response(body=result.reply.body, content_type=result.reply.content_type, headers=headers)
 
 
-async def _run(state: ServerState, size: int, fn: Any, *args: Any) -> Any:
-    """``fn(*args)`` here when the body is small, else on a compute thread (JSON of megabytes)."""
-    if size <= SMALL_BYTES:
-        return fn(*args)
-    return await asyncio.get_running_loop().run_in_executor(state.pool, fn, *args)
+async def _parse(service: InferenceService, served: Served, header_length: str | None, body: bytes) -> Work:
+    """The request in ``body`` as the service's work (parsed off the loop when large)."""
+    limit = service.state.config.max_decoded_bytes
+    parsed = await service.offload(len(body), parse_infer, served.bundle, body, header_length, limit)
+    tensors = tuple(TensorSpec.of(t) for t in parsed.frontier)
+    frame = Frame(parsed.cut, tensors, parsed.rows, parsed.request_id, frontier=parsed.frontier)
+    respond = functools.partial(_respond, served, parsed)
+    return Work(served, frame, respond, deadline_s=parsed.timeout_s, label=METRIC_CODEC)
 
 
-async def _infer(state: ServerState, request: web.Request, served: Served, started: float) -> web.Response:
-    config, scheduler, bundle = state.config, state.scheduler, served.bundle
-    scheduler.admit()
-    try:
-        body = await read_body(request, config.max_body_bytes, config.read_timeout_s)
-        received = time.perf_counter()
-        parsed: InferRequest = await _run(
-            state,
-            len(body),
-            parse_infer,
-            bundle,
-            body,
-            request.headers.get(HEADER_LENGTH),
-            config.max_decoded_bytes,
-        )
-        now = time.perf_counter()
-        deadline = None if parsed.timeout_s is None else started + parsed.timeout_s
-        if deadline is not None and now >= deadline:
-            raise Problem("deadline_exceeded", "the request's timeout passed before it was queued")
-        header = protocol.RequestHeader(
-            model=bundle.name,
-            graph=bundle.graph_hash,
-            cut=parsed.cut,
-            codec=METRIC_CODEC,
-            tensors=tuple(TensorSpec.of(t) for t in parsed.frontier),
-            request_id=parsed.request_id,
-            payload_nbytes=len(body),
-            deadline_s=parsed.timeout_s,
-        )
-        frame = Frame(header, memoryview(b""), parsed.rows, parsed.frontier, now - received, encode=False)
-        future = asyncio.get_running_loop().create_future()
-        job = Job(frame, now, deadline, future, alone=not batchable(bundle, parsed.cut))
-        batcher = scheduler.batcher(bundle, parsed.cut, served.tag)
-        batcher.submit(job)
-    finally:
-        scheduler.arrived()
-    try:
-        answer = await job.future
-    except asyncio.CancelledError:
-        batcher.withdraw(job)
-        raise
+def _respond(served: Served, parsed: InferRequest, answers: Sequence[Answer]) -> Reply:
+    (answer,) = answers
     if answer.outputs is None:  # never: frames of /v2 keep their outputs as tensors
         raise Problem("internal", "the server lost the outputs; see its log")
-    t0 = time.perf_counter()
-    out, json_length = await _run(
-        state,
-        sum(o.numel() * o.element_size() for o in answer.outputs),
-        encode_answer,
-        bundle,
-        served.version,
-        parsed,
-        answer.outputs,
-    )
-    stages = answer.stages
-    stages["encode"] = time.perf_counter() - t0
-    stages["receive"] = received - started
-    stages["total"] = time.perf_counter() - received
-    try:
-        state.metrics.observe_success(bundle.name, parsed.cut, METRIC_CODEC, stages, len(body), len(out))
-    except Exception:
-        log.exception("observing a request failed")
-    headers = {"Server-Timing": server_timing(stages)}
+    out, json_length = encode_answer(served.bundle, served.version, parsed, answer.outputs)
     if json_length is None:
-        return web.Response(body=out, content_type="application/json", headers=headers)
-    headers[HEADER_LENGTH] = str(json_length)
-    return web.Response(body=out, content_type="application/octet-stream", headers=headers)
+        return Reply(out, "application/json")
+    return Reply(out, "application/octet-stream", {HEADER_LENGTH: str(json_length)})
 
 
 async def repository_index(request: web.Request) -> web.Response:
