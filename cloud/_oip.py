@@ -5,6 +5,7 @@ Routes (docs/server.md, "The Open Inference Protocol")::
     GET  /v2                                          server metadata
     GET  /v2/models/{name}[/versions/{v}]             model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready       model readiness
+    GET  /v2/models/{name}[/versions/{v}]/config      model configuration (Triton's shape)
     POST /v2/models/{name}[/versions/{v}]/infer       inference (JSON, or the binary tensor extension)
 
 An inference request names its inputs. Without a ``cut`` request parameter they are the model's
@@ -43,7 +44,7 @@ from splitinfer.cloud._compute import Answer, Frame
 from splitinfer.cloud._handlers import check_media, reader
 from splitinfer.cloud._problem import Problem
 from splitinfer.cloud._repository import Served, reload_models
-from splitinfer.cloud._service import SERVICE, Call, InferenceService, Reply, Work
+from splitinfer.cloud._service import SERVICE, Call, InferenceService, Reply, Work, batchable
 from splitinfer.cloud._state import STATE
 from splitinfer.errors import BundleError
 from splitinfer.tensors import MAX_NDIM, TensorSpec, numpy_dtype
@@ -121,6 +122,38 @@ def model_metadata(bundle: Bundle, versions: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def _config_tensors(names: Sequence[str], specs: Sequence[TensorSpec], batched: bool) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": n,
+            "data_type": "TYPE_" + datatype(s.dtype),
+            "dims": [-1 if d is None else d for d in (s.shape[1:] if batched else s.shape)],
+        }
+        for n, s in zip(names, specs)
+    ]
+
+
+def model_config(bundle: Bundle, version: str, max_batch_size: int) -> dict[str, Any]:
+    """The model configuration in Triton's ``/config`` shape, built from the bundle's specs.
+
+    A model whose inputs and outputs are batch-leading (dim 0 dynamic) says the server's
+    ``max_batch_size`` and leaves the batch dimension out of ``dims``, as Triton does; any other
+    says 0 and gives whole shapes (-1: dynamic).
+    """
+    batched = batchable(bundle, 0)
+    last = bundle.last_cut
+    return {
+        "name": bundle.name,
+        "platform": "splitinfer_torch_export",
+        "backend": "splitinfer",
+        "version_policy": {"specific": {"versions": [version]}},
+        "max_batch_size": max_batch_size if batched else 0,
+        "input": _config_tensors(bundle.tensor_names(0), bundle.cuts[0].tensors, batched),
+        "output": _config_tensors(bundle.output_names(), bundle.cuts[last].tensors, batched),
+        "parameters": {"graph_hash": {"string_value": bundle.graph_hash}},
+    }
+
+
 # -- parsing a request ---------------------------------------------------------------------
 
 
@@ -161,10 +194,18 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[Mapping[str, An
             raise _bad(f"{HEADER_LENGTH} is {n}, but the body has {len(view)} bytes")
         json_part, binary = view[:n], view[n:]
     try:
-        doc = json.loads(bytes(json_part))
+        doc = json.loads(bytes(json_part), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(f"the inference request is not valid JSON ({exc})") from None
     return _object(doc, "the inference request"), binary
+
+
+def _no_constant(name: str) -> Any:
+    """``NaN``, ``Infinity`` and ``-Infinity`` are not JSON: refused wherever they appear."""
+    raise _bad(
+        f"the inference request holds {name}, which is not a JSON number: send tensors with "
+        "non-finite values as binary data (the binary tensor extension)"
+    )
 
 
 def _cut(bundle: Bundle, parameters: Mapping[str, Any]) -> int:
@@ -207,7 +248,13 @@ def _from_json_data(data: object, name: str, dtype: str, shape: tuple[int, ...])
         info = np.iinfo(want)
         if arr.min() < info.min or arr.max() > info.max:
             raise _bad(f"input {name!r}: values out of the range of {datatype(dtype)}")
-    return arr.astype(want).reshape(shape)
+    out = arr.astype(want).reshape(shape)
+    if want.kind == "f" and not np.isfinite(out).all():  # 1e999, or 1e10 as FP16
+        raise _bad(
+            f"input {name!r}: values out of the range of {datatype(dtype)}; send non-finite values "
+            "as binary data (the binary tensor extension)"
+        )
+    return out
 
 
 def _to_tensor(arr: np.ndarray[Any, Any], dtype: str) -> torch.Tensor:
@@ -375,6 +422,18 @@ def _raw(tensor: torch.Tensor) -> np.ndarray[Any, Any]:
     return t.numpy()
 
 
+def _json_data(arr: np.ndarray[Any, Any], name: str) -> list[Any]:
+    """The values of ``arr`` as a flat JSON list; Problem (400) if one is NaN or infinite, which
+    JSON cannot carry (the output is sent as binary data when the client asks for that)."""
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise _bad(
+            f"output {name!r} holds NaN or infinite values, which JSON cannot carry: ask for it as "
+            "binary data (parameters: binary_data true, or binary_data_output)"
+        )
+    values: list[Any] = arr.reshape(-1).tolist()
+    return values
+
+
 def encode_answer(
     bundle: Bundle, version: str, request: InferRequest, outputs: Sequence[torch.Tensor]
 ) -> tuple[bytes, int | None]:
@@ -394,12 +453,12 @@ def encode_answer(
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
-            entry["data"] = arr.reshape(-1).tolist()
+            entry["data"] = _json_data(arr, names[index])
         described.append(entry)
     doc = {"model_name": bundle.name, "model_version": version, "outputs": described}
     if request.request_id:
         doc["id"] = request.request_id
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     if not chunks:
         return head, None
     return head + b"".join(chunks), len(head)
@@ -421,6 +480,13 @@ async def get_model(request: web.Request) -> web.Response:
     served = _served(request)
     versions = [s.version for s in request.app[STATE].repository.versions(served.name)]
     return web.json_response(model_metadata(served.bundle, versions))
+
+
+async def get_config(request: web.Request) -> web.Response:
+    """``GET /v2/models/{name}[/versions/{v}]/config``: Triton's model configuration."""
+    served = _served(request)
+    limit = request.app[STATE].config.max_batch_size
+    return web.json_response(model_config(served.bundle, served.version, limit))
 
 
 async def model_ready(request: web.Request) -> web.Response:
@@ -511,6 +577,7 @@ def add_routes(app: web.Application) -> None:
     for prefix, suffix in (("/v2/models/{name}", ""), ("/v2/models/{name}/versions/{version}", "_version")):
         app.router.add_get(prefix, get_model)
         app.router.add_get(prefix + "/ready", model_ready)
+        app.router.add_get(prefix + "/config", get_config)
         app.router.add_post(prefix + "/infer", infer, name="v2_infer" + suffix)
     app.router.add_post("/v2/repository/index", repository_index)
     app.router.add_post("/v2/repository/models/{name}/load", load_model)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -155,27 +156,38 @@ async def _run(
 ) -> bool:
     ssl_context = server_ssl_context(config)
     app = create_app(config, registry=registry)
+    # Bound before the models load: a port in use is reported at once, not after the load. The
+    # sockets listen (accept connections) only when the sites start, once the models are loaded.
+    sockets = _bind(config.host, config.port)
+    try:
+        probe_sockets = [] if config.metrics_port is None else _bind(config.host, config.metrics_port)
+    except ConfigError:
+        _close(sockets)
+        raise
     # The runner's shutdown timeout covers only stragglers: the drain itself waits first.
     reserve = min(1.0, 0.2 * config.drain_timeout_s)
     runner = ServeRunner(app, access_log=None, handle_signals=False, shutdown_timeout=reserve / 2)
     probe_runner: web.AppRunner | None = None
     watchdog: threading.Timer | None = None
     drained = False
-    await runner.setup()
     try:
-        site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context, backlog=1024)
-        await _listen(site, config.host, config.port)
+        await runner.setup()  # loads the models
+    except BaseException:
+        _close([*sockets, *probe_sockets])
+        raise
+    try:
+        for sock in sockets:
+            await web.SockSite(runner, sock, ssl_context=ssl_context, backlog=1024).start()
         scheme = "https" if ssl_context is not None else "http"
         for host, port, *_ in runner.addresses:
             announce(f"splitinfer serve: listening on {scheme}://{_hostport(host, port)}")
         served = ", ".join(f"{s.name} {s.version}" for s in app[STATE].repository)
         log.info("serving %d model(s): %s", len(app[STATE].repository.models), served)  # bound: true now
-        if config.metrics_port is not None:
+        if probe_sockets:
             probe_runner = ServeRunner(create_probe_app(app), access_log=None, handle_signals=False)
             await probe_runner.setup()
-            await _listen(
-                web.TCPSite(probe_runner, config.host, config.metrics_port), config.host, config.metrics_port
-            )
+            for sock in probe_sockets:
+                await web.SockSite(probe_runner, sock).start()
             for host, port, *_ in probe_runner.addresses:
                 announce(f"splitinfer serve: metrics on http://{_hostport(host, port)}/metrics")
         _reload_on_sighup(app)
@@ -190,19 +202,44 @@ async def _run(
         if probe_runner is not None:
             await probe_runner.cleanup()
         await runner.cleanup()
+        _close([*sockets, *probe_sockets])
         if watchdog is not None:
             watchdog.cancel()
     log.info("drained; exiting" if drained else "drain timeout: exiting with requests unfinished")
     return drained
 
 
-async def _listen(site: web.TCPSite, host: str, port: int) -> None:
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address of ``host`` at ``port``, not yet listening (as aiohttp's
+    own sites would bind them); ConfigError naming the address when one is taken."""
     try:
-        await site.start()
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
+        raise ConfigError(f"cannot listen on {_hostport(host, port)}: {exc}; pick another --host") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            if port == 0 and sockets:  # one ephemeral port for every address
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            if os.name == "posix":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.setblocking(False)
+    except OSError as exc:
+        _close(sockets)
         raise ConfigError(
             f"cannot listen on {_hostport(host, port)}: {exc.strerror or exc}; pick another --host/--port"
         ) from None
+    return sockets
+
+
+def _close(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
 
 
 def _reload_on_sighup(app: web.Application) -> None:
