@@ -20,8 +20,8 @@ from splitinfer.cloud._config import ServerConfig
 from splitinfer.cloud._drain import Drain
 from splitinfer.cloud._metrics import ServerMetrics
 from splitinfer.cloud._repository import load_repository, reload_models
-from splitinfer.cloud._service import SERVICE, InferenceService
-from splitinfer.cloud._state import CONFIG, METRICS, STATE, TOKENS, ServerState
+from splitinfer.cloud._service import InferenceService
+from splitinfer.cloud._state import CONFIG, METRICS, SERVICE, STATE, TOKENS, ServerState
 from splitinfer.errors import ConfigError
 
 __all__ = ["create_app", "create_probe_app"]

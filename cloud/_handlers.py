@@ -20,7 +20,6 @@ from splitinfer.cloud._compute import Answer, Encoder, Frame
 from splitinfer.cloud._problem import Problem, error_response, oip_path, problem_response
 from splitinfer.cloud._repository import Served
 from splitinfer.cloud._service import (
-    SERVICE,
     Call,
     InferenceService,
     Reply,
@@ -28,7 +27,7 @@ from splitinfer.cloud._service import (
     batchable,
     server_timing,
 )
-from splitinfer.cloud._state import CONFIG, METRICS, STATE, TOKENS, ServerState
+from splitinfer.cloud._state import CONFIG, METRICS, SERVICE, STATE, TOKENS, ServerState
 from splitinfer.compression import get_codec
 from splitinfer.errors import ProtocolError
 from splitinfer.tensors import specs_of

@@ -44,8 +44,8 @@ from splitinfer.cloud._compute import Answer, Frame
 from splitinfer.cloud._handlers import check_media, reader
 from splitinfer.cloud._problem import Problem
 from splitinfer.cloud._repository import Served, reload_models
-from splitinfer.cloud._service import SERVICE, Call, InferenceService, Reply, Work, batchable
-from splitinfer.cloud._state import STATE
+from splitinfer.cloud._service import Call, InferenceService, Reply, Work, batchable
+from splitinfer.cloud._state import SERVICE, STATE
 from splitinfer.errors import BundleError
 from splitinfer.tensors import MAX_NDIM, TensorSpec, numpy_dtype
 

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -156,14 +157,7 @@ async def _run(
 ) -> bool:
     ssl_context = server_ssl_context(config)
     app = create_app(config, registry=registry)
-    # Bound before the models load: a port in use is reported at once, not after the load. The
-    # sockets listen (accept connections) only when the sites start, once the models are loaded.
-    sockets = _bind(config.host, config.port)
-    try:
-        probe_sockets = [] if config.metrics_port is None else _bind(config.host, config.metrics_port)
-    except ConfigError:
-        _close(sockets)
-        raise
+    sockets, probe_sockets = _bind_all(config)
     # The runner's shutdown timeout covers only stragglers: the drain itself waits first.
     reserve = min(1.0, 0.2 * config.drain_timeout_s)
     runner = ServeRunner(app, access_log=None, handle_signals=False, shutdown_timeout=reserve / 2)
@@ -176,20 +170,14 @@ async def _run(
         _close([*sockets, *probe_sockets])
         raise
     try:
-        for sock in sockets:
-            await web.SockSite(runner, sock, ssl_context=ssl_context, backlog=1024).start()
         scheme = "https" if ssl_context is not None else "http"
-        for host, port, *_ in runner.addresses:
-            announce(f"splitinfer serve: listening on {scheme}://{_hostport(host, port)}")
+        await _start(runner, sockets, ssl_context, announce, f"listening on {scheme}://{{}}")
         served = ", ".join(f"{s.name} {s.version}" for s in app[STATE].repository)
         log.info("serving %d model(s): %s", len(app[STATE].repository.models), served)  # bound: true now
         if probe_sockets:
             probe_runner = ServeRunner(create_probe_app(app), access_log=None, handle_signals=False)
             await probe_runner.setup()
-            for sock in probe_sockets:
-                await web.SockSite(probe_runner, sock).start()
-            for host, port, *_ in probe_runner.addresses:
-                announce(f"splitinfer serve: metrics on http://{_hostport(host, port)}/metrics")
+            await _start(probe_runner, probe_sockets, None, announce, "metrics on http://{}/metrics")
         _reload_on_sighup(app)
         signum = await _wait_for_signal()
         log.info(
@@ -207,6 +195,33 @@ async def _run(
             watchdog.cancel()
     log.info("drained; exiting" if drained else "drain timeout: exiting with requests unfinished")
     return drained
+
+
+def _bind_all(config: ServerConfig) -> tuple[list[socket.socket], list[socket.socket]]:
+    """The server's sockets and the metrics port's, bound before the models load, so that a port
+    in use is reported at once; they listen (accept connections) once the sites start."""
+    sockets = _bind(config.host, config.port)
+    try:
+        probe_sockets = [] if config.metrics_port is None else _bind(config.host, config.metrics_port)
+    except ConfigError:
+        _close(sockets)
+        raise
+    return sockets, probe_sockets
+
+
+async def _start(
+    runner: web.AppRunner,
+    sockets: list[socket.socket],
+    ssl_context: ssl.SSLContext | None,
+    announce: Callable[[str], None],
+    line: str,
+) -> None:
+    """Serve ``runner``'s application on ``sockets`` (they listen from now on); announce each
+    address with ``line`` (its ``{}`` is the address)."""
+    for sock in sockets:
+        await web.SockSite(runner, sock, ssl_context=ssl_context, backlog=1024).start()
+    for host, port, *_ in runner.addresses:
+        announce("splitinfer serve: " + line.format(_hostport(host, port)))
 
 
 def _bind(host: str, port: int) -> list[socket.socket]:

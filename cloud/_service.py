@@ -22,17 +22,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from splitinfer.cloud._batcher import Batcher, Job
 from splitinfer.cloud._compute import SMALL_BYTES, Answer, Frame, decode_frame
 from splitinfer.cloud._problem import Problem
 from splitinfer.cloud._repository import Served
-from splitinfer.cloud._state import ServerState
 
-__all__ = ["SERVICE", "Call", "InferenceService", "Reply", "Result", "Work", "batchable", "server_timing"]
+if TYPE_CHECKING:
+    from splitinfer.cloud._state import ServerState
+
+__all__ = ["Call", "InferenceService", "Reply", "Result", "Work", "batchable", "server_timing"]
 
 log = logging.getLogger("splitinfer.cloud")
 
@@ -299,7 +299,3 @@ def _not_shared(served: Served, target: Served, cut: int) -> str:
         "(their segments before it differ, or this server cannot tell: ONNX Runtime); they share "
         f"it {where}: send one request per model, or an earlier cut"
     )
-
-
-#: The service of a running application (set when its models have loaded).
-SERVICE = web.AppKey("service", InferenceService)

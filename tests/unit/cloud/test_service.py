@@ -7,6 +7,7 @@ metrics, Server-Timing) is checked through it alone.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,31 @@ from splitinfer.protocol import parse_server_timing
 from splitinfer.tensors import specs_of
 
 CPU = torch.device("cpu")
+CLOUD = Path(__file__).resolve().parents[3] / "cloud"
+
+
+def _imports(module: Path) -> set[str]:
+    """Every module (and ``from x import name`` as ``x.name``) that ``module`` imports."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return out
+
+
+@pytest.mark.parametrize("module", ["_service", "_compute", "_batcher"])
+def test_the_service_and_the_compute_layer_know_no_wire(module):
+    wires = ("aiohttp", "splitinfer.protocol", "splitinfer.cloud._handlers", "splitinfer.cloud._oip")
+    imported = _imports(CLOUD / f"{module}.py")
+    assert not {m for m in imported if m.startswith(wires)}, module
+
+
+def test_the_cloud_imports_no_private_torch_module():
+    for path in CLOUD.glob("*.py"):
+        private = {m for m in _imports(path) if m.startswith("torch") and "._" in m}
+        assert not private, (path.name, private)
 
 
 @pytest.fixture
