@@ -333,6 +333,8 @@ class Repository:
                 self._failed.pop(path, None)
                 log.info("loaded model %s version %s from %s", name, version, path)
             except (BundleError, OSError) as exc:
+                if not strict and not path.exists():  # removed while this reload ran: not damage
+                    continue
                 self._observe(name, version, False)
                 if strict:
                     raise
@@ -348,6 +350,8 @@ class Repository:
         """A version directory whose manifest a reload cannot read: refused like any broken
         version (logged and counted once until it changes; what is served keeps serving). Its
         model is named by its directory, as its manifest cannot say."""
+        if not (path / MANIFEST).exists():  # removed while the scan ran: not damage
+            return
         model, version = (path.parent.name, path.name) if path.name.isdigit() else (path.name, "1")
         try:
             fingerprint: tuple[str, tuple[tuple[str, int, int], ...]] | None = _fingerprint(path)
