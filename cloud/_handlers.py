@@ -1,4 +1,9 @@
-"""Route handlers and middlewares: the HTTP face of the server (DESIGN.md, "The wire")."""
+"""Route handlers and middlewares: the HTTP face of the server (DESIGN.md, "The wire").
+
+``POST /v1/models/{name}/infer`` is a thin adapter of the inference service (:mod:`._service`):
+:func:`infer` hands it a :class:`~._service.Call` whose parse turns a msgpack frame into work
+pinned to the version of the frame's graph, and whose answer is the msgpack response frame.
+"""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from splitinfer.bundle import Bundle
 from splitinfer.cloud._batcher import Batcher, Job
 from splitinfer.cloud._compute import SMALL_BYTES, Answer, Frame, decode_frame
 from splitinfer.cloud._problem import Problem
@@ -101,7 +102,7 @@ def server_timing(stages: Mapping[str, float]) -> str:
     return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in stages.items())
 
 
-def batchable(bundle: Any, cut: int) -> bool:
+def batchable(bundle: Bundle, cut: int) -> bool:
     """Whether frontiers at ``cut`` and the outputs are batch-leading (dim 0 dynamic)."""
     specs = (*bundle.cuts[cut].tensors, *bundle.cuts[bundle.last_cut].tensors)
     return all(s.shape and s.shape[0] is None for s in specs)
