@@ -8,6 +8,7 @@ import os
 import ssl
 import time
 from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import aiohttp
@@ -15,7 +16,14 @@ from multidict import CIMultiDict
 
 from splitinfer.errors import CloudTimeoutError, CloudUnavailableError, ConfigError
 
-__all__ = ["HttpTransport", "Transport", "TransportResponse", "make_ssl_context"]
+__all__ = [
+    "HttpTransport",
+    "InProcessTransport",
+    "Transport",
+    "TransportRequest",
+    "TransportResponse",
+    "make_ssl_context",
+]
 
 _STREAM_ABOVE = 512 * 1024
 
@@ -160,3 +168,54 @@ class HttpTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+@dataclass(frozen=True)
+class TransportRequest:
+    """One request as an :class:`InProcessTransport` hands it to its handler."""
+
+    method: str
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    timeout_s: float | None
+
+
+class InProcessTransport:
+    """A Transport that answers every request with ``handler(request)``, in this process (as
+    httpx's ``MockTransport``): the edge's hedging, back-off, probing and fallback without
+    sockets. The handler returns a :class:`TransportResponse` (its times are stamped here) or
+    raises what a transport raises (``CloudUnavailableError`` for a cloud that cannot be
+    reached); an async handler may sleep to play a slow cloud, and one slower than the
+    request's timeout raises ``CloudTimeoutError``. ``requests`` lists every request seen.
+    """
+
+    def __init__(
+        self, handler: Callable[[TransportRequest], Awaitable[TransportResponse] | TransportResponse]
+    ):
+        self.handler = handler
+        self.requests: list[TransportRequest] = []
+        self.closed = False
+
+    async def _call(self, request: TransportRequest) -> TransportResponse:
+        self.requests.append(request)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(request.timeout_s):
+                answer = self.handler(request)
+                resp = await answer if not isinstance(answer, TransportResponse) else answer
+        except TimeoutError as exc:
+            raise CloudTimeoutError(f"no answer to {request.path} within {request.timeout_s} s") from exc
+        ended = time.perf_counter()
+        return TransportResponse(resp.status, resp.body, resp.headers, started, ended, ended, resp.retried)
+
+    async def post(
+        self, path: str, body: bytes, headers: dict[str, str], timeout_s: float | None
+    ) -> TransportResponse:
+        return await self._call(TransportRequest("POST", path, body, dict(headers), timeout_s))
+
+    async def get(self, path: str, timeout_s: float | None) -> TransportResponse:
+        return await self._call(TransportRequest("GET", path, b"", {}, timeout_s))
+
+    async def close(self) -> None:
+        self.closed = True
