@@ -7,8 +7,8 @@ import io
 import os
 import ssl
 import time
-from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import aiohttp
@@ -201,13 +201,15 @@ class InProcessTransport:
         self.requests.append(request)
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(request.timeout_s):
-                answer = self.handler(request)
-                resp = await answer if not isinstance(answer, TransportResponse) else answer
-        except TimeoutError as exc:
+            resp = await asyncio.wait_for(self._answer(request), request.timeout_s)
+        except asyncio.TimeoutError as exc:
             raise CloudTimeoutError(f"no answer to {request.path} within {request.timeout_s} s") from exc
         ended = time.perf_counter()
         return TransportResponse(resp.status, resp.body, resp.headers, started, ended, ended, resp.retried)
+
+    async def _answer(self, request: TransportRequest) -> TransportResponse:
+        answer = self.handler(request)
+        return answer if isinstance(answer, TransportResponse) else await answer
 
     async def post(
         self, path: str, body: bytes, headers: dict[str, str], timeout_s: float | None

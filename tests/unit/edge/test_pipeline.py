@@ -96,7 +96,7 @@ async def test_an_overdue_answer_is_hedged_and_the_moot_request_ends_with_the_cl
     async with client:
         out, trace = await asyncio.wait_for(client.ainfer(X, return_trace=True), 30)
         assert trace.fallback == "hedge" and trace.ran_on == "device"
-        assert 0 < trace.predicted["hedge_after"] and "local_tail" in trace.stages
+        assert trace.predicted["hedge_after"] > 0 and "local_tail" in trace.stages
         assert torch.allclose(out, want(cnn), atol=1e-6)
         assert len(client._hedger.moot) == 1
     assert not client._hedger.moot
