@@ -10,11 +10,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDict
 
-from splitinfer.errors import CloudTimeoutError, CloudUnavailableError, ConfigError
+from splitinfer.errors import CloudTimeoutError, CloudUnavailableError, ConfigError, TLSError
 
 __all__ = [
     "HttpTransport",
@@ -69,6 +70,22 @@ def make_ssl_context(
     if client_key and not client_cert:
         raise ConfigError("client_key needs client_cert too")
     return context
+
+
+async def _speaks_tls(base_url: str, timeout_s: float = 2.0) -> bool:
+    """Whether the server at ``base_url`` (an http:// URL) completes a TLS handshake."""
+    url = urlsplit(base_url)
+    if url.hostname is None:
+        return False
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # only asks whether it speaks TLS
+    try:
+        connect = asyncio.open_connection(url.hostname, url.port or 80, ssl=context)
+        _, writer = await asyncio.wait_for(connect, timeout_s)
+    except (OSError, asyncio.TimeoutError, ssl.SSLError):
+        return False
+    writer.close()
+    return True
 
 
 class HttpTransport:
@@ -153,6 +170,20 @@ class HttpTransport:
                 )
         except asyncio.TimeoutError as exc:
             raise CloudTimeoutError(f"no answer from {url} within {timeout_s} s") from exc
+        except aiohttp.ClientSSLError as exc:
+            raise TLSError(
+                f"TLS with the cloud at {self.base_url} failed: {exc}. If the server's certificate is "
+                "self-signed or from a private CA, pass ca_file=<that CA's PEM file> (EdgeClient(..., "
+                "ca_file=...)); otherwise check the certificate's name and dates"
+            ) from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if self.base_url.startswith("http://") and await _speaks_tls(self.base_url):
+                https = "https://" + self.base_url[len("http://") :]
+                raise TLSError(
+                    f"the server at {self.base_url} speaks TLS: use {https} (with ca_file= if its "
+                    "certificate is not from a CA this system trusts)"
+                ) from exc
+            raise CloudUnavailableError(f"cannot reach the cloud at {url}: {exc}") from exc
         except aiohttp.ClientError as exc:
             raise CloudUnavailableError(f"cannot reach the cloud at {url}: {exc}") from exc
 
