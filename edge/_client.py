@@ -26,21 +26,12 @@ from splitinfer.edge._pipeline import Decider, Pipeline
 from splitinfer.edge._targets import OneModel, TaskSet, make_tasks
 from splitinfer.edge._trace import Trace
 from splitinfer.edge._transport import Transport
-from splitinfer.errors import (
-    ClientClosedError,
-    CloudTimeoutError,
-    CloudUnavailableError,
-    ConfigError,
-    GraphMismatchError,
-)
+from splitinfer.errors import ClientClosedError, ConfigError
 from splitinfer.partitioner import Policy
 
 __all__ = ["EdgeClient", "Trace"]
 
 T = TypeVar("T")
-
-# How often the check on entering asks the server before a graph mismatch raises (see _check_server).
-MISMATCH_ASKS = 8
 
 
 class EdgeClient:
@@ -215,33 +206,10 @@ class EdgeClient:
         return await self._api.ready()
 
     async def _check_server(self) -> None:
-        """The metadata check on entering and on warm-up: a misconfiguration raises; a cloud that
-        cannot be reached (it may come later) is logged once. Behind a load balancer during a
-        rolling update one replica may serve another graph: a mismatch raises only when
-        MISMATCH_ASKS answers in a row disagree."""
-        try:
-            for ask in range(MISMATCH_ASKS):
-                try:
-                    await self.amodel_metadata()
-                    break
-                except GraphMismatchError as exc:
-                    if ask == MISMATCH_ASKS - 1:
-                        raise
-                    self._observer.warn_once(
-                        "partial_mismatch",
-                        "%s (asking again: behind a load balancer another replica may serve this "
-                        "graph; the requests a mismatching replica gets finish on the device)",
-                        exc,
-                    )
-        except (CloudUnavailableError, CloudTimeoutError) as exc:
-            self._observer.warn_once(
-                "unreachable",
-                "cannot check model %r with the cloud at %s yet (%s); requests finish on the device "
-                "until it answers",
-                self.bundle.name,
-                self._url,
-                exc,
-            )
+        """The metadata check on entering and on warm-up (CloudAPI.check_model)."""
+        self.server_metadata = (
+            await self._api.check_model(self.bundle, self._observer.warn_once) or self.server_metadata
+        )
 
     async def aclose(self) -> None:
         self._closed = True

@@ -4,6 +4,7 @@ times. It speaks through a :class:`~splitinfer.edge.Transport` and knows nothing
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -14,6 +15,7 @@ from splitinfer.edge._transport import Transport, TransportResponse
 from splitinfer.errors import (
     AuthError,
     CloudError,
+    CloudTimeoutError,
     CloudUnavailableError,
     CodecError,
     GraphMismatchError,
@@ -36,6 +38,8 @@ __all__ = [
 #: The server's endpoint for link probes (cloud/_handlers.py, ``link_probe``).
 LINK_PROBE_PATH = "/v1/link-probe"
 READY_PATH = "/v2/health/ready"
+#: How often the check on entering asks the server before a graph mismatch raises.
+MISMATCH_ASKS = 8
 #: Seconds the model metadata check (on entering, on warm-up) may take.
 METADATA_TIMEOUT_S = 5.0
 #: The longest Retry-After the client honours (a cloud asking for more is asked again then).
@@ -182,3 +186,33 @@ class CloudAPI:
                 status=409,
             )
         return doc
+
+    async def check_model(self, bundle: Manifest, warn: Callable[..., None]) -> dict[str, Any] | None:
+        """The metadata check on entering and on warm-up: the server's description of the model,
+        or None when the cloud cannot be reached yet (it may come later; logged once through
+        ``warn(key, message, *args)``). A misconfiguration raises. Behind a load balancer during
+        a rolling update one replica may serve another graph: a mismatch raises only when
+        :data:`MISMATCH_ASKS` answers in a row disagree."""
+        try:
+            for ask in range(MISMATCH_ASKS):
+                try:
+                    return await self.model_metadata(bundle)
+                except GraphMismatchError as exc:
+                    if ask == MISMATCH_ASKS - 1:
+                        raise
+                    warn(
+                        "partial_mismatch",
+                        "%s (asking again: behind a load balancer another replica may serve this "
+                        "graph; the requests a mismatching replica gets finish on the device)",
+                        exc,
+                    )
+        except (CloudUnavailableError, CloudTimeoutError) as exc:
+            warn(
+                "unreachable",
+                "cannot check model %r with the cloud at %s yet (%s); requests finish on the device "
+                "until it answers",
+                bundle.name,
+                self.url,
+                exc,
+            )
+        return None

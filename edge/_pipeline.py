@@ -22,6 +22,7 @@ from splitinfer.edge._link import Link, LinkProber
 from splitinfer.edge._observe import Observer
 from splitinfer.edge._targets import Flat, Target
 from splitinfer.edge._trace import Trace, TraceBuilder
+from splitinfer.edge._transport import TransportResponse
 from splitinfer.errors import (
     AuthError,
     CloudError,
@@ -166,33 +167,16 @@ class Pipeline:
         the device, if a hedge won)."""
         bundle = target.bundle
         payload, remaining = await self._encode(bundle, decision, est, frontier, trace, started)
-        header = protocol.RequestHeader(
-            model=bundle.name,
-            graph=bundle.graph_hash,
-            cut=decision.cut,
-            codec=decision.codec,
-            tensors=specs_of(frontier),
-            request_id=trace.request_id,
-            payload_nbytes=len(payload),
-            deadline_s=remaining,
-            tasks=target.tasks,
-        )
-        body = protocol.encode_request(header, payload)
+        body = _frame(target, decision, frontier, trace.request_id, payload, remaining)
+        cut, answer_bytes = target.send_cut(decision), target.answer_bytes
         send = asyncio.ensure_future(
-            self.link.send(
-                body,
-                remaining,
-                model=bundle.name,
-                cut=target.send_cut(decision),
-                answer_bytes=target.answer_bytes,
-            )
+            self.link.send(body, remaining, model=bundle.name, cut=cut, answer_bytes=answer_bytes)
         )
         hedge_s = hedge_after(decision, est) if self.hedge and target.can_finish_locally else math.inf
         if math.isfinite(hedge_s):
             trace.predicted["hedge_after"] = hedge_s
-            hedged = await self.hedger.race(
-                send, hedge_s, lambda: self._finish(target, decision, est, frontier, trace)
-            )
+            finish = lambda: self._finish(target, decision, est, frontier, trace)  # noqa: E731
+            hedged = await self.hedger.race(send, hedge_s, finish)
             if hedged is not None:
                 trace.fallback = "hedge"
                 return hedged
@@ -202,11 +186,7 @@ class Pipeline:
             exc = error_of(resp)
             self.observer.refused(resp.status, "request", exc)
             raise exc
-        t0 = time.perf_counter()
-        answer = self.link.api.read_answer(resp, numpy=is_numpy(frontier))
-        flat = target.split(answer.outputs, answer.models)
-        trace.stages["response_decode"] = time.perf_counter() - t0
-        trace.stages.update(link_stages(answer.server_timing, trace.stages["network"]))
+        flat = self._read(target, resp, frontier, trace)
         self.breaker.success()
         trace.bytes_up, trace.bytes_down, trace.retried, trace.ran_on = (
             len(body),
@@ -214,6 +194,17 @@ class Pipeline:
             resp.retried,
             "cloud",
         )
+        return flat
+
+    def _read(
+        self, target: Target, resp: TransportResponse, frontier: tuple[Any, ...], trace: TraceBuilder
+    ) -> Flat:
+        """Every model's outputs from a 200 answer (numpy for numpy frontiers); its stage times."""
+        t0 = time.perf_counter()
+        answer = self.link.api.read_answer(resp, numpy=is_numpy(frontier))
+        flat = target.split(answer.outputs, answer.models)
+        trace.stages["response_decode"] = time.perf_counter() - t0
+        trace.stages.update(link_stages(answer.server_timing, trace.stages["network"]))
         return flat
 
     async def _finish(
@@ -258,3 +249,27 @@ class Pipeline:
             raise exc from None
         trace.fallback = reason
         return flat
+
+
+def _frame(
+    target: Target,
+    decision: Decision,
+    frontier: tuple[Any, ...],
+    request_id: str,
+    payload: bytes,
+    remaining: float | None,
+) -> bytes:
+    """The request's body: the header (with the target's tasks) and the encoded frontier."""
+    bundle = target.bundle
+    header = protocol.RequestHeader(
+        model=bundle.name,
+        graph=bundle.graph_hash,
+        cut=decision.cut,
+        codec=decision.codec,
+        tensors=specs_of(frontier),
+        request_id=request_id,
+        payload_nbytes=len(payload),
+        deadline_s=remaining,
+        tasks=target.tasks,
+    )
+    return protocol.encode_request(header, payload)
