@@ -18,6 +18,8 @@ calibrated per channel for a 2-D tensor by older bundles are merged into one whe
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -118,6 +120,17 @@ class ClipRanges:
                 raise CodecError("each clip range is null or a map with 'lo' and 'hi' lists")
             out.append((tuple(entry["lo"]), tuple(entry["hi"])))
         return cls(tuple(out), obj.get("per_channel"), obj.get("method", "manual"))  # type: ignore[arg-type]
+
+    @property
+    def id(self) -> str:
+        """8 hex digits naming these ranges (a digest of their values and per-channel flag): a
+        blob quantized with them names them instead of carrying them (``_codec.py``)."""
+        cached = self.__dict__.get("_id")
+        if cached is None:
+            doc = json.dumps([self.per_channel, [None if r is None else list(r) for r in self.tensors]])
+            cached = hashlib.sha256(doc.encode()).hexdigest()[:8]
+            object.__setattr__(self, "_id", cached)
+        return str(cached)
 
     def arrays(self, index: int, channels: int, *, merge: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """float64 ``(lo, hi)`` of tensor ``index``, broadcast to ``channels`` channels; with

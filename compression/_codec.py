@@ -12,7 +12,9 @@ cast        ``[dtype, shape]``                               floats cast to f32/
 q<b>[c]     ``[dtype, shape, lo, scale]`` for floats         ``ceil(numel * b / 8)`` bytes: the codes
             (``lo``/``scale``: bin, little-endian float32,   as one LSB-first bit stream (``_pack.py``)
             one per channel of dim 1 for ``c`` codecs on
-            tensors of 3+ dims, else one);
+            tensors of 3+ dims, else one); bound to
+            calibrated ranges: ``[dtype, shape, ranges_id]``
+            (below);
             ``[dtype, shape]`` for other dtypes              the tensor's bytes, unchanged
 q<b>[c]+ans ``[dtype, shape, lo, scale, weights, words]``    ``4 * words`` bytes: the codes' rANS
             for floats (``weights``: bin, the symbol         stream (``_ans.py``); other dtypes as
@@ -26,8 +28,13 @@ jpeg<q>     ``[dtype, shape, lo, scale, sizes]``: shape      ``N`` JPEG files (`
 =========== ================================================ ==========================================
 
 ``dtype``/``shape`` are the tensor as the caller gave it, and decoding returns that dtype and
-shape. A value decodes as ``lo + code * scale`` (``_quant.py``), so a decoder never needs the
-encoder's clip ranges. Decoding validates every field (types, lengths against the shape,
+shape. A value decodes as ``lo + code * scale`` (``_quant.py``). A quantizing codec bound to
+calibrated clip ranges (a bundle's, ``Manifest.codec_for``) writes ``ranges_id`` (a str of 8 hex
+digits, :attr:`ClipRanges.id`) in place of ``lo, scale``: both ends have the ranges in the
+bundle, and shipping them cost about 10 kB a request for a frontier of 1280 channels (issue 28).
+Such a blob decodes only with a codec bound to the same ranges (``Manifest.decoder_for``);
+uncalibrated blobs, and blobs from before, carry ``lo, scale`` and decode with any codec of the
+spec. Decoding validates every field (types, lengths against the shape,
 finiteness, sizes against ``max_nbytes``) before it allocates. The quantized and JPEG codecs'
 blobs also carry the positions and values of non-finite inputs, which decoding writes back
 (``_nonfinite.py``).
@@ -255,12 +262,11 @@ class QuantCodec(_Adapters):
                 lo, hi = self.clip.arrays(i, a3.shape[1], merge=not has_channels(a.ndim))
             lo32, scale, limited = affine(lo, hi, levels)
             codes = quantize(clean, lo32, scale, levels, inside=finite and self.clip is None and not limited)
-            entry: list[object] = [
-                name,
-                list(a.shape),
-                lo32.astype("<f4").tobytes(),
-                scale.astype("<f4").tobytes(),
-            ]
+            entry: list[object] = [name, list(a.shape)]
+            if self.clip is not None:  # both ends hold the calibrated ranges: name them
+                entry.append(self.clip.id)
+            else:
+                entry += [lo32.astype("<f4").tobytes(), scale.astype("<f4").tobytes()]
             if not self.ans:
                 chunks.append(pack_bits(codes.reshape(-1), self.bits))
             elif a.size == 0:
@@ -277,7 +283,7 @@ class QuantCodec(_Adapters):
         levels = 1 << self.bits
         plan: list[tuple[str, tuple[int, ...], np.ndarray | None, np.ndarray | None, int]] = []
         tables: list[np.ndarray | None] = []
-        for entry in entries:
+        for index, entry in enumerate(entries):
             name, shape, fields = check_entry(entry)
             numel = math.prod(shape)
             if name not in FLOATS:
@@ -286,14 +292,22 @@ class QuantCodec(_Adapters):
                 plan.append((name, shape, None, None, _out_nbytes(name, shape)))
                 tables.append(None)
                 continue
+            if fields and isinstance(fields[0], str):  # names calibrated ranges
+                channels, lo, scale = _quant_named_ranges(self, index, fields[0], shape)
+                fields = [b"", b"", *fields[1:]]  # where lo and scale would be
+            elif len(fields) == (4 if self.ans else 2):
+                channels = _channels(fields[0], shape, self.per_channel)
+                lo = f32_field(fields[0], channels, "lo")
+                scale = f32_field(fields[1], channels, "scale")
+            else:
+                fields = []
             if len(fields) != (4 if self.ans else 2):
                 raise CodecError(
                     "a floating tensor entry is [dtype, shape, lo, scale"
                     + (", weights, words]" if self.ans else "]")
+                    + " or [dtype, shape, ranges_id"
+                    + (", weights, words]" if self.ans else "]")
                 )
-            channels = _channels(fields[0], shape, self.per_channel)
-            lo = f32_field(fields[0], channels, "lo")
-            scale = f32_field(fields[1], channels, "scale")
             top = np.abs(lo.astype(np.float64)) + (levels - 1) * scale.astype(np.float64)
             if (scale < 0).any() or (top > _F32_MAX).any():
                 raise CodecError("scale must be >= 0 and every decoded value a finite float32")
@@ -332,6 +346,29 @@ class QuantCodec(_Adapters):
                 values = dequantize(_codes3(codes, shape, lows.size), lows, scales)
                 decoded.append((name, "float32", values.reshape(shape)))
         return decoded
+
+
+def _quant_named_ranges(
+    codec: QuantCodec, index: int, ranges_id: str, shape: tuple[int, ...]
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Channels, ``lo`` and ``scale`` (float32) of tensor ``index`` of a blob that names its
+    calibrated ranges ``ranges_id``, from the ranges ``codec`` is bound to (as it encoded)."""
+    if codec.clip is None:
+        raise CodecError(
+            f"the blob names calibrated clip ranges {ranges_id!r} that only its bundle holds: decode it "
+            "with the bundle's codec (Manifest.decoder_for(cut, spec))"
+        )
+    if codec.clip.id != ranges_id:
+        raise CodecError(
+            f"the blob was quantized with clip ranges {ranges_id!r}, this codec is bound to "
+            f"{codec.clip.id!r} (another cut or bundle version)"
+        )
+    if index >= len(codec.clip.tensors) or codec.clip.tensors[index] is None:
+        raise CodecError(f"the clip ranges {ranges_id!r} hold no range for tensor {index}")
+    channels = shape[1] if codec.per_channel and has_channels(len(shape)) else 1
+    lo, hi = codec.clip.arrays(index, channels, merge=not has_channels(len(shape)))
+    lo32, scale, _ = affine(lo, hi, 1 << codec.bits)
+    return channels, lo32.astype(np.float32), scale.astype(np.float32)
 
 
 def _channels(lo: object, shape: tuple[int, ...], per_channel: bool) -> int:
@@ -462,8 +499,9 @@ def get_codec(
 ) -> Codec:
     """The codec named by ``spec``; an unknown or malformed spec lists the valid forms.
 
-    ``clip`` binds a quantized or JPEG codec to calibrated ranges (see :func:`calibrate`);
-    decoding does not need them, so ``get_codec(spec)`` decodes what any bound codec encodes.
+    ``clip`` binds a quantized or JPEG codec to calibrated ranges (see :func:`calibrate`); a
+    quantized codec's blobs then name the ranges instead of carrying them, and decode only with
+    a codec bound to the same ranges (JPEG blobs carry theirs: ``get_codec(spec)`` decodes them).
     ``dictionary`` binds a ``+zstd`` codec to a zstd dictionary (``_dictionary.py``): its blobs
     name the dictionary, and only a codec bound to the same one decodes them.
     ``projection`` binds a ``pca<r>q<bits>`` codec to its cut's calibrated channel projection

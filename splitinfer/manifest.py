@@ -191,11 +191,17 @@ class Manifest:
         )
 
     def decoder_for(self, k: int, spec: str) -> Codec:
-        """The codec that decodes what :meth:`codec_for` encodes at cut ``k`` (its dictionary,
-        or for a pca codec its projection)."""
+        """The codec that decodes what :meth:`codec_for` encodes at cut ``k`` (its dictionary and
+        calibrated ranges, which its blobs name instead of carrying, or for a pca codec its
+        projection); it decodes blobs that carry their own ranges too."""
         if parse_spec(spec).kind == "pca":
             return get_codec(spec, projection=self.projections.get(str(k)))
-        return get_codec(spec, dictionary=self.dictionaries.get(str(k), {}).get(spec))
+        ranges = self.calibration.get(str(k), {}).get(spec.split("+", 1)[0])
+        return get_codec(
+            spec,
+            clip=None if ranges is None else ClipRanges.from_json(ranges),
+            dictionary=self.dictionaries.get(str(k), {}).get(spec),
+        )
 
     # -- storage -------------------------------------------------------------------------
 

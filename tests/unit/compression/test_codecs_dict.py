@@ -70,6 +70,7 @@ def mlp_bundle(dictionary):
         inputs,
         name="mlp",
         calibration=[batched(inputs, 1, seed=i) for i in range(4)],
+        evaluation=[batched(inputs, 1, seed=10 + i) for i in range(2)],
         codecs=["f32", "q8+zstd3"],
         calibration_method="minmax",
     )

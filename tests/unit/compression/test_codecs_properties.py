@@ -151,7 +151,7 @@ def test_calibrated_ranges_clip_outside_and_keep_half_a_step_inside(t, bits, see
     b = a + rng.random(channels) * rng.choice([0.0, 0.1, 1.0, 10.0])
     ranges = ClipRanges.from_arrays([(a, b)], per_channel=per_channel)
     spec = f"q{bits}{'c' if per_channel else ''}"
-    (y,) = get_codec(spec).decode(get_codec(spec, clip=ranges).encode([t]))
+    (y,) = get_codec(spec, clip=ranges).decode(get_codec(spec, clip=ranges).encode([t]))
     assert y.shape == t.shape
     if t.numel() == 0:
         return

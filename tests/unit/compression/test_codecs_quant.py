@@ -217,11 +217,11 @@ def test_huge_finite_values_are_limited_to_1e38():
 # ---------------------------------------------------------------- clip ranges and calibration
 
 
-def test_bound_codec_clips_to_its_ranges_and_any_codec_decodes_the_blob():
+def test_bound_codec_clips_to_its_ranges_and_a_codec_bound_to_them_decodes_the_blob():
     ranges = ClipRanges.from_arrays([(-1.0, 1.0), None], per_channel=False)
     x = torch.tensor([-3.0, -0.5, 0.0, 0.7, 5.0])
     blob = get_codec("q8+zstd1", clip=ranges).encode([x, torch.arange(3)])
-    y, ints = get_codec("q8+zstd1").decode(blob)
+    y, ints = get_codec("q8+zstd1", clip=ranges).decode(blob)
     assert y.tolist() == pytest.approx([-1.0, -0.5, 0.0, 0.7, 1.0], abs=_step(-1, 1, 8) / 2 + 1e-6)
     assert torch.equal(ints, torch.arange(3))
 
@@ -254,7 +254,7 @@ def test_clip_ranges_misuse_is_a_codec_error():
 
 def test_per_tensor_ranges_work_with_a_per_channel_codec():
     ranges = ClipRanges.from_arrays([(-1.0, 1.0)], per_channel=False)
-    (y,) = get_codec("q8c").decode(get_codec("q8c", clip=ranges).encode([torch.full((2, 3), 4.0)]))
+    (y,) = get_codec("q8c", clip=ranges).decode(get_codec("q8c", clip=ranges).encode([torch.full((2, 3), 4.0)]))
     assert torch.allclose(y, torch.ones(2, 3))
 
 
