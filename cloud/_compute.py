@@ -21,8 +21,9 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from splitinfer import protocol
 from splitinfer.bundle import Bundle
@@ -30,6 +31,11 @@ from splitinfer.cloud._problem import Problem
 from splitinfer.compression import get_codec
 from splitinfer.errors import CodecError
 from splitinfer.tensors import specs_of
+
+if TYPE_CHECKING:
+    import torch
+
+    from splitinfer.cloud._config import TailDevice
 
 __all__ = ["SMALL_BYTES", "Answer", "Frame", "decode_frame", "encode_outputs", "run_batch"]
 
@@ -72,13 +78,20 @@ class Answer:
 
 def decode_frame(
     header: protocol.RequestHeader, payload: memoryview, bundle: Bundle | None = None
-) -> list[torch.Tensor]:
+) -> list[Any]:
     """The frontier a checked frame carries; Problem (400) if it does not decode to what it declares
-    (or names a zstd dictionary other than the one ``bundle`` holds for its cut and codec)."""
+    (or names a zstd dictionary other than the one ``bundle`` holds for its cut and codec).
+
+    For a bundle whose tails run on ONNX Runtime the frontier is numpy arrays (no torch needed);
+    otherwise torch tensors."""
     max_nbytes = sum(s.nbytes() for s in header.tensors)
     try:
         codec = get_codec(header.codec) if bundle is None else bundle.decoder_for(header.cut, header.codec)
-        frontier = codec.decode(payload, max_nbytes=max_nbytes)
+        frontier: list[Any]
+        if bundle is not None and bundle.onnx_runner is not None:
+            frontier = codec.decode_numpy(payload, max_nbytes=max_nbytes)
+        else:
+            frontier = codec.decode(payload, max_nbytes=max_nbytes)
     except CodecError as exc:
         raise Problem("malformed_frame", f"payload does not decode with {header.codec}: {exc}") from None
     if specs_of(frontier) != header.tensors:
@@ -123,20 +136,31 @@ def _frontier(frame: Frame, bundle: Bundle) -> tuple[list[torch.Tensor], float]:
 def _split(outputs: Sequence[torch.Tensor], rows: Sequence[int]) -> list[list[torch.Tensor]] | None:
     """Outputs cut back into each request's rows; None if an output is not batch-leading."""
     total = sum(rows)
-    if any(o.dim() == 0 or o.shape[0] != total for o in outputs):
+    if any(o.ndim == 0 or o.shape[0] != total for o in outputs):
         return None
     parts: list[list[torch.Tensor]] = [[] for _ in rows]
+    bounds = np.cumsum(rows)[:-1].tolist()
     for out in outputs:
-        for i, piece in enumerate(torch.split(out, list(rows), dim=0)):
+        pieces = np.split(out, bounds) if isinstance(out, np.ndarray) else out.split(list(rows), dim=0)
+        for i, piece in enumerate(pieces):
             parts[i].append(piece)
     return parts
+
+
+def _cat(tensors: Sequence[Any]) -> Any:
+    """Tensors (or numpy arrays: ONNX Runtime tails) joined along dim 0."""
+    if isinstance(tensors[0], np.ndarray):
+        return np.concatenate(tensors, axis=0)
+    import torch
+
+    return torch.cat(list(tensors), dim=0)
 
 
 def _compute(
     bundle: Bundle,
     cut: int,
     frontiers: list[list[torch.Tensor]],
-    device: torch.device,
+    device: TailDevice,
     stop: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The tail from ``cut`` (to segment ``stop``, by default the last) on ``device`` for the
@@ -146,28 +170,31 @@ def _compute(
     stream (one per thread: batches of different threads overlap), and the outputs copied back
     before the thread lets go of the batch. Frames are decoded on the host, before this.
     """
-    inputs = [torch.cat(p, dim=0) for p in zip(*frontiers)] if len(frontiers) > 1 else frontiers[0]
+    inputs = [_cat(p) for p in zip(*frontiers)] if len(frontiers) > 1 else frontiers[0]
     stop = bundle.n_segments if stop is None else stop
-    if bundle.onnx_runner is not None:  # ONNX Runtime takes host arrays to its own device
+    if bundle.onnx_runner is not None or isinstance(device, str):
+        # ONNX Runtime takes host arrays to its own device
         return bundle.run_segments(cut, stop, inputs)
+    import torch
+
     if device.type != "cuda":
         return bundle.run_segments(cut, stop, [t.to(device) for t in inputs])
     stream = _stream(device)
     with torch.cuda.stream(stream):
         moved = [t.pin_memory().to(device, non_blocking=True) for t in inputs]
         outputs = bundle.run_segments(cut, stop, moved)
-        host = tuple(o.to(HOST, non_blocking=True) for o in outputs)
+        host = tuple(o.to("cpu", non_blocking=True) for o in outputs)
     stream.synchronize()
     return host
 
 
-#: Where frames are decoded and answers encoded.
-HOST = torch.device("cpu")
 _streams = threading.local()
 
 
 def _stream(device: torch.device) -> torch.cuda.Stream:
     """This thread's CUDA stream on ``device`` (made on first use)."""
+    import torch
+
     streams: dict[torch.device, torch.cuda.Stream] = getattr(_streams, "by_device", None) or {}
     _streams.by_device = streams
     if device not in streams:
@@ -181,7 +208,7 @@ def run_batch(
     frames: Sequence[Frame],
     response_codec: str,
     started: float,
-    device: torch.device,
+    device: TailDevice,
     bundles: Sequence[Bundle] | None = None,
 ) -> list[Answer | Problem]:
     """Answer every frame of one batch (all at ``cut`` of ``bundle``, same non-batch shapes).
@@ -224,7 +251,7 @@ def _run_decoded(
     response_codec: str,
     results: list[Answer | Problem | None],
     hop: float,
-    device: torch.device,
+    device: TailDevice,
 ) -> None:
     rows = [frames[i].rows for i, _, _ in decoded]
     parts: list[list[torch.Tensor]] | None = None
@@ -260,7 +287,7 @@ def _run_shared(
     response_codec: str,
     results: list[Answer | Problem | None],
     hop: float,
-    device: torch.device,
+    device: TailDevice,
 ) -> None:
     """A batch of several models (or one frontier for several): the segments their tails share
     run once on the distinct frontiers, then each model's own segments on its rows."""
@@ -328,7 +355,7 @@ def _answer_alone(
     dec: float,
     response_codec: str,
     hop: float,
-    device: torch.device,
+    device: TailDevice,
 ) -> Answer | Problem:
     t0, c0 = time.perf_counter(), time.thread_time()
     try:
@@ -351,7 +378,7 @@ def _answer(
     cpu: float,
 ) -> Answer | Problem:
     """Large outputs are encoded here, in the compute thread; small ones are left to the loop."""
-    if not frame.encode or sum(o.numel() * o.element_size() for o in outputs) <= SMALL_BYTES:
+    if not frame.encode or sum(o.nbytes for o in outputs) <= SMALL_BYTES:
         return Answer(None, {**stages, "encode": 0.0}, batch_rows, outputs, cpu)
     t0 = time.perf_counter()
     try:

@@ -11,7 +11,6 @@ from dataclasses import replace
 from aiohttp import http_exceptions, web
 from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestPayloadError
-from torch.utils import _pytree as pytree
 
 from splitinfer import protocol
 from splitinfer.bundle import Bundle
@@ -504,7 +503,7 @@ def _describe(state: ServerState, bundle: Bundle) -> dict[str, object]:
         "cuts": [c.to_json() for c in bundle.cuts],
         "codecs": bundle.codecs,
         "inputs": [s.to_json() for s in bundle.inputs],
-        "outputs": pytree.treespec_loads(bundle.out_spec).num_leaves,
+        "outputs": len(bundle.output_names()),
         "max_batch_size": state.config.max_batch_size,
         "versions": [{"version": s.version, "graph_hash": s.bundle.graph_hash} for s in served],
         "shared_heads": _shared_heads(state, bundle.name),

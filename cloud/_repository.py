@@ -34,7 +34,7 @@ from splitinfer.errors import BundleError
 from splitinfer.manifest import read_manifest
 
 if TYPE_CHECKING:
-    import torch
+    from splitinfer.cloud._config import TailDevice
 
 __all__ = ["Repository", "Served", "load_repository", "reload_models", "scan"]
 
@@ -163,7 +163,7 @@ class Repository:
     def __init__(
         self,
         root: Path,
-        device: torch.device,
+        device: TailDevice,
         max_versions: int = 0,
         share: bool = True,
         runtime: str = "torch",
@@ -368,7 +368,7 @@ class Repository:
 
 def load_repository(
     root: Path,
-    device: torch.device,
+    device: TailDevice,
     max_versions: int = 0,
     share: bool = True,
     runtime: str = "torch",
