@@ -12,7 +12,7 @@ LOADTEST_ARGS ?=
 REPLICAS ?= 3
 CLUSTER_ARGS ?=
 
-.PHONY: demo test bench fuzz loadtest lint clean venv prometheus haproxy cluster
+.PHONY: demo test bench fuzz loadtest lint clean venv prometheus haproxy cluster image test-image
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,21 @@ demo: $(VENV)/.stamp-examples-plot
 test: $(VENV)/.stamp-dev-examples-plot-loadtest prometheus haproxy
 	# pytest's own script: `python -m pytest` would put the working directory on sys.path
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The server images (deploy/Dockerfile), with podman or docker, whichever is installed:
+# splitinfer:<version>-onnxruntime (no torch) and splitinfer:<version>-torch. IMAGE_BASE is the
+# base image (the slim Python image by default; `debian-local` builds a Debian bookworm base
+# with mmdebstrap, once per machine); pip's configuration here goes in (docs/deploy.md).
+IMAGE_BASE ?= python:3.12-slim-bookworm
+IMAGE_ARGS ?=
+image:
+	$(PYTHON) deploy/image.py --base "$(IMAGE_BASE)" $(IMAGE_ARGS)
+
+# Builds the images, then runs the tests that start them (marker `image`, left out of `make
+# test`): non-root, read-only bundle, readiness and HEALTHCHECK, answers, drain, bad mounts,
+# three replicas behind HAProxy with one killed.
+test-image: image $(VENV)/.stamp-dev-examples-plot-loadtest haproxy
+	SPLITINFER_IMAGE_TESTS=1 $(PY) -m pytest -m image tests/integration/deploy $(PYTEST_ARGS)
 
 # System packages the tests run for real, installed when missing (needs root and apt-get):
 # tests/integration/deploy/: test_prometheus.py and test_scale.py run a real Prometheus and

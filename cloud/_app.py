@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -92,8 +92,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config, metrics = app[CONFIG], app[METRICS]
     compute_threads, torch_threads = config.threads()
     device = config.torch_device()
-    torch_before = torch.get_num_threads()
-    torch.set_num_threads(torch_threads)  # process-wide: restored when the app cleans up
+    # torch's threads are process-wide: set while the app runs, restored when it cleans up.
+    # ONNX Runtime tails never import torch (a torch-free install serves them).
+    torch = None if isinstance(device, str) else sys.modules.get("torch")
+    torch_before = torch.get_num_threads() if torch is not None else 0
+    if torch is not None:
+        torch.set_num_threads(torch_threads)
     pool = ThreadPoolExecutor(compute_threads, thread_name_prefix="splitinfer-compute")
     try:
         repository = await asyncio.get_running_loop().run_in_executor(
@@ -108,7 +112,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         )
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
-        torch.set_num_threads(torch_before)
+        if torch is not None:
+            torch.set_num_threads(torch_before)
         raise
     scheduler = Scheduler(
         pool,
@@ -152,7 +157,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         except Exception:
             log.exception("stopping the batchers failed")
         pool.shutdown(wait=False, cancel_futures=True)
-        torch.set_num_threads(torch_before)
+        if torch is not None:
+            torch.set_num_threads(torch_before)
 
 
 async def reload(state: ServerState, name: str | None = None) -> list[str]:

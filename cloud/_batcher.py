@@ -34,12 +34,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from splitinfer.bundle import Bundle
 from splitinfer.cloud._compute import Answer, Frame, finish, run_batch
 from splitinfer.cloud._problem import Problem
+
+if TYPE_CHECKING:
+    from splitinfer.cloud._config import TailDevice
 
 __all__ = ["Job", "Scheduler"]
 
@@ -327,7 +329,7 @@ class Scheduler:
         compute_threads: int,
         max_batch_size: int,
         max_delay_s: float,
-        device: torch.device,
+        device: TailDevice,
         inline_below_s: float = 0.0,
         on_batch: BatchHook | None = None,
     ):

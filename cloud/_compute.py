@@ -4,7 +4,7 @@
 compute thread. It never raises for one bad request: each job gets its own result or Problem.
 
 Frames and outputs of at most :data:`SMALL_BYTES` are decoded and encoded on the event loop
-instead (:func:`decode_frame`, :func:`encode_outputs`): for them, the Python work of a codec is
+instead (:func:`decode_frame`, :func:`finish`): for them, the Python work of a codec is
 a few microseconds, while each handoff of the GIL between the loop and a compute thread costs
 far more. The tail itself always runs in a compute thread.
 
@@ -21,15 +21,20 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+import numpy as np
 
 from splitinfer.bundle import Bundle
 from splitinfer.cloud._problem import Problem
 from splitinfer.compression import get_codec
 from splitinfer.errors import CodecError
 from splitinfer.tensors import TensorSpec, specs_of
+
+if TYPE_CHECKING:
+    import torch
+
+    from splitinfer.cloud._config import TailDevice
 
 __all__ = ["SMALL_BYTES", "Answer", "Encoder", "Frame", "decode_frame", "finish", "run_batch"]
 
@@ -40,7 +45,7 @@ SMALL_BYTES = 64 * 1024
 
 
 #: Turns one request's outputs into its response body (in a compute thread when they are large).
-Encoder = Callable[[Sequence[torch.Tensor]], bytes]
+Encoder = Callable[[Sequence[Any]], bytes]
 
 
 class Encoded(Protocol):
@@ -89,13 +94,20 @@ class Answer:
     batch_models: int = 1
 
 
-def decode_frame(header: Encoded, payload: memoryview, bundle: Bundle | None = None) -> list[torch.Tensor]:
+def decode_frame(header: Encoded, payload: memoryview, bundle: Bundle | None = None) -> list[Any]:
     """The frontier a checked frame carries; Problem (400) if it does not decode to what it declares
-    (or names a zstd dictionary other than the one ``bundle`` holds for its cut and codec)."""
+    (or names a zstd dictionary other than the one ``bundle`` holds for its cut and codec).
+
+    For a bundle whose tails run on ONNX Runtime the frontier is numpy arrays (no torch needed);
+    otherwise torch tensors."""
     max_nbytes = sum(s.nbytes() for s in header.tensors)
     try:
         codec = get_codec(header.codec) if bundle is None else bundle.decoder_for(header.cut, header.codec)
-        frontier = codec.decode(payload, max_nbytes=max_nbytes)
+        frontier: list[Any]
+        if bundle is not None and bundle.onnx_runner is not None:
+            frontier = codec.decode_numpy(payload, max_nbytes=max_nbytes)
+        else:
+            frontier = codec.decode(payload, max_nbytes=max_nbytes)
     except CodecError as exc:
         raise Problem("malformed_frame", f"payload does not decode with {header.codec}: {exc}") from None
     if specs_of(frontier) != header.tensors:
@@ -123,20 +135,31 @@ def _frontier(frame: Frame, bundle: Bundle) -> tuple[list[torch.Tensor], float]:
 def _split(outputs: Sequence[torch.Tensor], rows: Sequence[int]) -> list[list[torch.Tensor]] | None:
     """Outputs cut back into each request's rows; None if an output is not batch-leading."""
     total = sum(rows)
-    if any(o.dim() == 0 or o.shape[0] != total for o in outputs):
+    if any(o.ndim == 0 or o.shape[0] != total for o in outputs):
         return None
     parts: list[list[torch.Tensor]] = [[] for _ in rows]
+    bounds = np.cumsum(rows)[:-1].tolist()
     for out in outputs:
-        for i, piece in enumerate(torch.split(out, list(rows), dim=0)):
+        pieces = np.split(out, bounds) if isinstance(out, np.ndarray) else out.split(list(rows), dim=0)
+        for i, piece in enumerate(pieces):
             parts[i].append(piece)
     return parts
+
+
+def _cat(tensors: Sequence[Any]) -> Any:
+    """Tensors (or numpy arrays: ONNX Runtime tails) joined along dim 0."""
+    if isinstance(tensors[0], np.ndarray):
+        return np.concatenate(tensors, axis=0)
+    import torch
+
+    return torch.cat(list(tensors), dim=0)
 
 
 def _compute(
     bundle: Bundle,
     cut: int,
     frontiers: list[list[torch.Tensor]],
-    device: torch.device,
+    device: TailDevice,
     stop: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The tail from ``cut`` (to segment ``stop``, by default the last) on ``device`` for the
@@ -146,28 +169,31 @@ def _compute(
     stream (one per thread: batches of different threads overlap), and the outputs copied back
     before the thread lets go of the batch. Frames are decoded on the host, before this.
     """
-    inputs = [torch.cat(p, dim=0) for p in zip(*frontiers)] if len(frontiers) > 1 else frontiers[0]
+    inputs = [_cat(p) for p in zip(*frontiers)] if len(frontiers) > 1 else frontiers[0]
     stop = bundle.n_segments if stop is None else stop
-    if bundle.onnx_runner is not None:  # ONNX Runtime takes host arrays to its own device
+    if bundle.onnx_runner is not None or isinstance(device, str):
+        # ONNX Runtime takes host arrays to its own device
         return bundle.run_segments(cut, stop, inputs)
+    import torch
+
     if device.type != "cuda":
         return bundle.run_segments(cut, stop, [t.to(device) for t in inputs])
     stream = _stream(device)
     with torch.cuda.stream(stream):
         moved = [t.pin_memory().to(device, non_blocking=True) for t in inputs]
         outputs = bundle.run_segments(cut, stop, moved)
-        host = tuple(o.to(HOST, non_blocking=True) for o in outputs)
+        host = tuple(o.to("cpu", non_blocking=True) for o in outputs)
     stream.synchronize()
     return host
 
 
-#: Where frames are decoded and answers encoded.
-HOST = torch.device("cpu")
 _streams = threading.local()
 
 
 def _stream(device: torch.device) -> torch.cuda.Stream:
     """This thread's CUDA stream on ``device`` (made on first use)."""
+    import torch
+
     streams: dict[torch.device, torch.cuda.Stream] = getattr(_streams, "by_device", None) or {}
     _streams.by_device = streams
     if device not in streams:
@@ -180,7 +206,7 @@ def run_batch(
     cut: int,
     frames: Sequence[Frame],
     started: float,
-    device: torch.device,
+    device: TailDevice,
     bundles: Sequence[Bundle] | None = None,
 ) -> list[Answer | Problem]:
     """Answer every frame of one batch (all at ``cut`` of ``bundle``, same non-batch shapes).
@@ -220,7 +246,7 @@ def _run_decoded(
     decoded: list[tuple[int, list[torch.Tensor], float]],
     results: list[Answer | Problem | None],
     hop: float,
-    device: torch.device,
+    device: TailDevice,
 ) -> None:
     rows = [frames[i].rows for i, _, _ in decoded]
     parts: list[list[torch.Tensor]] | None = None
@@ -255,7 +281,7 @@ def _run_shared(
     decoded: list[tuple[int, list[torch.Tensor], float]],
     results: list[Answer | Problem | None],
     hop: float,
-    device: torch.device,
+    device: TailDevice,
 ) -> None:
     """A batch of several models (or one frontier for several): the segments their tails share
     run once on the distinct frontiers, then each model's own segments on its rows."""
@@ -322,7 +348,7 @@ def _answer_alone(
     frontier: list[torch.Tensor],
     dec: float,
     hop: float,
-    device: torch.device,
+    device: TailDevice,
 ) -> Answer | Problem:
     t0, c0 = time.perf_counter(), time.thread_time()
     try:
@@ -342,7 +368,7 @@ def _answer(
     cpu: float,
 ) -> Answer | Problem:
     """Large outputs are encoded here, in the compute thread; small ones are left to the loop."""
-    if frame.encoder is None or sum(o.numel() * o.element_size() for o in outputs) <= SMALL_BYTES:
+    if frame.encoder is None or sum(o.nbytes for o in outputs) <= SMALL_BYTES:
         return Answer(None, {**stages, "encode": 0.0}, batch_rows, outputs, cpu)
     t0 = time.perf_counter()
     try:

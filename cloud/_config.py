@@ -16,6 +16,10 @@ from splitinfer.runtime import RUNTIMES
 if TYPE_CHECKING:
     import torch
 
+    #: Where tails run: a torch device, or the device name ONNX Runtime tails run on ("cpu",
+    #: "cuda:0"), which needs no torch.
+    TailDevice = torch.device | str
+
 __all__ = ["ENV_PREFIX", "ServerConfig"]
 
 ENV_PREFIX = "SPLITINFER_"
@@ -177,17 +181,26 @@ class ServerConfig:
     def tls(self) -> bool:
         return self.tls_cert is not None
 
-    def torch_device(self) -> torch.device:
-        """The device tails run on (imports torch); ConfigError for a CUDA device torch cannot see,
-        or, with runtime ``onnxruntime``, that ONNX Runtime has no CUDA provider for (it places
-        the tails itself: the default is cuda when it has one, docs/runtimes.md)."""
-        import torch
+    def torch_device(self) -> TailDevice:
+        """The device tails run on; ConfigError for a CUDA device torch cannot see, or, with
+        runtime ``onnxruntime``, that ONNX Runtime has no CUDA provider for (it places the tails
+        itself: the default is cuda when it has one, docs/runtimes.md). With runtime
+        ``onnxruntime`` that is the device's name and torch is not imported; otherwise a
+        ``torch.device`` (ConfigError naming ``splitinfer[torch]`` where torch is not installed)."""
+        from splitinfer.runtime import onnx_device, require_torch
 
         if self.runtime == "onnxruntime":
-            from splitinfer.runtime import onnx_device
+            return onnx_device(self.device)
 
-            return torch.device(onnx_device(self.device))
-
+        try:
+            torch = require_torch(f"runtime {self.runtime!r}")
+        except ConfigError:
+            if self.runtime == "auto":  # no torch: auto can only mean ONNX Runtime
+                return onnx_device(self.device)
+            raise ConfigError(
+                "serving tails on torch needs torch, which is not installed here: pass --runtime "
+                "onnxruntime (bundles compiled with ONNX), or pip install 'splitinfer[torch]'"
+            ) from None
         if not self.device:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.device)

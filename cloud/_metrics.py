@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable
+from importlib import metadata
 
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -137,7 +137,7 @@ class ServerMetrics:
             ["version", "torch", "python"],
             registry=registry,
         )
-        build.labels(version=version, torch=torch.__version__, python=platform.python_version()).set(1)
+        build.labels(version=version, torch=_torch_version(), python=platform.python_version()).set(1)
 
     def bind(
         self, inflight: Callable[[], float], waiting: Callable[[], float], ready: Callable[[], float]
@@ -170,3 +170,11 @@ class ServerMetrics:
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _torch_version() -> str:
+    """The installed torch's version, read without importing it ("" in a torch-free install)."""
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return ""

@@ -32,10 +32,9 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from aiohttp import web
 
 from splitinfer._version import __version__
@@ -48,6 +47,9 @@ from splitinfer.cloud._service import Call, InferenceService, Reply, Work, batch
 from splitinfer.cloud._state import SERVICE, STATE
 from splitinfer.errors import BundleError
 from splitinfer.tensors import MAX_NDIM, TensorSpec, numpy_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DATATYPES",
@@ -257,7 +259,12 @@ def _from_json_data(data: object, name: str, dtype: str, shape: tuple[int, ...])
     return out
 
 
-def _to_tensor(arr: np.ndarray[Any, Any], dtype: str) -> torch.Tensor:
+def _to_tensor(arr: np.ndarray[Any, Any], dtype: str, onnx: bool) -> Any:
+    """A torch tensor for torch tails; the array itself for ONNX Runtime tails (no torch)."""
+    if onnx:  # numpy has no bfloat16: its values widen exactly to float32
+        return arr if dtype != "bfloat16" else (arr.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    import torch
+
     if dtype == "bfloat16":  # numpy has no bfloat16: its bits travel as 16-bit integers
         return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(arr)
@@ -288,7 +295,7 @@ def parse_infer(bundle: Bundle, body: bytes, header_length: str | None, max_deco
         else:
             arr = _from_binary(binary, offset, size, name, spec.dtype, shape)
             offset += size
-        frontier.append(_to_tensor(arr, spec.dtype))
+        frontier.append(_to_tensor(arr, spec.dtype, bundle.onnx_runner is not None))
     if offset != len(binary):
         raise _bad(
             f"{len(binary) - offset} bytes of binary data follow the inputs; no binary_data_size claims them"
@@ -416,6 +423,10 @@ def _binary_check(index: int, name: str, spec: TensorSpec, binary: bool) -> tupl
 
 
 def _raw(tensor: torch.Tensor) -> np.ndarray[Any, Any]:
+    if isinstance(tensor, np.ndarray):  # ONNX Runtime tails
+        return tensor
+    import torch
+
     t = tensor.detach().contiguous()  # the compute thread copied the outputs to the host
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy()

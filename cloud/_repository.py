@@ -36,7 +36,7 @@ from splitinfer.errors import BundleError
 from splitinfer.manifest import read_manifest
 
 if TYPE_CHECKING:
-    import torch
+    from splitinfer.cloud._config import TailDevice
 
 __all__ = ["Repository", "Served", "load_repository", "reload_models", "scan"]
 
@@ -169,7 +169,7 @@ class Repository:
     def __init__(
         self,
         root: Path,
-        device: torch.device,
+        device: TailDevice,
         max_versions: int = 0,
         share: bool = True,
         runtime: str = "torch",
@@ -394,7 +394,7 @@ class Repository:
 
 def load_repository(
     root: Path,
-    device: torch.device,
+    device: TailDevice,
     max_versions: int = 0,
     share: bool = True,
     runtime: str = "torch",

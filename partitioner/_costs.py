@@ -36,6 +36,7 @@ Where numbers come from:
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -94,16 +95,34 @@ class EnergyModel:
             check_number(f"EnergyModel.{name}", getattr(self, name), lo=0.0, unit="watts")
 
 
-def _runnable(spec: str) -> bool:
-    """Whether this process can encode with ``spec`` (its optional packages are installed)."""
+def unrunnable(spec: str) -> str | None:
+    """Why this process cannot encode with ``spec`` (the install line of its missing optional
+    package), or None when it can."""
     from splitinfer.compression import get_codec
     from splitinfer.errors import CodecError
 
     try:
         get_codec(spec)
-    except CodecError:
-        return False
-    return True
+    except CodecError as exc:
+        return str(exc)
+    return None
+
+
+def _runnable(spec: str) -> bool:
+    return unrunnable(spec) is None
+
+
+#: Codec sets already reported as unrunnable in this process (said once, not per policy).
+_REPORTED: set[tuple[str, ...]] = set()
+
+
+def _report_unrunnable(codecs: tuple[str, ...], runnable: dict[str, bool]) -> None:
+    missing = tuple(spec for spec in codecs if not runnable[spec])
+    if missing and missing not in _REPORTED:
+        _REPORTED.add(missing)
+        logging.getLogger("splitinfer.partitioner").warning(
+            "codecs %s are never chosen here: %s", ", ".join(missing), unrunnable(missing[0])
+        )
 
 
 class CostModel:
@@ -164,6 +183,7 @@ class CostModel:
         # a codec this process cannot run (+ans without the entropy extra) is never a candidate:
         # the edge would fail on the encode instead of sending something it can
         runnable = {spec: _runnable(spec) for spec in self.codecs}
+        _report_unrunnable(self.codecs, runnable)
         cuts, codec_idx, fidelity, sizes, enc, dec = [], [], [], [], [], []
         for k in range(n):
             for j, spec in enumerate(self.codecs):

@@ -52,7 +52,14 @@ import numpy as np
 from splitinfer._checks import check_number
 from splitinfer.errors import ConfigError
 from splitinfer.manifest import Manifest
-from splitinfer.partitioner._costs import STAGES, CostModel, EnergyModel, energy_weights, latency_weights
+from splitinfer.partitioner._costs import (
+    STAGES,
+    CostModel,
+    EnergyModel,
+    energy_weights,
+    latency_weights,
+    unrunnable,
+)
 from splitinfer.partitioner._estimate import Estimates
 from splitinfer.partitioner._hedge import expected_hedged, max_saving
 from splitinfer.partitioner._intervals import DEFAULT_CONFIDENCE
@@ -601,6 +608,9 @@ def static(
     bundle.cut(cut)
     if codec not in bundle.codecs:
         raise ConfigError(f"bundle {bundle.name!r} offers codecs {', '.join(bundle.codecs)}; not {codec!r}")
+    missing = unrunnable(codec)
+    if missing is not None and cut != bundle.last_cut:
+        raise ConfigError(f"static cut {cut} with {codec} cannot run here: {missing}")
     model = CostModel(bundle, profile=profile, cloud_batch=cloud_batch)
     if cut == model.n:
         row = model.local

