@@ -1,4 +1,5 @@
-"""A trace's mean has one definition, time-weighted, in the code, the tool and the docs (issue 31, item 11)."""
+"""A trace's mean has one definition, time-weighted, in the code, the tool and the docs (issue 31,
+item 11)."""
 
 from __future__ import annotations
 
