@@ -8,8 +8,12 @@ help text); the command imports the emulator when it runs.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from splitinfer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from splitinfer.netem._trace import BandwidthTrace
 
 __all__ = ["register"]
 
@@ -64,6 +68,15 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _describe_link(uplink: BandwidthTrace, delay_s: float) -> str:
+    """What ``splitinfer netem`` says about its link: the uplink's time-weighted mean
+    (:meth:`BandwidthTrace.mean_bps`, the one definition docs/netem.md uses) and the delay."""
+    return (
+        f"uplink {uplink.name}, time-weighted mean {uplink.mean_bps() / 1e6:.2f} Mbit/s; "
+        f"delay {delay_s * 1000:.0f} ms"
+    )
+
+
 def _netem(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -102,8 +115,7 @@ def _netem(args: argparse.Namespace) -> int:
         ) as emulator:
             print(
                 f"netem listening on {emulator.listen[0]}:{emulator.port} -> {args.upstream} "
-                f"(uplink {uplink.name}, mean {uplink.mean_bps() / 1e6:.2f} Mbit/s; "
-                f"delay {delay * 1000:.0f} ms)",
+                f"({_describe_link(uplink, delay)})",
                 flush=True,
             )
             await asyncio.sleep(args.duration if args.duration else float("inf"))

@@ -83,6 +83,9 @@ class BandwidthTrace:
         return self.rates_bps[bisect.bisect_right(self.times, t) - 1]
 
     def mean_bps(self) -> float:
+        """The time-weighted mean rate: each rate weighted by how long it holds, the rate a link
+        following the trace delivers over one loop. Every mean of a trace in splitinfer is this
+        one (docs/netem.md); the plain average of the samples is not what a link carries."""
         edges = [*self.times, self.period]
         return sum(r * (b - a) for r, a, b in zip(self.rates_bps, edges, edges[1:])) / self.period
 

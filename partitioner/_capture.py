@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import math
+import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.utils import _pytree as pytree
 
 from splitinfer.bundle import Bundle, Cut, fast_module
@@ -59,12 +63,37 @@ def _spec(t: torch.Tensor) -> TensorSpec:
     return TensorSpec((None, *spec.shape[1:]), spec.dtype)
 
 
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Silence torch while it tries to export: a failed export logs warnings and prints its
+    partial graph to stderr once per wrapper (twice), all before our own message says what
+    went wrong. Torch's loggers are disabled and stderr is held back for the duration, then
+    restored; what torch wrote to stderr is written out after all when the export succeeds."""
+    loggers = [
+        logger
+        for name, logger in [("torch", logging.getLogger("torch")), *logging.root.manager.loggerDict.items()]
+        if isinstance(logger, logging.Logger) and (name == "torch" or name.startswith("torch."))
+    ]
+    disabled = [logger.disabled for logger in loggers]
+    held = io.StringIO()
+    try:
+        for logger in loggers:
+            logger.disabled = True
+        with contextlib.redirect_stderr(held):
+            yield
+    finally:
+        for logger, was in zip(loggers, disabled):
+            logger.disabled = was
+    sys.stderr.write(held.getvalue())  # reached only when the export succeeded
+
+
 def _export(module: nn.Module, args: tuple[torch.Tensor, ...], what: str) -> torch.export.ExportedProgram:
     batch = Dim("batch", min=1)
     try:
-        program = torch.export.export(
-            module, args, dynamic_shapes=tuple({0: batch} for _ in args), strict=False
-        )
+        with _quiet_torch():
+            program = torch.export.export(
+                module, args, dynamic_shapes=tuple({0: batch} for _ in args), strict=False
+            )
         # torch.export keeps the example inputs and saves them with the program: activations
         # that would make every segment file megabytes larger than its weights.
         program.example_inputs = None
@@ -143,6 +172,7 @@ def compile(  # the public name the API promises
             program, graph = _capture(model, args)
         except CaptureError:
             _check_batch_first(model, example_inputs, args)
+            _check_inputs_fit(model, example_inputs)
             raise
         modules, positions = _cut(graph, args, max_frontier_bytes)
         programs, frontiers = _segment(model, graph, modules, positions, args)
@@ -201,7 +231,26 @@ def _capture(
     symbol = batch_symbol(gm)
     if symbol is None:
         raise CaptureError(f"the batch dim of {type(model).__name__} did not stay symbolic. {_HINT}")
-    return program, Cuttable(gm, symbol)
+    graph = Cuttable(gm, symbol)
+    _check_output_sizes(graph, type(model).__name__)
+    return program, graph
+
+
+def _check_output_sizes(graph: Cuttable, model_name: str) -> None:
+    """CaptureError when an output's size depends on the values of the data (boolean indexing,
+    ``nonzero``, ``unique``, ``masked_select``): the cloud batches and the edge checks every
+    output against a shape fixed by the input shapes, so no cut could serve such a model."""
+    for i, node in enumerate(graph.outputs):
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if isinstance(val, torch.Tensor) and free_unbacked_symbols(val):
+            shape = "[" + ", ".join(str(d) for d in val.shape) + "]"
+            raise CaptureError(
+                f"output {i} of model {model_name} has a size that depends on the data (shape {shape}: "
+                "it comes from boolean indexing such as y[y > 0], nonzero, unique or masked_select). "
+                "A split model's outputs must have sizes fixed by its input shapes, so that the cloud "
+                "can batch them: return a fixed-size tensor (y and the mask y > 0, or "
+                "torch.where(y > 0, y, 0)) and select the values after the call"
+            )
 
 
 def _cut(
@@ -432,6 +481,27 @@ def _check_batch_first(
     raise ConfigError(
         f"example inputs must be batch-first: {shapes}, and the model runs only with a batch dim "
         f"in front; pass e.g. ({fixed},)"
+    )
+
+
+def _check_inputs_fit(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> None:
+    """After a failed capture: ConfigError if the model fails on the example inputs even when
+    run eagerly, outside torch.export. Then the inputs (their shape, most often) are wrong for
+    the model, and torch.export's advice about control flow would mislead."""
+    try:
+        model(*example_inputs)
+        return  # the model runs on them: the capture failed for a reason of torch.export's
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        error = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    shapes = ", ".join(
+        f"input {i} is {str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+        for i, t in enumerate(example_inputs)
+    )
+    raise ConfigError(
+        f"model {type(model).__name__} fails on the example inputs when run on its own, before any "
+        f"capture ({error}); {shapes}. The input shape is likely wrong for this model: give the "
+        "shape (and dtype) it was built for"
     )
 
 

@@ -267,7 +267,7 @@ def _compile(args: argparse.Namespace) -> int:
         codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
     with cli_words():
         check_fidelity_inputs(inputs, calibration, evaluation, labels, codecs)  # before the model is built
-        model = factory()
+        model = _model_from(factory, args.factory)
         bundle = compile(
             model,
             tuple(inputs),
@@ -296,6 +296,35 @@ def _compile(args: argparse.Namespace) -> int:
             f"{row['bytes'] / 1024:.1f} KiB"
         )
     return 0
+
+
+def _model_from(factory: Any, where: str) -> Any:
+    """The model that ``factory`` (the object ``where`` names) builds, or ``factory`` itself when
+    it already is a module; ConfigError in one line when it is not callable or raises."""
+    import sys
+    import traceback
+
+    from torch import nn
+
+    if isinstance(factory, nn.Module):
+        return factory
+    if not callable(factory):
+        raise ConfigError(
+            f"{where} is an object of type {type(factory).__name__}, not a model factory: give "
+            "MODULE:FACTORY naming a function or class that takes no arguments and returns the model"
+        )
+    try:
+        return factory()
+    except Exception as exc:
+        # Where it raised: the innermost frame in the user's code, not in torch or the stdlib.
+        frames = traceback.extract_tb(exc.__traceback__)[1:]
+        own = [f for f in frames if not f.filename.startswith((sys.prefix, sys.base_prefix))]
+        frame = (own or frames)[-1] if frames else None
+        at = f" at {Path(frame.filename).name}:{frame.lineno}" if frame else ""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(
+            f"the model factory {where} raised {type(exc).__name__}{at}" + (f": {first}" if first else "")
+        ) from None
 
 
 def _random_inputs(shapes_text: list[str], dtypes: list[str]) -> list[Any]:
