@@ -72,6 +72,7 @@ def take(bundle: si.Bundle, busy: int, repeats: int) -> dict[str, Any]:
         "rounds": profile["rounds"]["1"],
         "spread": profile["spread"],
         "suspects": profile["suspects"],
+        "clock": profile.get("clock", "wall"),
     }
 
 
@@ -119,7 +120,8 @@ def main() -> int:
         f"Reproduce: `.venv/bin/python benchmarks/bench_profile.py --pairs {args.pairs} --busy {args.busy} "
         f"--repeats {args.repeats}`. How: the script's docstring. EfficientNet-Lite0, "
         f"{len(bundle.cuts)} cuts ({bundle.n_segments} segments), "
-        f"`profile_bundle(threads=1, repeats={args.repeats})`; {os.cpu_count()} cores "
+        f"`profile_bundle(threads=1, repeats={args.repeats})`, timed by the "
+        f"{pairs[0][0]['clock']} clock; {os.cpu_count()} cores "
         f"shared with other agents' work. Load average (1 / 5 min) {load_start} at the start, "
         f"{load()} at the end; each profile's own below.",
         "",

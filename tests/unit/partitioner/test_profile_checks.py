@@ -12,6 +12,7 @@ from splitinfer.partitioner._profile import (
     Suspect,
     _fit_to_chain,
     busy_warning,
+    clock_for,
     is_stable,
     suspects,
 )
@@ -92,3 +93,11 @@ def test_a_burst_in_the_segments_does_not_drive_short_segments_to_nothing():
     # plain overhead (the sum a little over the chain) is still taken off every segment alike
     fitted = _fit_to_chain([0.0011, 0.0021, 0.0031], [0.0011, 0.0021, 0.0031], full=0.006)["median_s"]
     assert fitted == pytest.approx([0.001, 0.002, 0.003], rel=1e-6)
+
+
+def test_one_thread_is_timed_by_its_cpu_time_more_by_the_wall_clock():
+    import time
+
+    assert clock_for(1) == ("cpu", time.thread_time)
+    assert clock_for(4) == ("wall", time.perf_counter)
+    assert clock_for(0)[0] == "wall"  # a runtime's default pool
