@@ -854,8 +854,18 @@ LABELLED_BLOCKS = (3, 5, 8, 12)
 LABELLED_LADDERS = {
     "input": ("jpeg95", "jpeg90", "jpeg85", "jpeg75", "jpeg50", "q8c+zstd1", "q6c+zstd1", "q4c+zstd1"),
     "block": ("q8+zstd1", "q8c+ans", "q6c+ans", "q5c+ans", "q4c+ans", "q3c+ans", "q2c+zstd1"),
-    "head": ("q8c+ans", "q6c+ans", "q4+ans", "q4c+ans", "q3c+ans", "q2c+zstd1"),
-    "pool": ("q8c+ans", "q6c+ans", "q5c+ans", "q4+ans", "q4c+ans", "q3c+ans", "q2c+zstd1"),
+    "head": ("q8c+ans", "q6c+ans", "q4+ans", "q4c+ans", "q3+ans", "q3c+ans", "q2+zstd1", "q2c+zstd1"),
+    "pool": (
+        "q8c+ans",
+        "q6c+ans",
+        "q5c+ans",
+        "q4+ans",
+        "q4c+ans",
+        "q3+ans",
+        "q3c+ans",
+        "q2+zstd1",
+        "q2c+zstd1",
+    ),
 }
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

@@ -15,6 +15,7 @@ from splitinfer.partitioner._profile import (
     clock_for,
     is_stable,
     suspects,
+    typical,
 )
 
 CHAIN = [0.010, 0.011, 0.010, 0.012, 0.010]
@@ -101,3 +102,11 @@ def test_one_thread_is_timed_by_its_cpu_time_more_by_the_wall_clock():
     assert clock_for(1) == ("cpu", time.thread_time)
     assert clock_for(4) == ("wall", time.perf_counter)
     assert clock_for(0)[0] == "wall"  # a runtime's default pool
+
+
+def test_the_typical_time_is_the_lower_quartile_other_work_only_adds():
+    quiet = [0.010, 0.0101, 0.0102, 0.0103, 0.0104]
+    assert typical(quiet) == pytest.approx(0.0101)  # as good as the median on a quiet machine
+    busy = [0.010, 0.0101, 0.030, 0.045, 0.050, 0.060, 0.070, 0.080]  # most runs slowed
+    assert typical(busy) == 0.0101
+    assert typical([0.02]) == 0.02
