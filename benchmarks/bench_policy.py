@@ -228,6 +228,76 @@ def load_bundle(
     return bundle, json.loads(facts_path.read_text()) if facts_path.exists() else {}
 
 
+# -- labelled photos: agreement and accuracy per row (issue 28 item 6) -------------------------------
+
+
+def labelled_table(
+    cache: Path, images: Path, n_eval: int, seed: int
+) -> tuple[dict[tuple[int, str], dict[str, float]], dict[str, Any]]:
+    """Every row of the bundle's fidelity table measured on labelled photos (``--images``): top-1
+    agreement with the float model, top-1 accuracy and its drop from the float model's, over
+    ``n_eval`` photos of classes other than those that calibrate in bench_codecs' split, each
+    encoded alone with the bundle's own calibrated codec. The seam: once compile takes
+    ``evaluation=`` and ``labels=`` (issue 28 item 1), the bundle's table holds these numbers and
+    this function goes."""
+    import torch
+    from bench_codecs import labelled_photos, split_by_class
+
+    import splitinfer as si
+
+    photos, labels = labelled_photos(images)
+    _, ev = split_by_class(labels, 128, n_eval, seed)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x, y = (photos[ev] - mean) / std, labels[ev]
+    bundle = si.Bundle.load(cache)
+    n = bundle.n_segments
+    torch.set_num_threads(1)
+    out: dict[tuple[int, str], dict[str, float]] = {}
+    with torch.inference_mode():
+        frontier: tuple[torch.Tensor, ...] = (x,)
+        ref = bundle.run_segments(0, n, frontier)[0].argmax(1)
+        base = float((ref == y).float().mean())
+        rows = {(int(r["cut"]), str(r["codec"])) for r in bundle.fidelity["table"]}
+        for k in range(n):
+            for spec in sorted(c for kk, c in rows if kk == k):
+                codec = bundle.codec_for(k, spec)
+                singles = [[t[i : i + 1] for t in frontier] for i in range(len(x))]
+                decoded = [codec.decode(codec.encode(f)) for f in singles]
+                batch = [torch.cat([d[j] for d in decoded]) for j in range(len(frontier))]
+                top1 = bundle.run_segments(k, n, batch)[0].argmax(1)
+                acc = float((top1 == y).float().mean())
+                out[(k, spec)] = {
+                    "agreement": float((top1 == ref).float().mean()),
+                    "accuracy": acc,
+                    "drop": base - acc,
+                }
+            frontier = bundle.run_segments(k, k + 1, frontier)
+            print(f"labelled: cut {k + 1}/{n}", file=sys.stderr, flush=True)
+    return out, {"photos": len(ev), "folder": images.name, "float_accuracy": base}
+
+
+def admit(
+    bundle: Manifest, measured: dict[tuple[int, str], dict[str, float]], accuracy_drop: float | None
+) -> Manifest:
+    """``bundle`` whose fidelity rows hold what ``measured`` says: their agreement on the labelled
+    photos, or, with ``accuracy_drop``, 1 where the row's accuracy drop is within it and 0 where not
+    (so the policies' agreement budget admits exactly those rows). The seam for
+    ``make_policy(..., accuracy_drop=...)`` once the lead merges issue 28 item 1."""
+    from dataclasses import replace
+
+    table = []
+    for r in bundle.fidelity["table"]:
+        m = measured.get((int(r["cut"]), str(r["codec"])))
+        if m is None:
+            table.append(r)
+        elif accuracy_drop is None:
+            table.append({**r, "fidelity": m["agreement"]})
+        else:
+            table.append({**r, "fidelity": 1.0 if m["drop"] <= accuracy_drop + 1e-12 else 0.0})
+    return replace(bundle, fidelity={**bundle.fidelity, "table": table})
+
+
 # -- traces ------------------------------------------------------------------------------------------
 
 
@@ -729,8 +799,26 @@ def main() -> int:
         help="comma-separated codecs the policies may use, a subset of the bundle's (default: all of "
         "them); the same bundle and profile with and without some codecs say what those buy",
     )
+    parser.add_argument(
+        "--images",
+        type=Path,
+        help="folder of labelled photos (the label: the integer a file name starts with, e.g. "
+        "../shared/imagenet-samples): the fidelity rows are measured on them (agreement, and accuracy for "
+        "--accuracy-drop); default: the bundle's own table, measured on the shipped sample photos",
+    )
+    parser.add_argument(
+        "--eval-images", type=int, default=64, help="labelled photos to measure on (default 64)"
+    )
+    parser.add_argument(
+        "--accuracy-drop",
+        type=float,
+        help="budget as an accuracy drop (0.01: within 1 point of the float model's top-1) instead of "
+        f"the {BUDGET} agreement; needs --images",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "policy.md")
     args = parser.parse_args()
+    if args.accuracy_drop is not None and args.images is None:
+        parser.error("--accuracy-drop needs --images DIR (labelled photos)")
 
     args.load_start = load_average()
     if args.decide_only:
@@ -743,6 +831,10 @@ def main() -> int:
     if args.extra_codecs:
         args.cache = demo_bundle([c for c in args.extra_codecs.split(",") if c])
     bundle, facts = load_bundle(args.cache, fresh=args.fresh, reprofile=args.reprofile, repeats=args.repeats)
+    args.labelled = None
+    if args.images is not None:
+        measured, args.labelled = labelled_table(args.cache, args.images, args.eval_images, args.seed)
+        bundle = admit(bundle, measured, args.accuracy_drop)
     if args.codecs:
         bundle = restrict(bundle, [c for c in args.codecs.split(",") if c])
     started = time.perf_counter()
@@ -1015,6 +1107,20 @@ def write_report(
         f"- world: a request every {INTERVAL_S * 1000:.0f} ms; round trip {RTT_S * 1000:.0f} ms with "
         f"{RTT_JITTER:.0%} log-normal jitter; cloud queue {QUEUE_S * 1000:.0f} ms; cloud as fast as this "
         f"machine; device {ds:g}x slower than this machine; uplink and downlink both follow the trace.",
+        (
+            f"- labelled photos (`--images {args.images}`): every row measured on "
+            f"{args.labelled['photos']} photos of `{args.labelled['folder']}/` (float model top-1 "
+            f"{args.labelled['float_accuracy']:.1%}); "
+            + (
+                f"a row is admitted where its accuracy drop is <= {args.accuracy_drop:g} (the budget below "
+                "then reads: admitted or not)"
+                if args.accuracy_drop is not None
+                else "the rows' agreement is theirs"
+            )
+            + "."
+            if args.labelled
+            else "- fidelity rows: the bundle's own (no labels)."
+        ),
         f"- fidelity budget {BUDGET}; adaptive explores 5% of decisions within 10% of the winner (seeded).",
         "",
         "## Device slowdown: where neither end wins outright",
