@@ -157,11 +157,13 @@ def tail(m: torch.nn.Module, cut: str, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs)
 
 
-def capture(m: torch.nn.Module, images: torch.Tensor, n_relu: int) -> tuple[dict, torch.Tensor, dict]:
+def capture(
+    m: torch.nn.Module, images: torch.Tensor, n_relu: int, blocks: Sequence[int] = CUT_BLOCKS
+) -> tuple[dict, torch.Tensor, dict]:
     """Cut activations (``{cut: (n, ...)}``), logits, and the post-ReLU6 tensors of the first
     ``n_relu`` images (the input of each cut block's projection conv; block 0: the stem output;
     and the ``head`` cut, itself post-ReLU6)."""
-    acts: dict[str, list[torch.Tensor]] = {f"block{i}": [] for i in CUT_BLOCKS}
+    acts: dict[str, list[torch.Tensor]] = {f"block{i}": [] for i in blocks}
     relu: dict[str, torch.Tensor] = {}
 
     def keep_output(i: int) -> Callable[..., None]:
@@ -176,12 +178,12 @@ def capture(m: torch.nn.Module, images: torch.Tensor, n_relu: int) -> tuple[dict
 
         return hook
 
-    hooks = [m._blocks[i].register_forward_hook(keep_output(i)) for i in CUT_BLOCKS]
+    hooks = [m._blocks[i].register_forward_hook(keep_output(i)) for i in blocks]
     acts["head"], acts["pool"] = [], []
     pool = m._avg_pooling
     hooks.append(pool.register_forward_pre_hook(lambda mod, i: acts["head"].append(i[0].contiguous())))
     hooks.append(m._avg_pooling.register_forward_hook(lambda mod, i, o: acts["pool"].append(o.flatten(1))))
-    relu_hooks = [m._blocks[i]._project_conv.register_forward_pre_hook(keep_relu(i)) for i in CUT_BLOCKS]
+    relu_hooks = [m._blocks[i]._project_conv.register_forward_pre_hook(keep_relu(i)) for i in blocks]
     logits = []
     with torch.no_grad():
         for chunk in images.split(BATCH):
@@ -841,6 +843,222 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# ------------------------------------------------------------------ labelled photos (issue 28)
+
+#: Where the labelled section measures: the input, the demo's dense cuts (after blocks 3 and 5),
+#: two deeper blocks, the head before pooling and the pooled features.
+LABELLED_BLOCKS = (3, 5, 8, 12)
+#: Per cut, the codecs tried (quantizers with MSE ranges calibrated on the calibration photos).
+LABELLED_LADDERS = {
+    "input": ("jpeg95", "jpeg90", "jpeg85", "jpeg75", "jpeg50", "q8c+zstd1", "q6c+zstd1", "q4c+zstd1"),
+    "block": ("q8+zstd1", "q8c+ans", "q6c+ans", "q5c+ans", "q4c+ans", "q3c+ans", "q2c+zstd1"),
+    "head": ("q8c+ans", "q6c+ans", "q4+ans", "q4c+ans", "q3+ans", "q3c+ans", "q2+zstd1", "q2c+zstd1"),
+    "pool": (
+        "q8c+ans",
+        "q6c+ans",
+        "q5c+ans",
+        "q4+ans",
+        "q4c+ans",
+        "q3+ans",
+        "q3c+ans",
+        "q2+zstd1",
+        "q2c+zstd1",
+    ),
+}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def labelled_photos(folder: Path, size: int = 224) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image in ``folder`` whose name starts with an integer (its label, as in
+    ../shared/imagenet-samples): shorter side resized to 256/224 of ``size``, centre crop
+    ``size``, RGB in [0, 1]. SystemExit if there is none."""
+    import re
+
+    images, labels = [], []
+    for path in sorted(folder.iterdir()):
+        match = re.match(r"\d+", path.name)
+        if path.suffix.lower() not in IMAGE_SUFFIXES or match is None:
+            continue
+        img = Image.open(path).convert("RGB")
+        scale = round(size * 256 / 224) / min(img.size)
+        img = img.resize(
+            (max(size, round(img.width * scale)), max(size, round(img.height * scale))),
+            Image.Resampling.BICUBIC,
+        )
+        left, top = (img.width - size) // 2, (img.height - size) // 2
+        pixels = np.asarray(img.crop((left, top, left + size, top + size)), np.float32) / 255
+        images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
+        labels.append(int(match.group()))
+    if not images:
+        raise SystemExit(
+            f"--images: {folder} holds no image whose name starts with its label (e.g. 002_shark.jpg)"
+        )
+    return torch.stack(images), torch.tensor(labels)
+
+
+def split_by_class(labels: torch.Tensor, n_cal: int, n_eval: int, seed: int) -> tuple[list[int], list[int]]:
+    """Calibration and evaluation indices of photos of disjoint classes: the classes in a seeded
+    order, the first ones' photos calibrate (``n_cal`` photos), the others' evaluate (at most
+    ``n_eval``)."""
+    classes = sorted(set(labels.tolist()))
+    order = np.random.default_rng(seed).permutation(len(classes))
+    cal: list[int] = []
+    rest: list[int] = []
+    for c in (classes[i] for i in order):
+        idx = [i for i, lab in enumerate(labels.tolist()) if lab == c]
+        (cal if len(cal) < n_cal else rest).extend(idx)
+    return cal, rest[:n_eval]
+
+
+@dataclass
+class LabelledRow:
+    cut: str
+    codec: str
+    nbytes: float  # mean blob bytes per image
+    agree: int  # top-1 equal to the float model's
+    correct: int  # top-1 equal to the label
+    n: int
+
+
+def measure_labelled(
+    m: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cal_images: torch.Tensor
+) -> tuple[list[LabelledRow], int]:
+    """Every ladder codec at every labelled cut: bytes, agreement and accuracy; and the float
+    model's correct count. This is the seam a compile with ``labels=`` replaces (issue 28 item 1):
+    the same numbers, from the fidelity table, once the lead merges it."""
+    acts, logits, _ = capture(m, images, n_relu=0, blocks=LABELLED_BLOCKS)
+    cal_acts, _, _ = capture(m, cal_images, n_relu=0, blocks=LABELLED_BLOCKS)
+    ref = logits.argmax(1)
+    rows = []
+    for cut, a in acts.items():
+        ladder = LABELLED_LADDERS["block" if cut.startswith("block") else cut]
+        cal = [[c.unsqueeze(0)] for c in cal_acts[cut]]
+        for spec in ladder:
+            clip = calibrate(cal, spec, "minmax" if spec.startswith("jpeg") else "mse")
+            codec, decoder = get_codec(spec, clip=clip), get_codec(spec)
+            blobs = [codec.encode([x.unsqueeze(0).contiguous()]) for x in a]
+            decoded = torch.cat([decoder.decode(b)[0] for b in blobs])
+            top1 = tail(m, cut, decoded).argmax(1)
+            rows.append(
+                LabelledRow(
+                    cut,
+                    spec,
+                    float(np.mean([len(b) for b in blobs])),
+                    int((top1 == ref).sum()),
+                    int((top1 == labels).sum()),
+                    len(a),
+                )
+            )
+        print(f"labelled {cut}: {len(ladder)} codecs", file=sys.stderr, flush=True)
+    return rows, int((ref == labels).sum())
+
+
+def labelled_section(
+    rows: list[LabelledRow], float_correct: int, folder: Path, n_cal: int, f32_bytes: dict[str, float]
+) -> list[str]:
+    """codecs.md's section: per cut, bytes at >= 99 % agreement and at <= 1 point accuracy drop,
+    beside JPEG at equal accuracy."""
+    from splitinfer.partitioner._fidelity import interval
+
+    n = rows[0].n
+    base = float_correct / n
+
+    def smallest(cut: str, ok: Callable[[LabelledRow], bool]) -> LabelledRow | None:
+        fits = [r for r in rows if r.cut == cut and ok(r)]
+        return min(fits, key=lambda r: r.nbytes) if fits else None
+
+    def agree_ok(r: LabelledRow) -> bool:
+        return r.agree >= 0.99 * r.n
+
+    def drop_ok(r: LabelledRow) -> bool:
+        return base - r.correct / r.n <= 0.01 + 1e-12
+
+    jpeg = smallest("input", lambda r: r.codec.startswith("jpeg") and drop_ok(r))
+
+    def cell(r: LabelledRow | None, cut: str) -> str:
+        if r is None:
+            return "none of the ladder"
+        low = interval("top1", torch.tensor([1.0] * r.agree + [0.0] * (r.n - r.agree), dtype=torch.float64))[
+            0
+        ]
+        ratio = f"; {r.nbytes / jpeg.nbytes:.2f}x JPEG's" if jpeg is not None else ""
+        return (
+            f"`{r.codec}` {fmt_kb(r.nbytes)} ({f32_bytes[cut] / r.nbytes:.1f}x under f32{ratio}): agreement "
+            f"{100 * r.agree / r.n:.1f} % (95 % lower bound {100 * low:.1f}), accuracy "
+            f"{100 * r.correct / r.n:.1f} % ({100 * (r.correct / r.n - base):+.1f} points)"
+        )
+
+    lines = [
+        "## On labelled photos: bytes at equal agreement and at equal accuracy (issue 28)",
+        "",
+        f"Photos: `{folder.name}/` (`--images`; the label of a photo is the integer its name starts "
+        f"with), centre crops 224 x 224 in [0, 1]; split by class: {n_cal} photos calibrate the ranges "
+        f"(MSE; JPEG min/max), {n} photos of other classes evaluate. Float model: top-1 accuracy "
+        f"{100 * base:.1f} % on them. Each image encoded alone (batch 1); bytes are the mean blob. "
+        "Smallest codec of each cut's ladder that keeps top-1 agreement with the float model >= 99 %, "
+        "and that keeps top-1 accuracy within 1 point of the float model's; `x JPEG's`: its bytes over "
+        "the smallest JPEG upload within 1 point"
+        + (f" (`{jpeg.codec}`, {fmt_kb(jpeg.nbytes)})." if jpeg else " (none of the JPEG qualities here)."),
+        "",
+        "| cut | f32 | smallest with >= 99 % agreement | smallest within 1 point of top-1 accuracy |",
+        "|---|---:|---|---|",
+    ]
+    for cut in dict.fromkeys(r.cut for r in rows):
+        lines.append(
+            f"| {cut} | {fmt_kb(f32_bytes[cut])} | {cell(smallest(cut, agree_ok), cut)} "
+            f"| {cell(smallest(cut, drop_ok), cut)} |"
+        )
+    lines += [
+        "",
+        "Every codec measured (agreement / accuracy over the evaluation photos):",
+        "",
+        "| cut | codec | bytes | agreement | accuracy |",
+        "|---|---|---:|---:|---:|",
+        *[
+            f"| {r.cut} | `{r.codec}` | {fmt_kb(r.nbytes)} | {100 * r.agree / r.n:.1f} % | "
+            f"{100 * r.correct / r.n:.1f} % |"
+            for r in rows
+        ],
+        "",
+    ]
+    return lines
+
+
+def _labelled_only(args: argparse.Namespace) -> int:
+    """Measure the labelled section and splice it into the report (replacing the old one)."""
+    torch.set_num_threads(1)
+    load = os.getloadavg()
+    t0 = time.perf_counter()
+    images, labels = labelled_photos(args.images)
+    n_cal = args.calib_images or (16 if args.quick else 128)
+    cal, ev = split_by_class(labels, n_cal, args.eval_images or (16 if args.quick else 256), args.seed)
+    m = load_model()
+    rows, float_correct = measure_labelled(m, images[ev], labels[ev], images[cal])
+    shapes = capture(m, images[ev[:1]], n_relu=0, blocks=LABELLED_BLOCKS)[0]
+    f32_bytes = {cut: float(len(get_codec("f32").encode([a[:1]]))) for cut, a in shapes.items()}
+    lines = labelled_section(rows, float_correct, args.images, len(cal), f32_bytes)
+    lines.insert(
+        2,
+        "Reproduce: `python benchmarks/bench_codecs.py --labelled-only --images DIR` "
+        f"({time.perf_counter() - t0:.0f} s; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} when it "
+        f"started, {os.cpu_count()} cores shared).\n",
+    )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.quick and args.out is None:
+        return 0
+    out = args.out or RESULTS
+    old = out.read_text() if out.exists() else ""
+    start = old.find(lines[0])
+    if start < 0:
+        out.write_text(old.rstrip("\n") + "\n\n" + text)
+    else:
+        end = old.find("\n## ", start + len(lines[0]))
+        out.write_text(old[:start] + text + ("" if end < 0 else old[end:]))
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny run (smoke test), not for the record")
@@ -858,7 +1076,25 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the demo bundle's cuts 1-5 and pool (entropy stage, projection; issue 22)",
     )
+    parser.add_argument(
+        "--images",
+        type=Path,
+        help="folder of labelled photos (the label: the integer a file name starts with, as in "
+        "../shared/imagenet-samples) for the labelled section; without it the benchmark uses the shipped "
+        "sample photos, which have no labels (no accuracy section)",
+    )
+    parser.add_argument(
+        "--labelled-only",
+        action="store_true",
+        help="only the labelled section (bytes at equal agreement and accuracy, beside JPEG; issue 28)",
+    )
     args = parser.parse_args(argv)
+    if args.labelled_only:
+        if args.images is None or not args.images.is_dir():
+            parser.error(
+                f"--labelled-only needs --images DIR (a folder of labelled photos); got {args.images}"
+            )
+        return _labelled_only(args)
     if args.demo_cuts:
         return _demo_cuts_only(args)
     n_eval = args.eval_images or (8 if args.quick else 64)

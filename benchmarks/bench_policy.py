@@ -20,7 +20,11 @@ What is simulated (docs/decision.md, "How the policies were evaluated"):
   so its estimator knows the device's speed from the first request on;
 - requests do not contend with each other or with probes for the link (each sees the trace);
 - the oracle picks, per request and in hindsight, the allowed candidate with the least
-  realized latency.
+  realized latency;
+- the causal reference (``World.causal``) is adaptive told the truth at the instant of each
+  decision and nothing after it (the trace's rate then, the round trip, the device's speed),
+  hedged like adaptive: adaptive / causal is what the estimator's lag and error cost,
+  causal / oracle what nobody can know when deciding (the link changing during the transfer).
 """
 
 from __future__ import annotations
@@ -98,6 +102,9 @@ POLICIES = (
     "static-hindsight",
 )
 HEDGED = ("adaptive", "adaptive-priced", "adaptive-p95")
+#: Not policies a deployment can run: the causal reference (the truth at each decision) and the
+#: hindsight oracle (the truth after it too).
+REFERENCES = ("causal", "oracle")
 
 
 # -- the bundle: compile with calibration on real photos, profile, cache ---------------------------
@@ -216,6 +223,76 @@ def load_bundle(
     return bundle, json.loads(facts_path.read_text()) if facts_path.exists() else {}
 
 
+# -- labelled photos: agreement and accuracy per row (issue 28 item 6) -------------------------------
+
+
+def labelled_table(
+    cache: Path, images: Path, n_eval: int, seed: int
+) -> tuple[dict[tuple[int, str], dict[str, float]], dict[str, Any]]:
+    """Every row of the bundle's fidelity table measured on labelled photos (``--images``): top-1
+    agreement with the float model, top-1 accuracy and its drop from the float model's, over
+    ``n_eval`` photos of classes other than those that calibrate in bench_codecs' split, each
+    encoded alone with the bundle's own calibrated codec. The seam: once compile takes
+    ``evaluation=`` and ``labels=`` (issue 28 item 1), the bundle's table holds these numbers and
+    this function goes."""
+    import torch
+    from bench_codecs import labelled_photos, split_by_class
+
+    import splitinfer as si
+
+    photos, labels = labelled_photos(images)
+    _, ev = split_by_class(labels, 128, n_eval, seed)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x, y = (photos[ev] - mean) / std, labels[ev]
+    bundle = si.Bundle.load(cache)
+    n = bundle.n_segments
+    torch.set_num_threads(1)
+    out: dict[tuple[int, str], dict[str, float]] = {}
+    with torch.inference_mode():
+        frontier: tuple[torch.Tensor, ...] = (x,)
+        ref = bundle.run_segments(0, n, frontier)[0].argmax(1)
+        base = float((ref == y).float().mean())
+        rows = {(int(r["cut"]), str(r["codec"])) for r in bundle.fidelity["table"]}
+        for k in range(n):
+            for spec in sorted(c for kk, c in rows if kk == k):
+                codec = bundle.codec_for(k, spec)
+                singles = [[t[i : i + 1] for t in frontier] for i in range(len(x))]
+                decoded = [codec.decode(codec.encode(f)) for f in singles]
+                batch = [torch.cat([d[j] for d in decoded]) for j in range(len(frontier))]
+                top1 = bundle.run_segments(k, n, batch)[0].argmax(1)
+                acc = float((top1 == y).float().mean())
+                out[(k, spec)] = {
+                    "agreement": float((top1 == ref).float().mean()),
+                    "accuracy": acc,
+                    "drop": base - acc,
+                }
+            frontier = bundle.run_segments(k, k + 1, frontier)
+            print(f"labelled: cut {k + 1}/{n}", file=sys.stderr, flush=True)
+    return out, {"photos": len(ev), "folder": images.name, "float_accuracy": base}
+
+
+def admit(
+    bundle: Manifest, measured: dict[tuple[int, str], dict[str, float]], accuracy_drop: float | None
+) -> Manifest:
+    """``bundle`` whose fidelity rows hold what ``measured`` says: their agreement on the labelled
+    photos, or, with ``accuracy_drop``, 1 where the row's accuracy drop is within it and 0 where not
+    (so the policies' agreement budget admits exactly those rows). The seam for
+    ``make_policy(..., accuracy_drop=...)`` once the lead merges issue 28 item 1."""
+    from dataclasses import replace
+
+    table = []
+    for r in bundle.fidelity["table"]:
+        m = measured.get((int(r["cut"]), str(r["codec"])))
+        if m is None:
+            table.append(r)
+        elif accuracy_drop is None:
+            table.append({**r, "fidelity": m["agreement"]})
+        else:
+            table.append({**r, "fidelity": 1.0 if m["drop"] <= accuracy_drop + 1e-12 else 0.0})
+    return replace(bundle, fidelity={**bundle.fidelity, "table": table})
+
+
 # -- traces ------------------------------------------------------------------------------------------
 
 
@@ -317,7 +394,8 @@ def simulate(
         "static-hindsight": Runner(make_policy("static", bundle, cut=hindsight[0], codec=hindsight[1]), None),
     }
     oracle_policy = make_policy("adaptive", bundle, fidelity_budget=BUDGET, explore=0.0)
-    world = World(oracle_policy, link, ds, rng)
+    world = World(oracle_policy, link, ds, rng, queue_s=QUEUE_S, cloud_slowdown=CLOUD_SLOWDOWN)
+    causal = Runner(make_policy("adaptive", bundle, fidelity_budget=BUDGET, explore=0.0), None)
     for r in runners.values():  # the edge's warm-up inference at start: the device's speed
         if r.estimator is not None:
             r.estimator.observe_head(bundle.last_cut, float(world.head[world.local]), now=0.0)
@@ -333,6 +411,9 @@ def simulate(
         best = int(np.argmin(realized))
         oracle.append(float(realized[best]))
         oracle_kinds[kind_of(int(world.model.cut[allowed[best]]), n)] += 1
+        latency, row = world.causal(causal.policy, t, rtt, hedged=True)
+        causal.latencies.append(latency)
+        causal.kinds[kind_of(int(world.model.cut[row]), n)] += 1
         for name, r in runners.items():
             r.catch_up(t, log if name == "adaptive" else None)
             est = r.estimator.estimates(now=t) if r.estimator is not None else DUMMY
@@ -381,6 +462,7 @@ def simulate(
                 )
                 r.probe_until = up_done + RTT_S
                 r.probes += 1
+    runners["causal"] = causal
     return runners, oracle, oracle_kinds
 
 
@@ -683,8 +765,26 @@ def main() -> int:
         help="comma-separated codecs the policies may use, a subset of the bundle's (default: all of "
         "them); the same bundle and profile with and without some codecs say what those buy",
     )
+    parser.add_argument(
+        "--images",
+        type=Path,
+        help="folder of labelled photos (the label: the integer a file name starts with, e.g. "
+        "../shared/imagenet-samples): the fidelity rows are measured on them (agreement, and accuracy for "
+        "--accuracy-drop); default: the bundle's own table, measured on the shipped sample photos",
+    )
+    parser.add_argument(
+        "--eval-images", type=int, default=64, help="labelled photos to measure on (default 64)"
+    )
+    parser.add_argument(
+        "--accuracy-drop",
+        type=float,
+        help="budget as an accuracy drop (0.01: within 1 point of the float model's top-1) instead of "
+        f"the {BUDGET} agreement; needs --images",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "policy.md")
     args = parser.parse_args()
+    if args.accuracy_drop is not None and args.images is None:
+        parser.error("--accuracy-drop needs --images DIR (labelled photos)")
 
     args.load_start = load_average()
     if args.decide_only:
@@ -697,6 +797,10 @@ def main() -> int:
     if args.extra_codecs:
         args.cache = demo_bundle([c for c in args.extra_codecs.split(",") if c])
     bundle, facts = load_bundle(args.cache, fresh=args.fresh, reprofile=args.reprofile, repeats=args.repeats)
+    args.labelled = None
+    if args.images is not None:
+        measured, args.labelled = labelled_table(args.cache, args.images, args.eval_images, args.seed)
+        bundle = admit(bundle, measured, args.accuracy_drop)
     if args.codecs:
         bundle = restrict(bundle, [c for c in args.codecs.split(",") if c])
     started = time.perf_counter()
@@ -752,9 +856,9 @@ def run_set(
     """
     hindsight = choose_static(bundle, links, ds)
     speeds = fleet_speeds(fleet, len(links), seed)
-    lat: dict[str, list[float]] = {p: [] for p in (*POLICIES, "oracle")}
-    kinds: dict[str, Counter[str]] = {p: Counter() for p in (*POLICIES, "oracle")}
-    ratios: dict[str, list[float]] = {p: [] for p in POLICIES}
+    lat: dict[str, list[float]] = {p: [] for p in (*POLICIES, *REFERENCES)}
+    kinds: dict[str, Counter[str]] = {p: Counter() for p in (*POLICIES, *REFERENCES)}
+    ratios: dict[str, list[float]] = {p: [] for p in (*POLICIES, "causal")}
     hedges: dict[str, int] = {p: 0 for p in HEDGED}
     probes = explored = 0
     logs = []
@@ -770,7 +874,7 @@ def run_set(
         logs.append((link, log))
         lat["oracle"] += oracle
         kinds["oracle"] += oracle_kinds
-        group = by_speed.setdefault(speeds[i], {p: [] for p in (*POLICIES, "oracle")})
+        group = by_speed.setdefault(speeds[i], {p: [] for p in (*POLICIES, *REFERENCES)})
         group["oracle"] += oracle
         for name, r in runners.items():
             group[name] += r.latencies
@@ -812,6 +916,8 @@ def verdict(res: dict[str, Any]) -> dict[str, Any]:
     a_mean, a_p95 = statistics.mean(lat["adaptive"]), p95(lat["adaptive"])
     return {
         "ratio": a_mean / statistics.mean(lat["oracle"]),
+        "vs_causal": a_mean / statistics.mean(lat["causal"]),
+        "causal_vs_oracle": statistics.mean(lat["causal"]) / statistics.mean(lat["oracle"]),
         "beats_mean": all(a_mean < statistics.mean(lat[p]) for p in BASELINES),
         "beats_p95": all(a_p95 <= p95(lat[p]) * 1.005 for p in BASELINES),
         "worst_mean": min(statistics.mean(lat[p]) / a_mean for p in BASELINES),
@@ -967,6 +1073,20 @@ def write_report(
         f"- world: a request every {INTERVAL_S * 1000:.0f} ms; round trip {RTT_S * 1000:.0f} ms with "
         f"{RTT_JITTER:.0%} log-normal jitter; cloud queue {QUEUE_S * 1000:.0f} ms; cloud as fast as this "
         f"machine; device {ds:g}x slower than this machine; uplink and downlink both follow the trace.",
+        (
+            f"- labelled photos (`--images {args.images}`): every row measured on "
+            f"{args.labelled['photos']} photos of `{args.labelled['folder']}/` (float model top-1 "
+            f"{args.labelled['float_accuracy']:.1%}); "
+            + (
+                f"a row is admitted where its accuracy drop is <= {args.accuracy_drop:g} (the budget below "
+                "then reads: admitted or not)"
+                if args.accuracy_drop is not None
+                else "the rows' agreement is theirs"
+            )
+            + "."
+            if args.labelled
+            else "- fidelity rows: the bundle's own (no labels)."
+        ),
         f"- fidelity budget {BUDGET}; adaptive explores 5% of decisions within 10% of the winner (seeded).",
         "",
         "## Device slowdown: where neither end wins outright",
@@ -1019,7 +1139,7 @@ def write_report(
             "local / split / cloud |",
             "|---|---:|---:|---:|---:|---:|---|",
         ]
-        for name in (*POLICIES, "oracle"):
+        for name in (*POLICIES, *REFERENCES):
             xs = lat[name]
             m, q = statistics.mean(xs), p95(xs)
             total = sum(kinds[name].values())
@@ -1030,7 +1150,13 @@ def write_report(
             )
         verdicts.append((set_name, verdict(res), res["at_local"]))
         per_trace = res["per_trace"]["adaptive"]
+        v = verdict(res)
         lines += [
+            "",
+            f"The gap to the hindsight oracle, split: adaptive / oracle {v['ratio']:.3f} = adaptive / causal "
+            f"{v['vs_causal']:.3f} (the estimator's lag and error: ours to close) x causal / oracle "
+            f"{v['causal_vs_oracle']:.3f} (the link changing after the decision: nobody's). "
+            f"Causal per trace, mean / oracle: median {statistics.median(res['per_trace']['causal']):.3f}.",
             "",
             f"Adaptive per trace, mean / oracle: median {statistics.median(per_trace):.3f}, worst "
             f"{max(per_trace):.3f}. Probes sent by adaptive's estimator: {res['probes']}; "
@@ -1045,7 +1171,9 @@ def write_report(
     for set_name, v, at_local in verdicts:
         lines.append(
             f"- {set_name}: adaptive mean / oracle = {v['ratio']:.3f} (target <= 1.05: "
-            f"**{'met' if v['ratio'] <= 1.05 else 'missed'}**); lower mean than every baseline: "
+            f"**{'met' if v['ratio'] <= 1.05 else 'missed'}**); adaptive mean / causal reference = "
+            f"{v['vs_causal']:.3f} (target <= 1.05: **{'met' if v['vs_causal'] <= 1.05 else 'missed'}**; "
+            f"causal / oracle {v['causal_vs_oracle']:.3f}); lower mean than every baseline: "
             f"**{'met' if v['beats_mean'] else 'missed'}** (the closest: {v['worst_mean']:.3f}x adaptive's); "
             f"p95 no higher (0.5% tie): **{'met' if v['beats_p95'] else 'missed'}** (closest "
             f"{v['worst_p95']:.3f}x); deploy-time static's mean / adaptive's: {v['vs_static']:.2f}"

@@ -9,6 +9,14 @@ candidate; the oracle takes the allowed candidate of least realized latency.
 >>> policy = make_policy("adaptive", bundle, fidelity_budget=0.99, explore=0.0)
 >>> world = World(policy, Link.from_trace(trace), ds=20.0)
 >>> latency, row = world.oracle(policy.rows, t=3.2, rtt=0.08)
+>>> latency, row = world.causal(policy, t=3.2, rtt=0.08)
+
+The *causal reference* (:meth:`World.causal`) is the policy itself told the truth at the
+instant of each decision and nothing after it: the trace's rate at ``t`` (uplink and downlink),
+the round trip, the queue and the device's slowdown, exactly (``uplink_sd`` 0), no exploration.
+It splits adaptive's gap to the hindsight oracle in two: adaptive over causal is what the
+estimator's lag and error cost (ours to close), causal over oracle what nobody can know at
+``t`` (the link changing during the transfer).
 
 A transfer of ``B`` bits started at ``t`` ends when the trace's cumulative capacity from ``t``
 reaches ``B`` (uplink and downlink alike, as :class:`splitinfer.netem.LinkEmulator` with one
@@ -25,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from splitinfer.netem import BandwidthTrace
-from splitinfer.partitioner import TablePolicy
+from splitinfer.partitioner import Estimates, TablePolicy, hedge_after
 
 __all__ = ["MIN_MBIT", "Link", "World", "kind_of"]
 
@@ -77,6 +85,11 @@ class Link:
         i = int(np.searchsorted(self.times, t, side="right")) - 1
         return float(self.mbit[max(i, 0)]) * 1e6
 
+    def rate_now(self, t: float) -> float:
+        """The rate (bit/s) at ``t`` on the tiled link (any ``t`` >= 0): what a perfect,
+        lag-free estimator would report at that instant."""
+        return self.rate_at(float(t) % self.duration)
+
     def rates_at(self, t: np.ndarray) -> np.ndarray:
         i = np.searchsorted(self.times, t, side="right") - 1
         return self.mbit[np.maximum(i, 0)] * 1e6
@@ -106,6 +119,7 @@ class World:
         self.ds = ds
         self.rng = rng
         self.queue_s = queue_s
+        self.cloud_slowdown = cloud_slowdown
         self.device_s = m.features[:, 0] * ds
         self.cloud_s = m.features[:, 1] * cloud_slowdown
         self.bits = np.nan_to_num(m.bytes) * 8
@@ -129,6 +143,39 @@ class World:
         """Realized latency of each candidate in ``rows`` for a request arriving at ``t``."""
         _, _, ends = self.realize(rows, t, rtt)
         return np.where(rows == self.local, self.device_s[self.local], ends - t)
+
+    def truth(self, t: float, rtt: float) -> Estimates:
+        """What is true at ``t`` and known then: the link's rate now (both ways), the round trip,
+        the queue, the slowdowns; exact (``uplink_sd`` 0)."""
+        rate = max(self.link.rate_now(t), MIN_MBIT * 1e6)
+        return Estimates(
+            uplink_bps=rate,
+            downlink_bps=rate,
+            rtt_s=rtt,
+            cloud_queue_s=self.queue_s,
+            device_slowdown=self.ds,
+            cloud_slowdown=self.cloud_slowdown,
+        )
+
+    def causal(self, policy: TablePolicy, t: float, rtt: float, *, hedged: bool = False) -> tuple[float, int]:
+        """The causal reference: ``policy`` deciding on :meth:`truth` at ``t`` (build it with
+        ``explore=0``), and the realized latency of its choice, and its row. ``hedged``: the
+        request finishes on the device once overdue, as a hedging edge's does."""
+        est = self.truth(t, rtt)
+        d = policy.decide(est)
+        row = self.row(d.cut, d.codec)
+        if row == self.local:
+            return float(self.device_s[row]), row
+        _, _, end = self.realize(row, t, rtt)
+        latency = float(end) - t
+        if hedged:
+            local = (
+                float(self.device_s[row])
+                + hedge_after(d, est)
+                + float(self.head[self.local] - self.head[row])
+            )
+            latency = min(latency, local)
+        return latency, row
 
     def oracle(self, allowed: np.ndarray, t: float, rtt: float) -> tuple[float, int]:
         """The least realized latency among ``allowed`` rows at ``t``, and its row."""

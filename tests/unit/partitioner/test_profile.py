@@ -40,6 +40,9 @@ def test_profile_format(mlp_bundle, capsys):
     for r in profile["codecs"]:
         assert r["encode_s"] > 0 and r["decode_s"] > 0 and r["bytes"] > 0
     assert profile["response_bytes"] >= 4 * 4
+    # issue 28: timed in interleaved rounds, at least `repeats` of them, and what stayed suspect
+    assert all(r >= 3 for r in profile["rounds"].values()) and set(profile["rounds"]) == {"1", "4"}
+    assert isinstance(profile["suspects"], list)
     json.dumps(profile)  # what the manifest stores
     assert "profile t" in capsys.readouterr().err  # the progress bar
 
