@@ -394,7 +394,7 @@ def simulate(
         "static-hindsight": Runner(make_policy("static", bundle, cut=hindsight[0], codec=hindsight[1]), None),
     }
     oracle_policy = make_policy("adaptive", bundle, fidelity_budget=BUDGET, explore=0.0)
-    world = World(oracle_policy, link, ds, rng, queue_s=QUEUE_S, cloud_slowdown=CLOUD_SLOWDOWN)
+    world = World(oracle_policy, link, ds, rng, queue_s=QUEUE_S)
     causal = Runner(make_policy("adaptive", bundle, fidelity_budget=BUDGET, explore=0.0), None)
     for r in runners.values():  # the edge's warm-up inference at start: the device's speed
         if r.estimator is not None:
