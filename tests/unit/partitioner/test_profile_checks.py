@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from splitinfer.errors import ConfigError
-from splitinfer.partitioner._profile import (
+from splitinfer.partitioner._profiling import (
     NEIGHBOUR_RATIO,
     TOO_HIGH,
     TOO_LOW,
