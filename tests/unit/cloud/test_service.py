@@ -221,3 +221,22 @@ async def test_an_encoded_frontier_is_decoded_by_the_service_and_timed_as_decode
     got = np.frombuffer(result.reply.body, dtype=np.float32).reshape(1, -1)
     assert np.allclose(got, _tail(served, 4, x), atol=1e-5)
     assert result.stages["decode"] > 0 and decoded == [True]
+
+
+async def test_a_client_that_leaves_withdraws_its_queued_job(service):
+    served = service.find("democnn")
+    scheduler = service.state.scheduler
+    await scheduler.slots.acquire()  # the one compute thread is busy: the job stays queued
+    try:
+        task = asyncio.create_task(service.infer(_call(served, 2, torch.rand(1, 3, 32, 32))))
+        for _ in range(1000):
+            if scheduler.queued:
+                break
+            await asyncio.sleep(0.001)
+        assert scheduler.queued == 1 and served.inflight == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert (scheduler.queued, served.inflight, service.state.drain.inflight) == (0, 0, 0)
+    finally:
+        scheduler.slots.release()
