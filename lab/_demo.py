@@ -696,7 +696,8 @@ def _run_deployment(config: DemoConfig) -> int:
         "not tuned on the stretches the run replays",
         "mean / oracle: the oracle is priced per device (its trace, its speed as run) with an idle cloud; "
         "it does not see the tenant's queue",
-        f"the plots shade device 1's trace ({traces[0].name}); their latencies are every device's",
+        "the latency plot has a panel per device, its own trace shaded; the cuts plot shades device 1's "
+        f"trace ({traces[0].name}) and shows every device's choices",
         f"the whole run took {time.perf_counter() - started:.0f} s",
     ]
     report = write_report(
@@ -708,6 +709,7 @@ def _run_deployment(config: DemoConfig) -> int:
         trace=traces[0],
         duration_s=duration_s,
         bundle=bundle,
+        device_traces=traces,
     )
     say("")
     say(f"report: {report.resolve()} (plots and every request next to it)")
