@@ -129,7 +129,7 @@ def _efficientnet() -> nn.Module:
 
 
 MODELS = {
-    # 130 KB keeps 33 of 162 cuts: the input, every block boundary from block 3 on and the head.
+    # 130 KB keeps 32 of 161 cuts: the input, every block boundary from block 3 on and the head.
     # "mse" is what "auto" chose for q4c at 27 of 32 cuts (q8 meets the budget with any method).
     # 48 held-out crops (issue 22): in-sample on 24, q4c+zstd1 looked >= 0.99 at cuts where
     # unseen photos agree less (benchmarks/results/codecs.md, "The demo's dense cuts").
