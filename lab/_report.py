@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -261,11 +262,14 @@ def write_report(
     trace: BandwidthTrace,
     duration_s: float,
     bundle: Bundle,
+    device_traces: Sequence[BandwidthTrace] | None = None,
 ) -> Path:
-    """``report.md``, ``requests.csv``, ``latency.png`` and ``cuts.png`` in ``out_dir``."""
+    """``report.md``, ``requests.csv``, ``latency.png`` and ``cuts.png`` in ``out_dir``.
+    ``device_traces`` are each device's link (default: ``trace`` for every device); the latency
+    plot shades each device's own in its panel."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "requests.csv", records)
-    plots = _plots(out_dir, records, list(summaries), trace, duration_s, bundle)
+    plots = _plots(out_dir, records, list(summaries), trace, duration_s, bundle, device_traces)
     lines = [f"# {title}", "", *[f"- {f}" for f in facts], "", *markdown_table(summaries), ""]
     lines += [
         "`mean / oracle`: the policy's mean latency over the hindsight oracle's for the same request "
@@ -303,6 +307,70 @@ def write_report(
     return path
 
 
+def rolling_median(ts: Sequence[float], values: Sequence[float], window_s: float) -> list[float]:
+    """At each time in ``ts`` (sorted), the median of ``values`` whose time is within
+    ``window_s / 2`` of it: a trend that a few slow requests do not drag along."""
+    times = np.asarray(ts, dtype=float)
+    lo = np.searchsorted(times, times - window_s / 2, side="left")
+    hi = np.searchsorted(times, times + window_s / 2, side="right")
+    vs = np.asarray(values, dtype=float)
+    return [float(np.median(vs[a:b])) for a, b in zip(lo, hi)]
+
+
+def latency_figure(
+    records: Sequence[Record],
+    policies: Sequence[str],
+    traces: Sequence[BandwidthTrace],
+    duration_s: float,
+) -> Any:
+    """The latency plot: one panel per device (its link's trace shaded behind), and in each, per
+    policy, a point per request and a line of the rolling median (:func:`rolling_median` over a
+    twentieth of the run, at least 2 s), one colour per policy in every panel. ``traces`` holds
+    each device's trace, or one for all. Needs matplotlib; the caller closes the figure."""
+    import matplotlib.pyplot as plt
+
+    devices = sorted({r.device for r in records}) or [0]
+    window_s = max(duration_s / 20, 2.0)
+    colours = {name: f"C{i % 10}" for i, name in enumerate(policies)}
+    ts = np.arange(0.0, duration_s, 0.1)
+    fig, axes = plt.subplots(
+        len(devices), 1, figsize=(11, 1.0 + 3.2 * len(devices)), sharex=True, squeeze=False
+    )
+    for ax, device in zip(axes[:, 0], devices):
+        trace = traces[device] if device < len(traces) else traces[0]
+        rate = np.array([trace.rate_at(t) for t in ts]) / 1e6
+        bw = ax.twinx()
+        bw.fill_between(ts, rate, step="post", color="0.88", label="uplink (trace)")
+        bw.set_ylabel("uplink, Mbit/s", fontsize=8)
+        bw.set_ylim(0, max(rate.max(), 1e-3) * 1.1)
+        ax.set_zorder(bw.get_zorder() + 1)
+        ax.patch.set_visible(False)
+        for name in policies:
+            rs = sorted((r for r in records if r.policy == name and r.device == device), key=lambda r: r.t)
+            if not rs:
+                continue
+            t = [r.t for r in rs]
+            ms = [r.latency_s * 1000 for r in rs]
+            ax.scatter(t, ms, s=8, alpha=0.45, color=colours[name], linewidths=0)
+            ax.plot(t, rolling_median(t, ms, window_s), lw=1.8, color=colours[name], label=name)
+        ax.set_ylabel("latency, ms")
+        ax.set_ylim(bottom=0)
+        title = f"device {device + 1}" if len(devices) > 1 else "the device"
+        ax.set_title(f"{title}: link {trace.name}", fontsize=10, loc="left")
+    top = axes[0, 0]
+    top.legend(
+        loc="upper left",
+        fontsize=8,
+        ncols=min(len(policies), 5),
+        title=(f"rolling median over {window_s:g} s; points: requests"),
+        title_fontsize=8,
+    )
+    axes[-1, 0].set_xlabel("seconds into the trace stretch (request issued)")
+    fig.suptitle("Latency per request, by device and policy")
+    fig.tight_layout()
+    return fig
+
+
 def _plots(
     out_dir: Path,
     records: Sequence[Record],
@@ -310,6 +378,7 @@ def _plots(
     trace: BandwidthTrace,
     duration_s: float,
     bundle: Bundle,
+    device_traces: Sequence[BandwidthTrace] | None = None,
 ) -> list[str]:
     try:
         import matplotlib
@@ -321,22 +390,7 @@ def _plots(
     last = bundle.last_cut
     ts = np.arange(0.0, duration_s, 0.1)
     rate = np.array([trace.rate_at(t) for t in ts]) / 1e6
-    fig, ax = plt.subplots(figsize=(11, 5))
-    bw = ax.twinx()
-    bw.fill_between(ts, rate, step="post", color="0.85", label="uplink (trace)")
-    bw.set_ylabel("trace bandwidth, Mbit/s")
-    bw.set_ylim(0, max(rate.max(), 1e-3) * 1.1)
-    ax.set_zorder(bw.get_zorder() + 1)
-    ax.patch.set_visible(False)
-    for name in policies:
-        rs = sorted((r for r in records if r.policy == name), key=lambda r: r.t)
-        ax.plot([r.t for r in rs], [r.latency_s * 1000 for r in rs], marker=".", lw=1, label=name)
-    ax.set_xlabel("seconds into the trace stretch (request issued)")
-    ax.set_ylabel("latency, ms")
-    ax.set_ylim(bottom=0)
-    ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(f"Latency per request against the trace ({trace.name})")
-    fig.tight_layout()
+    fig = latency_figure(records, policies, device_traces or [trace], duration_s)
     fig.savefig(out_dir / "latency.png", dpi=110)
     plt.close(fig)
 

@@ -161,8 +161,11 @@ def compile(  # the public name the API promises
     default when onnx, onnxscript and onnxruntime import (the chain exported to ONNX once and
     checked against torch at every cut; docs/runtimes.md). A model ONNX cannot export logs a
     warning naming the operator and compiles for torch alone (``bundle.onnx["refused"]``).
+
+    ``verbose=True`` prints the number of cuts, the total time and each step's time: capture
+    and cuts, ONNX export and check, calibration and fidelity table, profile.
     """
-    started = time.perf_counter()
+    laps = _Laps()
     _check_arguments(model, example_inputs, name)
     calibration, evaluation = check_fidelity_inputs(example_inputs, calibration, evaluation, labels, codecs)
     model = model.eval()
@@ -177,8 +180,10 @@ def compile(  # the public name the API promises
         modules, positions = _cut(graph, args, max_frontier_bytes)
         programs, frontiers = _segment(model, graph, modules, positions, args)
     bundle = _assemble(name, version, graph, positions, frontiers, programs, tuple(example_inputs), program)
+    laps.mark("capture and cuts")
     if _wants_onnx(runtimes):
         _add_onnx(bundle, args)
+        laps.mark("ONNX export and check")
     _add_fidelity(
         bundle,
         example_inputs,
@@ -195,11 +200,33 @@ def compile(  # the public name the API promises
             "confidence": confidence,
         },
     )
+    laps.mark("calibration and fidelity table" if calibration is not None else "fidelity table (lossless)")
     if profile:
         _add_profile(bundle, profile if isinstance(profile, str) else "host", progress)
+        laps.mark("profile")
     if verbose:
-        print(f"compiled {name}: {len(bundle.cuts)} cuts in {time.perf_counter() - started:.1f} s")
+        print(laps.report(f"compiled {name}: {len(bundle.cuts)} cuts"))
     return bundle
+
+
+class _Laps:
+    """The time of each step of a compile, for ``verbose=True``: :meth:`mark` ends a step."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.perf_counter()
+        self.steps: list[tuple[str, float]] = []
+
+    def mark(self, step: str) -> None:
+        now = time.perf_counter()
+        self.steps.append((step, now - self.last))
+        self.last = now
+
+    def report(self, head: str) -> str:
+        """``head in T s`` and a line per step with its time."""
+        width = max((len(step) for step, _ in self.steps), default=0)
+        lines = [f"{head} in {self.last - self.started:.1f} s"]
+        lines += [f"  {step:<{width}}  {seconds:6.1f} s" for step, seconds in self.steps]
+        return "\n".join(lines)
 
 
 def _check_arguments(model: object, example_inputs: object, name: object) -> None:
@@ -430,19 +457,20 @@ def _check_image_codecs(bundle: Bundle, chosen: list[str], *, explicit: bool) ->
 def _choose_positions(
     graph: Cuttable, args: tuple[torch.Tensor, ...], max_frontier_bytes: int | None
 ) -> list[int]:
-    """Valid cut positions, without repeats of a neighbour's frontier."""
+    """Valid cut positions, without repeats of a neighbour's frontier (the same values:
+    ``Cuttable.same_values``)."""
     last = graph.n_positions
-    positions, previous = [0], set(graph.inputs)
+    positions, previous = [0], list(graph.inputs)
     for p in range(1, last):
         frontier = graph.frontier(p)
-        if frontier is None or set(frontier) == previous:
+        if frontier is None or graph.same_values(frontier, previous):
             continue
         if max_frontier_bytes is not None:
             nbytes = sum(n.meta["val"][0].numel() * 4 for n in frontier)
             if nbytes > max_frontier_bytes:
                 continue
         positions.append(p)
-        previous = set(frontier)
+        previous = frontier
     positions.append(last)
     return positions
 

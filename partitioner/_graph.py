@@ -10,11 +10,13 @@ The pass, stated as a contract:
   never sent); ``build_segment(a, b)`` returns a GraphModule mapping frontier ``a`` to
   frontier ``b``, holding only the weights its nodes use.
 
-Positions are pruned when (1) the frontier is identical to the previous kept one (the cut adds
-nothing), or (2) a value crossing it is not a batch-leading tensor (a list, a data-dependent
-scalar, a tensor without the batch dim or with the batch folded into another dim): the cloud
-batches frontiers along dim 0, so such a cut could not be served. Rule (2) is on by default
-and documented in docs/partitioning.md.
+Positions are pruned when (1) the frontier holds the same values as the previous kept one (the
+same nodes, or nodes that only pass a value through: a dropout in eval mode, a full slice, a
+clone, a view to the same shape; :meth:`Cuttable.source`), so the cut adds nothing, or (2) a
+value crossing it is not a batch-leading tensor (a list, a data-dependent scalar, a tensor
+without the batch dim or with the batch folded into another dim): the cloud batches frontiers
+along dim 0, so such a cut could not be served. Both rules are documented in
+docs/partitioning.md.
 """
 
 from __future__ import annotations
@@ -111,8 +113,22 @@ class Cuttable:
                 return None
         return crossing
 
+    def source(self, node: fx.Node) -> fx.Node:
+        """The node whose value ``node`` holds: itself, unless it only passes a value on unchanged
+        (same shape, dtype and values: :func:`_passes_through`), then that value's source."""
+        while _passes_through(node):
+            node = node.args[0]  # type: ignore[assignment]  # checked by _passes_through
+        return node
+
+    def same_values(self, a: Sequence[fx.Node], b: Sequence[fx.Node]) -> bool:
+        """Whether frontiers ``a`` and ``b`` hold exactly the same values (in any order)."""
+        return {self.source(n) for n in a} == {self.source(n) for n in b}
+
     def name(self, p: int) -> str:
-        """A readable name for position ``p``: ``after layer2.1`` or ``in layer2.1, after relu``."""
+        """A readable name for position ``p``, by module path and position first: ``after
+        layer2.1`` at a module's end, ``in layer2.1, op 3 of 7 (relu)`` inside one, ``after
+        layer2.1, op 2 of 3 (add)`` between modules (the ops its parent module runs after its
+        last submodule call), the graph's own node name last."""
         if p == 0:
             return "input"
         if p == self.n_positions:
@@ -120,11 +136,27 @@ class Cuttable:
         node = self.compute[p - 1]
         path = _module_path(node)
         following = _module_path(self.compute[p])
-        if not path:
-            return f"after {node.name}"
-        if following == path or following.startswith(path + "."):
-            return f"in {path}, after {node.name}"
-        return f"after {path}"
+        if path and not _within(following, path):
+            # Name the outermost module that ends here: "after blocks.0.attn", not ".attn.proj".
+            parts = path.split(".")
+            ending = next(
+                prefix
+                for prefix in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+                if not _within(following, prefix)
+            )
+            return f"after {ending}"
+        if path:
+            ops = [n for n in self.compute if _within(_module_path(n), path)]
+            return f"in {path}, op {ops.index(node) + 1} of {len(ops)} ({node.name})"
+        # An op of the top-level forward: placed after the last module call before it.
+        start = p - 1
+        while start > 0 and not _module_path(self.compute[start - 1]):
+            start -= 1
+        end = p
+        while end < self.n_positions and not _module_path(self.compute[end]):
+            end += 1
+        anchor = _module_path(self.compute[start - 1]).split(" (call")[0] if start > 0 else "input"
+        return f"after {anchor}, op {p - start} of {end - start} ({node.name})"
 
     def build_segment(self, a: int, b: int) -> fx.GraphModule:
         """A GraphModule computing frontier ``b`` from frontier ``a``."""
@@ -196,6 +228,52 @@ _SYM_OPS = {
     torch.ops.aten.sym_size.int,
     torch.ops.aten.sym_numel.default,
 }
+
+
+def _within(path: str, module: str) -> bool:
+    return path == module or path.startswith(module + ".")
+
+
+#: Ops whose output is their first argument's value when the shape and dtype stay the same.
+_PASS_THROUGH = {
+    torch.ops.aten.alias.default,
+    torch.ops.aten.clone.default,
+    torch.ops.aten.contiguous.default,
+    torch.ops.aten.detach.default,
+    torch.ops.aten.dropout.default,  # only with train=False: checked below
+    torch.ops.aten.expand.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten.slice.Tensor,  # only the whole dim with step 1: checked below
+    torch.ops.aten.to.dtype,
+    torch.ops.aten.to.dtype_layout,
+    torch.ops.aten._to_copy.default,
+    torch.ops.aten.view.default,
+}
+
+
+def _passes_through(node: fx.Node) -> bool:
+    """Whether ``node`` holds exactly its first argument's value: a pass-through op whose output
+    has the input's shape and dtype (a dropout not training, a slice of a whole dim)."""
+    if node.op != "call_function" or node.target not in _PASS_THROUGH or not node.args:
+        return False
+    source = node.args[0]
+    if not isinstance(source, fx.Node):
+        return False
+    a, b = source.meta.get("val"), node.meta.get("val")
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.dtype != b.dtype:
+        return False
+    if [str(d) for d in a.shape] != [str(d) for d in b.shape]:
+        return False
+    if node.target is torch.ops.aten.dropout.default:
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        return train is False
+    if node.target is torch.ops.aten.slice.Tensor:
+        start = node.args[2] if len(node.args) > 2 else node.kwargs.get("start")
+        step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
+        # The same length from 0 with step 1: the whole dim.
+        whole = start is None or (isinstance(start, int) and start == 0)
+        return whole and isinstance(step, int) and step == 1
+    return True
 
 
 def batch_symbol(gm: fx.GraphModule) -> sympy.Symbol | None:
