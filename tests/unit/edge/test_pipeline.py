@@ -18,6 +18,7 @@ import splitinfer as si
 from splitinfer import protocol
 from splitinfer.compression import get_codec
 from splitinfer.edge import ClientConfig, EdgeClient, InProcessTransport, TransportRequest, TransportResponse
+from splitinfer.edge._cloud_api import MAX_RETRY_AFTER_S
 from splitinfer.edge._device import Device, MeasuredEmulation
 from splitinfer.edge._targets import make_tasks
 from splitinfer.errors import CloudUnavailableError, ConfigError
@@ -118,6 +119,20 @@ async def test_retry_after_keeps_requests_on_the_device_without_asking(bundle, c
         second = (await client.ainfer(X, return_trace=True))[1]
     assert (first.fallback, second.fallback) == ("shed", "backoff")
     assert len(infers(transport)) == 1  # the second was not sent
+
+
+async def test_a_retry_after_longer_than_the_cap_is_capped(bundle):
+    def shed(request: TransportRequest) -> TransportResponse:
+        status, body = protocol.problem_body("overloaded", "busy")
+        return TransportResponse(status, body, CIMultiDict({"Retry-After": "100000"}))
+
+    transport = InProcessTransport(cloud(bundle, shed))
+    async with EdgeClient(
+        "http://cloud", bundle=bundle, transport=transport, policy="static", cut=2, codec="f32", hedge=False
+    ) as client:
+        await client.ainfer(X)
+        link = client._pipeline.link
+        assert 0 < link.back_at - link.clock() <= MAX_RETRY_AFTER_S
 
 
 async def test_an_unreachable_cloud_opens_the_breaker(bundle, cnn):
