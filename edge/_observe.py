@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from splitinfer.edge._cloud_api import REFUSALS
 from splitinfer.edge._metrics import EdgeMetrics
@@ -74,7 +75,7 @@ class Observer:
             outcome = "ok" if ok else "failed"
             self.metrics.probes.labels(model=self.model, part=part, outcome=outcome).inc()
 
-    def record(self, trace: Trace, decision: Decision, est: Estimates) -> None:
+    def record(self, trace: Trace, decision: Decision, estimates: Callable[[], Estimates]) -> None:
         """A finished request: ``last_trace``, and the metrics (with the estimates now)."""
         self.last_trace = trace
         if self.metrics is None:
@@ -88,5 +89,6 @@ class Observer:
             m.prediction_error.labels(model=model).observe(trace.stages["total"] / decision.predicted_s)
         if trace.retried:
             m.retries.labels(model=model, reason="stale_connection").inc()
+        est = estimates()
         m.uplink.labels(model=model).set(est.uplink_bps / 8)
         m.rtt.labels(model=model).set(est.rtt_s)

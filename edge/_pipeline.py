@@ -55,7 +55,7 @@ class Decider:
             raise ConfigError(f"policy chose cut {decision.cut}, beyond this client's max_cut {self.max_cut}")
         if decision.cut == self.last_cut:
             return decision, None
-        shared = getattr(target, "shared_cut", self.last_cut)
+        shared = target.shared_cut
         if decision.cut > shared:
             raise ConfigError(
                 f"policy {target.policy.name!r} chose cut {decision.cut}, beyond the cut its tasks share "
@@ -111,7 +111,7 @@ class Pipeline:
                 flat = await self._fall_back(target, decision, est, frontier, trace, exc)
         trace.stages["total"] = time.perf_counter() - started
         done = trace.build()
-        self.observer.record(done, decision, self.estimator.estimates())
+        self.observer.record(done, decision, self.estimator.estimates)
         return target.result(flat), done
 
     async def _all_local(self, target: Target, inputs: Sequence[Any], trace: TraceBuilder) -> Flat:

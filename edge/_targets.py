@@ -29,7 +29,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -39,9 +39,6 @@ from splitinfer.edge._config import ClientConfig
 from splitinfer.errors import ConfigError, ProtocolError
 from splitinfer.partitioner import Decision, Estimates, Policy
 from splitinfer.partitioner._profiles import chain_times
-
-if TYPE_CHECKING:
-    from splitinfer.partitioner._costs import CostModel
 
 __all__ = ["OneModel", "Target", "TaskSet", "make_tasks", "shared_cut", "task_policy"]
 
@@ -63,6 +60,9 @@ class Target(Protocol):
     tasks: tuple[tuple[str, str], ...]
     #: Bytes of the answer the estimator expects (None: the first model's profile says).
     answer_bytes: float | None
+    #: The deepest cut whose frontier every model answered computes (a decision beyond it,
+    #: other than all-on-device, cannot be served).
+    shared_cut: int
 
     def stay_local(self) -> str | None:
         """Why requests stay on the device before trying the cloud, if they must."""
@@ -140,6 +140,7 @@ class OneModel:
         self.bundle = bundle
         self.policy = policy
         self.can_finish_locally = bundle.can_head(bundle.last_cut)
+        self.shared_cut = bundle.last_cut
         self.profile = HeadProfile(bundle)
 
     def stay_local(self) -> str | None:
@@ -339,9 +340,10 @@ class PricedPolicy(Protocol):
     """A policy over a cost model's rows that can be priced again (make_policy's policies)."""
 
     name: str
-    model: CostModel
+    #: Its cost model (``splitinfer.partitioner``'s CostModel, with ``for_tasks``).
+    model: Any
 
-    def restricted(self, model: CostModel, keep: np.ndarray, why: Sequence[str], settings: str) -> Policy: ...
+    def restricted(self, model: Any, keep: np.ndarray, why: Sequence[str], settings: str) -> Policy: ...
 
 
 def task_policy(policy: Policy, bundles: Sequence[Bundle], s: int, config: ClientConfig) -> Policy:

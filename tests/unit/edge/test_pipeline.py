@@ -4,10 +4,12 @@ fallback without sockets (STYLE.md item 4; httpx's MockTransport is the model)."
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import json
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from multidict import CIMultiDict
@@ -15,11 +17,13 @@ from multidict import CIMultiDict
 import splitinfer as si
 from splitinfer import protocol
 from splitinfer.compression import get_codec
-from splitinfer.edge import EdgeClient, InProcessTransport, TransportRequest, TransportResponse
+from splitinfer.edge import ClientConfig, EdgeClient, InProcessTransport, TransportRequest, TransportResponse
+from splitinfer.edge._cloud_api import MAX_RETRY_AFTER_S
 from splitinfer.edge._device import Device, MeasuredEmulation
+from splitinfer.edge._targets import make_tasks
 from splitinfer.errors import CloudUnavailableError, ConfigError
 from splitinfer.lab._demo import demo_model
-from splitinfer.partitioner import Estimates, make_policy
+from splitinfer.partitioner import Decision, Estimates, Explanation, make_policy
 
 FAST_LINK = Estimates(uplink_bps=1e9, downlink_bps=1e9, rtt_s=0.0005)
 X = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -117,6 +121,20 @@ async def test_retry_after_keeps_requests_on_the_device_without_asking(bundle, c
     assert len(infers(transport)) == 1  # the second was not sent
 
 
+async def test_a_retry_after_longer_than_the_cap_is_capped(bundle):
+    def shed(request: TransportRequest) -> TransportResponse:
+        status, body = protocol.problem_body("overloaded", "busy")
+        return TransportResponse(status, body, CIMultiDict({"Retry-After": "100000"}))
+
+    transport = InProcessTransport(cloud(bundle, shed))
+    async with EdgeClient(
+        "http://cloud", bundle=bundle, transport=transport, policy="static", cut=2, codec="f32", hedge=False
+    ) as client:
+        await client.ainfer(X)
+        link = client._pipeline.link
+        assert 0 < link.back_at - link.clock() <= MAX_RETRY_AFTER_S
+
+
 async def test_an_unreachable_cloud_opens_the_breaker(bundle, cnn):
     def down(request: TransportRequest) -> TransportResponse:
         raise CloudUnavailableError("cannot reach the cloud")
@@ -194,3 +212,52 @@ async def test_a_cut_0_request_on_a_slow_device_takes_no_emulated_head_time(bund
         _, trace = await client.ainfer(X, return_trace=True)
     # the input check alone takes 0.2-1.5 ms here: scaled by 5000 that was 1-7 s of "head"
     assert trace.compared()["head"][1] < 0.25
+
+
+# -- a set of tasks, priced through the partitioner's public operations --------------------
+
+
+def twin_of(bundle: si.Bundle, name: str) -> si.Bundle:
+    """The same model under another name: it shares every segment with ``bundle``."""
+    twin = copy.copy(bundle)
+    twin.name = name
+    return twin
+
+
+def test_a_set_of_tasks_is_priced_for_one_upload_and_every_tail(bundle):
+    twin = twin_of(bundle, "twin")
+    policy = make_policy("static", bundle, cut=2, codec="f32")
+    before = policy.model.tail.copy()
+    tasks = make_tasks(bundle, [twin], policy, ClientConfig(), lambda b: b)
+    assert tasks.shared_cut == bundle.last_cut and tasks.tasks == (("twin", bundle.graph_hash),)
+    model = tasks.policy.model  # type: ignore[attr-defined]
+    # the twin shares every segment: it adds no compute, only its answer to the download
+    assert np.array_equal(model.tail, policy.model.tail) and np.array_equal(model.head, policy.model.head)
+    assert model.response_bytes == 2 * policy.model.response_bytes > 0
+    assert np.array_equal(policy.model.tail, before)  # the client's own model is left alone
+    assert tasks.policy.decide(FAST_LINK).cut == 2 and list(tasks.policy.rows) == list(policy.rows)
+
+
+class AlwaysLocal:
+    """A Policy that is not one of make_policy's."""
+
+    name = "mine"
+
+    def __init__(self, bundle: si.Bundle):
+        self.inner = make_policy("local", bundle)
+
+    def decide(self, est: Estimates) -> Decision:
+        return self.inner.decide(est)
+
+    def explain(self, est: Estimates) -> Explanation:
+        return self.inner.explain(est)
+
+
+async def test_a_custom_policy_serves_a_set_of_tasks(bundle, cnn):
+    twin = twin_of(bundle, "twin")
+    client = EdgeClient("http://cloud", bundle=bundle, policy=AlwaysLocal(bundle), tasks=[twin])
+    assert client.tasks is not None and isinstance(client.tasks.policy, AlwaysLocal)
+    answers = await client.ainfer_many(X)
+    assert set(answers) == {"democnn", "twin"}
+    assert torch.allclose(answers["twin"], want(cnn), atol=1e-6)
+    await client.aclose()
