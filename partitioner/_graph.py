@@ -22,6 +22,7 @@ docs/partitioning.md.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sympy  # type: ignore[import-untyped]  # sympy ships no type stubs
