@@ -42,9 +42,9 @@ MMDEBSTRAP = [
     "--include=python3,python3-venv",
     *(f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("doc", "man", "locale", "info")),
     "--dpkgopt=path-include=/usr/share/doc/*/copyright",
-    "--customize-hook=chroot \"$1\" dpkg --purge --force-depends usrmerge libfile-find-rule-perl libnumber-compare-perl "
-    "libtext-glob-perl perl libperl5.36 perl-modules-5.36",
-    "--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*",
+    '--customize-hook=chroot "$1" dpkg --purge --force-depends usrmerge libfile-find-rule-perl '
+    "libnumber-compare-perl libtext-glob-perl perl libperl5.36 perl-modules-5.36",
+    '--customize-hook=rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*',
 ]
 
 

@@ -19,7 +19,6 @@ import torch
 
 from splitinfer.bundle import Bundle
 from splitinfer.edge import EdgeClient
-
 from tests.test_scale_support import Figures, Traffic, cluster
 
 from .image_support import Container, engine, image, image_exists, readable_copy, run_once
