@@ -12,7 +12,7 @@ LOADTEST_ARGS ?=
 REPLICAS ?= 3
 CLUSTER_ARGS ?=
 
-.PHONY: demo test bench fuzz loadtest lint clean venv prometheus haproxy cluster image test-image
+.PHONY: demo test bench fuzz loadtest lint clean venv prometheus haproxy cluster image test-image containers
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,7 @@ test: $(VENV)/.stamp-dev-examples-plot-loadtest prometheus haproxy
 # with mmdebstrap, once per machine); pip's configuration here goes in (docs/deploy.md).
 IMAGE_BASE ?= python:3.12-slim-bookworm
 IMAGE_ARGS ?=
-image:
+image: containers
 	$(PYTHON) deploy/image.py --base "$(IMAGE_BASE)" $(IMAGE_ARGS)
 
 # Builds the images, then runs the tests that start them (marker `image`, left out of `make
@@ -64,6 +64,11 @@ prometheus:
 
 haproxy:
 	$(call apt_install,haproxy,command -v haproxy >/dev/null)
+
+# A container engine for `make image` (podman with runc, and mmdebstrap for a local base), unless
+# podman or a running docker is there already.
+containers:
+	$(call apt_install,podman runc mmdebstrap,command -v podman >/dev/null || docker info >/dev/null 2>&1)
 
 # A local cluster until Ctrl-C: REPLICAS (1..3) `splitinfer serve` on loopback ports, HAProxy in
 # front (deploy/haproxy/haproxy.cfg), Prometheus scraping them all; it prints the URLs. It serves

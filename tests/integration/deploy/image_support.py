@@ -37,8 +37,8 @@ VARIANTS = image.VARIANTS
 
 
 def engine() -> str | None:
-    """podman or docker, whichever is installed (podman first), or None."""
-    return shutil.which("podman") or shutil.which("docker")
+    """podman, or docker where its daemon answers (deploy/image.py), or None."""
+    return image.find_engine()
 
 
 def image_exists(eng: str, name: str) -> bool:
