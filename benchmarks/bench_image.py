@@ -103,7 +103,8 @@ def main() -> int:
         os.chmod(work, 0o755)
         models = readable_copy(work / "repo", work / "models")
         sizes = {v: image.size_bytes(eng, image.image_name(v)) / 2**20 for v in image.VARIANTS}
-        lines += ["| image | size (MiB) | start to ready, median (min..max) of %d |" % args.starts, "|---|---:|---|"]
+        head = f"| image | size (MiB) | start to ready, median (min..max) of {args.starts} |"
+        lines += [head, "|---|---:|---|"]
         for v in image.VARIANTS:
             s = starts(eng, image.image_name(v), models, work, args.starts)
             lines.append(
@@ -111,17 +112,19 @@ def main() -> int:
                 f"({min(s):.2f}..{max(s):.2f}) |"
             )
         lines += ["", f"size ratio onnxruntime / torch: {sizes['onnxruntime'] / sizes['torch']:.3f}", ""]
-        phases, status = faults(eng, image.image_name("onnxruntime"), models, work, bundle, model, args.requests)
-        lines += ["| fault (3 ORT containers, HAProxy) | requests | lost | wrong | on device | p50 ms | p99 ms |"]
+        ort = image.image_name("onnxruntime")
+        phases, status = faults(eng, ort, models, work, bundle, model, args.requests)
+        head = "| fault (3 ORT containers, HAProxy) | requests | lost | wrong | on device | p50 ms | p99 ms |"
+        lines.append(head)
         lines += ["|---|---:|---:|---:|---:|---:|---:|"]
         for what, f in phases.items():
-            lines.append(
-                f"| {what} | {f.requests} | {f.errors} | {f.wrong} | {f.fell_back} | {f.p50_ms:.1f} | {f.p99_ms:.1f} |"
-            )
+            counts = f"{f.requests} | {f.errors} | {f.wrong} | {f.fell_back}"
+            lines.append(f"| {what} | {counts} | {f.p50_ms:.1f} | {f.p99_ms:.1f} |")
         lines += ["", f"SIGTERM'd container exit status: {status}"]
     if args.venvs:
         free, full = (du_mib(p) for p in args.venvs)
-        lines += ["", f"venv torch-free {args.venvs[0]}: {free:.0f} MiB; with torch {args.venvs[1]}: {full:.0f} MiB;"]
+        lines += ["", f"venv torch-free {args.venvs[0]}: {free:.0f} MiB;"]
+        lines += [f"with torch {args.venvs[1]}: {full:.0f} MiB;"]
         lines += [f"ratio {free / full:.3f}"]
     lines += ["", f"load after: {Path('/proc/loadavg').read_text().strip()}"]
     print("\n".join(lines))
