@@ -24,6 +24,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -170,7 +171,7 @@ def build(eng: str, variant: str, base: str, tag: str | None) -> str:
         for folder in folders:
             cmd += ["-v", f"{folder}:{folder}:ro"]
     cmd.append(str(ROOT))
-    print("+", " ".join(cmd), flush=True)
+    print("+", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return image
 
