@@ -47,7 +47,7 @@ image: containers
 # test`): non-root, read-only bundle, readiness and HEALTHCHECK, answers, drain, bad mounts,
 # three replicas behind HAProxy with one killed.
 test-image: image $(VENV)/.stamp-dev-examples-plot-loadtest haproxy
-	SPLITINFER_IMAGE_TESTS=1 $(PY) -m pytest -m image tests/integration/deploy $(PYTEST_ARGS)
+	$(PY) -m pytest -m image tests/integration/deploy $(PYTEST_ARGS)
 
 # System packages the tests run for real, installed when missing (needs root and apt-get):
 # tests/test_prometheus.py and test_scale.py run a real Prometheus and tests/test_deploy.py its
