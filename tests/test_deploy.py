@@ -1,7 +1,7 @@
 """The deployment files (deploy/, docs/deploy.md), checked offline with the tools that run them:
-hadolint, kustomize (kubectl), kubernetes-validate, yamllint, promtool. The image itself cannot be
-built here (no Docker engine): everything around it is checked instead, and the real server and
-Prometheus run in tests/test_prometheus.py."""
+hadolint, kustomize (kubectl), kubernetes-validate, yamllint, promtool. The images themselves are
+built and started by `make test-image` (tests/integration/deploy/test_image.py, marker `image`);
+the real server and Prometheus run in tests/test_prometheus.py."""
 
 from __future__ import annotations
 
