@@ -12,7 +12,7 @@ LOADTEST_ARGS ?=
 REPLICAS ?= 3
 CLUSTER_ARGS ?=
 
-.PHONY: demo test bench fuzz loadtest lint clean venv prometheus haproxy cluster image test-image
+.PHONY: demo test bench fuzz loadtest lint clean venv prometheus haproxy cluster image test-image containers
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,14 +41,14 @@ test: $(VENV)/.stamp-dev-examples-plot-loadtest prometheus haproxy
 # with mmdebstrap, once per machine); pip's configuration here goes in (docs/deploy.md).
 IMAGE_BASE ?= python:3.12-slim-bookworm
 IMAGE_ARGS ?=
-image:
+image: containers
 	$(PYTHON) deploy/image.py --base "$(IMAGE_BASE)" $(IMAGE_ARGS)
 
 # Builds the images, then runs the tests that start them (marker `image`, left out of `make
 # test`): non-root, read-only bundle, readiness and HEALTHCHECK, answers, drain, bad mounts,
 # three replicas behind HAProxy with one killed.
 test-image: image $(VENV)/.stamp-dev-examples-plot-loadtest haproxy
-	SPLITINFER_IMAGE_TESTS=1 $(PY) -m pytest -m image tests/integration/deploy $(PYTEST_ARGS)
+	$(PY) -m pytest -m image tests/integration/deploy $(PYTEST_ARGS)
 
 # System packages the tests run for real, installed when missing (needs root and apt-get):
 # tests/integration/deploy/: test_prometheus.py and test_scale.py run a real Prometheus and
@@ -66,6 +66,11 @@ prometheus:
 
 haproxy:
 	$(call apt_install,haproxy,command -v haproxy >/dev/null)
+
+# A container engine for `make image` (podman with runc, and mmdebstrap for a local base), unless
+# podman or a running docker is there already.
+containers:
+	$(call apt_install,podman runc mmdebstrap,command -v podman >/dev/null || docker info >/dev/null 2>&1)
 
 # A local cluster until Ctrl-C: REPLICAS (1..3) `splitinfer serve` on loopback ports, HAProxy in
 # front (deploy/haproxy/haproxy.cfg), Prometheus scraping them all; it prints the URLs. It serves

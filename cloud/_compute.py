@@ -190,6 +190,16 @@ def _compute(
 _streams = threading.local()
 
 
+def __getattr__(name: str) -> Any:
+    # HOST, where frames are decoded and answers encoded (a torch device), made on first use so
+    # that importing this module imports no torch (ONNX Runtime tails run without it).
+    if name == "HOST":
+        import torch
+
+        return torch.device("cpu")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _stream(device: torch.device) -> torch.cuda.Stream:
     """This thread's CUDA stream on ``device`` (made on first use)."""
     import torch

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -42,9 +43,9 @@ MMDEBSTRAP = [
     "--include=python3,python3-venv",
     *(f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("doc", "man", "locale", "info")),
     "--dpkgopt=path-include=/usr/share/doc/*/copyright",
-    "--customize-hook=chroot \"$1\" dpkg --purge --force-depends usrmerge libfile-find-rule-perl libnumber-compare-perl "
-    "libtext-glob-perl perl libperl5.36 perl-modules-5.36",
-    "--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*",
+    '--customize-hook=chroot "$1" dpkg --purge --force-depends usrmerge libfile-find-rule-perl '
+    "libnumber-compare-perl libtext-glob-perl perl libperl5.36 perl-modules-5.36",
+    '--customize-hook=rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*',
 ]
 
 
@@ -60,12 +61,27 @@ def image_name(variant: str, tag: str | None = None) -> str:
     return f"splitinfer:{tag or version()}-{variant}"
 
 
-def engine(choice: str | None = None) -> str:
-    """podman where it is installed (else docker); exit with one line when neither is."""
+def find_engine(choice: str | None = None) -> str | None:
+    """podman where it is installed, else docker where its daemon answers (a docker client
+    alone cannot build), else None."""
     for name in [choice] if choice else ["podman", "docker"]:
-        if name and shutil.which(name):
-            return name
-    raise SystemExit("image: needs podman or docker on PATH (apt-get install podman runc)")
+        path = shutil.which(name) if name else None
+        if path is None:
+            continue
+        if name == "docker":
+            info = subprocess.run([path, "info"], capture_output=True, timeout=20, check=False)
+            if info.returncode != 0:
+                continue
+        return path
+    return None
+
+
+def engine(choice: str | None = None) -> str:
+    """:func:`find_engine`, or exit with one line saying what to install."""
+    found = find_engine(choice)
+    if found is None:
+        raise SystemExit("image: needs podman (apt-get install podman runc) or a running docker")
+    return found
 
 
 def run_options(eng: str) -> list[str]:
@@ -155,7 +171,7 @@ def build(eng: str, variant: str, base: str, tag: str | None) -> str:
         for folder in folders:
             cmd += ["-v", f"{folder}:{folder}:ro"]
     cmd.append(str(ROOT))
-    print("+", " ".join(cmd), flush=True)
+    print("+", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return image
 

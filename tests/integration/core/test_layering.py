@@ -546,3 +546,66 @@ def test_every_command_of_a_torch_free_install_runs_or_names_the_extra(command, 
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert len(lines) == 1, done.stderr
         assert "pip install 'splitinfer[torch]'" in lines[0], lines[0]
+
+
+BLOCK_CONSTRICTION = """
+class _NoCoder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "constriction" or name.startswith("constriction."):
+            raise ModuleNotFoundError(f"constriction is not installed here ({name})", name=name)
+        return None
+sys.meta_path.insert(0, _NoCoder())
+"""
+
+
+@pytest.mark.slow
+def test_a_codec_whose_coder_is_missing_is_refused_or_reported_never_silent(cnn, tmp_path):
+    # Without the rANS coder: static refuses a +ans codec with the install line (not a missing
+    # fidelity row), and a policy that skips those rows says so once.
+    import torch
+
+    import splitinfer as si
+
+    calibration = [torch.rand(1, 3, 32, 32) for _ in range(4)]
+    bundle = si.compile(
+        cnn,
+        (calibration[0],),
+        name="ans",
+        codecs=["f32", "q6c+ans"],
+        calibration=calibration,
+        runtimes=["torch"],
+    )
+    bundle.save(tmp_path / "ans")
+    done = run_without_torch(
+        BLOCK_CONSTRICTION
+        + textwrap.dedent(
+            f"""
+        import logging
+        from splitinfer import Manifest
+        from splitinfer.errors import ConfigError
+        from splitinfer.partitioner import make_policy
+
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger("splitinfer.partitioner").addHandler(handler)
+        manifest = Manifest.load({str(tmp_path / "ans")!r})
+        ans = [c for c in manifest.codecs if c.endswith("+ans")]
+        assert ans, manifest.codecs
+        try:
+            make_policy("static", manifest, cut=1, codec=ans[0])
+        except ConfigError as exc:
+            assert "pip install 'splitinfer[entropy]'" in str(exc), exc
+            assert "fidelity row" not in str(exc), exc
+        else:
+            raise AssertionError("static took a codec it cannot encode")
+        make_policy("local", manifest)
+        make_policy("local", manifest)
+        said = [r.getMessage() for r in records if "never chosen" in r.getMessage()]
+        assert len(said) == 1 and ans[0] in said[0] and "splitinfer[entropy]" in said[0], said
+        print("ok")
+        """
+        )
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok")

@@ -1,7 +1,7 @@
 """The deployment files (deploy/, docs/deploy.md), checked offline with the tools that run them:
-hadolint, kustomize (kubectl), kubernetes-validate, yamllint, promtool. The image itself cannot be
-built here (no Docker engine): everything around it is checked instead, and the real server and
-Prometheus run in tests/integration/deploy/test_prometheus.py."""
+hadolint, kustomize (kubectl), kubernetes-validate, yamllint, promtool. The images themselves are
+built and started by `make test-image` (tests/integration/deploy/test_image.py, marker `image`);
+the real server and Prometheus run in tests/integration/deploy/test_prometheus.py."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import yaml
 
 from splitinfer.cloud import ServerConfig
 from splitinfer.cloud._config import ENV_PREFIX
-from tests.support.deploy import (
+from tests.test_deploy_support import (
     ADAPTER_VALUES,
     ALERTS,
     DEPLOY,
@@ -76,14 +76,20 @@ def test_dockerfile_runs_the_server_as_a_non_root_user_with_cpu_torch(tmp_path: 
     instructions = dockerfile_instructions()
     text = DOCKERFILE.read_text()
     final = final_stage(instructions)
-    assert final[0][1].startswith("python:") and "-slim" in final[0][1]
+    assert final[0][1] == "${BASE}"
+    assert re.search(r"^ARG BASE=python:\S+-slim\S*$", text, re.M), "the slim Python image by default"
+    assert re.search(r"^ARG VARIANT=onnxruntime$", text, re.M), "the torch-free variant by default"
     assert re.search(r"^ARG TORCH_INDEX_URL=\S+/whl/cpu$", text, re.M), "the CPU wheel index is a build arg"
     assert '--index-url "${TORCH_INDEX_URL}"' in text
+    # without an index, the pinned CPU build from pip's configured wheels: never a bare `torch`
+    assert '"torch==${TORCH_VERSION}+cpu"' in text
     (user,) = [args for keyword, args in final if keyword == "USER"]
     assert not user.startswith(("root", "0")), user
     assert exec_form(instructions, "ENTRYPOINT") == ["splitinfer", "serve"]
-    assert exec_form(instructions, "HEALTHCHECK")[:2] == ["python", "-c"]
+    assert exec_form(instructions, "HEALTHCHECK")[:2] == ["/opt/venv/bin/python", "-c"]
     env = dockerfile_env(instructions)
+    assert env["SPLITINFER_RUNTIME"] == "${VARIANT}"
+    env["SPLITINFER_RUNTIME"] = "onnxruntime"
     assert env["SPLITINFER_REPOSITORY"] == "/models"
     assert {"SPLITINFER_COMPUTE_THREADS", "SPLITINFER_TORCH_THREADS"} <= set(env)
     _check_server_env(env, "the Dockerfile's ENV", tmp_path)
@@ -203,7 +209,9 @@ def test_compose_stack_is_consistent(tmp_path: Path) -> None:
     assert float(server["stop_grace_period"].rstrip("s")) > drain
     for name in ("prometheus", "grafana"):
         image = services[name]["image"]
-        assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", image), f"{name} image must be pinned: {image}"
+        assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+(-\w+)?", image), (
+            f"{name} image must be pinned: {image}"
+        )
         for volume in services[name]["volumes"]:
             source = volume.split(":")[0]
             if source.startswith("."):
@@ -518,7 +526,14 @@ def test_adapter_values_are_the_helm_charts_shape() -> None:
 
 def test_docs_cover_deployment() -> None:
     text = (ROOT / "docs" / "deploy.md").read_text()
-    for topic in ("docker build", "no Docker engine", "compose", "kubectl apply -k", "prometheus-adapter"):
+    for topic in (
+        "make image",
+        "podman",
+        "docker build",
+        "compose",
+        "kubectl apply -k",
+        "prometheus-adapter",
+    ):
         assert topic in text, topic
     headings = ("Local run", "Compose", "Kubernetes", "Autoscaling", "TLS and tokens", "Capacity planning")
     for heading in headings:

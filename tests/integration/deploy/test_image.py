@@ -19,10 +19,17 @@ import torch
 
 from splitinfer.bundle import Bundle
 from splitinfer.edge import EdgeClient
+from tests.support.deploy import deploy_script, scenarios
 
-from tests.test_scale_support import Figures, Traffic, cluster
-
-from .image_support import Container, engine, image, image_exists, readable_copy, run_once
+containers = deploy_script("containers.py")
+Container, engine, image, image_exists = (
+    containers.Container,
+    containers.engine,
+    containers.image,
+    containers.image_exists,
+)
+readable_copy, run_once = containers.readable_copy, containers.run_once
+Figures, Traffic, cluster = scenarios.Figures, scenarios.Traffic, scenarios.cluster
 
 pytestmark = [pytest.mark.image, pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -1,5 +1,6 @@
 """Containers of the server image (deploy/Dockerfile, built by ``make image``) for the image tests
-and benchmarks/bench_image.py: start one with a bundle repository mounted read-only, wait for
+(tests/integration/deploy/test_image.py) and benchmarks/bench_image.py, which load this file by
+its path (deploy/ is no package): start one with a bundle repository mounted read-only, wait for
 readiness, signal it, read its exit status and output. No tests here.
 
 podman runs with ``--runtime runc``, explicit ulimits and ``--network=host`` (deploy/image.py
@@ -20,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from types import ModuleType
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name: str, path: Path) -> ModuleType:
@@ -37,8 +38,8 @@ VARIANTS = image.VARIANTS
 
 
 def engine() -> str | None:
-    """podman or docker, whichever is installed (podman first), or None."""
-    return shutil.which("podman") or shutil.which("docker")
+    """podman, or docker where its daemon answers (deploy/image.py), or None."""
+    return image.find_engine()
 
 
 def image_exists(eng: str, name: str) -> bool:
