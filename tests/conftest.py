@@ -28,15 +28,34 @@ def cnn() -> torch.nn.Sequential:
     return demo_model(seed=0)
 
 
+#: Compiles for torch alone, as every test whose edge and cloud run torch (the default where
+#: torch is installed) needs: the ONNX export costs seconds a compile. ``onnx_*`` fixtures and
+#: the tests of ONNX Runtime itself export it.
+TORCH_ONLY = ("torch",)
+
+
 @pytest.fixture(scope="session")
 def cnn_bundle(cnn: torch.nn.Sequential) -> si.Bundle:
-    return si.compile(cnn, (torch.rand(1, 3, 32, 32),), name="democnn")
+    return si.compile(cnn, (torch.rand(1, 3, 32, 32),), name="democnn", runtimes=TORCH_ONLY)
 
 
 @pytest.fixture(scope="session")
 def repository(tmp_path_factory: pytest.TempPathFactory, cnn_bundle: si.Bundle) -> Path:
     root = tmp_path_factory.mktemp("repo")
     cnn_bundle.save(root / "democnn")
+    return root
+
+
+@pytest.fixture(scope="session")
+def onnx_cnn_bundle(cnn: torch.nn.Sequential) -> si.Bundle:
+    """The demo CNN with its ONNX graph too (ONNX Runtime's tests)."""
+    return si.compile(cnn, (torch.rand(1, 3, 32, 32),), name="democnn", runtimes=("torch", "onnxruntime"))
+
+
+@pytest.fixture(scope="session")
+def onnx_repository(tmp_path_factory: pytest.TempPathFactory, onnx_cnn_bundle: si.Bundle) -> Path:
+    root = tmp_path_factory.mktemp("onnx-repo")
+    onnx_cnn_bundle.save(root / "democnn")
     return root
 
 

@@ -38,7 +38,7 @@ ALLOWED: dict[str, set[str]] = {
     "partitioner": {"core", "compression", "partitioner"},
     "netem": {"core", "netem"},
     "edge": {"core", "compression", "partitioner", "edge"},
-    "cloud": {"core", "compression", "partitioner", "cloud"},
+    "cloud": {"core", "compression", "cloud"},
     "lab": {"core", "compression", "partitioner", "netem", "edge", "cloud", "lab"},
     "cli": {"core", "cli", *ROOMS},
 }

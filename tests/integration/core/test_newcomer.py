@@ -20,6 +20,7 @@ from torch import nn
 import splitinfer as si
 from splitinfer.errors import CaptureError, ConfigError
 from splitinfer.partitioner import make_policy
+from tests.conftest import TORCH_ONLY
 
 ROOT = Path(__file__).resolve().parents[3]
 CLI = [sys.executable, "-m", "splitinfer"]
@@ -46,7 +47,7 @@ def calibrated(tmp_path_factory, cnn):
     """The demo CNN with lossy rows, one of them removed: a (cut, codec) never measured."""
     calibration = [(torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
     bundle = si.compile(cnn, (torch.rand(1, 3, 32, 32),), name="democnn", calibration=calibration,
-                        codecs=["f32", "q8+zstd1"])  # fmt: skip
+                        codecs=["f32", "q8+zstd1"], runtimes=TORCH_ONLY)  # fmt: skip
     bundle.fidelity["table"] = [
         r for r in bundle.fidelity["table"] if not (r["cut"] == 2 and r["codec"] == "q8+zstd1")
     ]
@@ -96,7 +97,7 @@ def test_jpeg_on_a_model_without_image_inputs_is_refused_at_compile_time():
     calibration = [(torch.randn(1, 6, 128),) for _ in range(2)]
     with pytest.raises(ConfigError, match="image batches"):
         si.compile(Sensor().eval(), (torch.randn(1, 6, 128),), name="sensor", calibration=calibration,
-                   codecs=["jpeg90"])  # fmt: skip
+                   codecs=["jpeg90"], runtimes=TORCH_ONLY)  # fmt: skip
 
 
 # -- item 7: batch-first ------------------------------------------------------------------
@@ -104,7 +105,7 @@ def test_jpeg_on_a_model_without_image_inputs_is_refused_at_compile_time():
 
 def test_example_inputs_without_a_batch_dim_are_named():
     with pytest.raises(ConfigError, match=re.escape("batch-first: input 0 has shape (6, 128)")):
-        si.compile(Sensor().eval(), (torch.randn(6, 128),), name="sensor")
+        si.compile(Sensor().eval(), (torch.randn(6, 128),), name="sensor", runtimes=TORCH_ONLY)
 
 
 # -- item 6: the CLI's compile -------------------------------------------------------------
@@ -207,7 +208,7 @@ def test_a_profile_on_a_busy_machine_says_how_to_re_profile():
 def test_profiles_record_their_spread_and_load(cnn):
     from splitinfer.partitioner import profile_bundle
 
-    bundle = si.compile(cnn, (torch.rand(1, 3, 32, 32),), name="democnn")
+    bundle = si.compile(cnn, (torch.rand(1, 3, 32, 32),), name="democnn", runtimes=TORCH_ONLY)
     profile = profile_bundle(bundle, batch_sizes=(1,), repeats=2, progress=False)
     assert profile["spread"] >= 1.0 and "load_per_core" in profile
 

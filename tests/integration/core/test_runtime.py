@@ -128,8 +128,8 @@ def test_a_model_onnx_cannot_export_still_compiles_for_torch(caplog):
     assert torch.equal(bundle.tail(0, bundle.head(0, x)), torch.special.bessel_j0(x) + 1)
 
 
-def test_hostile_or_missing_onnx_is_refused_and_old_bundles_load(repository, tmp_path):
-    src = repository / "democnn"
+def test_hostile_or_missing_onnx_is_refused_and_old_bundles_load(onnx_repository, tmp_path):
+    src = onnx_repository / "democnn"
     assert si.Manifest.load(src).runtimes == ("torch", "onnxruntime")
     tampered = tmp_path / "tampered"
     shutil.copytree(src, tampered)
@@ -269,7 +269,7 @@ def test_an_adaptive_edge_without_torch_on_real_photos(efficientnet, effnet_repo
     assert all(cut == last or fallback for cut, fallback in where[6:]), where
 
 
-def test_the_profile_times_both_runtimes_and_each_side_is_priced_on_its_own(cnn_bundle, tmp_path):
+def test_the_profile_times_both_runtimes_and_each_side_is_priced_on_its_own(onnx_cnn_bundle, tmp_path):
     """``profile_bundle`` times ONNX Runtime beside torch; the cost model prices the head on the
     runtime the edge's bundle runs on and the tail on the cloud's (torch unless told), and a
     profile without ONNX Runtime times (older ones) prices every side on torch's."""
@@ -278,15 +278,17 @@ def test_the_profile_times_both_runtimes_and_each_side_is_priced_on_its_own(cnn_
     from splitinfer.partitioner._costs import CostModel
     from splitinfer.partitioner._profiles import chain_times
 
-    n = cnn_bundle.n_segments
-    profile = profile_bundle(cnn_bundle, batch_sizes=(1, 4), repeats=3, warmup=1, threads=1, progress=False)
+    n = onnx_cnn_bundle.n_segments
+    profile = profile_bundle(
+        onnx_cnn_bundle, batch_sizes=(1, 4), repeats=3, warmup=1, threads=1, progress=False
+    )
     ort_times = profile["runtimes"]["onnxruntime"]
     assert ort_times["threads"] == 1
     for batch in ("1", "4"):
         seg = ort_times["segments"][batch]
         assert len(seg["median_s"]) == len(seg["p90_s"]) == n
         assert all(t > 0 for t in seg["median_s"])
-    path = cnn_bundle.save(tmp_path / "democnn")
+    path = onnx_cnn_bundle.save(tmp_path / "democnn")
     update_manifest(path, profiles={"host": profile})
     on_torch, on_ort = si.Bundle.load(path), si.Bundle.load(path, runtime="onnxruntime")
     assert on_ort.runtime == "onnxruntime"
@@ -319,19 +321,19 @@ def _has_cuda_provider() -> bool:
 
 
 @pytest.mark.skipif(_has_cuda_provider(), reason="this onnxruntime has a CUDA provider: nothing to refuse")
-def test_cuda_with_onnxruntime_is_refused_where_it_has_no_cuda_provider(repository):
+def test_cuda_with_onnxruntime_is_refused_where_it_has_no_cuda_provider(onnx_repository):
     """``--device cuda`` on ONNX Runtime needs its CUDA provider: without one the bundle, the
     server's config and ``splitinfer serve`` refuse it with the fix, never run on the CPU."""
-    src = repository / "democnn"
+    src = onnx_repository / "democnn"
     with pytest.raises(ConfigError, match="onnxruntime-gpu"):
         si.Bundle.load(src, runtime="onnxruntime", device="cuda")
     with pytest.raises(ConfigError, match="cpu, cuda or cuda:N"):
         si.Bundle.load(src, runtime="onnxruntime", device="tpu")
     assert si.Bundle.load(src, runtime="auto", device="cpu").runtime == "onnxruntime"
     with pytest.raises(ConfigError, match="CUDAExecutionProvider"):
-        ServerConfig(repository=repository, runtime="onnxruntime", device="cuda:0").torch_device()
-    assert str(ServerConfig(repository=repository, runtime="onnxruntime").torch_device()) == "cpu"
-    serve = ["serve", "--repository", str(repository), "--port", "0", "--runtime", "onnxruntime"]
+        ServerConfig(repository=onnx_repository, runtime="onnxruntime", device="cuda:0").torch_device()
+    assert str(ServerConfig(repository=onnx_repository, runtime="onnxruntime").torch_device()) == "cpu"
+    serve = ["serve", "--repository", str(onnx_repository), "--port", "0", "--runtime", "onnxruntime"]
     out = subprocess.run(
         [sys.executable, "-m", "splitinfer", *serve, "--device", "cuda"],
         capture_output=True,

@@ -14,6 +14,7 @@ import torch
 import splitinfer as si
 from splitinfer.compression import ClipRanges
 from splitinfer.errors import ConfigError
+from tests.conftest import TORCH_ONLY
 from tests.support.zoo import ZOO, batched
 
 CODECS = ["f32", "f32+zstd1", "f16+zstd1", "q8+zstd1", "q4c+zstd1", "q2c"]
@@ -33,6 +34,7 @@ def calibrated():
         codecs=CODECS,
         fidelity_all_cuts=False,
         fidelity_metric="top1",
+        runtimes=TORCH_ONLY,
     )
     return model, bundle, calibration
 
@@ -86,6 +88,7 @@ def test_all_cuts_measures_lossy_codecs_everywhere():
         codecs=["f32", "q8"],
         calibration_method="minmax",
         fidelity_all_cuts=True,
+        runtimes=TORCH_ONLY,
     )
     assert {r["cut"] for r in bundle.fidelity["table"] if r["codec"] == "q8"} == set(range(len(bundle.cuts)))
     assert {r["method"] for by_base in bundle.calibration.values() for r in by_base.values()} == {"minmax"}
@@ -161,6 +164,7 @@ def test_held_out_inputs_measure_the_table_with_intervals(tmp_path):
         fidelity_all_cuts=False,
         calibration_method="minmax",
         fidelity_metric="top1",
+        runtimes=TORCH_ONLY,
     )
     fidelity = bundle.fidelity
     assert (fidelity["samples"], fidelity["calibration_samples"], fidelity["held_out"]) == (10, 6, True)
@@ -204,7 +208,9 @@ def test_intervals_of_agreement():
 def test_non_classifier_outputs_use_cosine_similarity():
     model, inputs = ZOO["multi_io"]()
     calibration = [batched(inputs, 1, seed=i) for i in range(4)]
-    bundle = si.compile(model, inputs, name="mio", calibration=calibration, codecs=["f32", "q8"])
+    bundle = si.compile(
+        model, inputs, name="mio", calibration=calibration, codecs=["f32", "q8"], runtimes=TORCH_ONLY
+    )
     assert bundle.fidelity["metric"] == "cosine"
     assert all(r["fidelity"] > 0.99 for r in bundle.fidelity["table"] if r["codec"] == "q8")
 
@@ -212,14 +218,14 @@ def test_non_classifier_outputs_use_cosine_similarity():
 def test_lossy_codecs_need_calibration():
     model, inputs = ZOO["mlp"]()
     with pytest.raises(ConfigError, match="need calibration inputs"):
-        si.compile(model, inputs, name="m", codecs=["f32", "q8"])
+        si.compile(model, inputs, name="m", codecs=["f32", "q8"], runtimes=TORCH_ONLY)
     with pytest.raises(Exception, match="valid forms"):
-        si.compile(model, inputs, name="m", calibration=[inputs], codecs=["q9"])
+        si.compile(model, inputs, name="m", calibration=[inputs], codecs=["q9"], runtimes=TORCH_ONLY)
 
 
 def test_without_calibration_only_lossless_codecs_are_offered():
     model, inputs = ZOO["mlp"]()
-    bundle = si.compile(model, inputs, name="m")
+    bundle = si.compile(model, inputs, name="m", runtimes=TORCH_ONLY)
     assert bundle.codecs == ["f32", "f32+zstd1"]
     assert all(r["fidelity"] == 1.0 for r in bundle.fidelity["table"])
 
@@ -241,7 +247,9 @@ def test_tails_that_need_contiguous_tensors_are_measured_too():
     torch.manual_seed(0)
     model, x = _ViewNet().eval(), torch.randn(1, 3, 8, 8)
     calibration = [torch.randn(1, 3, 8, 8) for _ in range(4)]
-    bundle = si.compile(model, (x,), name="v", calibration=calibration, codecs=["f32", "f16"])
+    bundle = si.compile(
+        model, (x,), name="v", calibration=calibration, codecs=["f32", "f16"], runtimes=TORCH_ONLY
+    )
     assert all(
         r["fidelity"] == 1.0 for r in bundle.fidelity["table"] if r["codec"] == "f16" and r["cut"] == 0
     )
@@ -257,13 +265,15 @@ def test_pca_codecs_get_a_projection_per_cut_stored_hashed_and_bound(tmp_path):
     codecs = ["f32", "pca4q6+ans", "pca2q8"]
     model, inputs = ZOO["multi_io"]()  # every cut carries two tensors or more: no projection
     calibration = [batched(inputs, 2, seed=i) for i in range(4)]
-    multi = si.compile(model, inputs, name="mio", calibration=calibration, codecs=codecs)
+    multi = si.compile(model, inputs, name="mio", calibration=calibration, codecs=codecs, runtimes=TORCH_ONLY)
     assert multi.projections == {}
     last = multi.cuts[-1].index  # the output: nothing is sent, every codec has a row
     assert not any(r["codec"].startswith("pca") and r["cut"] != last for r in multi.fidelity["table"])
     model, inputs = ZOO["mobilenet"]()
     calibration = [batched(inputs, 2, seed=i) for i in range(4)]
-    bundle = si.compile(model, inputs, name="mnet", calibration=calibration, codecs=codecs)
+    bundle = si.compile(
+        model, inputs, name="mnet", calibration=calibration, codecs=codecs, runtimes=TORCH_ONLY
+    )
     table = _table(bundle)
     single = [
         c.index
@@ -320,7 +330,15 @@ def test_pca_is_left_out_where_the_calibration_cannot_fit_a_projection(caplog):
     few = [torch.randn(1, 3, 8, 8) for _ in range(6)]  # 6 vectors of 8 channels at the pooled cut
     evaluation = [torch.randn(1, 3, 8, 8) for _ in range(4)]
     with caplog.at_level(logging.WARNING, logger="splitinfer.partitioner"):
-        bundle = si.compile(model, (x,), name="pooled", calibration=few, evaluation=evaluation, codecs=codecs)
+        bundle = si.compile(
+            model,
+            (x,),
+            name="pooled",
+            calibration=few,
+            evaluation=evaluation,
+            codecs=codecs,
+            runtimes=TORCH_ONLY,
+        )
     pooled = [c.index for c in bundle.cuts[:-1] if len(c.tensors[0].shape) == 2]
     assert pooled
     rows = _table(bundle)
@@ -330,7 +348,15 @@ def test_pca_is_left_out_where_the_calibration_cannot_fit_a_projection(caplog):
     warned = [r.getMessage() for r in caplog.records if "pca codecs left out" in r.getMessage()]
     assert len(warned) == 1 and "8 channels but 6 vectors" in warned[0] and "at least 32" in warned[0]
     enough = [torch.randn(1, 3, 8, 8) for _ in range(32)]
-    bundle = si.compile(model, (x,), name="pooled", calibration=enough, evaluation=evaluation, codecs=codecs)
+    bundle = si.compile(
+        model,
+        (x,),
+        name="pooled",
+        calibration=enough,
+        evaluation=evaluation,
+        codecs=codecs,
+        runtimes=TORCH_ONLY,
+    )
     assert all((k, "pca8q6+ans") in _table(bundle) for k in pooled)
 
 

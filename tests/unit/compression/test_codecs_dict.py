@@ -13,6 +13,7 @@ from splitinfer.compression._codec import payload_of
 from splitinfer.compression._dictionary import ZstdDictionary, train
 from splitinfer.errors import BundleError, CodecError
 from splitinfer.tensors import specs_of
+from tests.conftest import TORCH_ONLY
 from tests.support.zoo import ZOO, batched
 
 
@@ -73,6 +74,7 @@ def mlp_bundle(dictionary):
         evaluation=[batched(inputs, 1, seed=10 + i) for i in range(2)],
         codecs=["f32", "q8+zstd3"],
         calibration_method="minmax",
+        runtimes=TORCH_ONLY,
     )
     k = 1
     bundle.dictionaries = {str(k): {"q8+zstd3": dictionary}}
@@ -136,8 +138,8 @@ def test_compile_keeps_a_dictionary_that_pays_and_the_bundle_serves_with_it(tmp_
     options = dict(
         name="dict", calibration=calibration, codecs=["f32", "q8+zstd3"], calibration_method="minmax"
     )
-    plain = si.compile(model, calibration[0], **options)
-    bundle = si.compile(model, calibration[0], zstd_dictionaries=True, **options)
+    plain = si.compile(model, calibration[0], **options, runtimes=TORCH_ONLY)
+    bundle = si.compile(model, calibration[0], zstd_dictionaries=True, **options, runtimes=TORCH_ONLY)
     assert plain.dictionaries == {}
     assert bundle.dictionaries, "no dictionary kept on a recurring 512-value payload"
     for cut, by_spec in bundle.dictionaries.items():

@@ -16,6 +16,7 @@ import zstandard
 import splitinfer as si
 from splitinfer.compression import available_codecs, get_codec
 from splitinfer.errors import CodecError
+from tests.conftest import TORCH_ONLY
 from tests.support.zoo import ZOO, batched
 
 LOSSY = ["q8", "q8+zstd1", "q8c+zstd1", "q4c+zstd3", "q2", "q2c+zstd1"]
@@ -144,6 +145,7 @@ def transformer():
         calibration=calibration,
         codecs=["f32", "q8+zstd1"],
         fidelity_all_cuts=True,
+        runtimes=TORCH_ONLY,
     )
     return model, inputs, bundle
 

@@ -10,6 +10,7 @@ from torch.utils import _pytree as pytree
 
 import splitinfer as si
 from splitinfer.errors import CaptureError, ConfigError
+from tests.conftest import TORCH_ONLY
 from tests.support.zoo import ZOO, batched
 
 
@@ -26,7 +27,7 @@ def assert_same_outputs(got, want):
 @pytest.fixture(scope="module", params=sorted(ZOO))
 def compiled(request):
     model, inputs = ZOO[request.param]()
-    return request.param, model, si.compile(model, inputs, name=request.param), inputs
+    return request.param, model, si.compile(model, inputs, name=request.param, runtimes=TORCH_ONLY), inputs
 
 
 @pytest.mark.parametrize("batch", [1, 8])
@@ -57,7 +58,7 @@ def test_cut_table_is_consistent(compiled):
 
 def test_multi_tensor_frontiers_inside_blocks():
     model, inputs = ZOO["resnet"]()
-    bundle = si.compile(model, inputs, name="resnet")
+    bundle = si.compile(model, inputs, name="resnet", runtimes=TORCH_ONLY)
     inside = [c for c in bundle.cuts if len(c.tensors) > 1]
     assert inside, "a residual net must offer cuts inside its blocks (skip tensor + branch)"
     assert any(c.name.startswith("in layer") for c in inside)
@@ -65,14 +66,14 @@ def test_multi_tensor_frontiers_inside_blocks():
 
 def test_transformer_takes_a_mask_and_offers_cuts_in_the_residual_stream():
     model, inputs = ZOO["transformer"]()
-    bundle = si.compile(model, inputs, name="tx")
+    bundle = si.compile(model, inputs, name="tx", runtimes=TORCH_ONLY)
     assert [t.dtype for t in bundle.cuts[0].tensors] == ["int64", "bool"]
     assert any("layers.1" in c.name for c in bundle.cuts)
 
 
 def test_batch_sizes_one_to_sixty_four():
     model, inputs = ZOO["mobilenet"]()
-    bundle = si.compile(model, inputs, name="m")
+    bundle = si.compile(model, inputs, name="m", runtimes=TORCH_ONLY)
     mid = len(bundle.cuts) // 2
     for batch in (1, 2, 3, 17, 64):
         x = batched(inputs, batch)
@@ -98,8 +99,8 @@ def test_weights_are_stored_once(tmp_path):
 
 def test_max_frontier_bytes_prunes_large_cuts():
     model, inputs = ZOO["vgg"]()
-    full = si.compile(model, inputs, name="vgg")
-    small = si.compile(model, inputs, name="vgg", max_frontier_bytes=8 * 1024)
+    full = si.compile(model, inputs, name="vgg", runtimes=TORCH_ONLY)
+    small = si.compile(model, inputs, name="vgg", max_frontier_bytes=8 * 1024, runtimes=TORCH_ONLY)
     assert len(small.cuts) < len(full.cuts)
     assert all(c.nbytes <= 8 * 1024 for c in small.cuts[1:-1])
 
@@ -112,7 +113,7 @@ def test_uncapturable_model_names_the_construct_and_a_fix():
             return x
 
     with pytest.raises(CaptureError) as info:
-        si.compile(DataDependent(), (torch.randn(1, 4),), name="dd")
+        si.compile(DataDependent(), (torch.randn(1, 4),), name="dd", runtimes=TORCH_ONLY)
     message = str(info.value)
     assert "torch.export cannot capture model DataDependent" in message
     assert "torch.cond" in message
@@ -124,7 +125,7 @@ def test_batch_specialised_model_is_refused():
             return x.reshape(2, -1)
 
     with pytest.raises(CaptureError):
-        si.compile(NeedsBatchTwo(), (torch.randn(1, 4),), name="b2")
+        si.compile(NeedsBatchTwo(), (torch.randn(1, 4),), name="b2", runtimes=TORCH_ONLY)
 
 
 @pytest.mark.parametrize(
@@ -133,7 +134,7 @@ def test_batch_specialised_model_is_refused():
 )
 def test_bad_example_inputs(inputs, match):
     with pytest.raises(ConfigError, match=match):
-        si.compile(torch.nn.Linear(2, 2), inputs, name="x")
+        si.compile(torch.nn.Linear(2, 2), inputs, name="x", runtimes=TORCH_ONLY)
 
 
 @pytest.mark.slow

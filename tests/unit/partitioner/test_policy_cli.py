@@ -13,6 +13,7 @@ from splitinfer._units import parse_duration, parse_rate
 from splitinfer.errors import ConfigError
 from splitinfer.manifest import read_manifest
 from splitinfer.partitioner._cli import add_plan_parser, add_profile_parser
+from tests.conftest import TORCH_ONLY
 
 
 def run(argv: list[str]) -> int:
@@ -28,7 +29,7 @@ def run(argv: list[str]) -> int:
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-    bundle = si.compile(model, (torch.randn(1, 8),), name="t")
+    bundle = si.compile(model, (torch.randn(1, 8),), name="t", runtimes=TORCH_ONLY)
     return bundle.save(tmp_path_factory.mktemp("cli") / "t")
 
 

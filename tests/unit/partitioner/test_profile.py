@@ -11,6 +11,7 @@ import torch
 import splitinfer as si
 from splitinfer.errors import ConfigError, CutNotLoadedError
 from splitinfer.partitioner import Estimates, make_policy, profile_bundle
+from tests.conftest import TORCH_ONLY
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def mlp_bundle() -> si.Bundle:
         torch.nn.ReLU(),
         torch.nn.Linear(16, 4),
     )
-    return si.compile(model, (torch.randn(1, 8),), name="t")
+    return si.compile(model, (torch.randn(1, 8),), name="t", runtimes=TORCH_ONLY)
 
 
 def test_profile_format(mlp_bundle, capsys):
