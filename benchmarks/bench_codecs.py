@@ -958,7 +958,7 @@ def labelled_section(
 ) -> list[str]:
     """codecs.md's section: per cut, bytes at >= 99 % agreement and at <= 1 point accuracy drop,
     beside JPEG at equal accuracy."""
-    from splitinfer.partitioner._fidelity import interval
+    from splitinfer.partitioner.fidelity import interval
 
     n = rows[0].n
     base = float_correct / n

@@ -24,7 +24,7 @@ import torch
 from _common import deploy_script, machine
 
 import splitinfer as si
-from splitinfer.lab._demo import demo_model
+from splitinfer.lab import demo_model
 
 containers = deploy_script("containers.py")
 scenarios = deploy_script("haproxy/scenarios.py")

@@ -37,8 +37,7 @@ from splitinfer import _pytree
 from splitinfer.bundle import Bundle
 from splitinfer.edge._config import ClientConfig
 from splitinfer.errors import ConfigError, ProtocolError
-from splitinfer.partitioner import Decision, Estimates, Policy
-from splitinfer.partitioner._profiles import chain_times
+from splitinfer.partitioner import Decision, Estimates, Policy, chain_times
 
 __all__ = ["OneModel", "Target", "TaskSet", "make_tasks", "shared_cut", "task_policy"]
 

@@ -18,6 +18,7 @@ from splitinfer.partitioner._costs import CostModel, EnergyModel, latency_weight
 from splitinfer.partitioner._estimate import Estimates, Estimator
 from splitinfer.partitioner._hedge import hedge_after
 from splitinfer.partitioner._policy import Candidate, Decision, Explanation, Policy, TablePolicy, make_policy
+from splitinfer.partitioner._profiles import chain_times
 
 if TYPE_CHECKING:
     from splitinfer.partitioner._capture import compile
@@ -33,6 +34,7 @@ __all__ = [
     "Explanation",
     "Policy",
     "TablePolicy",
+    "chain_times",
     "compile",
     "hedge_after",
     "latency_weights",

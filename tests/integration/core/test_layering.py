@@ -248,15 +248,10 @@ def test_ground_floor_codecs_manifest_and_decision_run_without_torch(repository)
 
 # --- Public seams ------------------------------------------------------------------------------
 
-#: Imports of another room's private module that remain until the edge's one request path
-#: lands (issue 29, item 1, on its own branch): the edge prices a set of tasks with the
-#: partitioner's internals. Each is (importing file, imported module); shrink this list as
-#: they go, and add nothing to it.
-PRIVATE_FOR_NOW = {
-    ("edge/_client.py", "splitinfer.partitioner._profiles"),
-    ("edge/_multi.py", "splitinfer.partitioner._costs"),
-    ("edge/_multi.py", "splitinfer.partitioner._policy"),
-}
+#: Imports of another room's private module allowed for now, as (importing file, imported
+#: module). Empty since the edge's one request path prices tasks with the partitioner's public
+#: API; keep it empty.
+PRIVATE_FOR_NOW: set[tuple[str, str]] = set()
 
 
 def private_room(module: str) -> str | None:

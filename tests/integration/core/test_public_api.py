@@ -47,6 +47,7 @@ PUBLIC = {
         "Explanation",
         "Policy",
         "TablePolicy",
+        "chain_times",
         "compile",
         "hedge_after",
         "latency_weights",
