@@ -405,7 +405,7 @@ def _get(url: str) -> int:
 
 
 @pytest.mark.slow
-def test_a_torch_free_server_serves_onnx_tails_to_an_edge_and_drains_on_sigterm(repository, cnn):
+def test_a_torch_free_server_serves_onnx_tails_to_an_edge_and_drains_on_sigterm(onnx_repository, cnn):
     # `splitinfer serve --runtime onnxruntime` where torch cannot be imported: the bundle's ONNX
     # graph runs the tails; an EdgeClient here (with torch) gets the float model's answers from
     # it, and SIGTERM under load drains: every request answered, exit status 0.
@@ -423,7 +423,7 @@ def test_a_torch_free_server_serves_onnx_tails_to_an_edge_and_drains_on_sigterm(
         + "import sys\nfrom splitinfer.cli import main\nsys.exit(main(sys.argv[1:]))\n"
         + "assert 'torch' not in sys.modules\n"
     )
-    serve = ["serve", "--repository", str(repository), "--runtime", "onnxruntime", "--host", "127.0.0.1"]
+    serve = ["serve", "--repository", str(onnx_repository), "--runtime", "onnxruntime", "--host", "127.0.0.1"]
     serve += ["--port", str(port), "--compute-threads", "1", "--drain-timeout-s", "20"]
     proc = subprocess.Popen(
         [sys.executable, "-c", code, *serve],
@@ -446,7 +446,7 @@ def test_a_torch_free_server_serves_onnx_tails_to_an_edge_and_drains_on_sigterm(
 
         def send() -> None:
             with EdgeClient(
-                url, bundle=repository / "democnn", policy="static", cut=2, codec="f32", deadline_s=None
+                url, bundle=onnx_repository / "democnn", policy="static", cut=2, codec="f32", deadline_s=None
             ) as client:
                 i = 0
                 while not stop.is_set():
