@@ -514,6 +514,7 @@ def _run_demo(config: DemoConfig) -> int:
     summaries = summarize(records, bundle.last_cut, policies)
     say("")
     say(format_table(summaries))
+    say(fidelity_note(bundle.fidelity))
     facts = [
         f"model: {spec.name}, {len(bundle.cuts)} cuts, codecs {', '.join(bundle.codecs)}, fidelity "
         f"budget {config.budget}",
@@ -682,6 +683,7 @@ def _run_deployment(config: DemoConfig) -> int:
         "(mean, p95 and /oracle count each device equally: a policy slow on one device sends fewer "
         "requests there; the report has each device's own figures)"
     )
+    say(fidelity_note(bundle.fidelity))
     busy = [u for u in tenant.utilisation if abs(u[0] - duration_s / 2) <= duration_s / 4]
     idle = [u for u in tenant.utilisation if abs(u[0] - duration_s / 2) > duration_s / 4]
     tuned_on = "; ".join(label for _, _, label in tuning)
