@@ -1039,11 +1039,13 @@ def fleet_table(res: dict[str, Any], ds: float) -> list[str]:
     lines = [
         "Per device speed (the fleet's multiples of the median device): where static loses, and where "
         "adaptive loses to the oracle or to `cloud` (the input uploaded with the cheapest admitted codec: "
-        "a JPEG upload where the budget admits one). `static / oracle` is the most any policy can gain over static; "
+        "a JPEG upload where the budget admits one). `static / oracle` is the most any policy can gain "
+        "over static; "
         "`share of static's excess`: this group's part of static's total latency above the oracle's.",
         "",
         "| device speed | slowdown | traces | local ms | cloud ms | static ms | adaptive ms | oracle ms "
-        "| static / adaptive | static / oracle | adaptive / oracle | adaptive / cloud | share of static's excess |",
+        "| static / adaptive | static / oracle | adaptive / oracle | adaptive / cloud "
+        "| share of static's excess |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for speed, g in groups.items():
@@ -1051,7 +1053,8 @@ def fleet_table(res: dict[str, Any], ds: float) -> list[str]:
         excess = sum(g["static"]) - sum(g["oracle"])
         lines.append(
             f"| {speed:g}x | {ds / speed:g} | {counts[speed]} | {m['local'] * 1000:.0f} "
-            f"| {m['cloud'] * 1000:.0f} | {m['static'] * 1000:.0f} | {m['adaptive'] * 1000:.0f} | {m['oracle'] * 1000:.0f} | "
+            f"| {m['cloud'] * 1000:.0f} | {m['static'] * 1000:.0f} | {m['adaptive'] * 1000:.0f} "
+            f"| {m['oracle'] * 1000:.0f} | "
             f"{m['static'] / m['adaptive']:.2f} | "
             f"{m['static'] / m['oracle']:.2f} | {m['adaptive'] / m['oracle']:.3f} | "
             f"{m['adaptive'] / m['cloud']:.3f} | "
