@@ -204,16 +204,13 @@ def fidelity_note(fidelity: dict[str, Any]) -> str:
         )
     else:
         where = f"on {samples} calibration crops themselves (in-sample; no labels)"
-    rows = fidelity.get("table") or []
-    interval = any("interval" in r or "lower" in r for r in rows)
-    return f"fidelity: {what} per cut and codec, measured at compile time {where}; " + (
-        "a row is admitted where its interval's lower bound meets the budget"
-        if interval
-        else f"a row is admitted where its point estimate meets the budget (one miss in {samples} "
-        f"is {1 / samples:.1%})"
-        if samples
-        else "a row is admitted where its point estimate meets the budget"
-    )
+    confidence = fidelity.get("confidence")
+    if confidence:  # a table whose policies admit by the interval (issue 28 item 2)
+        rule = f"a row is admitted where the lower bound of its {confidence:.0%} interval meets the budget"
+    else:
+        one = f" (one miss in {samples} is {1 / samples:.1%})" if samples else ""
+        rule = f"a row is admitted where its measured agreement meets the budget{one}"
+    return f"fidelity: {what} per cut and codec, measured at compile time {where}; {rule}"
 
 
 def cache_root() -> Path:
