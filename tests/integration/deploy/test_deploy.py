@@ -20,7 +20,7 @@ import yaml
 
 from splitinfer.cloud import ServerConfig
 from splitinfer.cloud._config import ENV_PREFIX
-from tests.test_deploy_support import (
+from tests.support.deploy import (
     ADAPTER_VALUES,
     ALERTS,
     DEPLOY,
