@@ -147,7 +147,8 @@ def _add_budget_arguments(p: argparse.ArgumentParser, used_for: str) -> None:
         "--confidence",
         type=float,
         default=None,
-        help="one-sided confidence of the bound a row must meet the budget with (default 0.9; docs/fidelity.md)",
+        help="one-sided confidence of the bound a row must meet the budget with (default 0.9, "
+        "docs/fidelity.md)",
     )
 
 
