@@ -147,7 +147,8 @@ def _add_budget_arguments(p: argparse.ArgumentParser, used_for: str) -> None:
         "--confidence",
         type=float,
         default=None,
-        help="one-sided confidence of the bound a row must meet the budget with (default 0.95)",
+        help="one-sided confidence of the bound a row must meet the budget with (default 0.9, "
+        "docs/fidelity.md)",
     )
 
 
@@ -615,7 +616,7 @@ def _admits(
 
 
 def _best_codecs(
-    fidelity: dict[str, Any], budget: float, drop: float | None = None, confidence: float = 0.95
+    fidelity: dict[str, Any], budget: float, drop: float | None = None, confidence: float = 0.9
 ) -> dict[int, dict[str, Any]]:
     """Per cut, the smallest codec the budget admits (its bound meets it, as the policies rule)."""
     best: dict[int, dict[str, Any]] = {}

@@ -20,7 +20,7 @@ differ in which candidates they allow and what they minimize:
 The budget (``adaptive`` and ``cloud``) is an agreement, ``fidelity_budget`` (default 0.99), or
 an accuracy drop, ``accuracy_drop`` (for example 0.01: one point of top-1 accuracy; needs a
 labelled table; where given, the agreement budget is not applied); a lossy row is admitted only
-where its interval supports it at ``confidence`` (one-sided, default 0.95): the lower bound of
+where its interval supports it at ``confidence`` (one-sided, default 0.9): the lower bound of
 its agreement is at least ``fidelity_budget``, or the upper bound of its accuracy drop at most
 ``accuracy_drop`` (``_costs.CostModel.exclusions``, ``_intervals.py``; docs/fidelity.md).
 
@@ -714,7 +714,7 @@ def make_policy(name: str, bundle: Manifest, **kwargs: Any) -> TablePolicy:
     model: code that needs that model and the rows the policy allows (the hindsight oracle)
     reads ``policy.model`` and ``policy.rows``; code that only decides uses the Policy protocol.
 
-    ``adaptive``: fidelity_budget=0.99 (or accuracy_drop=...), confidence=0.95,
+    ``adaptive``: fidelity_budget=0.99 (or accuracy_drop=...), confidence=0.9,
     privacy_floor=None, energy_weight=0.0 (seconds per joule), energy=EnergyModel(),
     explore=0.05, explore_margin=0.1, seed=None, profile=None, cloud_batch=1, objective="mean"
     (or "p95"), hedge=False. ``static``: cut, codec, profile, cloud_batch, allow_unmeasured=False.

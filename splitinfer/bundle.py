@@ -234,9 +234,14 @@ class Bundle(Manifest):
                 path.write_bytes(projection.data)
                 files[path.name] = sha256_of(path)
             (tmp / MANIFEST).write_text(json.dumps(self.to_json(files), indent=1) + "\n")
-            if out.exists():
-                _remove_bundle_dir(out)
-            tmp.rename(out)
+            if out.exists():  # the old bundle stays whole until the new one is in place
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+                old.rmdir()
+                out.rename(old)
+                tmp.rename(out)
+                _remove_bundle_dir(old)
+            else:
+                tmp.rename(out)
         except BaseException:
             _remove_bundle_dir(tmp)
             raise

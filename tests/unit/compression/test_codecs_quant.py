@@ -254,7 +254,9 @@ def test_clip_ranges_misuse_is_a_codec_error():
 
 def test_per_tensor_ranges_work_with_a_per_channel_codec():
     ranges = ClipRanges.from_arrays([(-1.0, 1.0)], per_channel=False)
-    (y,) = get_codec("q8c", clip=ranges).decode(get_codec("q8c", clip=ranges).encode([torch.full((2, 3), 4.0)]))
+    (y,) = get_codec("q8c", clip=ranges).decode(
+        get_codec("q8c", clip=ranges).encode([torch.full((2, 3), 4.0)])
+    )
     assert torch.allclose(y, torch.ones(2, 3))
 
 

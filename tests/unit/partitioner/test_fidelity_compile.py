@@ -57,7 +57,7 @@ def test_labels_add_accuracy_and_its_drop_to_every_row():
     fidelity = bundle.fidelity
     assert fidelity["metric"] == "top1" and fidelity["samples"] == 20 and fidelity["labels"] == 20
     assert fidelity["float_accuracy"] == pytest.approx(13 / 20)
-    assert fidelity["confidence"] == 0.95 and fidelity["interval_method"] == "wilson"
+    assert fidelity["confidence"] == 0.9 and fidelity["interval_method"] == "wilson"
     rows = _rows(bundle)
     assert rows[(0, "f32")]["accuracy"] == pytest.approx(13 / 20) and rows[(0, "f32")]["accuracy_drop"] == 0
     row = rows[(0, "q2c")]
