@@ -282,7 +282,7 @@ def measure_cut(
         cal = [[c.unsqueeze(0)] for c in calibration]
         variants += [(spec, method, calibrate(cal, spec, method)) for spec, method in CALIBRATED]
     for spec, label, clip in variants:
-        codec, decoder = get_codec(spec, clip=clip), get_codec(spec)
+        codec = decoder = get_codec(spec, clip=clip)  # calibrated blobs name ranges both ends hold
         blobs = [codec.encode([s]) for s in samples]
         decoded = torch.cat([decoder.decode(b)[0] for b in blobs])
         enc, naive_s = best_times([lambda s, codec=codec: codec.encode([s]), naive], timed, reps)
@@ -935,7 +935,7 @@ def measure_labelled(
         cal = [[c.unsqueeze(0)] for c in cal_acts[cut]]
         for spec in ladder:
             clip = calibrate(cal, spec, "minmax" if spec.startswith("jpeg") else "mse")
-            codec, decoder = get_codec(spec, clip=clip), get_codec(spec)
+            codec = decoder = get_codec(spec, clip=clip)  # calibrated blobs name ranges both ends hold
             blobs = [codec.encode([x.unsqueeze(0).contiguous()]) for x in a]
             decoded = torch.cat([decoder.decode(b)[0] for b in blobs])
             top1 = tail(m, cut, decoded).argmax(1)
