@@ -234,9 +234,24 @@ def _check_rows(flag: str, path: str, row: tuple[Any, ...], inputs: list[Any]) -
 
 
 def _compile(args: argparse.Namespace) -> int:
-    import importlib
+    """Compile with the working directory on ``sys.path`` (the factory is the user's module
+    there), taken off again afterwards: ``main`` may run in a process that goes on."""
     import os
     import sys
+
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return _compile_here(args)
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def _compile_here(args: argparse.Namespace) -> int:
+    import importlib
 
     from splitinfer.partitioner import compile
     from splitinfer.partitioner._inputs import check_fidelity_inputs, read_tensors
@@ -247,7 +262,6 @@ def _compile(args: argparse.Namespace) -> int:
         raise ConfigError(f"give the model factory as MODULE:FACTORY, got {args.factory!r}")
     budget, drop, confidence = _budget_of(args)
     _check_out(args.out, args.force)
-    sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
