@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from splitinfer.errors import ConfigError
-from splitinfer.partitioner import Estimates, Estimator, Policy, make_policy
-from splitinfer.partitioner._costs import CostModel
+from splitinfer.partitioner import CostModel, Estimates, Estimator, Policy, make_policy
 from tests.unit.partitioner.test_policy import make_bundle
 
 # The cloud is nearly free, so only the head (the device) and the upload decide: the true best
