@@ -394,6 +394,10 @@ class TablePolicy:
         matrix = model.stage_matrix(est)
         latency = matrix.sum(axis=1)
         energy = model.features @ energy_weights(est, self.energy)
+        if model.head_factors(est) is not None:  # the heads' energy at their corrected times
+            energy = energy + self.energy.compute_w * (
+                matrix[:, 0] - np.nan_to_num(model.head) * est.device_slowdown
+            )
         objective = latency + self.energy_weight * energy
         if self._z and est.uplink_sd:  # the upload at the uplink's quantile (as in decide)
             objective = objective + matrix[:, STAGES.index("uplink")] * math.expm1(self._z * est.uplink_sd)

@@ -122,9 +122,10 @@ def test_one_slow_head_barely_moves_a_corrected_cut():
     assert est.head_slowdowns()[4] < 2.0 * 2**0.3
 
 
-def test_explain_and_decide_price_the_corrected_heads():
+@pytest.mark.parametrize("energy_weight", [0.0, 0.5])
+def test_explain_and_decide_price_the_corrected_heads(energy_weight: float):
     model_bundle = bundle(WRONG)
-    policy = make_policy("adaptive", model_bundle, explore=0.0)
+    policy = make_policy("adaptive", model_bundle, explore=0.0, energy_weight=energy_weight)
     model = CostModel(model_bundle)
     rng = random.Random(3)
     for _ in range(20):
@@ -133,6 +134,7 @@ def test_explain_and_decide_price_the_corrected_heads():
         d, ex = policy.decide(est), policy.explain(est)
         assert (d.cut, d.codec) == (ex.decision.cut, ex.decision.codec)
         assert d.predicted_s == pytest.approx(ex.decision.predicted_s)
+        assert d.energy_j == pytest.approx(ex.decision.energy_j)
         for c in ex.candidates:
             assert c.stages["head"] == pytest.approx(model.head_by_cut[c.cut] * factors[c.cut])
         assert d.finish_s == pytest.approx(
