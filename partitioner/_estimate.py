@@ -86,6 +86,7 @@ Everything is thread-unsafe and clock-agnostic: pass times from one clock
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 import time
@@ -390,11 +391,10 @@ class Estimator:
             if k in anchors:
                 factors.append(anchors[k][1] / profiled)
                 continue
-            before = max(c for c in observed if c < k)
-            after = [c for c in observed if c > k]
-            p0, c0 = anchors[before]
-            if after:
-                p1, c1 = anchors[after[0]]
+            i = bisect.bisect_left(observed, k)  # observed[i - 1] < k < observed[i]
+            p0, c0 = anchors[observed[i - 1]]
+            if i < len(observed):
+                p1, c1 = anchors[observed[i]]
                 rate = (c1 - c0) / (p1 - p0) if p1 > p0 else ds
                 rate = max(0.0, rate) * (1.0 - self.head_optimism)  # never tried: optimistic (docstring)
             else:
