@@ -284,6 +284,9 @@ class CostModel:
         model = copy.copy(self)
         model.tail = _frozen(np.where(shared, self.tail + extra_tail, self.tail))
         model.head, model.fidelity = _frozen(head), _frozen(fidelity)
+        by_cut = self.head_by_cut.copy()
+        by_cut[self.n] += extra_local  # the all-on-device "head" runs every model (as head[local])
+        model.head_by_cut = _frozen(by_cut)
         model.response_bytes = self.response_bytes + sum(m.response_bytes for m in priced)
         model.features = model._features()
         return model

@@ -155,3 +155,14 @@ def test_head_slowdown_must_be_positive():
         replace(LINK, head_slowdown=(1.0, 0.0))
     with pytest.raises(ConfigError, match="head_alpha"):
         Estimator(bundle(WRONG), head_alpha=0.0)
+
+
+def test_a_set_of_tasks_prices_its_local_row_with_every_model_under_per_cut_factors():
+    one = bundle(WRONG)
+    other = replace(one, name="other")
+    model = CostModel(one).for_tasks([other], shared_cut=3)
+    factors = tuple(1.0 + k / 10 for k in range(N + 1))
+    est = replace(LINK, head_slowdown=factors)
+    local = model.local
+    assert model.head_by_cut[N] == pytest.approx(float(model.head[local]))
+    assert model.stages(local, est)["head"] == pytest.approx(float(model.head[local]) * factors[N])
