@@ -142,11 +142,14 @@ class Pipeline:
             codec.encode, list(frontier), profiled_s=decision.stages.get("encode", 0.0) / est.device_slowdown
         )
         # The device's work is the head and the encode (at cut 0, the encode alone): its profiled
-        # time is the decision's prediction without the slowdown that went into it.
-        predicted = decision.stages.get("head", 0.0) + decision.stages.get("encode", 0.0)
-        self.estimator.observe_device(
-            predicted / est.device_slowdown, trace.stages["head"] + trace.stages["encode"]
-        )
+        # time is the decision's prediction without the slowdowns that went into it (the head's
+        # own, where the estimates correct it per cut). The head alone corrects its cut's price.
+        factors, k = est.head_slowdown, decision.cut
+        head_factor = factors[k] if len(factors) == bundle.last_cut + 1 else est.device_slowdown
+        profiled = decision.stages.get("head", 0.0) / head_factor
+        profiled += decision.stages.get("encode", 0.0) / est.device_slowdown
+        self.estimator.observe_device(profiled, trace.stages["head"] + trace.stages["encode"])
+        self.estimator.observe_head(k, trace.stages["head"], device=False)
         if self.deadline_s is None:
             return payload, None
         remaining = self.deadline_s - (time.perf_counter() - started)

@@ -4,14 +4,18 @@ Contract: :class:`CostModel` needs only a bundle's ``cuts``, ``codecs``, ``fidel
 ``profiles`` (no segment is loaded or run). For each candidate it holds the profiled times
 (seconds on the profiled machine) and the bytes sent, so that under :class:`Estimates` ``e``::
 
-    latency(k, c) = (head(k) + encode(k, c)) * e.device_slowdown
+    latency(k, c) = head(k) * e.head_slowdown[k] + encode(k, c) * e.device_slowdown
                   + (decode(k, c) + tail(k)) * e.cloud_slowdown
                   + 8 * bytes(k, c) / e.uplink_bps
                   + sent * (e.rtt_s + e.cloud_queue_s + 8 * response_bytes / e.downlink_bps)
 
-where ``sent`` is 0 for the last cut (everything on the device, nothing sent) and 1 elsewhere.
-That is a dot product of a fixed row of :data:`FEATURES` with a weight vector built from the
-estimates, which is what makes a decision over a thousand candidates take microseconds.
+where ``sent`` is 0 for the last cut (everything on the device, nothing sent) and 1 elsewhere,
+and ``e.head_slowdown[k]`` is ``e.device_slowdown`` where the estimates have no per-cut
+correction (``Estimator.head_slowdowns``; an ``Estimates`` whose ``head_slowdown`` does not
+have one factor per cut of this bundle, from another bundle, is priced with the scalar).
+With the scalar alone that is a dot product of a fixed row of :data:`FEATURES` with a weight
+vector built from the estimates, which is what makes a decision over a thousand candidates take
+microseconds (a per-cut correction adds one vector to it).
 
 Where numbers come from:
 
@@ -232,6 +236,8 @@ class CostModel:
         self.decode = _frozen(np.array(dec))
         sent = self.cut < n
         self.sent = _frozen(sent.astype(np.float64))
+        #: Per cut ``0..n``, the profiled head (seconds).
+        self.head_by_cut = _frozen(head_k)
         self.head = _frozen(head_k[self.cut])
         self.tail = _frozen(np.where(sent, tail_k[self.cut], 0.0))
         self.cloud_batch = cloud_batch
@@ -278,6 +284,9 @@ class CostModel:
         model = copy.copy(self)
         model.tail = _frozen(np.where(shared, self.tail + extra_tail, self.tail))
         model.head, model.fidelity = _frozen(head), _frozen(fidelity)
+        by_cut = self.head_by_cut.copy()
+        by_cut[self.n] += extra_local  # the all-on-device "head" runs every model (as head[local])
+        model.head_by_cut = _frozen(by_cut)
         model.response_bytes = self.response_bytes + sum(m.response_bytes for m in priced)
         model.features = model._features()
         return model
@@ -409,12 +418,25 @@ class CostModel:
         reasons = self.exclusions(budget, privacy_floor, confidence=confidence, accuracy_drop=accuracy_drop)
         return np.array([not r for r in reasons])
 
+    def head_factors(self, est: Estimates) -> np.ndarray | None:
+        """Per cut ``0..n``, the slowdown the head of that cut is priced at under ``est``; None
+        where ``est`` has no per-cut correction for this bundle (``device_slowdown`` for all)."""
+        if len(est.head_slowdown) != self.n + 1:
+            return None
+        return np.asarray(est.head_slowdown, dtype=np.float64)
+
+    def device_heads(self, est: Estimates) -> np.ndarray:
+        """Per cut ``0..n``, the predicted seconds of its head on the device under ``est``."""
+        factors = self.head_factors(est)
+        return self.head_by_cut * (est.device_slowdown if factors is None else factors)
+
     def stages(self, row: int, est: Estimates) -> dict[str, float]:
         """Predicted seconds per stage (:data:`STAGES`) of candidate ``row`` under ``est``."""
+        head = float(self.device_heads(est)[self.cut[row]])
         if not self.sent[row]:
-            return {"head": float(self.head[row]) * est.device_slowdown}
+            return {"head": head}
         return {
-            "head": float(self.head[row]) * est.device_slowdown,
+            "head": head,
             "encode": float(self.encode[row]) * est.device_slowdown,
             "rtt": est.rtt_s,
             "uplink": float(self.bytes[row]) * 8.0 / est.uplink_bps,
@@ -429,7 +451,7 @@ class CostModel:
         sent = self.sent
         return np.column_stack(
             [
-                self.head * est.device_slowdown,
+                self.device_heads(est)[self.cut],
                 self.encode * est.device_slowdown,
                 sent * est.rtt_s,
                 np.nan_to_num(self.bytes) * 8.0 / est.uplink_bps,
