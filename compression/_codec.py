@@ -162,6 +162,13 @@ class _Adapters:
 
     def decode(self, blob: bytes | memoryview, *, max_nbytes: int = DEFAULT_MAX_NBYTES) -> list[torch.Tensor]:
         """The torch tensors of ``blob`` (imports torch); CodecError for any bad blob."""
+        try:
+            import torch  # noqa: F401
+        except ImportError as exc:
+            raise CodecError(
+                f"{type(self).__name__}.decode returns torch tensors, and torch is not installed here: "
+                "decode_numpy(blob) is the torch-free call (numpy arrays)"
+            ) from exc
         return torch_tensors(self._decode_all(blob, max_nbytes))
 
     def decode_numpy(

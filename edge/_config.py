@@ -103,6 +103,11 @@ class ClientConfig:
         policy = {k: v for k, v in keywords.items() if k not in names}
         return dataclasses.replace(base, **own, policy_options={**base.policy_options, **policy})
 
+    @staticmethod
+    def settings() -> tuple[str, ...]:
+        """The names a keyword may set (the others are policy options)."""
+        return tuple(sorted(_SETTINGS))
+
 
 #: The fields a keyword may set (policy_options is given whole, or as the other keywords).
 _SETTINGS = frozenset(f.name for f in dataclasses.fields(ClientConfig)) - {"policy_options"}

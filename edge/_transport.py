@@ -7,15 +7,24 @@ import io
 import os
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDict
 
-from splitinfer.errors import CloudTimeoutError, CloudUnavailableError, ConfigError
+from splitinfer.errors import CloudTimeoutError, CloudUnavailableError, ConfigError, TLSError
 
-__all__ = ["HttpTransport", "Transport", "TransportResponse", "make_ssl_context"]
+__all__ = [
+    "HttpTransport",
+    "InProcessTransport",
+    "Transport",
+    "TransportRequest",
+    "TransportResponse",
+    "make_ssl_context",
+]
 
 _STREAM_ABOVE = 512 * 1024
 
@@ -61,6 +70,22 @@ def make_ssl_context(
     if client_key and not client_cert:
         raise ConfigError("client_key needs client_cert too")
     return context
+
+
+async def _speaks_tls(base_url: str, timeout_s: float = 2.0) -> bool:
+    """Whether the server at ``base_url`` (an http:// URL) completes a TLS handshake."""
+    url = urlsplit(base_url)
+    if url.hostname is None:
+        return False
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # only asks whether it speaks TLS
+    try:
+        connect = asyncio.open_connection(url.hostname, url.port or 80, ssl=context)
+        _, writer = await asyncio.wait_for(connect, timeout_s)
+    except (OSError, asyncio.TimeoutError, ssl.SSLError):
+        return False
+    writer.close()
+    return True
 
 
 class HttpTransport:
@@ -145,6 +170,20 @@ class HttpTransport:
                 )
         except asyncio.TimeoutError as exc:
             raise CloudTimeoutError(f"no answer from {url} within {timeout_s} s") from exc
+        except aiohttp.ClientSSLError as exc:
+            raise TLSError(
+                f"TLS with the cloud at {self.base_url} failed: {exc}. If the server's certificate is "
+                "self-signed or from a private CA, pass ca_file=<that CA's PEM file> (EdgeClient(..., "
+                "ca_file=...)); otherwise check the certificate's name and dates"
+            ) from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if self.base_url.startswith("http://") and await _speaks_tls(self.base_url):
+                https = "https://" + self.base_url[len("http://") :]
+                raise TLSError(
+                    f"the server at {self.base_url} speaks TLS: use {https} (with ca_file= if its "
+                    "certificate is not from a CA this system trusts)"
+                ) from exc
+            raise CloudUnavailableError(f"cannot reach the cloud at {url}: {exc}") from exc
         except aiohttp.ClientError as exc:
             raise CloudUnavailableError(f"cannot reach the cloud at {url}: {exc}") from exc
 
@@ -160,3 +199,56 @@ class HttpTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+@dataclass(frozen=True)
+class TransportRequest:
+    """One request as an :class:`InProcessTransport` hands it to its handler."""
+
+    method: str
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    timeout_s: float | None
+
+
+class InProcessTransport:
+    """A Transport that answers every request with ``handler(request)``, in this process (as
+    httpx's ``MockTransport``): the edge's hedging, back-off, probing and fallback without
+    sockets. The handler returns a :class:`TransportResponse` (its times are stamped here) or
+    raises what a transport raises (``CloudUnavailableError`` for a cloud that cannot be
+    reached); an async handler may sleep to play a slow cloud, and one slower than the
+    request's timeout raises ``CloudTimeoutError``. ``requests`` lists every request seen.
+    """
+
+    def __init__(
+        self, handler: Callable[[TransportRequest], Awaitable[TransportResponse] | TransportResponse]
+    ):
+        self.handler = handler
+        self.requests: list[TransportRequest] = []
+        self.closed = False
+
+    async def _call(self, request: TransportRequest) -> TransportResponse:
+        self.requests.append(request)
+        started = time.perf_counter()
+        try:
+            resp = await asyncio.wait_for(self._answer(request), request.timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise CloudTimeoutError(f"no answer to {request.path} within {request.timeout_s} s") from exc
+        ended = time.perf_counter()
+        return TransportResponse(resp.status, resp.body, resp.headers, started, ended, ended, resp.retried)
+
+    async def _answer(self, request: TransportRequest) -> TransportResponse:
+        answer = self.handler(request)
+        return answer if isinstance(answer, TransportResponse) else await answer
+
+    async def post(
+        self, path: str, body: bytes, headers: dict[str, str], timeout_s: float | None
+    ) -> TransportResponse:
+        return await self._call(TransportRequest("POST", path, body, dict(headers), timeout_s))
+
+    async def get(self, path: str, timeout_s: float | None) -> TransportResponse:
+        return await self._call(TransportRequest("GET", path, b"", {}, timeout_s))
+
+    async def close(self) -> None:
+        self.closed = True

@@ -32,8 +32,9 @@ Where numbers come from:
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,9 +201,13 @@ class CostModel:
         self.sent = _frozen(sent.astype(np.float64))
         self.head = _frozen(head_k[self.cut])
         self.tail = _frozen(np.where(sent, tail_k[self.cut], 0.0))
+        self.cloud_batch = cloud_batch
         #: One row per candidate, columns :data:`FEATURES` (NaN bytes count as 0 here: such a
         #: candidate is never feasible, see :meth:`feasible`).
-        self.features = _frozen(
+        self.features = self._features()
+
+    def _features(self) -> np.ndarray:
+        return _frozen(
             np.column_stack(
                 [
                     self.head + self.encode,
@@ -213,6 +218,66 @@ class CostModel:
                 ]
             )
         )
+
+    def for_tasks(self, others: Sequence[Manifest], shared_cut: int) -> CostModel:
+        """A new cost model, over this one's rows, pricing one upload answered by this model
+        and every one of ``others`` (models that compute this one's head up to ``shared_cut``).
+
+        A sent row at a cut up to ``shared_cut`` costs, on the cloud, this model's tail plus
+        every other model's own tail from ``shared_cut``, and every model's answer; its
+        fidelity with a lossy codec is the least of every model's (NaN where one lacks it).
+        The all-on-device row costs this model's head plus every other model's segments from
+        ``shared_cut``. Rows at deeper cuts keep this model's prices (the caller does not
+        allow them: the heads differ there). The others are priced like this model (same
+        profile, cloud batch and runtimes); ConfigError if one has no profile and this does.
+        """
+        priced = [self._like(m) for m in others]
+        shared = (self.cut <= shared_cut) & (self.sent > 0)
+        extra_tail = sum(m._tail_at(shared_cut) for m in priced)
+        extra_local = sum(m._head_at(m.n) - m._head_at(shared_cut) for m in priced)
+        head = self.head.copy()
+        head[self.local] += extra_local
+        fidelity = self.fidelity.copy()
+        for i in np.flatnonzero(shared):
+            k, spec = int(self.cut[i]), self.codec(int(i))
+            if not is_lossless(spec):
+                fidelity[i] = min([float(self.fidelity[i]), *(m._fidelity_at(k, spec) for m in priced)])
+        model = copy.copy(self)
+        model.tail = _frozen(np.where(shared, self.tail + extra_tail, self.tail))
+        model.head, model.fidelity = _frozen(head), _frozen(fidelity)
+        model.response_bytes = self.response_bytes + sum(m.response_bytes for m in priced)
+        model.features = model._features()
+        return model
+
+    def _like(self, other: Manifest) -> CostModel:
+        """``other``'s cost model, priced like this one."""
+        profile = self.profile_name if self.profile_name in other.profiles else None
+        model = CostModel(
+            other,
+            profile=profile,
+            cloud_batch=self.cloud_batch,
+            head_runtime=self.runtimes[0],
+            tail_runtime=self.runtimes[1],
+        )
+        if self.profiled and not model.profiled:
+            raise ConfigError(
+                f"task {other.name!r} has no profile, so its tail cannot be priced: profile it "
+                "(`splitinfer profile BUNDLE`) like the client's bundle"
+            )
+        return model
+
+    def _head_at(self, k: int) -> float:
+        return float(self.head[int(np.flatnonzero(self.cut == k)[0])])
+
+    def _tail_at(self, k: int) -> float:
+        rows = np.flatnonzero((self.cut == k) & (self.sent > 0))
+        return float(self.tail[int(rows[0])]) if rows.size else 0.0
+
+    def _fidelity_at(self, k: int, spec: str) -> float:
+        if spec not in self.codecs:
+            return math.nan
+        rows = np.flatnonzero((self.cut == k) & (self.codec_index == self.codecs.index(spec)))
+        return float(self.fidelity[int(rows[0])]) if rows.size else math.nan
 
     def __len__(self) -> int:
         return len(self.cut)

@@ -36,7 +36,7 @@ import inspect
 import logging
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -233,6 +233,7 @@ class TablePolicy:
             for i in rows.tolist()
         ]
         self._features_t = np.ascontiguousarray(model.features[rows].T)
+        self._seed = seed
         self._rng = random.Random(seed)
 
     @property
@@ -241,6 +242,44 @@ class TablePolicy:
         view = self._rows.view()
         view.flags.writeable = False
         return view
+
+    @property
+    def allowed(self) -> np.ndarray:
+        """Per row of :attr:`model`, whether this policy may choose it (a new boolean array)."""
+        mask = np.zeros(len(self.model), dtype=bool)
+        mask[self._rows] = True
+        return mask
+
+    def restricted(
+        self, model: CostModel, keep: np.ndarray, why: Sequence[str], settings: str
+    ) -> TablePolicy:
+        """This policy (its objective, energy, exploration and hedging) over ``model``, a cost
+        model with the same rows as :attr:`model` priced otherwise (``CostModel.for_tasks``),
+        allowing the rows it allows where ``keep`` holds; ``why[i]`` says why row ``i`` is not
+        kept, ``settings`` is added to this policy's. ConfigError if no row is left."""
+        if len(model) != len(self.model) or len(keep) != len(model) or len(why) != len(model):
+            raise ConfigError(f"restricted needs {len(self.model)} rows, as this policy's model has")
+        chosen = self.allowed
+        excluded = [
+            self._excluded[i]
+            or ("" if chosen[i] else f"not a {self.name} candidate")
+            or ("" if keep[i] else why[i])
+            for i in range(len(model))
+        ]
+        return TablePolicy(
+            self.name,
+            model,
+            chosen & np.asarray(keep, dtype=bool),
+            excluded,
+            energy_weight=self.energy_weight,
+            energy=self.energy,
+            explore=self.explore,
+            explore_margin=self.explore_margin,
+            seed=self._seed,
+            settings=f"{self.settings}; {settings}",
+            objective=self.objective,
+            hedged=self.hedged,
+        )
 
     def _weights(self, est: Estimates) -> np.ndarray:
         w = latency_weights(est)

@@ -140,7 +140,13 @@ class Bundle(Manifest):
         for i, (leaf, want) in enumerate(zip(leaves, self.inputs)):
             if not isinstance(leaf, torch.Tensor) or not want.matches(TensorSpec.of(leaf)):
                 got = TensorSpec.of(leaf) if isinstance(leaf, torch.Tensor) else type(leaf).__name__
-                raise ConfigError(f"input {i} of bundle {self.name!r} must be {want}, got {got}")
+                hint = ""
+                if type(leaf).__module__ == "numpy":
+                    hint = (
+                        ": this bundle runs on torch, so pass a torch tensor (torch.from_numpy(x)), "
+                        "or load it with runtime='onnxruntime', which takes numpy arrays"
+                    )
+                raise ConfigError(f"input {i} of bundle {self.name!r} must be {want}, got {got}{hint}")
         return tuple(leaves)
 
     def run_segments(
@@ -173,7 +179,10 @@ class Bundle(Manifest):
     def head(self, k: int, *inputs: Any) -> tuple[torch.Tensor, ...]:
         """The tensors crossing cut ``k`` for these model inputs."""
         self.cut(k)
-        return self.run_segments(0, k, self.flatten_inputs(inputs))
+        frontier = self.run_segments(0, k, self.flatten_inputs(inputs))
+        if k == 0 and self.onnx_runner is None:  # the inputs themselves: as detached as a head's outputs
+            return tuple(t.detach() for t in frontier)
+        return frontier
 
     def tail(self, k: int, frontier: Sequence[torch.Tensor]) -> Any:
         """The model outputs (same structure as ``model(*inputs)``) from cut ``k``'s frontier."""

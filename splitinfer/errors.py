@@ -18,6 +18,8 @@ inherits the builtin it resembles, so callers can catch either::
         ├── CloudTimeoutError(TimeoutError)          no answer within the deadline (or 504)
         ├── AuthError(PermissionError)               401/403: missing or wrong token
         ├── GraphMismatchError                       409: edge and cloud hold different graphs
+        ├── TLSError(OSError)                        TLS failed: an untrusted certificate, or TLS
+        │                                            spoken where http:// was given
         └── RemoteRequestError(ValueError)           any other 4xx: the request itself was wrong
 
 Errors of aiohttp, msgpack, zstandard and torch are translated at the boundary with
@@ -45,6 +47,7 @@ __all__ = [
     "ProtocolError",
     "RemoteRequestError",
     "SplitInferError",
+    "TLSError",
     "UnsupportedVersionError",
 ]
 
@@ -132,6 +135,11 @@ class AuthError(CloudError, PermissionError):
 
 class GraphMismatchError(CloudError):
     """The cloud hosts a different graph for this model than the edge holds (409)."""
+
+
+class TLSError(CloudError, OSError):
+    """TLS between the edge and the cloud failed: configuration, not an outage (the message
+    says how to fix it: ``ca_file=``, or ``https://``)."""
 
 
 class RemoteRequestError(CloudError, ValueError):

@@ -51,9 +51,18 @@ TORCH_FREE_MODULES = {
     # the edge SDK runs on ONNX Runtime where torch is not installed (tests/integration/core/test_runtime.py)
     "edge/__init__.py",
     "edge/_breaker.py",
+    "edge/_build.py",
     "edge/_client.py",
+    "edge/_cloud_api.py",
     "edge/_config.py",
+    "edge/_device.py",
+    "edge/_hedging.py",
+    "edge/_link.py",
     "edge/_metrics.py",
+    "edge/_observe.py",
+    "edge/_pipeline.py",
+    "edge/_targets.py",
+    "edge/_trace.py",
     "edge/_transport.py",
 }
 

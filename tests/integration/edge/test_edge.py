@@ -465,10 +465,10 @@ async def test_an_overdue_answer_is_hedged_on_the_device(profiled, cnn):
             assert trace.fallback == "hedge" and trace.cut == 1
             assert 0 < trace.predicted["hedge_after"] < 1.0 and "local_tail" in trace.stages
             assert trace.stages["total"] >= trace.predicted["hedge_after"]
-            assert len(client._ignored) == 1  # the cloud request goes on, its answer ignored
+            assert len(client._hedger.moot) == 1  # the cloud request goes on, its answer ignored
             labels = {"model": "democnn", "reason": "hedge"}
             assert registry.get_sample_value("splitinfer_edge_fallbacks_total", labels) == 1
-        assert not client._ignored  # closing the client ends it
+        assert not client._hedger.moot  # closing the client ends it
     finally:
         hole.close()
         await hole.wait_closed()
