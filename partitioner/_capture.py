@@ -17,8 +17,11 @@ from torch.utils import _pytree as pytree
 
 from splitinfer.bundle import Bundle, Cut, fast_module, frontier_nbytes
 from splitinfer.errors import CaptureError, ConfigError
+from splitinfer.partitioner import _words as words
 from splitinfer.partitioner._fidelity import measure
 from splitinfer.partitioner._graph import Cuttable, SegmentError, batch_symbol
+from splitinfer.partitioner._inputs import check_fidelity_inputs
+from splitinfer.partitioner._intervals import DEFAULT_CONFIDENCE
 from splitinfer.protocol import valid_model_name
 from splitinfer.tensors import TensorSpec
 
@@ -81,6 +84,8 @@ def compile(  # the public name the API promises
     max_frontier_bytes: int | None = None,
     calibration: Iterable[Any] | None = None,
     evaluation: Iterable[Any] | None = None,
+    labels: Sequence[int] | None = None,
+    confidence: float = DEFAULT_CONFIDENCE,
     codecs: Sequence[str] | None = None,
     calibration_method: str = "auto",
     fidelity_metric: str = "auto",
@@ -101,7 +106,12 @@ def compile(  # the public name the API promises
     calibrates the clip ranges of quantizing codecs per cut and measures the fidelity table
     (docs/bundle-format.md) for ``codecs``, on ``evaluation`` inputs when given (held out from
     the calibration, so that the table says what unseen inputs get; with the number of inputs
-    and a 95 % confidence interval per row), else on the calibration inputs themselves. The
+    and an interval per row, its bounds at one-sided ``confidence``), else on every second
+    calibration input, held out from the others (a warning says so, and the table records
+    ``held_out_from: "calibration"``). ``labels`` (a class index per evaluation input, or per
+    calibration input without evaluation) add top-1 accuracy and its drop from the float model
+    to every row; docs/fidelity.md. Inputs are checked against ``example_inputs`` before
+    anything slow runs. The
     default codecs are ``f32``, ``f32+zstd1``, ``f16+zstd1``, ``q8+zstd1``, ``q6c+zstd1``,
     ``q4c+zstd1`` and ``q2c+zstd1`` with calibration, only the two lossless ones without; lossy
     codecs need calibration inputs, ``jpeg`` codecs float image inputs ``N x 3 x H x W``.
@@ -124,6 +134,7 @@ def compile(  # the public name the API promises
     """
     started = time.perf_counter()
     _check_arguments(model, example_inputs, name)
+    calibration, evaluation = check_fidelity_inputs(example_inputs, calibration, evaluation, labels, codecs)
     model = model.eval()
     args = tuple(_batched(t) for t in example_inputs)
     with torch.no_grad():
@@ -149,6 +160,8 @@ def compile(  # the public name the API promises
             "dictionaries": zstd_dictionaries,
             "progress": progress,
             "evaluation": evaluation,
+            "labels": labels,
+            "confidence": confidence,
         },
     )
     if profile:
@@ -319,7 +332,7 @@ def _add_fidelity(
         if lossy:
             raise ConfigError(
                 f"lossy codecs {lossy} need calibration inputs to measure their fidelity: pass "
-                "calibration=[inputs, ...] (a few dozen inputs like production traffic)"
+                f"{words.example('calibration')} (a few dozen inputs like production traffic)"
             )
         inputs: Iterable[Any] = [tuple(example_inputs)]
     else:
@@ -327,9 +340,11 @@ def _add_fidelity(
         inputs = calibration
     _check_image_codecs(bundle, chosen, explicit=codecs is not None)
     if calibration is None:
+        options = {**options, "hold_out": False, "labels": None}  # the example inputs: nothing to hold out
         if options.get("evaluation") is not None:
             raise ConfigError(
-                "evaluation inputs need calibration inputs too (the table holds them out of it)"
+                f"{words.name('evaluation')} inputs need {words.name('calibration')} inputs too "
+                "(the codecs' ranges are calibrated on those)"
             )
         options = {**options, "dictionaries": False}  # nothing to train on
     fidelity, ranges, dictionaries, projections = measure(bundle, inputs, chosen, **options)

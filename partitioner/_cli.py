@@ -60,9 +60,35 @@ def add_compile_parser(
     )
     p.add_argument(
         "--calibration",
-        metavar="FILE",
-        help="calibration inputs for the lossy codecs' ranges and the fidelity table, in the same "
-        "form, N rows along the batch dim (each row one input)",
+        metavar="FILE|DIR",
+        help="calibration inputs for the lossy codecs' ranges: a tensor file in the form of "
+        "--example-inputs with N rows along the batch dim (each row one input), or a folder of images "
+        "(needs --image-size; ImageNet normalisation; an image's label is the integer its file name "
+        "starts with). Without --evaluation every second one is held out to measure the fidelity table",
+    )
+    p.add_argument(
+        "--evaluation",
+        metavar="FILE|DIR",
+        help="inputs the fidelity table is measured on, held out of the calibration (same forms); "
+        "labelled images add top-1 accuracy and its drop to the table",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        metavar="N",
+        help="side of the centre crop an image folder is loaded at (the shorter side resized to N*256/224)",
+    )
+    p.add_argument(
+        "--image-normalization",
+        choices=("imagenet", "none"),
+        default="imagenet",
+        help="imagenet (default): (x - mean) / std with ImageNet's mean and std; none: RGB in [0, 1]",
+    )
+    p.add_argument(
+        "--fidelity-all-cuts",
+        action="store_true",
+        help="measure lossy codecs at every cut (by default models of more than 32 cuts get lossy rows "
+        "only where the frontier is no larger than the input)",
     )
     p.add_argument(
         "--codecs",
@@ -76,12 +102,8 @@ def add_compile_parser(
         help="measure this machine's segment and codec latencies into the bundle (plan and the "
         "adaptive policy need a profile; splitinfer profile adds one later)",
     )
-    p.add_argument(
-        "--budget",
-        type=float,
-        default=0.99,
-        help="fidelity budget for the summary printed after compiling (default 0.99)",
-    )
+    _add_budget_arguments(p, "the summary printed after compiling")
+    p.add_argument("--force", action="store_true", help="replace the bundle at --out if there is one")
     p.add_argument(
         "--input-dtype",
         action="append",
@@ -107,68 +129,170 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _add_budget_arguments(p: argparse.ArgumentParser, used_for: str) -> None:
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help=f"fidelity budget for {used_for}: top-1 agreement with the float model, 0..1 (default 0.99)",
+    )
+    p.add_argument(
+        "--accuracy-drop",
+        type=float,
+        metavar="D",
+        help="budget as a top-1 accuracy drop from the float model instead, e.g. 0.01 (needs a labelled "
+        "table)",
+    )
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=None,
+        help="one-sided confidence of the bound a row must meet the budget with (default 0.95)",
+    )
+
+
+def _budget_of(args: argparse.Namespace) -> tuple[float, float | None, float]:
+    """(agreement budget, accuracy drop or None, confidence) of --budget/--accuracy-drop/--confidence."""
+    from splitinfer._checks import check_number
+    from splitinfer.partitioner._intervals import DEFAULT_CONFIDENCE
+
+    if args.budget is not None and args.accuracy_drop is not None:
+        raise ConfigError("give --budget (an agreement) or --accuracy-drop, not both")
+    budget = 0.99 if args.budget is None else args.budget
+    check_number("--budget (fidelity, 0..1)", budget, lo=0.0, hi=1.0)
+    if args.accuracy_drop is not None:
+        check_number("--accuracy-drop (0..1)", args.accuracy_drop, lo=0.0, hi=1.0)
+    confidence = DEFAULT_CONFIDENCE if args.confidence is None else args.confidence
+    check_number("--confidence", confidence, lo=0.5, hi=1.0, lo_open=True, hi_open=True)
+    return budget, args.accuracy_drop, confidence
+
+
+def _check_out(path: str, force: bool) -> None:
+    """Refuse to replace an existing --out unless --force, and anything that is not a bundle."""
+    out = Path(path)
+    if not out.exists():
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    if not (out / "manifest.json").is_file():
+        raise ConfigError(
+            f"--out {path} exists and is not a bundle (no manifest.json): choose another directory"
+        )
+    if not force:
+        raise ConfigError(
+            f"--out {path} is an existing bundle: pass --force to replace it (its profiles and "
+            "fidelity table are lost), or choose another directory"
+        )
+
+
+def _fidelity_inputs(
+    args: argparse.Namespace, inputs: list[Any]
+) -> tuple[list[Any] | None, list[Any] | None, list[int] | None]:
+    """--calibration and --evaluation read and checked against the example inputs, and the
+    labels of the evaluation (or, without it, of the calibration) where the images have them."""
+    from splitinfer.partitioner._inputs import read_inputs
+
+    def read(flag: str, path: str | None) -> tuple[list[Any] | None, list[int] | None]:
+        if path is None:
+            return None, None
+        rows, labels = read_inputs(
+            path,
+            flag,
+            len(inputs),
+            image_size=args.image_size,
+            normalize=args.image_normalization == "imagenet",
+        )
+        _check_rows(flag, path, rows[0], inputs)
+        return rows, labels
+
+    if args.image_size is not None and not any(
+        p is not None and Path(p).is_dir() for p in (args.calibration, args.evaluation)
+    ):
+        raise ConfigError("--image-size applies to a folder of images given to --calibration or --evaluation")
+    calibration, cal_labels = read("--calibration", args.calibration)
+    evaluation, ev_labels = read("--evaluation", args.evaluation)
+    labels = ev_labels if evaluation is not None else cal_labels
+    return calibration, evaluation, labels
+
+
+def _check_rows(flag: str, path: str, row: tuple[Any, ...], inputs: list[Any]) -> None:
+    """The rows of a file all share a shape: say at once, naming the file, where it is wrong."""
+    for j, (t, want) in enumerate(zip(row, inputs)):
+        if tuple(t.shape[1:]) != tuple(want.shape[1:]) or t.dtype != want.dtype:
+            got = f"{str(t.dtype).removeprefix('torch.')}[{'x'.join(map(str, t.shape[1:]))}]"
+            expected = f"{str(want.dtype).removeprefix('torch.')}[{'x'.join(map(str, want.shape[1:]))}]"
+            fix = (
+                "load the images at the model's size: --image-size " + str(want.shape[-1])
+                if Path(path).is_dir() and t.shape[1:2] == want.shape[1:2] == (3,)
+                else f"give a file of N x {'x'.join(map(str, want.shape[1:]))} {expected.split('[')[0]} rows"
+            )
+            raise ConfigError(
+                f"{flag} {path}: tensor {j} has rows of {got}, but the model's input {j} is {expected} "
+                f"(as --input-shape/--example-inputs give it): {fix}"
+            )
+
+
 def _compile(args: argparse.Namespace) -> int:
     import importlib
     import os
     import sys
 
     from splitinfer.partitioner import compile
+    from splitinfer.partitioner._inputs import check_fidelity_inputs, read_tensors
+    from splitinfer.partitioner._words import cli_words
 
     module_name, _, attr = args.factory.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"give the model factory as MODULE:FACTORY, got {args.factory!r}")
+    budget, drop, confidence = _budget_of(args)
+    _check_out(args.out, args.force)
     sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"cannot import {args.factory}: {exc}") from None
-    from splitinfer._checks import check_number
-
-    check_number("--budget (fidelity, 0..1)", args.budget, lo=0.0, hi=1.0)
     if args.example_inputs is not None:
         if args.input_shape:
             raise ConfigError("give --input-shape or --example-inputs, not both")
-        inputs = _read_tensors(args.example_inputs, "--example-inputs")
+        inputs = read_tensors(args.example_inputs, "--example-inputs")
     elif args.input_shape:
         inputs = _random_inputs(args.input_shape, args.input_dtype or [])
     else:
         raise ConfigError(
             "give the example inputs: --input-shape D0,D1,... (repeat per input) or --example-inputs FILE"
         )
-    calibration = None
-    if args.calibration is not None:
-        rows = _read_tensors(args.calibration, "--calibration")
-        n = rows[0].shape[0] if rows[0].dim() else 0
-        if len(rows) != len(inputs) or any(t.dim() == 0 or t.shape[0] != n for t in rows):
-            raise ConfigError(
-                f"--calibration must hold {len(inputs)} tensor(s) (one per model input) with the same "
-                "number of rows along dim 0"
-            )
-        calibration = [tuple(t[i : i + 1] for t in rows) for i in range(n)]
+    calibration, evaluation, labels = _fidelity_inputs(args, inputs)
     codecs = None
     if args.codecs is not None:
         codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
-    model = factory()
-    bundle = compile(
-        model,
-        tuple(inputs),
-        name=args.name,
-        version=args.model_version,
-        calibration=calibration,
-        codecs=codecs,
-        profile=bool(args.profile),
-        verbose=True,
-    )
+    with cli_words():
+        check_fidelity_inputs(inputs, calibration, evaluation, labels, codecs)  # before the model is built
+        model = factory()
+        bundle = compile(
+            model,
+            tuple(inputs),
+            name=args.name,
+            version=args.model_version,
+            calibration=calibration,
+            evaluation=evaluation,
+            labels=labels,
+            confidence=confidence,
+            codecs=codecs,
+            fidelity_all_cuts=True if args.fidelity_all_cuts else None,
+            profile=bool(args.profile),
+            verbose=True,
+        )
+    _check_out(args.out, args.force)  # nobody wrote one meanwhile
     out = bundle.save(args.out)
     print(f"wrote {out} ({len(bundle.cuts)} cuts, graph {bundle.graph_hash})")
     if not args.profile:
         print("no profile: plan and the adaptive policy need one (compile --profile, or splitinfer profile)")
-    best = _best_codecs(bundle.fidelity, args.budget)
+    best = _best_codecs(bundle.fidelity, budget, drop, confidence)
     lossy = {k: r for k, r in best.items() if r["codec"].split("+", 1)[0] != "f32" and k < bundle.last_cut}
     if lossy:
         k, row = min(lossy.items(), key=lambda kv: kv[1]["bytes"])
         print(
-            f"smallest payload at fidelity >= {args.budget}: cut {k} with {row['codec']}, "
+            f"smallest payload within {_budget_text(budget, drop, confidence)}: cut {k} with {row['codec']}, "
             f"{row['bytes'] / 1024:.1f} KiB"
         )
     return 0
@@ -194,39 +318,6 @@ def _random_inputs(shapes_text: list[str], dtypes: list[str]) -> list[Any]:
     return inputs
 
 
-def _read_tensors(path: str, what: str) -> list[Any]:
-    """The tensors in a ``.pt`` file (a tensor or a tuple/list of them; ``torch.load`` with
-    ``weights_only=True``: no code runs) or a ``.npz`` file (its arrays in order)."""
-    import numpy as np
-    import torch
-
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"{what}: no file {path!r}")
-    try:
-        if file.suffix == ".npz":
-            with np.load(file, allow_pickle=False) as data:
-                return [torch.from_numpy(np.array(data[k])) for k in data.files]
-        if file.suffix in (".pt", ".pth"):
-            loaded = torch.load(file, weights_only=True, map_location="cpu")
-        else:
-            raise ConfigError(f"{what} takes a .pt or .npz file, got {path!r}")
-    except ConfigError:
-        raise
-    except Exception as exc:  # pickle, zip and numpy errors: say what the file must hold
-        raise ConfigError(f"{what}: cannot read {path!r}: {type(exc).__name__}: {exc}") from None
-    tensors = [loaded] if isinstance(loaded, torch.Tensor) else loaded
-    if (
-        not isinstance(tensors, list | tuple)
-        or not tensors
-        or not all(isinstance(t, torch.Tensor) for t in tensors)
-    ):
-        raise ConfigError(
-            f"{what}: {path!r} must hold a tensor or a tuple/list of tensors, one per model input"
-        )
-    return list(tensors)
-
-
 def add_inspect_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> argparse.ArgumentParser:
@@ -235,26 +326,64 @@ def add_inspect_parser(
         "inspect",
         help="print a bundle's cut table",
         description=(
-            "Print a bundle's cuts: index, name, float32 KiB at batch 1, the smallest codec whose "
-            "fidelity meets --budget (when the bundle has a fidelity table) and the tensors."
+            "Verify a bundle's files against their sha256 and print its cuts: index, name, float32 KiB "
+            "at batch 1, the smallest codec the budget admits (its interval's bound meets the budget; "
+            "when the bundle has a fidelity table) and the tensors. Rows the sample cannot decide are "
+            "marked with how many inputs would. --json prints the whole fidelity table instead."
         ),
     )
     p.add_argument("bundle", metavar="DIR", help="bundle directory")
-    p.add_argument("--budget", type=float, default=0.99, help="fidelity budget for the smallest-codec column")
+    _add_budget_arguments(p, "the smallest-codec column")
+    p.add_argument("--json", action="store_true", help="print the bundle's fidelity table as JSON")
+    p.add_argument("--no-verify", action="store_true", help="do not check the files' sha256 (faster)")
     p.set_defaults(func=_inspect)
     return p
 
 
+def _verify(root: Path, manifest: dict[str, Any]) -> list[str]:
+    """The bundle files that are missing or whose sha256 differs from the manifest's."""
+    from splitinfer.manifest import sha256_of
+
+    bad = []
+    for name, digest in sorted(manifest.get("files", {}).items()):
+        path = root / name
+        if not path.is_file():
+            bad.append(f"{name} (missing)")
+        elif sha256_of(path) != digest:
+            bad.append(f"{name} (sha256 differs: altered or corrupted)")
+    return bad
+
+
 def _inspect(args: argparse.Namespace) -> int:
-    from splitinfer._checks import check_number
+    import json
+    import sys
+
     from splitinfer.manifest import Cut, read_manifest
 
-    check_number("--budget (fidelity, 0..1)", args.budget, lo=0.0, hi=1.0)
+    budget, drop, confidence = _budget_of(args)
     root = Path(args.bundle)
     manifest = read_manifest(root)
+    bad = None if args.no_verify else _verify(root, manifest)
+    fidelity = manifest.get("fidelity", {})
+    if args.json:
+        doc = {
+            "bundle": manifest["name"],
+            "version": manifest.get("version"),
+            "verified": None if bad is None else not bad,
+            "damaged": bad or [],
+            **fidelity_json(fidelity, budget, drop, confidence),
+        }
+        print(json.dumps(doc, indent=1))
+        return 1 if bad else 0
     size = sum(f.stat().st_size for f in root.iterdir() if f.is_file())
     print(f"bundle   {manifest['name']} version {manifest.get('version')}  ({size / 2**20:.1f} MiB on disk)")
     print(f"graph    {manifest['graph_hash']}")
+    if bad is None:
+        print("files    not verified (--no-verify)")
+    elif bad:
+        print(f"files    DAMAGED: {', '.join(bad)}")
+    else:
+        print(f"files    {len(manifest.get('files', {}))} verified against their sha256")
     print(f"codecs   {', '.join(manifest.get('codecs', []))}")
     onnx = manifest.get("onnx") or {}
     if onnx.get("file"):
@@ -264,10 +393,11 @@ def _inspect(args: argparse.Namespace) -> int:
     errors = onnx.get("max_abs_error", {}) if onnx.get("file") else {}
     cuts = [Cut.from_json(c) for c in manifest["cuts"]]
     width = max(len(c.name) for c in cuts)
-    best = _best_codecs(manifest.get("fidelity", {}), args.budget)
+    best = _best_codecs(fidelity, budget, drop, confidence)
+    undecided = _undecided(fidelity, best, budget, drop, confidence)
     head = f"{'cut':>4}  {'name':<{width}}  {'KiB@1':>9}  "
     if best:
-        head += f"{'smallest at fidelity >= ' + str(args.budget) + ' (95% CI)':<52}  "
+        head += f"{'smallest within ' + _budget_text(budget, drop, confidence):<52}  "
     head += f"{'runtimes (onnx error)':<28}  "
     print(head + "tensors")
     unmeasured = _unmeasured(manifest, len(cuts) - 1)
@@ -279,6 +409,8 @@ def _inspect(args: argparse.Namespace) -> int:
             pick = f"{row['codec']} {row['bytes'] / 1024:.1f} KiB ({_fidelity_text(row)})" if row else "-"
             if c.index in unmeasured:
                 pick += " *"
+            if c.index in undecided:
+                pick += " ?"
             line += f"{pick:<52}  "
         error = errors.get(str(c.index))
         runtimes = f"torch onnxruntime ({error:.1e})" if error is not None else "torch"
@@ -287,31 +419,145 @@ def _inspect(args: argparse.Namespace) -> int:
     if best and unmeasured:
         print(
             f"* lossy codecs unmeasured at {len(unmeasured)} cut(s) (no fidelity row: policies never "
-            "use them; compile with fidelity_all_cuts=True to measure them)"
+            "use them; compile with --fidelity-all-cuts to measure them)"
         )
-    fidelity = manifest.get("fidelity", {})
-    if fidelity.get("table"):
-        if fidelity.get("held_out"):
-            where = (
-                f"{fidelity.get('samples')} held-out input(s) (ranges calibrated on "
-                f"{fidelity.get('calibration_samples')} others)"
-            )
-        else:
-            where = f"{fidelity.get('samples')} calibration input(s), in-sample"
+    if undecided:
         print(
-            f"fidelity: {fidelity.get('metric')} agreement with the uncompressed model on {where}; "
-            "95% confidence interval in brackets; bytes are the mean per request at batch 1"
+            f"? at {len(undecided)} cut(s) a smaller codec's sample cannot decide the budget (its estimate "
+            f"meets it, its bound at confidence {confidence:g} does not):"
         )
+        for k in sorted(undecided)[:8]:
+            row, need = undecided[k]
+            more = f"about {need} evaluation inputs would decide it" if need else "no number of inputs can"
+            kib = row["bytes"] / 1024
+            print(f"    cut {k}: {row['codec']} {kib:.1f} KiB ({_fidelity_text(row)}): {more}")
+    if fidelity.get("table"):
+        print(_provenance(fidelity, confidence))
+    if bad:
+        print(
+            f"warning: bundle {root} is damaged ({len(bad)} file(s)): recompile or copy it again",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
+def _provenance(fidelity: dict[str, Any], confidence: float) -> str:
+    """How the table was measured, in one sentence."""
+    if fidelity.get("held_out_from") == "calibration":
+        where = (
+            f"{fidelity.get('samples')} input(s) held out of the calibration (ranges calibrated on the "
+            f"other {fidelity.get('calibration_samples')}; no --evaluation inputs)"
+        )
+    elif fidelity.get("held_out"):
+        where = (
+            f"{fidelity.get('samples')} held-out input(s) (ranges calibrated on "
+            f"{fidelity.get('calibration_samples')} others)"
+        )
+    else:
+        where = f"{fidelity.get('samples')} calibration input(s), in-sample"
+    text = f"fidelity: {fidelity.get('metric')} agreement with the uncompressed model on {where}; "
+    if "float_accuracy" in fidelity:
+        accuracy = fidelity["float_accuracy"]
+        text += f"{fidelity['labels']} labelled: float model top-1 accuracy {accuracy:.3f}; "
+    degenerate = fidelity.get("degenerate")
+    if degenerate:
+        text += (
+            f"the float model predicts class {degenerate['class']} for {100 * degenerate['share']:.0f}% of "
+            f"them, so {degenerate['metric']} is measured; "
+        )
+    method = fidelity.get("interval_method", "wilson" if fidelity.get("metric") == "top1" else "normal")
+    text += (
+        f"brackets: {method} interval, bounds at one-sided confidence {confidence:g}; "
+        "bytes are the mean per request at batch 1"
+    )
+    return text
+
+
+def fidelity_json(
+    fidelity: dict[str, Any], budget: float, drop: float | None, confidence: float
+) -> dict[str, Any]:
+    """The fidelity table for scripts (``inspect --json``): one object per row with cut, codec,
+    bytes, agreement (in the table's metric), its bounds lo and hi at ``confidence``, n, accuracy
+    and its drop where labelled, cosine where it is the metric, and whether the budget admits it
+    (``admitted``; null where the row cannot say) or the sample cannot decide (``decided``)."""
+    from splitinfer.partitioner._intervals import (
+        INTERVAL_METHODS,
+        drop_interval,
+        inputs_to_decide,
+        row_bounds,
+    )
+
+    metric = str(fidelity.get("metric", "top1"))
+    samples = fidelity.get("samples") if isinstance(fidelity.get("samples"), int) else None
+    rows = []
+    for r in fidelity.get("table", []):
+        bounds = row_bounds(r, metric, confidence, samples)
+        n = r.get("n", samples)
+        out: dict[str, Any] = {
+            "cut": r["cut"],
+            "codec": r["codec"],
+            "bytes": r.get("bytes"),
+            "metric": metric,
+            "agreement": r["fidelity"],
+            "lo": None if bounds is None else round(bounds[0], 6),
+            "hi": None if bounds is None else round(bounds[1], 6),
+            "n": n,
+        }
+        if "accuracy" in r:
+            out["accuracy"] = r["accuracy"]
+            out["accuracy_drop"] = r.get("accuracy_drop")
+            if all(isinstance(r.get(k), int) for k in ("lost", "gained", "n")):
+                lo, hi = drop_interval(r["lost"], r["gained"], r["n"], confidence)
+                out["drop_lo"], out["drop_hi"] = round(lo, 6), round(hi, 6)
+        if metric == "cosine":
+            out["cosine"] = r.get("cosine", r["fidelity"])
+        admitted = _admits(r, fidelity, budget, drop, confidence)
+        out["admitted"] = admitted
+        exact = r["codec"].split("+", 1)[0] == "f32"
+        out["decided"] = exact or drop is not None or bounds is None or not (bounds[0] < budget <= bounds[1])
+        if not out["decided"] and isinstance(n, int):
+            out["inputs_to_decide"] = inputs_to_decide(
+                float(r["fidelity"]), budget, confidence, r.get("sd") if metric == "cosine" else None
+            )
+        rows.append(out)
+    result: dict[str, Any] = {
+        "metric": metric,
+        "samples": samples,
+        "calibration_samples": fidelity.get("calibration_samples"),
+        "held_out": fidelity.get("held_out"),
+        "held_out_from": fidelity.get("held_out_from"),
+        "confidence": confidence,
+        "interval_method": INTERVAL_METHODS.get(metric),
+        "budget": {"agreement": budget} if drop is None else {"accuracy_drop": drop},
+    }
+    if "float_accuracy" in fidelity:
+        result["float_accuracy"] = fidelity["float_accuracy"]
+        result["labels"] = fidelity.get("labels")
+    if fidelity.get("degenerate"):
+        result["degenerate"] = fidelity["degenerate"]
+    result["rows"] = rows
+    return result
+
+
 def _fidelity_text(row: dict[str, Any]) -> str:
-    """``0.984 [0.93-1.00]``: a row's fidelity and its 95 % interval (tables before issue 22
-    have none)."""
+    """``0.984 [0.93-1.00] n=48``: a row's fidelity, the interval the table stores and its
+    sample size (tables before issue 22 have no interval, before issue 28 no n)."""
+    text = f"{row['fidelity']:.3f}"
     span = row.get("interval")
-    if not isinstance(span, list) or len(span) != 2:
-        return f"{row['fidelity']:.3f}"
-    return f"{row['fidelity']:.3f} [{span[0]:.2f}-{span[1]:.2f}]"
+    if isinstance(span, list) and len(span) == 2:
+        text += f" [{span[0]:.2f}-{span[1]:.2f}]"
+    if isinstance(row.get("n"), int):
+        text += f" n={row['n']}"
+    if "accuracy_drop" in row:
+        text += f" drop {row['accuracy_drop']:+.3f}"
+    return text
+
+
+def _budget_text(budget: float, drop: float | None, confidence: float) -> str:
+    if drop is not None:
+        return f"accuracy drop <= {drop} ({confidence:g})"
+    return f"fidelity >= {budget} ({confidence:g})"
 
 
 def _unmeasured(manifest: dict[str, Any], last: int) -> set[int]:
@@ -321,13 +567,64 @@ def _unmeasured(manifest: dict[str, Any], last: int) -> set[int]:
     return {k for k in range(last) for c in lossy if (k, c) not in rows}
 
 
-def _best_codecs(fidelity: dict[str, Any], budget: float) -> dict[int, dict[str, Any]]:
-    """Per cut, the smallest codec whose fidelity meets ``budget``."""
+def _admits(
+    row: dict[str, Any], fidelity: dict[str, Any], budget: float, drop: float | None, confidence: float
+) -> bool | None:
+    """Whether the policies' rule admits ``row`` (``_costs.CostModel.exclusions``); None where
+    an accuracy-drop budget meets a row without labels."""
+    from splitinfer.partitioner._intervals import drop_interval, row_bounds
+
+    if row["codec"].split("+", 1)[0] == "f32":
+        return True
+    if drop is not None:
+        if not all(isinstance(row.get(k), int) for k in ("lost", "gained", "n")):
+            return None
+        return drop_interval(row["lost"], row["gained"], row["n"], confidence)[1] <= drop
+    samples = fidelity.get("samples") if isinstance(fidelity.get("samples"), int) else None
+    bounds = row_bounds(row, str(fidelity.get("metric", "top1")), confidence, samples or None)
+    return (row["fidelity"] if bounds is None else bounds[0]) >= budget
+
+
+def _best_codecs(
+    fidelity: dict[str, Any], budget: float, drop: float | None = None, confidence: float = 0.95
+) -> dict[int, dict[str, Any]]:
+    """Per cut, the smallest codec the budget admits (its bound meets it, as the policies rule)."""
     best: dict[int, dict[str, Any]] = {}
     for row in fidelity.get("table", []):
-        if row["fidelity"] >= budget and (row["cut"] not in best or row["bytes"] < best[row["cut"]]["bytes"]):
+        if _admits(row, fidelity, budget, drop, confidence) and (
+            row["cut"] not in best or row["bytes"] < best[row["cut"]]["bytes"]
+        ):
             best[row["cut"]] = row
     return best
+
+
+def _undecided(
+    fidelity: dict[str, Any],
+    best: dict[int, dict[str, Any]],
+    budget: float,
+    drop: float | None,
+    confidence: float,
+) -> dict[int, tuple[dict[str, Any], int | None]]:
+    """Per cut, the smallest row smaller than the admitted one whose estimate meets the budget
+    but whose bound does not, with the inputs that would decide it (agreement budgets)."""
+    from splitinfer.partitioner._intervals import inputs_to_decide
+
+    if drop is not None:
+        return {}
+    metric = str(fidelity.get("metric", "top1"))
+    found: dict[int, tuple[dict[str, Any], int | None]] = {}
+    for row in fidelity.get("table", []):
+        k = row["cut"]
+        chosen = best.get(k)
+        if row["fidelity"] < budget or _admits(row, fidelity, budget, drop, confidence):
+            continue
+        if chosen is not None and row["bytes"] >= chosen["bytes"]:
+            continue
+        if k in found and found[k][0]["bytes"] <= row["bytes"]:
+            continue
+        sd = row.get("sd") if metric == "cosine" else None
+        found[k] = (row, inputs_to_decide(float(row["fidelity"]), budget, confidence, sd))
+    return found
 
 
 # -- plan --------------------------------------------------------------------------------
@@ -359,7 +656,7 @@ def add_plan_parser(
     p.add_argument(
         "--policy", default="adaptive", help="adaptive, cloud, local or neurosurgeon (default adaptive)"
     )
-    p.add_argument("--budget", type=float, default=0.99, help="fidelity budget, 0..1 (default 0.99)")
+    _add_budget_arguments(p, "the adaptive and cloud policies")
     p.add_argument(
         "--privacy-floor", type=int, metavar="K", help="never cut before cut K (except all on device)"
     )
@@ -413,15 +710,19 @@ def _policy_settings(args: argparse.Namespace) -> dict[str, Any]:
     if name == "static":
         raise ConfigError("plan ranks candidates: use --policy adaptive, cloud, local or neurosurgeon")
     settings: dict[str, Any] = {"profile": args.profile}
+    budget, drop, confidence = _budget_of(args)
+    budgets: dict[str, Any] = ({"fidelity_budget": budget} if drop is None else {"accuracy_drop": drop}) | {
+        "confidence": confidence
+    }
     if name == "adaptive":
         settings.update(
-            fidelity_budget=args.budget,
+            **budgets,
             privacy_floor=args.privacy_floor,
             energy_weight=args.energy_weight,
             explore=0.0,
         )
     elif name == "cloud":
-        settings.update(fidelity_budget=args.budget)
+        settings.update(**budgets)
     elif name == "neurosurgeon":
         settings.update(privacy_floor=args.privacy_floor)
     return settings

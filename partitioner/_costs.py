@@ -26,7 +26,10 @@ Where numbers come from:
   infeasible;
 - fidelity: lossless codecs (``f32``, ``f32+zstd<N>``) are 1.0 by definition; a lossy
   candidate missing from the fidelity table has *unknown* fidelity, and is feasible only when
-  the budget is 0 (unknown counts as 0). The last cut is exact and always feasible;
+  the budget is 0 (unknown counts as 0). The last cut is exact and always feasible. A lossy
+  row is admitted only where its interval supports the budget (:meth:`CostModel.exclusions`,
+  ``_intervals.py``): its lower bound at ``confidence`` meets an agreement budget, or the upper
+  bound of its accuracy drop meets an ``accuracy_drop`` budget;
 - a codec this process cannot run (``+ans`` without the ``entropy`` extra) is infeasible.
 """
 
@@ -44,6 +47,7 @@ from splitinfer._checks import check_number
 from splitinfer.errors import ConfigError
 from splitinfer.manifest import Manifest
 from splitinfer.partitioner._estimate import Estimates
+from splitinfer.partitioner._intervals import DEFAULT_CONFIDENCE, drop_interval, row_bounds
 from splitinfer.partitioner._profiles import pick_profile, runtime_of, segment_medians
 
 __all__ = [
@@ -146,6 +150,13 @@ class CostModel:
         self.response_bytes = float(prof.get("response_bytes", 0.0)) if self.profiled else 0.0
 
         fid_rows = {(int(r["cut"]), str(r["codec"])): r for r in (bundle.fidelity or {}).get("table", [])}
+        self.fidelity_metric = str((bundle.fidelity or {}).get("metric", "top1"))
+        samples = (bundle.fidelity or {}).get("samples")
+        #: The table's sample size, for rows that lack their own ``n`` (tables before issue 28).
+        self.fidelity_samples = samples if isinstance(samples, int) and samples > 0 else None
+        #: Whether the table has labelled rows (accuracy and its drop; issue 28).
+        self.labelled = bool((bundle.fidelity or {}).get("labels"))
+        self._rows: list[dict[str, Any] | None] = []
         codec_rows = {(int(r["cut"]), str(r["codec"])): r for r in prof.get("codecs", [])}
         nbytes = np.array([c.nbytes for c in bundle.cuts], dtype=np.float64)
         per_byte = _codec_cost_per_byte(codec_rows, nbytes)
@@ -159,6 +170,7 @@ class CostModel:
                 cuts.append(k)
                 codec_idx.append(j)
                 frow, crow = fid_rows.get((k, spec)), codec_rows.get((k, spec))
+                self._rows.append(frow)
                 if not runnable[spec]:
                     fidelity.append(math.nan)
                 elif is_lossless(spec):
@@ -187,6 +199,7 @@ class CostModel:
                     dec.append(math.nan)
         cuts.append(n)
         codec_idx.append(0)
+        self._rows.append(None)
         fidelity.append(1.0)
         sizes.append(0.0)
         enc.append(0.0)
@@ -290,11 +303,30 @@ class CostModel:
     def codec(self, row: int) -> str:
         return self.codecs[int(self.codec_index[row])]
 
-    def exclusions(self, budget: float, privacy_floor: int | None) -> list[str]:
+    def exclusions(
+        self,
+        budget: float,
+        privacy_floor: int | None,
+        *,
+        confidence: float = DEFAULT_CONFIDENCE,
+        accuracy_drop: float | None = None,
+    ) -> list[str]:
         """Per row, why it is infeasible under ``budget`` and ``privacy_floor`` ('' if feasible).
 
-        Each reason is a category, then details in parentheses.
+        A lossy row is admitted where its agreement's lower bound at ``confidence`` (one-sided,
+        ``_intervals.py``) meets ``budget``; with ``accuracy_drop`` given instead, where the upper
+        bound of its accuracy drop is at most ``accuracy_drop`` (``budget`` is then ignored, and
+        the table must be labelled). A row without its own ``n`` uses the table's ``samples``;
+        a table with neither (before issue 22) is judged on the interval it stores, else on its
+        point estimate. Lossless rows and the last cut are exact. Each reason is a category,
+        then details in parentheses.
         """
+        if accuracy_drop is not None and not self.labelled:
+            raise ConfigError(
+                f"an accuracy-drop budget needs a fidelity table measured with labels, and bundle "
+                f"{self.bundle_name!r} has none: compile with labels (labels=[...] beside evaluation=, "
+                "or --evaluation DIR of images named by their class), or give an agreement budget"
+            )
         reasons = []
         for i in range(len(self.cut)):
             k = int(self.cut[i])
@@ -304,17 +336,58 @@ class CostModel:
                 reasons.append(f"below the privacy floor (cut {privacy_floor})")
             elif math.isnan(self.bytes[i]):
                 reasons.append("not measured at this cut (in neither the fidelity table nor the profile)")
-            elif math.isnan(self.fidelity[i]) and budget > 0:
+            elif math.isnan(self.fidelity[i]) and (budget > 0 or accuracy_drop is not None):
                 reasons.append("fidelity unknown (not in the fidelity table)")
-            elif self.fidelity[i] < budget:
-                reasons.append(f"fidelity below the budget ({self.fidelity[i]:.4f} < {budget})")
+            elif accuracy_drop is not None:
+                reasons.append(self._drop_reason(i, accuracy_drop, confidence))
             else:
-                reasons.append("")
+                reasons.append(self._agreement_reason(i, budget, confidence))
         return reasons
 
-    def feasible(self, budget: float, privacy_floor: int | None) -> np.ndarray:
+    def _agreement_reason(self, i: int, budget: float, confidence: float) -> str:
+        row = self._rows[i]
+        if row is None or is_lossless(self.codec(i)) or math.isnan(self.fidelity[i]):
+            return ""  # exact, or unknown under a budget of 0
+        bounds = row_bounds(row, self.fidelity_metric, confidence, self.fidelity_samples)
+        if bounds is None:  # a table without sample sizes or intervals: its point estimate
+            if self.fidelity[i] < budget:
+                return f"fidelity below the budget ({self.fidelity[i]:.4f} < {budget})"
+            return ""
+        if bounds[0] < budget:
+            n = row.get("n", self.fidelity_samples)
+            on = f"{n} inputs" if n else "an unknown number of inputs"
+            return (
+                f"fidelity's lower bound below the budget ({self.fidelity[i]:.4f}, lower bound "
+                f"{bounds[0]:.4f} at {confidence:g} on {on} < {budget})"
+            )
+        return ""
+
+    def _drop_reason(self, i: int, accuracy_drop: float, confidence: float) -> str:
+        row = self._rows[i]
+        if row is None or is_lossless(self.codec(i)):
+            return ""
+        lost, gained, n = row.get("lost"), row.get("gained"), row.get("n")
+        if not all(isinstance(v, int) for v in (lost, gained, n)):
+            return "accuracy drop unknown (the row has no labelled measurement)"
+        high = drop_interval(int(lost), int(gained), int(n), confidence)[1]  # type: ignore[arg-type]
+        if high > accuracy_drop:
+            return (
+                f"accuracy drop's upper bound above the budget ({(lost - gained) / n:+.4f}, upper bound "  # type: ignore[operator]
+                f"{high:.4f} at {confidence:g} on {n} inputs > {accuracy_drop})"
+            )
+        return ""
+
+    def feasible(
+        self,
+        budget: float,
+        privacy_floor: int | None,
+        *,
+        confidence: float = DEFAULT_CONFIDENCE,
+        accuracy_drop: float | None = None,
+    ) -> np.ndarray:
         """Boolean mask of the rows feasible under ``budget`` and ``privacy_floor``."""
-        return np.array([not r for r in self.exclusions(budget, privacy_floor)])
+        reasons = self.exclusions(budget, privacy_floor, confidence=confidence, accuracy_drop=accuracy_drop)
+        return np.array([not r for r in reasons])
 
     def stages(self, row: int, est: Estimates) -> dict[str, float]:
         """Predicted seconds per stage (:data:`STAGES`) of candidate ``row`` under ``est``."""

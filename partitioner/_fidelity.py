@@ -64,6 +64,14 @@ from splitinfer.compression._dictionary import ZstdDictionary, train
 from splitinfer.compression._projection import MAX_CHANNELS, ChannelProjection, fit
 from splitinfer.compression._spec import parse_spec
 from splitinfer.errors import CodecError, ConfigError
+from splitinfer.partitioner import _words as words
+from splitinfer.partitioner._intervals import (
+    DEFAULT_CONFIDENCE,
+    INTERVAL_METHODS,
+    drop_interval,
+    mean_interval,
+    wilson,
+)
 
 __all__ = [
     "DICT_MAX_BYTES",
@@ -263,28 +271,57 @@ def measure(
     dictionaries: bool = False,
     progress: bool = True,
     evaluation: Iterable[Any] | None = None,
+    labels: Sequence[int] | None = None,
+    hold_out: bool = True,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> tuple[
     dict[str, Any], dict[str, Any], dict[str, dict[str, ZstdDictionary]], dict[str, ChannelProjection]
 ]:
     """The fidelity table, the calibrated clip ranges, the kept zstd dictionaries and the
     channel projections (module docstring); dictionaries map cut (as a string) and codec spec
     to a trained dictionary, projections cut to the projection its pca codecs use.
-    ``evaluation`` (inputs like ``inputs``) holds the table's inputs out of the calibration."""
+    ``evaluation`` (inputs like ``inputs``) holds the table's inputs out of the calibration;
+    without it and with ``hold_out``, every second calibration input is held out instead (and
+    the table says so: ``held_out_from: "calibration"``). ``labels`` (one class index per
+    evaluation row, or per calibration row when the evaluation is held out of it) add top-1
+    accuracy and its drop from the float model to every row. ``confidence`` is the one-sided
+    level of the intervals stored (``_intervals.py``)."""
     for spec in codecs:
         get_codec(spec)  # CodecError listing the valid forms for a bad spec
     if method not in METHODS:
         raise ConfigError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     x = _stack_inputs(bundle, inputs)
-    n_cal = int(x[0].shape[0])
-    held_out = evaluation is not None
+    held_out_from = None
     if evaluation is not None:
-        x = tuple(torch.cat(pair) for pair in zip(x, _stack_inputs(bundle, evaluation)))
+        ev = _stack_inputs(bundle, evaluation)
+    elif hold_out and int(x[0].shape[0]) >= 2:
+        x, ev = tuple(t[0::2] for t in x), tuple(t[1::2] for t in x)
+        labels = None if labels is None else list(labels)[1::2]
+        held_out_from = "calibration"
+    else:
+        ev = None
+    n_cal = int(x[0].shape[0])
+    held_out = ev is not None
+    if ev is not None:
+        x = tuple(torch.cat(pair) for pair in zip(x, ev))
     total = int(x[0].shape[0])
     first = n_cal if held_out else 0  # evaluation rows: [first, total)
+    if held_out_from:
+        log.warning(
+            "no %s inputs: the fidelity table of %r is measured on %d of the calibration inputs "
+            "held out (every second one), the ranges calibrated on the other %d; pass %s for a table "
+            "on inputs of their own",
+            words.name("evaluation"),
+            bundle.name,
+            total - first,
+            n_cal,
+            words.example("evaluation"),
+        )
     n = bundle.n_segments
     reference = _run(bundle, 0, x)
-    metric = _choose_metric(metric, reference)
     want = [r[first:] for r in reference]
+    metric, degenerate = _metric_for(bundle.name, metric, want)
+    target = _labels(labels, want, total - first)
     methods = CALIBRATION_METHODS if method == "auto" else (method,)
     probe = min(n_cal, PROBE_SAMPLES)
     lossy_bases = sorted({_base(s) for s in codecs if not _is_lossless(s)})
@@ -319,7 +356,7 @@ def measure(
                 for b in bases
             ]
             scores = {
-                v.base: per_sample(metric, out, want)
+                v.base: _Scores.of(metric, out, want, target)
                 for v, out in zip(variants, _tails(bundle, k, variants, evaluated))
             }
             samples = [_rows(frontier, i, i + 1) for i in range(first, total)]
@@ -329,18 +366,11 @@ def measure(
                     continue
                 codec = _codec(spec, clips.get(_base(spec)), projection)
                 nbytes = _mean_bytes(codec, samples[:bytes_samples])
-                if _is_lossless(spec):
-                    score, (low, high) = 1.0, (1.0, 1.0)
-                else:
-                    score, (low, high) = (
-                        float(scores[_base(spec)].mean()),
-                        interval(metric, scores[_base(spec)]),
-                    )
+                measured = _Scores.exact(target, want) if _is_lossless(spec) else scores[_base(spec)]
                 row = {
                     "cut": k,
                     "codec": spec,
-                    "fidelity": round(score, 6),
-                    "interval": [round(low, 4), round(high, 4)],
+                    **measured.row(metric, confidence),
                     "bytes": nbytes,
                 }
                 if (
@@ -362,26 +392,149 @@ def measure(
         log.warning(
             "pca codecs left out at %d cut(s) (%s): a channel projection needs at least %d calibration "
             "channel vectors a channel (inputs x positions), and cut %d has %d channels but %d vectors; "
-            "give at least %d calibration samples to measure them there",
+            "give at least %d calibration samples to measure them there%s",
             len(unfit),
             ", ".join(str(u[0]) for u in unfit),
             VECTORS_PER_CHANNEL,
             k,
             c,
             v,
-            math.ceil(VECTORS_PER_CHANNEL * c * n_cal / max(v, 1)),
+            math.ceil(VECTORS_PER_CHANNEL * c * n_cal / max(v, 1)) * (2 if held_out_from else 1),
+            f" (half of them are held out for the table: or pass {words.example('evaluation')})"
+            if held_out_from
+            else "",
         )
+    last = _Scores.exact(target, want).row(metric, confidence)
     for spec in codecs:
-        table.append({"cut": n, "codec": spec, "fidelity": 1.0, "interval": [1.0, 1.0], "bytes": 0.0})
-    fidelity = {
+        table.append({"cut": n, "codec": spec, **last, "bytes": 0.0})
+    fidelity: dict[str, Any] = {
         "metric": metric,
         "samples": total - first,
         "calibration_samples": n_cal,
         "held_out": held_out,
         "method": method,
+        "confidence": confidence,
+        "interval_method": INTERVAL_METHODS[metric],
         "table": table,
     }
+    if held_out_from:
+        fidelity["held_out_from"] = held_out_from
+    if target is not None:
+        fidelity["labels"] = int(target.numel())
+        fidelity["float_accuracy"] = round(float((want[0].argmax(1) == target).double().mean()), 6)
+        fidelity["accuracy_interval_method"] = INTERVAL_METHODS["accuracy_drop"]
+    if degenerate is not None:
+        fidelity["degenerate"] = degenerate
     return fidelity, ranges, kept, projections
+
+
+#: The float model's top-1 is "(nearly) constant" where one class takes at least this share of
+#: the evaluation inputs: agreement then says nothing about a codec (issue 28).
+DEGENERATE_SHARE = 0.9
+
+
+def _metric_for(name: str, metric: str, want: Sequence[torch.Tensor]) -> tuple[str, dict[str, Any] | None]:
+    """The metric the table uses, and a record of a degenerate reference (else None).
+
+    A classifier whose top-1 is one class on at least DEGENERATE_SHARE of at least two
+    evaluation inputs would call every codec perfect: warn once, naming the model and the class,
+    and measure cosine similarity of the outputs instead (``metric="auto"``; a metric the user
+    named is kept, with the warning)."""
+    chosen = _choose_metric(metric, want)
+    if not (len(want) == 1 and want[0].dim() == 2 and want[0].shape[1] > 1 and want[0].shape[0] >= 2):
+        return chosen, None
+    top = want[0].argmax(1)
+    counts = torch.bincount(top, minlength=want[0].shape[1])
+    cls = int(counts.argmax())
+    share = float(counts[cls]) / int(top.numel())
+    if share < DEGENERATE_SHARE:
+        return chosen, None
+    switch = metric == "auto"
+    log.warning(
+        "model %r predicts class %d for %.0f%% of the %d evaluation inputs: top-1 agreement would call "
+        "every codec perfect, so the fidelity table %s. Give inputs the model tells apart (a trained "
+        "model, inputs of your task)",
+        name,
+        cls,
+        100 * share,
+        int(top.numel()),
+        "measures cosine similarity of the outputs instead" if switch else f"keeps the {chosen} you named",
+    )
+    record = {"class": cls, "share": round(share, 4), "metric": "cosine" if switch else chosen}
+    return ("cosine" if switch else chosen), record
+
+
+def _labels(labels: Sequence[int] | None, want: Sequence[torch.Tensor], n: int) -> torch.Tensor | None:
+    """The evaluation rows' labels as a tensor, checked against the model's outputs."""
+    if labels is None:
+        return None
+    if not (len(want) == 1 and want[0].dim() == 2):
+        raise ConfigError(
+            f"{words.name('labels')} need a classifier (one output of shape batch x classes) to "
+            "measure top-1 accuracy; this model's outputs are "
+            + ", ".join(str(tuple(w.shape[1:])) for w in want)
+        )
+    target = torch.as_tensor(list(labels), dtype=torch.int64)
+    if target.numel() != n:
+        raise ConfigError(f"{words.name('labels')}: {target.numel()} label(s) for {n} evaluation input(s)")
+    classes = want[0].shape[1]
+    if bool(((target < 0) | (target >= classes)).any()):
+        raise ConfigError(f"{words.name('labels')} must be class indices in 0..{classes - 1}")
+    return target
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """One (cut, codec)'s measurement on the evaluation inputs: per-input agreement and, with
+    labels, how many inputs it lost and gained against the float model's top-1."""
+
+    values: torch.Tensor
+    correct: torch.Tensor | None = None
+    lost: int = 0
+    gained: int = 0
+    lossless: bool = False  # agreement 1 by definition, no interval
+
+    @classmethod
+    def of(
+        cls,
+        metric: str,
+        got: Sequence[torch.Tensor],
+        want: Sequence[torch.Tensor],
+        target: torch.Tensor | None,
+    ) -> _Scores:
+        values = per_sample(metric, got, want)
+        if target is None:
+            return cls(values)
+        correct, ref = got[0].argmax(1) == target, want[0].argmax(1) == target
+        return cls(values, correct, int((ref & ~correct).sum()), int((~ref & correct).sum()))
+
+    @classmethod
+    def exact(cls, target: torch.Tensor | None, want: Sequence[torch.Tensor]) -> _Scores:
+        n = int(want[0].shape[0])
+        correct = None if target is None else want[0].argmax(1) == target
+        return cls(torch.ones(n, dtype=torch.float64), correct, lossless=True)
+
+    def row(self, metric: str, confidence: float) -> dict[str, Any]:
+        n = int(self.values.numel())
+        mean = float(self.values.mean()) if n else 1.0
+        out: dict[str, Any] = {"fidelity": round(mean, 6), "n": n}
+        if metric == "cosine":
+            sd = float(self.values.std()) if n > 1 else 0.0
+            out["sd"] = round(sd, 6)
+            out["cosine"] = round(mean, 6)
+            low, high = mean_interval(mean, sd, n, confidence)
+        else:
+            low, high = wilson(mean, n, confidence)
+        if self.lossless:
+            low, high = 1.0, 1.0
+        out["interval"] = [round(low, 4), round(high, 4)]
+        if self.correct is not None:
+            out["accuracy"] = round(float(self.correct.double().mean()), 6)
+            out["accuracy_drop"] = round((self.lost - self.gained) / max(n, 1), 6)
+            out["lost"], out["gained"] = self.lost, self.gained
+            d_lo, d_hi = (0.0, 0.0) if self.lossless else drop_interval(self.lost, self.gained, n, confidence)
+            out["drop_interval"] = [round(d_lo, 4), round(d_hi, 4)]
+        return out
 
 
 def _mean_bytes(codec: Any, samples: Sequence[Sequence[torch.Tensor]]) -> float:

@@ -6,7 +6,7 @@ won. All of them rank the same candidates with the same cost model (``_costs.py`
 differ in which candidates they allow and what they minimize:
 
 ============== ==========================================================================
-``adaptive``   every (cut, codec) whose fidelity meets the budget, at or above the privacy
+``adaptive``   every (cut, codec) whose fidelity meets the budget (below), at or above the privacy
                floor, plus the last cut; minimizes predicted latency plus
                ``energy_weight`` times predicted device energy; explores (below)
 ``static``     one (cut, codec), always
@@ -16,6 +16,13 @@ differ in which candidates they allow and what they minimize:
 ``neurosurgeon`` every cut with ``f32`` (no compression), plus the last cut; minimizes
                predicted latency (Kang et al., ASPLOS 2017: the classic baseline)
 ============== ==========================================================================
+
+The budget (``adaptive`` and ``cloud``) is an agreement, ``fidelity_budget`` (default 0.99), or
+an accuracy drop, ``accuracy_drop`` (for example 0.01: one point of top-1 accuracy; needs a
+labelled table; where given, the agreement budget is not applied); a lossy row is admitted only
+where its interval supports it at ``confidence`` (one-sided, default 0.95): the lower bound of
+its agreement is at least ``fidelity_budget``, or the upper bound of its accuracy drop at most
+``accuracy_drop`` (``_costs.CostModel.exclusions``, ``_intervals.py``; docs/fidelity.md).
 
 Exploration (``adaptive`` only): with probability ``explore`` a decision takes, instead of the
 winner, a uniformly drawn other feasible candidate whose predicted objective is within
@@ -48,6 +55,7 @@ from splitinfer.manifest import Manifest
 from splitinfer.partitioner._costs import STAGES, CostModel, EnergyModel, energy_weights, latency_weights
 from splitinfer.partitioner._estimate import Estimates
 from splitinfer.partitioner._hedge import expected_hedged, max_saving
+from splitinfer.partitioner._intervals import DEFAULT_CONFIDENCE
 
 #: Objectives of the adaptive policy -> the uplink quantile's z-score they price (0: expected).
 OBJECTIVES = {"mean": 0.0, "p95": 1.6448536269514722}
@@ -488,6 +496,37 @@ def _check_floor(bundle: Manifest, privacy_floor: Any) -> int | None:
     return privacy_floor
 
 
+@dataclass(frozen=True)
+class _Budget:
+    """A policy's fidelity budget: an agreement or an accuracy drop, at a confidence."""
+
+    agreement: float
+    drop: float | None
+    confidence: float
+
+    def exclusions(self, model: CostModel, floor: int | None) -> list[str]:
+        return model.exclusions(self.agreement, floor, confidence=self.confidence, accuracy_drop=self.drop)
+
+    def __str__(self) -> str:
+        what = f"fidelity budget {self.agreement}" if self.drop is None else f"accuracy drop <= {self.drop}"
+        return f"{what} at confidence {self.confidence:g}"
+
+
+def _budget(fidelity_budget: float | None, accuracy_drop: float | None, confidence: float) -> _Budget:
+    """The budget of ``accuracy_drop`` where given (``fidelity_budget`` is then not applied:
+    EdgeClient passes its default agreement budget to every policy), else of ``fidelity_budget``
+    (default 0.99)."""
+    check_number("confidence", confidence, lo=0.5, hi=1.0)
+    if not 0.5 < confidence < 1.0:
+        raise ConfigError(f"confidence must be above 0.5 and below 1 (e.g. 0.95), got {confidence}")
+    if accuracy_drop is not None:
+        check_number("accuracy_drop", accuracy_drop, lo=0.0, hi=1.0)
+        return _Budget(0.0, float(accuracy_drop), float(confidence))
+    budget = 0.99 if fidelity_budget is None else fidelity_budget
+    check_number("fidelity_budget", budget, lo=0.0, hi=1.0)
+    return _Budget(float(budget), None, float(confidence))
+
+
 def _needs_profile(name: str, model: CostModel, bundle: Manifest) -> None:
     if not model.profiled:
         raise ConfigError(
@@ -499,7 +538,9 @@ def _needs_profile(name: str, model: CostModel, bundle: Manifest) -> None:
 def adaptive(
     bundle: Manifest,
     *,
-    fidelity_budget: float = 0.99,
+    fidelity_budget: float | None = None,
+    accuracy_drop: float | None = None,
+    confidence: float = DEFAULT_CONFIDENCE,
     privacy_floor: int | None = None,
     energy_weight: float = 0.0,
     energy: EnergyModel | None = None,
@@ -516,12 +557,13 @@ def adaptive(
     ``hedge``: the mean objective prices a sent request with its hedge (the client finishes an
     overdue one on the device, ``EdgeClient``'s default): its expected time under the uplink's
     current uncertainty, ``E[min(cloud, hedge_after + finish)]``. Off by default until the
-    replay has measured it (benchmarks/bench_policy.py's ``adaptive-priced`` row)."""
-    check_number("fidelity_budget", fidelity_budget, lo=0.0, hi=1.0)
+    replay has measured it (benchmarks/bench_policy.py's ``adaptive-priced`` row).
+    The budget: ``fidelity_budget`` or ``accuracy_drop`` at ``confidence`` (module docstring)."""
+    budget = _budget(fidelity_budget, accuracy_drop, confidence)
     floor = _check_floor(bundle, privacy_floor)
     model = CostModel(bundle, profile=profile, cloud_batch=cloud_batch)
     _needs_profile("adaptive", model, bundle)
-    excluded = model.exclusions(fidelity_budget, floor)
+    excluded = budget.exclusions(model, floor)
     allowed = np.array([not r for r in excluded])
     return TablePolicy(
         "adaptive",
@@ -533,7 +575,7 @@ def adaptive(
         explore=explore,
         explore_margin=explore_margin,
         seed=seed,
-        settings=f"fidelity budget {fidelity_budget}, privacy floor {floor}"
+        settings=f"{budget}, privacy floor {floor}"
         + ("" if objective == "mean" else f", objective {objective}")
         + (", hedge priced" if hedge and objective == "mean" else ""),
         objective=objective,
@@ -590,19 +632,26 @@ def local(bundle: Manifest, *, profile: str | None = None) -> TablePolicy:
 
 
 def cloud(
-    bundle: Manifest, *, fidelity_budget: float = 0.99, profile: str | None = None, cloud_batch: int = 1
+    bundle: Manifest,
+    *,
+    fidelity_budget: float | None = None,
+    accuracy_drop: float | None = None,
+    confidence: float = DEFAULT_CONFIDENCE,
+    profile: str | None = None,
+    cloud_batch: int = 1,
 ) -> TablePolicy:
-    """Cut 0 with the input codec of least predicted latency meeting the budget.
+    """Cut 0 with the input codec of least predicted latency meeting the budget
+    (``fidelity_budget`` or ``accuracy_drop`` at ``confidence``, module docstring).
 
     Without a profile the choice is the smallest such codec (compute times are unknown).
     """
-    check_number("fidelity_budget", fidelity_budget, lo=0.0, hi=1.0)
+    budget = _budget(fidelity_budget, accuracy_drop, confidence)
     model = CostModel(bundle, profile=profile, cloud_batch=cloud_batch)
-    excluded = model.exclusions(fidelity_budget, None)
+    excluded = budget.exclusions(model, None)
     allowed = np.array([not r for r in excluded]) & (model.cut == 0)
     if not allowed.any():
         raise ConfigError(
-            f"no codec of bundle {bundle.name!r} at cut 0 meets fidelity budget {fidelity_budget}; "
+            f"no codec of bundle {bundle.name!r} at cut 0 meets the {budget}; "
             f"offer a lossless one (f32, f32+zstd1) or lower the budget"
         )
     if not model.profiled:
@@ -615,7 +664,7 @@ def cloud(
         model,
         allowed,
         [e or ("not cut 0" if model.cut[i] != 0 else "") for i, e in enumerate(excluded)],
-        settings=f"cut 0, fidelity budget {fidelity_budget}",
+        settings=f"cut 0, {budget}",
     )
 
 
@@ -655,14 +704,14 @@ def make_policy(name: str, bundle: Manifest, **kwargs: Any) -> TablePolicy:
     model: code that needs that model and the rows the policy allows (the hindsight oracle)
     reads ``policy.model`` and ``policy.rows``; code that only decides uses the Policy protocol.
 
-    ``adaptive``: fidelity_budget=0.99, privacy_floor=None, energy_weight=0.0 (seconds per
-    joule), energy=EnergyModel(), explore=0.05, explore_margin=0.1, seed=None, profile=None,
-    cloud_batch=1, objective="mean" (or "p95"), hedge=False. ``static``: cut, codec, profile, cloud_batch,
-    allow_unmeasured=False.
-    ``local``: profile.
-    ``cloud``: fidelity_budget, profile, cloud_batch. ``neurosurgeon``: privacy_floor, profile,
-    cloud_batch. ``profile`` names one of ``bundle.profiles`` (default ``host``, else the
-    first); ``cloud_batch`` is the batch size whose profiled tail times the cloud's latency.
+    ``adaptive``: fidelity_budget=0.99 (or accuracy_drop=...), confidence=0.95,
+    privacy_floor=None, energy_weight=0.0 (seconds per joule), energy=EnergyModel(),
+    explore=0.05, explore_margin=0.1, seed=None, profile=None, cloud_batch=1, objective="mean"
+    (or "p95"), hedge=False. ``static``: cut, codec, profile, cloud_batch, allow_unmeasured=False.
+    ``local``: profile. ``cloud``: fidelity_budget or accuracy_drop, confidence, profile,
+    cloud_batch. ``neurosurgeon``: privacy_floor, profile, cloud_batch. ``profile`` names one
+    of ``bundle.profiles`` (default ``host``, else the first); ``cloud_batch`` is the batch
+    size whose profiled tail times the cloud's latency.
     Raises ConfigError for an unknown name or setting.
     """
     factory = POLICIES.get(name)
