@@ -20,7 +20,8 @@ from splitinfer.cloud._config import ServerConfig
 from splitinfer.cloud._drain import Drain
 from splitinfer.cloud._metrics import ServerMetrics
 from splitinfer.cloud._repository import load_repository, reload_models
-from splitinfer.cloud._state import CONFIG, METRICS, STATE, TOKENS, ServerState
+from splitinfer.cloud._service import InferenceService
+from splitinfer.cloud._state import CONFIG, METRICS, SERVICE, STATE, TOKENS, ServerState
 from splitinfer.errors import ConfigError
 
 __all__ = ["create_app", "create_probe_app"]
@@ -114,7 +115,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         compute_threads=compute_threads,
         max_batch_size=config.max_batch_size,
         max_delay_s=config.max_queue_delay_ms / 1000.0,
-        response_codec=config.response_codec,
         device=device,
         inline_below_s=config.inline_below_ms / 1000.0,
         on_batch=metrics.observe_batch,
@@ -128,6 +128,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         ready=lambda: float(state.ready),
     )
     app[STATE] = state
+    app[SERVICE] = InferenceService(state)
     log.info(
         "loaded %d model(s): %s; on %s, %d compute thread(s) of %d torch thread(s)",
         len(repository.models),

@@ -72,7 +72,7 @@ class Job:
     timer: asyncio.TimerHandle | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        specs = self.frame.header.tensors
+        specs = self.frame.tensors
         self.signature = None if self.alone else tuple(tuple(s.shape[1:]) for s in specs)
 
     def fail(self, problem: Problem) -> None:
@@ -242,7 +242,6 @@ class Batcher:
                 self.bundle,
                 self.cut,
                 [job.frame for job in batch],
-                self.scheduler.response_codec,
                 dispatched,
                 self.scheduler.device,
                 self._owners(batch),
@@ -262,7 +261,6 @@ class Batcher:
                 self.bundle,
                 self.cut,
                 [job.frame for job in batch],
-                sched.response_codec,
                 dispatched,
                 sched.device,
                 self._owners(batch),
@@ -285,7 +283,7 @@ class Batcher:
             if isinstance(result, Answer):
                 rows, cpu = result.batch_rows, result.compute_cpu / max(1, result.batch_rows)
                 models = max(models, result.batch_models)
-                if job.frame.encode:
+                if job.frame.encoder is not None:
                     result = self._finish(job, result)
             if isinstance(result, Problem):
                 job.fail(result)
@@ -303,9 +301,9 @@ class Batcher:
 
     def _finish(self, job: Job, answer: Answer) -> Answer | Problem:
         try:
-            finish(answer, job.frame.header.request_id, self.scheduler.response_codec)
+            finish(answer, job.frame)
         except Exception:
-            log.exception("encoding the outputs of request %s failed", job.frame.header.request_id)
+            log.exception("encoding the outputs of request %s failed", job.frame.request_id)
             return Problem("internal", "the server failed to encode the outputs; see its log")
         return answer
 
@@ -329,7 +327,6 @@ class Scheduler:
         compute_threads: int,
         max_batch_size: int,
         max_delay_s: float,
-        response_codec: str,
         device: torch.device,
         inline_below_s: float = 0.0,
         on_batch: BatchHook | None = None,
@@ -341,7 +338,6 @@ class Scheduler:
         self.slots = asyncio.Semaphore(compute_threads)
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
-        self.response_codec = response_codec
         self.inline_below_s = inline_below_s
         self.on_batch = on_batch
         #: By (model, cut, tag of the served version: cloud._repository.Served.tag); a batcher

@@ -19,19 +19,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-from splitinfer import protocol
 from splitinfer.bundle import Bundle
 from splitinfer.cloud._problem import Problem
 from splitinfer.compression import get_codec
 from splitinfer.errors import CodecError
-from splitinfer.tensors import specs_of
+from splitinfer.tensors import TensorSpec, specs_of
 
-__all__ = ["SMALL_BYTES", "Answer", "Frame", "decode_frame", "encode_outputs", "run_batch"]
+__all__ = ["SMALL_BYTES", "Answer", "Encoder", "Frame", "decode_frame", "finish", "run_batch"]
 
 log = logging.getLogger("splitinfer.cloud")
 
@@ -39,19 +39,38 @@ log = logging.getLogger("splitinfer.cloud")
 SMALL_BYTES = 64 * 1024
 
 
+#: Turns one request's outputs into its response body (in a compute thread when they are large).
+Encoder = Callable[[Sequence[torch.Tensor]], bytes]
+
+
+class Encoded(Protocol):
+    """What decoding a payload needs to know: the cut, the codec, the tensors it must hold."""
+
+    @property
+    def cut(self) -> int: ...
+    @property
+    def codec(self) -> str: ...
+    @property
+    def tensors(self) -> tuple[TensorSpec, ...]: ...
+
+
 @dataclass(frozen=True)
 class Frame:
-    """One request's frame, checked against its cut."""
+    """One request's frontier at ``cut``, checked against its model: encoded (``payload`` in
+    ``codec``) or decoded already (``frontier``), whatever protocol it arrived in."""
 
-    header: protocol.RequestHeader
-    payload: memoryview
+    cut: int
+    tensors: tuple[TensorSpec, ...]
     #: Rows along dim 0 (the request's own batch size).
     rows: int
-    #: The decoded frontier when it was decoded already (small frames), and how long that took.
+    request_id: str = ""
+    codec: str = ""
+    payload: memoryview = field(default_factory=lambda: memoryview(b""), compare=False)
+    #: The decoded frontier when it was decoded already, and how long that took.
     frontier: list[torch.Tensor] | None = field(default=None, compare=False)
     decode_s: float = 0.0
-    #: Encode the outputs into a /v1 response body; False keeps them as tensors (/v2 encodes its own).
-    encode: bool = True
+    #: Encodes the outputs into the response body; None keeps them as tensors in the answer.
+    encoder: Encoder | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -70,9 +89,7 @@ class Answer:
     batch_models: int = 1
 
 
-def decode_frame(
-    header: protocol.RequestHeader, payload: memoryview, bundle: Bundle | None = None
-) -> list[torch.Tensor]:
+def decode_frame(header: Encoded, payload: memoryview, bundle: Bundle | None = None) -> list[torch.Tensor]:
     """The frontier a checked frame carries; Problem (400) if it does not decode to what it declares
     (or names a zstd dictionary other than the one ``bundle`` holds for its cut and codec)."""
     max_nbytes = sum(s.nbytes() for s in header.tensors)
@@ -86,29 +103,12 @@ def decode_frame(
     return frontier
 
 
-def encode_outputs(
-    request_id: str,
-    outputs: Sequence[torch.Tensor],
-    response_codec: str,
-    models: tuple[tuple[str, int], ...] = (),
-) -> bytes:
-    """The response body carrying ``outputs`` (of several models, ``models`` says whose)."""
-    payload = get_codec(response_codec).encode(outputs)
-    header = protocol.ResponseHeader(
-        request_id=request_id,
-        codec=response_codec,
-        tensors=specs_of(outputs),
-        payload_nbytes=len(payload),
-        models=models,
-    )
-    return protocol.encode_response(header, payload)
-
-
-def finish(answer: Answer, request_id: str, response_codec: str) -> None:
-    """Encode the outputs an answer still carries (on the event loop: they are small)."""
-    if answer.body is None and answer.outputs is not None:
+def finish(answer: Answer, frame: Frame) -> None:
+    """Encode the outputs an answer still carries with its frame's encoder (on the event loop:
+    they are small); an answer whose frame has no encoder keeps its tensors."""
+    if answer.body is None and answer.outputs is not None and frame.encoder is not None:
         t0 = time.perf_counter()
-        answer.body = encode_outputs(request_id, answer.outputs, response_codec)
+        answer.body = frame.encoder(answer.outputs)
         answer.outputs = None
         answer.stages["encode"] = time.perf_counter() - t0
 
@@ -117,7 +117,7 @@ def _frontier(frame: Frame, bundle: Bundle) -> tuple[list[torch.Tensor], float]:
     if frame.frontier is not None:
         return frame.frontier, frame.decode_s
     t0 = time.perf_counter()
-    return decode_frame(frame.header, frame.payload, bundle), time.perf_counter() - t0
+    return decode_frame(frame, frame.payload, bundle), time.perf_counter() - t0
 
 
 def _split(outputs: Sequence[torch.Tensor], rows: Sequence[int]) -> list[list[torch.Tensor]] | None:
@@ -179,7 +179,6 @@ def run_batch(
     bundle: Bundle,
     cut: int,
     frames: Sequence[Frame],
-    response_codec: str,
     started: float,
     device: torch.device,
     bundles: Sequence[Bundle] | None = None,
@@ -208,11 +207,9 @@ def run_batch(
         decoded
     )
     if decoded and mixed:
-        _run_shared(owners, cut, frames, decoded, response_codec, results, begin - started, device)
+        _run_shared(owners, cut, frames, decoded, results, begin - started, device)
     elif decoded:
-        _run_decoded(
-            owners[decoded[0][0]], cut, frames, decoded, response_codec, results, begin - started, device
-        )
+        _run_decoded(owners[decoded[0][0]], cut, frames, decoded, results, begin - started, device)
     return [r if r is not None else Problem("internal", "the request was not computed") for r in results]
 
 
@@ -221,7 +218,6 @@ def _run_decoded(
     cut: int,
     frames: Sequence[Frame],
     decoded: list[tuple[int, list[torch.Tensor], float]],
-    response_codec: str,
     results: list[Answer | Problem | None],
     hop: float,
     device: torch.device,
@@ -244,12 +240,12 @@ def _run_decoded(
         compute, cpu = time.perf_counter() - t0, time.thread_time() - c0
     if parts is None:  # one request, or the batch could not be run or split: each alone
         for i, frontier, dec in decoded:
-            results[i] = _answer_alone(bundle, cut, frames[i], frontier, dec, response_codec, hop, device)
+            results[i] = _answer_alone(bundle, cut, frames[i], frontier, dec, hop, device)
         return
     batch_rows = sum(rows)
     for (i, _, dec), outputs in zip(decoded, parts):
         stages = {"queue": hop, "decode": dec, "compute": compute}
-        results[i] = _answer(frames[i], outputs, stages, batch_rows, response_codec, cpu)
+        results[i] = _answer(frames[i], outputs, stages, batch_rows, cpu)
 
 
 def _run_shared(
@@ -257,7 +253,6 @@ def _run_shared(
     cut: int,
     frames: Sequence[Frame],
     decoded: list[tuple[int, list[torch.Tensor], float]],
-    response_codec: str,
     results: list[Answer | Problem | None],
     hop: float,
     device: torch.device,
@@ -296,13 +291,13 @@ def _run_shared(
         answers = None
     if answers is None:  # each alone, so that one hostile frame cannot fail the others
         for i, frontier, dec in decoded:
-            results[i] = _answer_alone(owners[i], cut, frames[i], frontier, dec, response_codec, hop, device)
+            results[i] = _answer_alone(owners[i], cut, frames[i], frontier, dec, hop, device)
         return
     compute, cpu = time.perf_counter() - t0, time.thread_time() - c0
     batch_rows = sum(rows)
     for i, _, dec in decoded:
         stages = {"queue": hop, "decode": dec, "compute": compute}
-        answer = _answer(frames[i], answers[i], stages, batch_rows, response_codec, cpu)
+        answer = _answer(frames[i], answers[i], stages, batch_rows, cpu)
         if isinstance(answer, Answer):
             answer.batch_models = len(models)
         results[i] = answer
@@ -326,7 +321,6 @@ def _answer_alone(
     frame: Frame,
     frontier: list[torch.Tensor],
     dec: float,
-    response_codec: str,
     hop: float,
     device: torch.device,
 ) -> Answer | Problem:
@@ -334,12 +328,10 @@ def _answer_alone(
     try:
         outputs = _compute(bundle, cut, [frontier], device)
     except Exception:
-        log.exception(
-            "the tail of %s at cut %d failed on request %s", bundle.name, cut, frame.header.request_id
-        )
+        log.exception("the tail of %s at cut %d failed on request %s", bundle.name, cut, frame.request_id)
         return Problem("internal", "the tail failed on this request's tensors; see the server's log")
     stages = {"queue": hop, "decode": dec, "compute": time.perf_counter() - t0}
-    return _answer(frame, list(outputs), stages, frame.rows, response_codec, time.thread_time() - c0)
+    return _answer(frame, list(outputs), stages, frame.rows, time.thread_time() - c0)
 
 
 def _answer(
@@ -347,16 +339,15 @@ def _answer(
     outputs: list[torch.Tensor],
     stages: dict[str, float],
     batch_rows: int,
-    response_codec: str,
     cpu: float,
 ) -> Answer | Problem:
     """Large outputs are encoded here, in the compute thread; small ones are left to the loop."""
-    if not frame.encode or sum(o.numel() * o.element_size() for o in outputs) <= SMALL_BYTES:
+    if frame.encoder is None or sum(o.numel() * o.element_size() for o in outputs) <= SMALL_BYTES:
         return Answer(None, {**stages, "encode": 0.0}, batch_rows, outputs, cpu)
     t0 = time.perf_counter()
     try:
-        body = encode_outputs(frame.header.request_id, outputs, response_codec)
+        body = frame.encoder(outputs)
     except Exception:
-        log.exception("encoding the outputs of request %s failed", frame.header.request_id)
+        log.exception("encoding the outputs of request %s failed", frame.request_id)
         return Problem("internal", "the server failed to encode the outputs; see its log")
     return Answer(body, {**stages, "encode": time.perf_counter() - t0}, batch_rows, None, cpu)

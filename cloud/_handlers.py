@@ -3,32 +3,43 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from aiohttp import http_exceptions, web
 from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestPayloadError
-from torch.utils import _pytree as pytree
 
 from splitinfer import protocol
 from splitinfer.bundle import Bundle
 from splitinfer.cloud._auth import check_authorization
-from splitinfer.cloud._batcher import Batcher, Job
-from splitinfer.cloud._compute import SMALL_BYTES, Answer, Frame, decode_frame, encode_outputs
+from splitinfer.cloud._compute import Answer, Encoder, Frame
 from splitinfer.cloud._problem import Problem, error_response, oip_path, problem_response
 from splitinfer.cloud._repository import Served
-from splitinfer.cloud._state import CONFIG, METRICS, STATE, TOKENS, ServerState
+from splitinfer.cloud._service import (
+    Call,
+    InferenceService,
+    Reply,
+    Work,
+    batchable,
+    server_timing,
+)
+from splitinfer.cloud._state import CONFIG, METRICS, SERVICE, STATE, TOKENS, ServerState
+from splitinfer.compression import get_codec
 from splitinfer.errors import ProtocolError
+from splitinfer.tensors import specs_of
 
 __all__ = [
     "INFER_ROUTE",
-    "admit",
     "auth_middleware",
     "batchable",
+    "check_media",
+    "encode_outputs",
     "expect_continue",
+    "frame",
     "get_model",
     "infer",
     "link_probe",
@@ -37,6 +48,7 @@ __all__ = [
     "metrics",
     "problem_middleware",
     "read_body",
+    "reader",
     "ready",
     "server_timing",
 ]
@@ -63,10 +75,6 @@ DISCARD_BYTES, DISCARD_S = 16 * 1024 * 1024, 2.0
 _HTTP_CODES = {400: "malformed_frame", 413: "too_large", 415: "unsupported_media_type"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def server_timing(stages: dict[str, float]) -> str:
-    return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in stages.items())
 
 
 def _model_label(request: web.Request) -> str:
@@ -143,24 +151,11 @@ def auth_middleware(open_paths: frozenset[str]) -> Middleware:
     return middleware
 
 
-# -- inference -----------------------------------------------------------------------------
+# -- inference: the /v1 adapter of the inference service -----------------------------------
 
 
-def admit(state: ServerState, request: web.Request, media_types: frozenset[str] = _FRAME_TYPES) -> None:
-    """Refuse before reading the body: draining, a full queue, a declared body over the limit,
-    a Content-Encoding, a Content-Type not in ``media_types`` (a missing one is accepted)."""
-    if state.drain.draining:
-        raise Problem.unavailable("not_ready", "the server is draining; retry on another replica")
-    if state.scheduler.waiting >= state.config.max_queue_length:
-        raise Problem.unavailable(
-            "overloaded",
-            f"the queue is full ({state.config.max_queue_length} requests waiting); retry after a moment",
-        )
-    length = request.content_length
-    if length is not None and length > state.config.max_body_bytes:
-        raise Problem(
-            "too_large", f"body of {length} bytes exceeds the limit of {state.config.max_body_bytes}"
-        )
+def check_media(request: web.Request, media_types: frozenset[str] = _FRAME_TYPES) -> None:
+    """Refuse a Content-Encoding, or a Content-Type not in ``media_types`` (none is accepted)."""
     encoding = request.headers.get("Content-Encoding", "identity")
     if encoding.strip().lower() != "identity":  # aiohttp would inflate it: a decompression bomb
         raise Problem(
@@ -184,10 +179,10 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         tokens = request.app.get(TOKENS)
         if tokens is not None:
             check_authorization(tokens, request.headers.get("Authorization"))
-        state = request.app[STATE]
-        if request.match_info.get("name") not in state.repository.models:
-            raise Problem("unknown_model", f"no model {request.match_info.get('name')!r} here")
-        admit(state, request)
+        service = request.app[SERVICE]
+        service.find(request.match_info.get("name", ""))
+        service.admit(request.content_length)
+        check_media(request)
     except Problem as p:
         _observe(request, p.code)
         response = problem_response(p)
@@ -263,6 +258,12 @@ async def _discard(request: web.Request) -> None:
         request[UNREAD_BODY] = True
 
 
+def reader(request: web.Request) -> Callable[[], Awaitable[bytes]]:
+    """Reads ``request``'s body within the server's limits of size and time."""
+    config = request.app[CONFIG]
+    return functools.partial(read_body, request, config.max_body_bytes, config.read_timeout_s)
+
+
 def _check(bundle: Bundle, header: protocol.RequestHeader, name: str, max_decoded: int) -> int:
     """Raise Problem unless the frame fits the bundle; returns its rows (batch size)."""
     if header.model != name:
@@ -304,166 +305,85 @@ def _check(bundle: Bundle, header: protocol.RequestHeader, name: str, max_decode
     return batches.pop() if batches else 1
 
 
-def batchable(bundle: Bundle, cut: int) -> bool:
-    """Whether frontiers at ``cut`` and the outputs are batch-leading (dim 0 dynamic)."""
-    specs = (*bundle.cuts[cut].tensors, *bundle.cuts[bundle.last_cut].tensors)
-    return all(s.shape and s.shape[0] is None for s in specs)
+def encode_outputs(
+    request_id: str,
+    outputs: Sequence[Any],
+    response_codec: str,
+    models: tuple[tuple[str, int], ...] = (),
+) -> bytes:
+    """The /v1 response body carrying ``outputs`` (of several models, ``models`` says whose)."""
+    payload = get_codec(response_codec).encode(outputs)
+    header = protocol.ResponseHeader(
+        request_id=request_id,
+        codec=response_codec,
+        tensors=specs_of(outputs),
+        payload_nbytes=len(payload),
+        models=models,
+    )
+    return protocol.encode_response(header, payload)
+
+
+def frame(
+    header: protocol.RequestHeader, payload: memoryview, rows: int, response_codec: str | None
+) -> Frame:
+    """A checked /v1 frame in the service's terms; its outputs are encoded with
+    ``response_codec`` (None: kept as tensors, for an answer that gathers several models)."""
+    encoder = None if response_codec is None else _encoder(header.request_id, response_codec)
+    return Frame(header.cut, header.tensors, rows, header.request_id, header.codec, payload, encoder=encoder)
+
+
+def _encoder(request_id: str, response_codec: str) -> Encoder:
+    return lambda outputs: encode_outputs(request_id, outputs, response_codec)
 
 
 async def infer(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    started = time.perf_counter()
+    """``POST /v1/models/{name}/infer``: a msgpack frame in, a msgpack answer out."""
+    service = request.app[SERVICE]
     name = request.match_info["name"]
-    if state.repository.latest(name) is None:
-        raise Problem("unknown_model", f"no model {name!r} here; GET /v1/models lists them")
-    admit(state, request)
-    state.drain.enter()
+    service.find(name)
+    call = Call(
+        read=reader(request),
+        parse=functools.partial(_parse, service, name),
+        declared_bytes=request.content_length,
+        check=functools.partial(check_media, request),
+    )
+    result = await service.infer(call)
+    headers = {"Server-Timing": result.timing}
+    return web.Response(body=result.reply.body, content_type=result.reply.content_type, headers=headers)
+
+
+async def _parse(service: InferenceService, name: str, body: bytes) -> Work:
+    """The frame in ``body`` as the service's work, pinned to the version made for its graph."""
+    config = service.state.config
     try:
-        return await _infer(state, request, name, started)
-    finally:
-        state.drain.leave()
-
-
-def _version_for(state: ServerState, name: str, header: protocol.RequestHeader) -> Served:
-    """The served version of ``name`` whose graph the frame was made for (edge clients on an
-    older bundle keep being served by the older version while it is loaded)."""
-    served = state.repository.by_graph(name, header.graph)
-    if served is not None:
-        return served
-    versions = state.repository.versions(name)
-    if not versions:
-        raise Problem("unknown_model", f"no model {name!r} here; GET /v1/models lists them")
-    hashes = ", ".join(f"{s.bundle.graph_hash} (version {s.version})" for s in versions)
-    raise Problem(
-        "graph_mismatch",
-        f"model {name!r} here has graph {hashes}; the request was made for {header.graph}: load the "
-        "same bundle on the edge and the cloud",
+        header, payload = protocol.decode_request(body, max_payload=config.max_body_bytes)
+    except ProtocolError as exc:
+        raise Problem(exc.code, str(exc)) from None
+    if header.model != name:
+        raise Problem("malformed_frame", f"frame names model {header.model!r} but was posted to {name!r}")
+    served = service.pin(name, header.graph)
+    rows = _check(served.bundle, header, name, config.max_decoded_bytes)
+    tasks = service.tasks(served, header.cut, header.tasks)
+    codec = None if tasks else config.response_codec  # several models: encoded as one answer
+    return Work(
+        served,
+        frame(header, payload, rows, codec),
+        functools.partial(_respond, header.request_id, config.response_codec, (served, *tasks)),
+        deadline_s=header.deadline_s,
+        tasks=tasks,
+        label=header.codec,
     )
 
 
-async def _infer(state: ServerState, request: web.Request, name: str, started: float) -> web.Response:
-    config, scheduler = state.config, state.scheduler
-    loop = asyncio.get_running_loop()
-    submitted: list[tuple[Served, Job, Batcher]] = []
-    scheduler.admit()
-    try:
-        body = await read_body(request, config.max_body_bytes, config.read_timeout_s)
-        received = time.perf_counter()
-        try:
-            header, payload = protocol.decode_request(body, max_payload=config.max_body_bytes)
-        except ProtocolError as exc:
-            raise Problem(exc.code, str(exc)) from None
-        if header.model != name:
-            raise Problem("malformed_frame", f"frame names model {header.model!r} but was posted to {name!r}")
-        served = _version_for(state, name, header)
-        bundle = served.bundle
-        rows = _check(bundle, header, name, config.max_decoded_bytes)
-        targets = [served, *_tasks_for(state, served, header)]
-        deadline = None if header.deadline_s is None else started + header.deadline_s
-        now = time.perf_counter()
-        if deadline is not None and now >= deadline:
-            raise Problem("deadline_exceeded", "the request's deadline passed before it was queued")
-        frame = Frame(header, payload, rows)
-        if len(payload) <= SMALL_BYTES:  # decoded here: cheaper than a handoff to a thread
-            frontier = decode_frame(header, payload, bundle)
-            frame = Frame(header, payload, rows, frontier, time.perf_counter() - now)
-        elif header.tasks:  # one frontier for every task: decoded once, off the loop
-            frontier = await loop.run_in_executor(scheduler.pool, decode_frame, header, payload, bundle)
-            frame = Frame(header, payload, rows, frontier, time.perf_counter() - now)
-        if header.tasks:  # the outputs of every model go out in one response, encoded below
-            frame = Frame(header, payload, rows, frame.frontier, frame.decode_s, encode=False)
-        for target in targets:
-            job = Job(
-                frame,
-                now,
-                deadline,
-                loop.create_future(),
-                alone=not batchable(target.bundle, header.cut),
-                bundle=target.bundle,
-            )
-            share = state.repository.batch_key(target, header.cut)
-            batcher = scheduler.batcher(target.bundle, header.cut, target.tag, share)
-            batcher.submit(job)
-            state.repository.enter(target)  # the version stays loaded until this request is answered
-            submitted.append((target, job, batcher))
-    finally:
-        scheduler.arrived()
-    try:
-        answers = await asyncio.gather(*(job.future for _, job, _ in submitted), return_exceptions=True)
-    except asyncio.CancelledError:
-        for _, job, batcher in submitted:
-            batcher.withdraw(job)
-        raise
-    finally:
-        for target, _, _ in submitted:
-            state.repository.leave(target)
-    for answer in answers:
-        if isinstance(answer, BaseException):
-            raise answer
-    done = [a for a in answers if isinstance(a, Answer)]
-    out: bytes | None
-    if header.tasks:
-        stages, out = await _task_response(state, header, targets, done)
-    else:
-        stages, out = done[0].stages, done[0].body
-    # "total" is the server's own time, from the last body byte to the answer: the time the body
-    # spent arriving is the client's uplink, which the edge estimates from this header.
-    stages["receive"] = received - started
-    stages["total"] = time.perf_counter() - received
-    if out is None:  # never: the batcher encodes every answer before it resolves the future
-        raise Problem("internal", "the server failed to encode the outputs; see its log")
-    try:
-        state.metrics.observe_success(name, header.cut, header.codec, stages, len(body), len(out))
-    except Exception:
-        log.exception("observing a request failed")
-    rows_in_batch, models = max(a.batch_rows for a in done), max(a.batch_models for a in done)
-    timing = f'{server_timing(stages)}, batch;desc="rows={rows_in_batch} models={models}"'
-    return web.Response(body=out, content_type=protocol.FRAME_CONTENT_TYPE, headers={"Server-Timing": timing})
-
-
-def _tasks_for(state: ServerState, served: Served, header: protocol.RequestHeader) -> list[Served]:
-    """The served versions of a request's task models, each checked to share the posted model's
-    head up to the request's cut (then the frontier is theirs too)."""
-    out = []
-    for task, graph in header.tasks:
-        target = state.repository.by_graph(task, graph)
-        if target is None:
-            try:
-                _version_for(state, task, replace(header, model=task, graph=graph))  # raises 404 or 409
-            except Problem as p:
-                raise Problem(p.code, f"task {task!r} of this request: {p.detail}") from None
-            raise AssertionError("unreachable")
-        if not served.shares_head(target, header.cut):
-            top = min(served.bundle.last_cut, target.bundle.last_cut)
-            shared = max((k for k in range(top + 1) if served.shares_head(target, k)), default=None)
-            where = "nowhere (their inputs differ)" if shared is None else f"up to cut {shared}"
-            raise Problem(
-                "head_not_shared",
-                f"models {served.name!r} and {task!r} here do not share their head up to cut {header.cut} "
-                "(their segments before it differ, or this server cannot tell: ONNX Runtime); they share "
-                f"it {where}: send one request per model, or an earlier cut",
-            )
-        out.append(target)
-    return out
-
-
-async def _task_response(
-    state: ServerState, header: protocol.RequestHeader, targets: list[Served], answers: list[Answer]
-) -> tuple[dict[str, float], bytes]:
-    """The stages and the body of one answer carrying every model's outputs (posted model first)."""
+def _respond(request_id: str, codec: str, targets: Sequence[Served], answers: Sequence[Answer]) -> Reply:
+    """The /v1 answer: the body the batcher encoded, or every model's outputs (posted model first)."""
+    if len(answers) == 1 and answers[0].body is not None:
+        return Reply(answers[0].body, protocol.FRAME_CONTENT_TYPE)
     outputs = [t for answer in answers for t in answer.outputs or []]
-    models = tuple((target.name, len(answer.outputs or [])) for target, answer in zip(targets, answers))
-    codec = state.scheduler.response_codec
-    t0 = time.perf_counter()
-    if sum(o.numel() * o.element_size() for o in outputs) <= SMALL_BYTES:
-        out = encode_outputs(header.request_id, outputs, codec, models)
-    else:
-        out = await asyncio.get_running_loop().run_in_executor(
-            state.scheduler.pool, encode_outputs, header.request_id, outputs, codec, models
-        )
-    stages = {k: max(a.stages.get(k, 0.0) for a in answers) for k in ("queue", "decode", "compute")}
-    stages["encode"] = time.perf_counter() - t0
-    return stages, out
+    models = tuple((t.name, len(a.outputs or [])) for t, a in zip(targets, answers))
+    if len(answers) == 1:
+        models = ()
+    return Reply(encode_outputs(request_id, outputs, codec, models), protocol.FRAME_CONTENT_TYPE)
 
 
 # -- link probes ---------------------------------------------------------------------------
@@ -504,7 +424,7 @@ def _describe(state: ServerState, bundle: Bundle) -> dict[str, object]:
         "cuts": [c.to_json() for c in bundle.cuts],
         "codecs": bundle.codecs,
         "inputs": [s.to_json() for s in bundle.inputs],
-        "outputs": pytree.treespec_loads(bundle.out_spec).num_leaves,
+        "outputs": len(bundle.output_names()),
         "max_batch_size": state.config.max_batch_size,
         "versions": [{"version": s.version, "graph_hash": s.bundle.graph_hash} for s in served],
         "shared_heads": _shared_heads(state, bundle.name),

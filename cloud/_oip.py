@@ -5,6 +5,7 @@ Routes (docs/server.md, "The Open Inference Protocol")::
     GET  /v2                                          server metadata
     GET  /v2/models/{name}[/versions/{v}]             model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready       model readiness
+    GET  /v2/models/{name}[/versions/{v}]/config      model configuration (Triton's shape)
     POST /v2/models/{name}[/versions/{v}]/infer       inference (JSON, or the binary tensor extension)
 
 An inference request names its inputs. Without a ``cut`` request parameter they are the model's
@@ -25,11 +26,10 @@ compute thread for large bodies.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
 import logging
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,15 +38,14 @@ import numpy as np
 import torch
 from aiohttp import web
 
-from splitinfer import protocol
 from splitinfer._version import __version__
 from splitinfer.bundle import Bundle
-from splitinfer.cloud._batcher import Job
-from splitinfer.cloud._compute import SMALL_BYTES, Frame
-from splitinfer.cloud._handlers import admit, batchable, read_body, server_timing
+from splitinfer.cloud._compute import Answer, Frame
+from splitinfer.cloud._handlers import check_media, reader
 from splitinfer.cloud._problem import Problem
 from splitinfer.cloud._repository import Served, reload_models
-from splitinfer.cloud._state import STATE, ServerState
+from splitinfer.cloud._service import Call, InferenceService, Reply, Work, batchable
+from splitinfer.cloud._state import SERVICE, STATE
 from splitinfer.errors import BundleError
 from splitinfer.tensors import MAX_NDIM, TensorSpec, numpy_dtype
 
@@ -123,6 +122,38 @@ def model_metadata(bundle: Bundle, versions: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def _config_tensors(names: Sequence[str], specs: Sequence[TensorSpec], batched: bool) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": n,
+            "data_type": "TYPE_" + datatype(s.dtype),
+            "dims": [-1 if d is None else d for d in (s.shape[1:] if batched else s.shape)],
+        }
+        for n, s in zip(names, specs)
+    ]
+
+
+def model_config(bundle: Bundle, version: str, max_batch_size: int) -> dict[str, Any]:
+    """The model configuration in Triton's ``/config`` shape, built from the bundle's specs.
+
+    A model whose inputs and outputs are batch-leading (dim 0 dynamic) says the server's
+    ``max_batch_size`` and leaves the batch dimension out of ``dims``, as Triton does; any other
+    says 0 and gives whole shapes (-1: dynamic).
+    """
+    batched = batchable(bundle, 0)
+    last = bundle.last_cut
+    return {
+        "name": bundle.name,
+        "platform": "splitinfer_torch_export",
+        "backend": "splitinfer",
+        "version_policy": {"specific": {"versions": [version]}},
+        "max_batch_size": max_batch_size if batched else 0,
+        "input": _config_tensors(bundle.tensor_names(0), bundle.cuts[0].tensors, batched),
+        "output": _config_tensors(bundle.output_names(), bundle.cuts[last].tensors, batched),
+        "parameters": {"graph_hash": {"string_value": bundle.graph_hash}},
+    }
+
+
 # -- parsing a request ---------------------------------------------------------------------
 
 
@@ -163,10 +194,18 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[Mapping[str, An
             raise _bad(f"{HEADER_LENGTH} is {n}, but the body has {len(view)} bytes")
         json_part, binary = view[:n], view[n:]
     try:
-        doc = json.loads(bytes(json_part))
+        doc = json.loads(bytes(json_part), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(f"the inference request is not valid JSON ({exc})") from None
     return _object(doc, "the inference request"), binary
+
+
+def _no_constant(name: str) -> Any:
+    """``NaN``, ``Infinity`` and ``-Infinity`` are not JSON: refused wherever they appear."""
+    raise _bad(
+        f"the inference request holds {name}, which is not a JSON number: send tensors with "
+        "non-finite values as binary data (the binary tensor extension)"
+    )
 
 
 def _cut(bundle: Bundle, parameters: Mapping[str, Any]) -> int:
@@ -209,7 +248,13 @@ def _from_json_data(data: object, name: str, dtype: str, shape: tuple[int, ...])
         info = np.iinfo(want)
         if arr.min() < info.min or arr.max() > info.max:
             raise _bad(f"input {name!r}: values out of the range of {datatype(dtype)}")
-    return arr.astype(want).reshape(shape)
+    out = arr.astype(want).reshape(shape)
+    if want.kind == "f" and not np.isfinite(out).all():  # 1e999, or 1e10 as FP16
+        raise _bad(
+            f"input {name!r}: values out of the range of {datatype(dtype)}; send non-finite values "
+            "as binary data (the binary tensor extension)"
+        )
+    return out
 
 
 def _to_tensor(arr: np.ndarray[Any, Any], dtype: str) -> torch.Tensor:
@@ -377,6 +422,18 @@ def _raw(tensor: torch.Tensor) -> np.ndarray[Any, Any]:
     return t.numpy()
 
 
+def _json_data(arr: np.ndarray[Any, Any], name: str) -> list[Any]:
+    """The values of ``arr`` as a flat JSON list; Problem (400) if one is NaN or infinite, which
+    JSON cannot carry (the output is sent as binary data when the client asks for that)."""
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise _bad(
+            f"output {name!r} holds NaN or infinite values, which JSON cannot carry: ask for it as "
+            "binary data (parameters: binary_data true, or binary_data_output)"
+        )
+    values: list[Any] = arr.reshape(-1).tolist()
+    return values
+
+
 def encode_answer(
     bundle: Bundle, version: str, request: InferRequest, outputs: Sequence[torch.Tensor]
 ) -> tuple[bytes, int | None]:
@@ -396,32 +453,23 @@ def encode_answer(
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
-            entry["data"] = arr.reshape(-1).tolist()
+            entry["data"] = _json_data(arr, names[index])
         described.append(entry)
     doc = {"model_name": bundle.name, "model_version": version, "outputs": described}
     if request.request_id:
         doc["id"] = request.request_id
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     if not chunks:
         return head, None
     return head + b"".join(chunks), len(head)
 
 
-# -- handlers ------------------------------------------------------------------------------
+# -- handlers: the /v2 adapter of the inference service ------------------------------------
 
 
 def _served(request: web.Request) -> Served:
     """The version a request names (the newest when it names none); Problem 404 if not served."""
-    repo = request.app[STATE].repository
-    name = request.match_info["name"]
-    version = request.match_info.get("version")
-    served = repo.get(name, version)
-    if served is None:
-        if repo.latest(name) is None:
-            raise Problem("unknown_model", f"no model {name!r} here; GET /v1/models lists them")
-        have = ", ".join(s.version for s in repo.versions(name))
-        raise Problem("unknown_model", f"model {name!r} has version(s) {have} here, not {version!r}")
-    return served
+    return request.app[SERVICE].find(request.match_info["name"], request.match_info.get("version"))
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -434,6 +482,13 @@ async def get_model(request: web.Request) -> web.Response:
     return web.json_response(model_metadata(served.bundle, versions))
 
 
+async def get_config(request: web.Request) -> web.Response:
+    """``GET /v2/models/{name}[/versions/{v}]/config``: Triton's model configuration."""
+    served = _served(request)
+    limit = request.app[STATE].config.max_batch_size
+    return web.json_response(model_config(served.bundle, served.version, limit))
+
+
 async def model_ready(request: web.Request) -> web.Response:
     served = _served(request)
     state = request.app[STATE]
@@ -443,92 +498,39 @@ async def model_ready(request: web.Request) -> web.Response:
 
 
 async def infer(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    started = time.perf_counter()
+    """``POST /v2/models/{name}[/versions/{v}]/infer``: JSON (or binary tensors) in and out."""
+    service = request.app[SERVICE]
     served = _served(request)
-    admit(state, request, MEDIA_TYPES)
-    state.drain.enter()
-    state.repository.enter(served)  # the version stays loaded until this request is answered
-    try:
-        return await _infer(state, request, served, started)
-    finally:
-        state.repository.leave(served)
-        state.drain.leave()
+    call = Call(
+        read=reader(request),
+        parse=functools.partial(_parse, service, served, request.headers.get(HEADER_LENGTH)),
+        declared_bytes=request.content_length,
+        check=functools.partial(check_media, request, MEDIA_TYPES),
+        hold=served,
+    )
+    result = await service.infer(call)
+    headers = {**result.reply.headers, "Server-Timing": result.timing}
+    return web.Response(body=result.reply.body, content_type=result.reply.content_type, headers=headers)
 
 
-async def _run(state: ServerState, size: int, fn: Any, *args: Any) -> Any:
-    """``fn(*args)`` here when the body is small, else on a compute thread (JSON of megabytes)."""
-    if size <= SMALL_BYTES:
-        return fn(*args)
-    return await asyncio.get_running_loop().run_in_executor(state.pool, fn, *args)
+async def _parse(service: InferenceService, served: Served, header_length: str | None, body: bytes) -> Work:
+    """The request in ``body`` as the service's work (parsed off the loop when large)."""
+    limit = service.state.config.max_decoded_bytes
+    parsed = await service.offload(len(body), parse_infer, served.bundle, body, header_length, limit)
+    tensors = tuple(TensorSpec.of(t) for t in parsed.frontier)
+    frame = Frame(parsed.cut, tensors, parsed.rows, parsed.request_id, frontier=parsed.frontier)
+    respond = functools.partial(_respond, served, parsed)
+    return Work(served, frame, respond, deadline_s=parsed.timeout_s, label=METRIC_CODEC)
 
 
-async def _infer(state: ServerState, request: web.Request, served: Served, started: float) -> web.Response:
-    config, scheduler, bundle = state.config, state.scheduler, served.bundle
-    scheduler.admit()
-    try:
-        body = await read_body(request, config.max_body_bytes, config.read_timeout_s)
-        received = time.perf_counter()
-        parsed: InferRequest = await _run(
-            state,
-            len(body),
-            parse_infer,
-            bundle,
-            body,
-            request.headers.get(HEADER_LENGTH),
-            config.max_decoded_bytes,
-        )
-        now = time.perf_counter()
-        deadline = None if parsed.timeout_s is None else started + parsed.timeout_s
-        if deadline is not None and now >= deadline:
-            raise Problem("deadline_exceeded", "the request's timeout passed before it was queued")
-        header = protocol.RequestHeader(
-            model=bundle.name,
-            graph=bundle.graph_hash,
-            cut=parsed.cut,
-            codec=METRIC_CODEC,
-            tensors=tuple(TensorSpec.of(t) for t in parsed.frontier),
-            request_id=parsed.request_id,
-            payload_nbytes=len(body),
-            deadline_s=parsed.timeout_s,
-        )
-        frame = Frame(header, memoryview(b""), parsed.rows, parsed.frontier, now - received, encode=False)
-        future = asyncio.get_running_loop().create_future()
-        job = Job(frame, now, deadline, future, alone=not batchable(bundle, parsed.cut))
-        batcher = scheduler.batcher(bundle, parsed.cut, served.tag)
-        batcher.submit(job)
-    finally:
-        scheduler.arrived()
-    try:
-        answer = await job.future
-    except asyncio.CancelledError:
-        batcher.withdraw(job)
-        raise
+def _respond(served: Served, parsed: InferRequest, answers: Sequence[Answer]) -> Reply:
+    (answer,) = answers
     if answer.outputs is None:  # never: frames of /v2 keep their outputs as tensors
         raise Problem("internal", "the server lost the outputs; see its log")
-    t0 = time.perf_counter()
-    out, json_length = await _run(
-        state,
-        sum(o.numel() * o.element_size() for o in answer.outputs),
-        encode_answer,
-        bundle,
-        served.version,
-        parsed,
-        answer.outputs,
-    )
-    stages = answer.stages
-    stages["encode"] = time.perf_counter() - t0
-    stages["receive"] = received - started
-    stages["total"] = time.perf_counter() - received
-    try:
-        state.metrics.observe_success(bundle.name, parsed.cut, METRIC_CODEC, stages, len(body), len(out))
-    except Exception:
-        log.exception("observing a request failed")
-    headers = {"Server-Timing": server_timing(stages)}
+    out, json_length = encode_answer(served.bundle, served.version, parsed, answer.outputs)
     if json_length is None:
-        return web.Response(body=out, content_type="application/json", headers=headers)
-    headers[HEADER_LENGTH] = str(json_length)
-    return web.Response(body=out, content_type="application/octet-stream", headers=headers)
+        return Reply(out, "application/json")
+    return Reply(out, "application/octet-stream", {HEADER_LENGTH: str(json_length)})
 
 
 async def repository_index(request: web.Request) -> web.Response:
@@ -575,6 +577,7 @@ def add_routes(app: web.Application) -> None:
     for prefix, suffix in (("/v2/models/{name}", ""), ("/v2/models/{name}/versions/{version}", "_version")):
         app.router.add_get(prefix, get_model)
         app.router.add_get(prefix + "/ready", model_ready)
+        app.router.add_get(prefix + "/config", get_config)
         app.router.add_post(prefix + "/infer", infer, name="v2_infer" + suffix)
     app.router.add_post("/v2/repository/index", repository_index)
     app.router.add_post("/v2/repository/models/{name}/load", load_model)

@@ -11,9 +11,11 @@ every version present, or the newest ``max_versions``. :meth:`Repository.reload`
 again: versions that are new or changed (their manifest differs) are loaded beside the served
 ones, then the set flips at once, and a version that left the set is released only when its
 last in-flight request has finished (:meth:`Repository.enter` / :meth:`Repository.leave`). A
-version that fails to load (a bad sha256, an unloadable segment, another model's name) is
-refused with an error in the log and the ``splitinfer_model_loads_total{result="failed"}``
-metric, and what was served before keeps serving.
+version that fails to load (an unreadable manifest, a bad sha256, an unloadable segment,
+another model's name) is refused with an error in the log and the
+``splitinfer_model_loads_total{result="failed"}`` metric, and what was served before keeps
+serving. At the start the same damage, of any kind, stops the server instead (docs/server.md,
+"Broken bundles").
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ log = logging.getLogger("splitinfer.cloud")
 LoadHook = Callable[[str, str, bool], None]
 #: Called when a served version is released (its batchers can go).
 ReleaseHook = Callable[["Served"], None]
+#: Called by a scan for a version directory whose manifest cannot be read: (its path, why).
+UnreadableHook = Callable[[Path, BundleError], None]
 
 
 @dataclass(eq=False)
@@ -116,11 +120,11 @@ def _version_key(version: str) -> tuple[int, str]:
     return (int(version), version) if version.isdigit() else (-1, version)
 
 
-def scan(root: Path) -> dict[str, dict[str, Path]]:
+def scan(root: Path, on_unreadable: UnreadableHook | None = None) -> dict[str, dict[str, Path]]:
     """The bundle directories under ``root``: model name (from each manifest) -> version -> path.
 
-    Unreadable manifests are logged and skipped here (loading reports them); two directories
-    claiming one model and version are an error.
+    A manifest that cannot be read is BundleError, or, with ``on_unreadable``, reported to it and
+    skipped; two directories claiming one model and version are an error.
     """
     found: dict[str, dict[str, Path]] = {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -134,7 +138,9 @@ def scan(root: Path) -> dict[str, dict[str, Path]]:
             try:
                 name = str(read_manifest(path)["name"])
             except BundleError as exc:
-                log.error("skipping %s: %s", path, exc)
+                if on_unreadable is None:
+                    raise
+                on_unreadable(path, exc)
                 continue
             versions = found.setdefault(name, {})
             if version in versions:
@@ -338,6 +344,22 @@ class Repository:
                     out[version] = old
         return out
 
+    def unreadable(self, path: Path, exc: BundleError) -> None:
+        """A version directory whose manifest a reload cannot read: refused like any broken
+        version (logged and counted once until it changes; what is served keeps serving). Its
+        model is named by its directory, as its manifest cannot say."""
+        model, version = (path.parent.name, path.name) if path.name.isdigit() else (path.name, "1")
+        try:
+            fingerprint: tuple[str, tuple[tuple[str, int, int], ...]] | None = _fingerprint(path)
+        except OSError:
+            fingerprint = None
+        if fingerprint is not None and self._failed.get(path) == fingerprint:
+            return  # refused already, and unchanged since
+        self._observe(model, version, False)
+        log.error("refusing model %s version %s (%s): %s", model, version, path, exc)
+        if fingerprint is not None:
+            self._failed[path] = fingerprint
+
     def flip(self, name: str, versions: dict[str, Served]) -> None:
         """Serve ``versions`` of ``name`` from now on; versions that left are retired."""
         old = self.models.get(name, {})
@@ -375,7 +397,7 @@ def load_repository(
     threads: int | None = None,
 ) -> Repository:
     """Every bundle under ``root``, by model and version, with its segments on ``device`` (equal
-    segments once, with ``share``); a broken bundle stops the start, loudly."""
+    segments once, with ``share``); a broken bundle, whatever its damage, stops the start: BundleError."""
     repo = Repository(root, device, max_versions, share, runtime, threads)
     for name, present in scan(root).items():
         repo.flip(name, repo.prepare(name, present, strict=True))
@@ -396,7 +418,7 @@ async def reload_models(repo: Repository, pool: Executor, name: str | None = Non
     """
     loop = asyncio.get_running_loop()
     async with repo.lock:
-        found = await loop.run_in_executor(pool, scan, repo.root)
+        found = await loop.run_in_executor(pool, scan, repo.root, repo.unreadable)
         if name is not None:
             if name not in found:
                 raise BundleError(f"no bundle of model {name!r} in {repo.root}; put it there first")

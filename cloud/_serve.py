@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 import signal
+import socket
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -155,29 +157,27 @@ async def _run(
 ) -> bool:
     ssl_context = server_ssl_context(config)
     app = create_app(config, registry=registry)
+    sockets, probe_sockets = _bind_all(config)
     # The runner's shutdown timeout covers only stragglers: the drain itself waits first.
     reserve = min(1.0, 0.2 * config.drain_timeout_s)
     runner = ServeRunner(app, access_log=None, handle_signals=False, shutdown_timeout=reserve / 2)
     probe_runner: web.AppRunner | None = None
     watchdog: threading.Timer | None = None
     drained = False
-    await runner.setup()
     try:
-        site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context, backlog=1024)
-        await _listen(site, config.host, config.port)
+        await runner.setup()  # loads the models
+    except BaseException:
+        _close([*sockets, *probe_sockets])
+        raise
+    try:
         scheme = "https" if ssl_context is not None else "http"
-        for host, port, *_ in runner.addresses:
-            announce(f"splitinfer serve: listening on {scheme}://{_hostport(host, port)}")
+        await _start(runner, sockets, ssl_context, announce, f"listening on {scheme}://{{}}")
         served = ", ".join(f"{s.name} {s.version}" for s in app[STATE].repository)
         log.info("serving %d model(s): %s", len(app[STATE].repository.models), served)  # bound: true now
-        if config.metrics_port is not None:
+        if probe_sockets:
             probe_runner = ServeRunner(create_probe_app(app), access_log=None, handle_signals=False)
             await probe_runner.setup()
-            await _listen(
-                web.TCPSite(probe_runner, config.host, config.metrics_port), config.host, config.metrics_port
-            )
-            for host, port, *_ in probe_runner.addresses:
-                announce(f"splitinfer serve: metrics on http://{_hostport(host, port)}/metrics")
+            await _start(probe_runner, probe_sockets, None, announce, "metrics on http://{}/metrics")
         _reload_on_sighup(app)
         signum = await _wait_for_signal()
         log.info(
@@ -190,19 +190,71 @@ async def _run(
         if probe_runner is not None:
             await probe_runner.cleanup()
         await runner.cleanup()
+        _close([*sockets, *probe_sockets])
         if watchdog is not None:
             watchdog.cancel()
     log.info("drained; exiting" if drained else "drain timeout: exiting with requests unfinished")
     return drained
 
 
-async def _listen(site: web.TCPSite, host: str, port: int) -> None:
+def _bind_all(config: ServerConfig) -> tuple[list[socket.socket], list[socket.socket]]:
+    """The server's sockets and the metrics port's, bound before the models load, so that a port
+    in use is reported at once; they listen (accept connections) once the sites start."""
+    sockets = _bind(config.host, config.port)
     try:
-        await site.start()
+        probe_sockets = [] if config.metrics_port is None else _bind(config.host, config.metrics_port)
+    except ConfigError:
+        _close(sockets)
+        raise
+    return sockets, probe_sockets
+
+
+async def _start(
+    runner: web.AppRunner,
+    sockets: list[socket.socket],
+    ssl_context: ssl.SSLContext | None,
+    announce: Callable[[str], None],
+    line: str,
+) -> None:
+    """Serve ``runner``'s application on ``sockets`` (they listen from now on); announce each
+    address with ``line`` (its ``{}`` is the address)."""
+    for sock in sockets:
+        await web.SockSite(runner, sock, ssl_context=ssl_context, backlog=1024).start()
+    for host, port, *_ in runner.addresses:
+        announce("splitinfer serve: " + line.format(_hostport(host, port)))
+
+
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address of ``host`` at ``port``, not yet listening (as aiohttp's
+    own sites would bind them); ConfigError naming the address when one is taken."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
+        raise ConfigError(f"cannot listen on {_hostport(host, port)}: {exc}; pick another --host") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            if port == 0 and sockets:  # one ephemeral port for every address
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            if os.name == "posix":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.setblocking(False)
+    except OSError as exc:
+        _close(sockets)
         raise ConfigError(
             f"cannot listen on {_hostport(host, port)}: {exc.strerror or exc}; pick another --host/--port"
         ) from None
+    return sockets
+
+
+def _close(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
 
 
 def _reload_on_sighup(app: web.Application) -> None:

@@ -14,8 +14,9 @@ from splitinfer.cloud._config import ServerConfig
 from splitinfer.cloud._drain import Drain
 from splitinfer.cloud._metrics import ServerMetrics
 from splitinfer.cloud._repository import Repository
+from splitinfer.cloud._service import InferenceService
 
-__all__ = ["CONFIG", "METRICS", "STATE", "TOKENS", "ServerState"]
+__all__ = ["CONFIG", "METRICS", "SERVICE", "STATE", "TOKENS", "ServerState"]
 
 
 @dataclass
@@ -43,3 +44,5 @@ CONFIG = web.AppKey("config", ServerConfig)
 METRICS = web.AppKey("metrics", ServerMetrics)
 TOKENS = web.AppKey("tokens", TokenSet)
 STATE = web.AppKey("state", ServerState)
+#: The inference service of a running application (set when its models have loaded).
+SERVICE = web.AppKey("service", InferenceService)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import aiohttp
 import pytest
 import torch
 
-from splitinfer.cloud._compute import HOST, Answer, Frame, finish, run_batch
+from splitinfer.cloud._compute import HOST, Answer, finish, run_batch
+from splitinfer.cloud._handlers import frame as v1_frame
 from splitinfer.cloud._problem import Problem
 from splitinfer.cloud._state import STATE
 from splitinfer.compression import get_codec
@@ -165,26 +167,26 @@ async def test_full_queue_is_503_with_retry_after_and_admitted_requests_finish(r
         )
 
 
-def _frames(bundle, specs):
+def _frames(bundle, specs, response_codec="f32"):
     out = []
     for cut, rows, codec in specs:
         header, payload = decode_request(frame(bundle, cut, torch.rand(rows, 3, 32, 32), codec=codec))
-        out.append(Frame(header, payload, rows))
+        out.append(v1_frame(header, payload, rows, response_codec))
     return out
 
 
 def test_run_batch_concatenates_mixed_codecs_and_splits_rows_back(cnn_bundle):
     frames = _frames(cnn_bundle, [(5, 1, "f32"), (5, 3, "f32+zstd1"), (5, 2, "f32")])
-    answers = run_batch(cnn_bundle, 5, frames, "f32", time.perf_counter(), HOST)
+    answers = run_batch(cnn_bundle, 5, frames, time.perf_counter(), HOST)
     assert all(isinstance(a, Answer) for a in answers)
     computes = {a.stages["compute"] for a in answers}
     assert len(computes) == 1  # one run of the tail for the whole batch
     for f, a in zip(frames, answers):
         assert a.batch_rows == 6
-        frontier = get_codec(f.header.codec).decode(f.payload)
+        frontier = get_codec(f.codec).decode(f.payload)
         want = cnn_bundle.run_segments(5, cnn_bundle.n_segments, frontier)[0]
         assert a.body is None  # small outputs are left for the event loop to encode
-        finish(a, "r", "f32")
+        finish(a, f)
         got = outputs(a.body)[0]
         assert got.shape[0] == f.rows
         assert torch.allclose(got, want, atol=1e-5)
@@ -192,8 +194,8 @@ def test_run_batch_concatenates_mixed_codecs_and_splits_rows_back(cnn_bundle):
 
 def test_a_frame_that_does_not_decode_fails_alone(cnn_bundle):
     good, bad, other = _frames(cnn_bundle, [(4, 1, "f32+zstd1"), (4, 1, "f32+zstd1"), (4, 2, "f32")])
-    broken = Frame(bad.header, memoryview(bytes(bad.payload)[:-7] + b"\x00" * 7), 1)
-    answers = run_batch(cnn_bundle, 4, [good, broken, other], "f32", time.perf_counter(), HOST)
+    broken = replace(bad, payload=memoryview(bytes(bad.payload)[:-7] + b"\x00" * 7))
+    answers = run_batch(cnn_bundle, 4, [good, broken, other], time.perf_counter(), HOST)
     assert isinstance(answers[0], Answer) and isinstance(answers[2], Answer)
     assert isinstance(answers[1], Problem) and answers[1].code == "malformed_frame"
     assert answers[0].batch_rows == 3
@@ -212,7 +214,7 @@ def test_a_batch_that_fails_runs_its_requests_one_by_one(cnn_bundle, monkeypatch
         return real(start, stop, frontier)
 
     monkeypatch.setattr(cnn_bundle, "run_segments", flaky)
-    answers = run_batch(cnn_bundle, 7, frames, "f32", time.perf_counter(), HOST)
+    answers = run_batch(cnn_bundle, 7, frames, time.perf_counter(), HOST)
     assert isinstance(answers[0], Answer)
     if bad_rows == 1:
         assert isinstance(answers[1], Answer)
@@ -226,8 +228,8 @@ def test_large_outputs_are_encoded_in_the_compute_thread(cnn_bundle, monkeypatch
     from splitinfer.cloud import _compute
 
     monkeypatch.setattr(_compute, "SMALL_BYTES", 0)
-    (f,) = _frames(cnn_bundle, [(6, 2, "f32")])
-    (answer,) = run_batch(cnn_bundle, 6, [f], "f32+zstd1", time.perf_counter(), HOST)
+    (f,) = _frames(cnn_bundle, [(6, 2, "f32")], response_codec="f32+zstd1")
+    (answer,) = run_batch(cnn_bundle, 6, [f], time.perf_counter(), HOST)
     assert isinstance(answer, Answer) and answer.body is not None and answer.outputs is None
     assert outputs(answer.body)[0].shape == (2, 10)
 

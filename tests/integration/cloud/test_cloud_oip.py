@@ -263,3 +263,53 @@ async def test_every_datatype_travels_binary_and_as_json(typed_repository):
             assert err.value.status() == "400"
         finally:
             await client.close()
+
+
+async def test_get_model_config_answers_tritons_configuration_from_the_bundles_specs(repository, cnn_bundle):
+    async with running(repository, max_batch_size=16) as server:
+        client = _client(server.url)
+        try:
+            config = await client.get_model_config("democnn")
+            assert config["name"] == "democnn" and config["max_batch_size"] == 16
+            assert config["input"] == [{"name": "input_0", "data_type": "TYPE_FP32", "dims": [3, 32, 32]}]
+            assert config["output"] == [{"name": "output_0", "data_type": "TYPE_FP32", "dims": [10]}]
+            assert config["parameters"]["graph_hash"] == {"string_value": cnn_bundle.graph_hash}
+            again = await client.get_model_config("democnn", model_version=cnn_bundle.version)
+            assert again == config
+            with pytest.raises(InferenceServerException, match="no model 'nosuchmodel'") as err:
+                await client.get_model_config("nosuchmodel")
+            assert err.value.status() == "404"
+        finally:
+            await client.close()
+
+
+async def test_json_refuses_non_finite_numbers_and_never_answers_a_bare_nan(repository, cnn):
+    x = np.random.rand(1, 3, 32, 32).astype(np.float32)
+    one = {"name": "input_0", "shape": [1, 3, 32, 32], "datatype": "FP32"}
+    async with running(repository) as server, aiohttp.ClientSession() as s:
+        url = server.url + "/v2/models/democnn/infer"
+        for token in ("NaN", "Infinity", "-Infinity"):
+            values = ", ".join([token] + ["0.5"] * 3071)
+            body = json.dumps({"inputs": [{**one, "data": []}]}).replace("[]", f"[{values}]")
+            async with s.post(url, data=body.encode()) as r:
+                assert r.status == 400
+                assert f"holds {token}, which is not a JSON number" in (await r.json())["error"]
+        overflow = json.dumps({"inputs": [{**one, "data": []}]}).replace("[]", "[1e999" + ", 0" * 3071 + "]")
+        async with s.post(url, data=overflow.encode()) as r:
+            assert r.status == 400 and "out of the range of FP32" in (await r.json())["error"]
+        # NaN in binary input is carried, and the model answers NaN: as JSON it is refused ...
+        x[0, 0, 0, 0] = np.nan
+        head = {"inputs": [{**one, "parameters": {"binary_data_size": x.nbytes}}]}
+        for binary_out in (False, True):
+            doc = json.dumps({**head, "parameters": {"binary_data_output": binary_out}}).encode()
+            length = {"Inference-Header-Content-Length": str(len(doc))}
+            async with s.post(url, data=doc + x.tobytes(), headers=length) as r:
+                raw = await r.read()
+                if not binary_out:
+                    assert r.status == 400 and b"NaN" not in raw.replace(b"holds NaN", b"")
+                    assert "ask for it as binary data" in json.loads(raw)["error"]
+                    continue
+                # ... and as binary data it travels as it is
+                assert r.status == 200
+                n = int(r.headers["Inference-Header-Content-Length"])
+                assert np.isnan(np.frombuffer(raw[n:], dtype=np.float32)).all()
