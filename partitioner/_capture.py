@@ -20,7 +20,8 @@ from splitinfer.errors import CaptureError, ConfigError
 from splitinfer.partitioner import _words as words
 from splitinfer.partitioner._fidelity import measure
 from splitinfer.partitioner._graph import Cuttable, SegmentError, batch_symbol
-from splitinfer.partitioner._inputs import check_fidelity_inputs
+from splitinfer.partitioner._inputs import check_fidelity_inputs, check_inputs
+from splitinfer.partitioner._learn import Training
 from splitinfer.partitioner._intervals import DEFAULT_CONFIDENCE
 from splitinfer.protocol import valid_model_name
 from splitinfer.tensors import TensorSpec
@@ -93,6 +94,12 @@ def compile(  # the public name the API promises
     zstd_dictionaries: bool = False,
     profile: bool | str = False,
     runtimes: Sequence[str] | None = None,
+    training: Iterable[Any] | None = None,
+    exits: Sequence[int] | None = None,
+    fidelity_budget: float = 0.99,
+    seed: int = 0,
+    train_steps: int = 400,
+    train_seconds: float | None = None,
     progress: bool = False,
     verbose: bool = False,
 ) -> Bundle:
@@ -131,6 +138,15 @@ def compile(  # the public name the API promises
     default when onnx, onnxscript and onnxruntime import (the chain exported to ONNX once and
     checked against torch at every cut; docs/runtimes.md). A model ONNX cannot export logs a
     warning naming the operator and compiles for torch alone (``bundle.onnx["refused"]``).
+
+    ``training`` (unlabelled inputs like production traffic, in the form of ``calibration``)
+    trains early exits (docs/learning.md) at the cuts ``exits`` names, or at cuts picked by
+    cost: small heads distilled from the model's own output (images augmented; ``seed``,
+    ``train_steps`` optimizer steps, ``train_seconds`` a budget for the teacher's passes), their
+    confidence thresholds calibrated on held-out inputs (``evaluation``, else ``calibration``,
+    else every fourth training input) so that the answers they give agree with the model at a
+    lower bound (at ``confidence``) of at least ``fidelity_budget``. Without ``training`` the
+    bundle is what it is without this paragraph.
     """
     started = time.perf_counter()
     _check_arguments(model, example_inputs, name)
@@ -164,6 +180,19 @@ def compile(  # the public name the API promises
             "confidence": confidence,
         },
     )
+    if training is not None:
+        _add_exits(
+            bundle,
+            check_inputs("training", training, example_inputs),
+            evaluation or calibration,
+            "evaluation" if evaluation else "calibration" if calibration else "training",
+            exits,
+            Training(steps=train_steps, seconds=train_seconds, seed=seed, progress=progress),
+            fidelity_budget,
+            confidence,
+        )
+    elif exits is not None:
+        raise ConfigError(f"{words.name('exits')} need {words.name('training')} inputs to train their heads on")
     if profile:
         _add_profile(bundle, profile if isinstance(profile, str) else "host", progress)
     if verbose:
@@ -355,6 +384,42 @@ def _add_fidelity(
     bundle.calibration = ranges
     bundle.dictionaries = dictionaries
     bundle.projections = projections
+
+
+def _add_exits(
+    bundle: Bundle,
+    training: list[tuple[Any, ...]] | None,
+    held_out: list[tuple[Any, ...]] | None,
+    held_out_from: str,
+    cuts: Sequence[int] | None,
+    options: Any,
+    budget: float,
+    confidence: float,
+) -> None:
+    """Train and calibrate ``bundle``'s early exits (``_exits.train_exits``) and keep their
+    heads as exported programs (saved like segments: hashed, no pickles)."""
+    from splitinfer._checks import check_number
+    from splitinfer.partitioner._exits import train_exits
+
+    check_number("fidelity_budget (agreement, 0..1)", budget, lo=0.0, hi=1.0)
+    assert training is not None
+    if held_out is None:
+        if len(training) < 8:
+            raise ConfigError(
+                f"{words.name('training')}: {len(training)} input(s) without evaluation or calibration inputs; "
+                "give at least 8 (every fourth is held out to calibrate the exits' thresholds) or evaluation inputs"
+            )
+        held_out = training[3::4]
+        training = [t for i, t in enumerate(training) if i % 4 != 3]
+    entries, heads = train_exits(bundle, training, held_out, held_out_from, cuts, options, budget, confidence)
+    for k, head in heads.items():
+        frontier = tuple(
+            torch.zeros((_EXPORT_BATCH, *t.shape[1:]), dtype=getattr(torch, t.dtype)) for t in bundle.cut(k).tensors
+        )
+        program = _export(head.eval(), frontier, f"the exit head at cut {k}")
+        bundle._exit_programs[k] = program
+        bundle.exit_heads[k] = fast_module(program)
+    bundle.exits = entries
 
 
 def _check_image_codecs(bundle: Bundle, chosen: list[str], *, explicit: bool) -> None:

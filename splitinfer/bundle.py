@@ -36,6 +36,7 @@ from splitinfer.manifest import (
     Cut,
     Manifest,
     dict_file,
+    exit_file,
     frontier_nbytes,
     load_dictionaries,
     load_projections,
@@ -85,6 +86,10 @@ class Bundle(Manifest):
     _onnx_range: tuple[int, int] = field(default=(0, 0), repr=False, compare=False, kw_only=True)
     #: The ONNX graph in pieces, kept after compile so that :meth:`save` can write it.
     _onnx_graph: OnnxGraph | None = field(default=None, repr=False, compare=False, kw_only=True)
+    #: Loaded early-exit heads by cut (``exits`` in the manifest; torch runtime), and their
+    #: programs kept after compile for :meth:`save`.
+    exit_heads: dict[int, Segment] = field(default_factory=dict, repr=False, compare=False, kw_only=True)
+    _exit_programs: dict[int, Any] = field(default_factory=dict, repr=False, compare=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if len(self.segments) != self.n_segments:
@@ -195,6 +200,31 @@ class Bundle(Manifest):
 
         return pytree.tree_unflatten(list(leaves), pytree.treespec_loads(self.out_spec))
 
+    def exit_at(self, k: int) -> dict[str, Any] | None:
+        """The manifest's entry of the early exit at cut ``k`` whose head this process loaded
+        and that has a threshold (it may answer), or None."""
+        for entry in self.exits:
+            if entry.get("cut") == k and entry.get("threshold") is not None and k in self.exit_heads:
+                return entry
+        return None
+
+    def run_exit(self, k: int, frontier: Sequence[Any]) -> tuple[Any, list[bool]]:
+        """The exit head at cut ``k`` on ``frontier`` (batch first): its logits (the model's
+        flattened outputs, a 1-tuple) and, per row, whether it is confident enough to answer
+        (its largest softmax probability at least the exit's threshold). Numpy in, numpy out."""
+        entry = self.exit_at(k)
+        if entry is None:
+            raise CutNotLoadedError(f"bundle {self.name!r} has no early exit loaded at cut {k}")
+        import torch
+
+        as_numpy = not isinstance(frontier[0], torch.Tensor)
+        x = torch.from_numpy(frontier[0]) if as_numpy else frontier[0]
+        with torch.no_grad():
+            out = self.exit_heads[k](x)
+            logits = out[0] if isinstance(out, tuple | list) else out
+            confident = (torch.softmax(logits.float(), dim=1).max(dim=1).values >= entry["threshold"]).tolist()
+        return (logits.numpy() if as_numpy else logits,), confident
+
     def check_frontier(self, k: int, frontier: Sequence[torch.Tensor]) -> None:
         """Raise ConfigError unless ``frontier`` fits cut ``k`` (count, dtypes, shapes)."""
         cut = self.cuts[k]
@@ -225,6 +255,10 @@ class Bundle(Manifest):
                 seg = tmp / segment_file(i)
                 torch.export.save(program, seg)
                 files[seg.name] = sha256_of(seg)
+            for k, program in self._exit_programs.items():
+                path = tmp / exit_file(k)
+                torch.export.save(program, path)
+                files[path.name] = sha256_of(path)
             if self._onnx_graph is not None:
                 path = tmp / ONNX_FILE
                 path.write_bytes(self._onnx_graph.to_bytes())
@@ -297,7 +331,13 @@ class Bundle(Manifest):
         for i, name in enumerate(doc["segments"]):
             if lo <= i < hi:
                 segments[i] = _load_segment(root, name, doc["files"], device, shared)
-        return cls.from_manifest(meta, segments)
+        bundle = cls.from_manifest(meta, segments)
+        for entry in meta.exits:  # an exit's head runs where its cut's head does
+            if entry.get("file") and 0 < int(entry["cut"]) <= hi and lo == 0:
+                bundle.exit_heads[int(entry["cut"])] = _load_segment(
+                    root, str(entry["file"]), doc["files"], device, shared
+                )
+        return bundle
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, segments: list[Segment | None]) -> Bundle:

@@ -1,0 +1,248 @@
+"""Early exits: small classifiers at cuts, distilled from the model's own output (issue 32).
+
+An exit at cut ``k`` is a head on the frontier there: global average pooling (a ``N x C x H x W``
+frontier; a ``N x C`` one is used as it is), a LayerNorm and a two-layer classifier to the
+model's classes. It is trained to match the frozen model's output distribution (KL divergence to
+the teacher's softmax; no labels) on the ``training=`` inputs (:mod:`._learn`), and its
+confidence threshold (the largest softmax probability) is calibrated on held-out inputs: the
+lowest threshold whose exited answers agree with the full model's top-1 at a Wilson lower bound
+(one-sided ``confidence``) of at least the fidelity budget. An exit whose answers cannot show
+the budget at any threshold is recorded without a threshold and never answers.
+
+Refusals (documented in docs/learning.md): an exit needs the model's output to be one float
+tensor ``N x K`` (a classifier's logits; :func:`output_refusal`) and the frontier at its cut to
+be one float tensor ``N x C x H x W`` or ``N x C`` (:func:`frontier_refusal`). Cuts the user
+names are refused with a ConfigError saying why; cuts compile picks are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from splitinfer.errors import ConfigError
+from splitinfer.manifest import Cut, Manifest, exit_file
+from splitinfer.partitioner._intervals import wilson
+from splitinfer.partitioner._learn import Training, fit, teacher_views
+
+log = logging.getLogger("splitinfer.partitioner")
+
+__all__ = [
+    "ExitHead",
+    "calibrate_threshold",
+    "exit_file",
+    "frontier_refusal",
+    "output_refusal",
+    "pick_exits",
+    "train_exits",
+]
+
+#: Width of the exit's hidden layer (at most; a narrow frontier gets its own width).
+HIDDEN = 256
+#: How many cuts compile picks when the user names none.
+PICKED = 2
+
+
+class ExitHead(nn.Module):
+    """Pooling, LayerNorm and a two-layer classifier: frontier ``N x C (x H x W)`` to logits ``N x K``."""
+
+    def __init__(self, channels: int, classes: int):
+        super().__init__()
+        hidden = min(HIDDEN, max(32, channels))
+        self.norm = nn.LayerNorm(channels)
+        self.classifier = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.mean(dim=(2, 3))
+        return self.classifier(self.norm(x))
+
+    def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.norm(pooled))
+
+
+def output_refusal(manifest: Manifest) -> str | None:
+    """Why no exit can give this model's answer, or None: it must be one float tensor ``N x K``."""
+    outputs = manifest.cut(manifest.last_cut).tensors
+    if len(outputs) != 1:
+        return f"the model has {len(outputs)} outputs; an exit answers for one (a classifier's logits N x K)"
+    spec = outputs[0]
+    if len(spec.shape) != 2 or not spec.dtype.startswith(("float", "bfloat")) or (spec.shape[1] or 0) < 2:
+        return f"the model's output is {spec}; an exit gives a classifier's logits, float N x K with K >= 2"
+    return None
+
+
+def frontier_refusal(cut: Cut) -> str | None:
+    """Why no exit head can read the frontier at ``cut``, or None (one float N x C x H x W or N x C)."""
+    if len(cut.tensors) != 1:
+        return (
+            f"its frontier has {len(cut.tensors)} tensors (inside a residual or multi-branch block); an exit "
+            "reads one N x C x H x W or N x C tensor: choose the cut after the block"
+        )
+    spec = cut.tensors[0]
+    if len(spec.shape) not in (2, 4) or not spec.dtype.startswith(("float", "bfloat")):
+        return f"its frontier is {spec}; an exit reads one float N x C x H x W or N x C tensor"
+    return None
+
+
+def pick_exits(manifest: Manifest, count: int = PICKED) -> list[int]:
+    """The cuts compile offers exits at when the user names none: among the cuts a head can read,
+    those nearest 1/2 and 3/4 of the chain's segments (the head's cost grows along the chain,
+    an exit's agreement too; with a profile, of its measured head time)."""
+    last = manifest.last_cut
+    servable = [c.index for c in manifest.cuts if 0 < c.index < last and frontier_refusal(c) is None]
+    if not servable:
+        return []
+    cost = _head_costs(manifest)
+    total = cost[last] or 1.0
+    chosen: list[int] = []
+    for share in (0.5, 0.75)[:count]:
+        best = min(servable, key=lambda k: (abs(cost[k] / total - share), k))
+        if best not in chosen:
+            chosen.append(best)
+    return sorted(chosen)
+
+
+def _head_costs(manifest: Manifest) -> list[float]:
+    """Cumulative head cost per cut: profiled segment times where there is a profile, else one per segment."""
+    times: list[float] | None = None
+    for profile in manifest.profiles.values():
+        segs = profile.get("segments") if isinstance(profile, dict) else None
+        if isinstance(segs, list) and len(segs) == manifest.n_segments:
+            times = [float(s.get("ms", s) if isinstance(s, dict) else s) for s in segs]
+            break
+    per = times or [1.0] * manifest.n_segments
+    out = [0.0]
+    for t in per:
+        out.append(out[-1] + t)
+    return out
+
+
+def calibrate_threshold(
+    confidences: Sequence[float], agree: Sequence[bool], budget: float, confidence: float
+) -> tuple[float | None, int, int]:
+    """The lowest confidence threshold at which the inputs that exit (confidence >= threshold)
+    agree with the full model at a Wilson lower bound >= ``budget``: (threshold, exited,
+    agreeing); (None, 0, 0) when no threshold shows it."""
+    order = sorted(range(len(confidences)), key=lambda i: -confidences[i])
+    best: tuple[float | None, int, int] = (None, 0, 0)
+    agreeing = 0
+    for rank, i in enumerate(order, start=1):
+        agreeing += bool(agree[i])
+        if rank < len(order) and confidences[order[rank]] == confidences[i]:
+            continue  # ties exit together
+        if wilson(agreeing / rank, rank, confidence)[0] >= budget:
+            best = (float(confidences[i]), rank, agreeing)
+    return best
+
+
+def _check_cuts(manifest: Manifest, cuts: Sequence[int]) -> None:
+    last = manifest.last_cut
+    for k in cuts:
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 < k < last:
+            raise ConfigError(f"exits are placed at cuts 1..{last - 1} (between the input and the output), got {k!r}")
+        reason = frontier_refusal(manifest.cut(k))
+        if reason:
+            raise ConfigError(f"no exit at cut {k} ({manifest.cut(k).name}): {reason}")
+
+
+def train_exits(
+    bundle: Any,
+    training: Sequence[tuple[torch.Tensor, ...]],
+    held_out: Sequence[tuple[torch.Tensor, ...]],
+    held_out_from: str,
+    cuts: Sequence[int] | None,
+    options: Training,
+    budget: float,
+    confidence: float,
+) -> tuple[list[dict[str, Any]], dict[int, ExitHead]]:
+    """Exit heads at ``cuts`` (None: :func:`pick_exits`) trained on ``training`` and calibrated
+    on ``held_out``: the manifest's ``exits`` entries and the trained heads by cut."""
+    reason = output_refusal(bundle)
+    if reason:
+        if cuts:
+            raise ConfigError(f"no early exits for {bundle.name!r}: {reason}")
+        log.warning("no early exits for %r: %s", bundle.name, reason)
+        return [], {}
+    if cuts:
+        _check_cuts(bundle, cuts)
+        chosen = sorted(set(cuts))
+    else:
+        chosen = pick_exits(bundle)
+    if not chosen:
+        log.warning("no early exits for %r: no cut's frontier is one N x C x H x W or N x C tensor", bundle.name)
+        return [], {}
+    (*pooled, logits), views = teacher_views(training, _pooled_runner(bundle, chosen), options, label="exit views")
+    classes = int(logits.shape[1])
+    heads = nn.ModuleDict({str(k): ExitHead(int(p.shape[1]), classes) for k, p in zip(chosen, pooled)})
+    target = torch.log_softmax(logits.float(), dim=1)
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(())
+        for k, p in zip(chosen, pooled):
+            out = torch.log_softmax(heads[str(k)].from_pooled(p[idx].float()), dim=1)
+            total = total + nn.functional.kl_div(out, target[idx], log_target=True, reduction="batchmean")
+        return total
+
+    record = fit(heads, loss_of, int(logits.shape[0]), options, label="exit heads")
+    (*held_pooled, held_logits), _ = teacher_views(
+        held_out, _pooled_runner(bundle, chosen), Training(views=1, augment="none"), label="exit held out"
+    )
+    want = held_logits.argmax(dim=1)
+    entries = []
+    with torch.no_grad():
+        for k, p in zip(chosen, held_pooled):
+            probs = torch.softmax(heads[str(k)].from_pooled(p.float()), dim=1)
+            conf, top = probs.max(dim=1)
+            agree = (top == want).tolist()
+            threshold, exited, agreeing = calibrate_threshold(conf.tolist(), agree, budget, confidence)
+            n = len(agree)
+            lo, hi = wilson(agreeing / exited, exited, confidence) if exited else (0.0, 1.0)
+            entries.append(
+                {
+                    "cut": k,
+                    "name": bundle.cut(k).name,
+                    "file": exit_file(k) if threshold is not None else None,
+                    "classes": classes,
+                    "threshold": threshold,
+                    "exit_rate": round(exited / n, 6),
+                    "agreement": round(agreeing / exited, 6) if exited else None,
+                    "n": exited,
+                    "lo": round(lo, 6),
+                    "hi": round(hi, 6),
+                    "samples": n,
+                    "head_agreement": round(sum(agree) / n, 6),
+                    "budget": budget,
+                    "confidence": confidence,
+                    "held_out_from": held_out_from,
+                    "training": {**views, **record, "seed": options.seed},
+                }
+            )
+            if threshold is None:
+                log.warning(
+                    "exit at cut %d: no threshold shows agreement >= %g at confidence %g on %d held-out "
+                    "input(s) (the head agrees on %.1f%% of them); it is recorded and never answers",
+                    k, budget, confidence, n, 100 * sum(agree) / n,
+                )
+    return entries, {k: heads[str(k)] for k, e in zip(chosen, entries) if e["threshold"] is not None}
+
+
+def _pooled_runner(bundle: Any, cuts: Sequence[int]) -> Any:
+    """A function of a batch of inputs: the pooled frontier at each of ``cuts`` and the logits."""
+    wanted = set(cuts)
+
+    def run(inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        frontier: tuple[torch.Tensor, ...] = bundle.flatten_inputs(inputs)
+        kept = []
+        for i, segment in enumerate(bundle.segments):
+            if i in wanted:
+                t = frontier[0]
+                kept.append(t.float().mean(dim=(2, 3)) if t.dim() == 4 else t.float())
+            frontier = tuple(segment(*frontier))
+        return [*kept, frontier[0].float()]
+
+    return run
