@@ -21,8 +21,8 @@ from splitinfer.partitioner import _words as words
 from splitinfer.partitioner._fidelity import measure
 from splitinfer.partitioner._graph import Cuttable, SegmentError, batch_symbol
 from splitinfer.partitioner._inputs import check_fidelity_inputs, check_inputs
-from splitinfer.partitioner._learn import Training
 from splitinfer.partitioner._intervals import DEFAULT_CONFIDENCE
+from splitinfer.partitioner._learn import Training
 from splitinfer.protocol import valid_model_name
 from splitinfer.tensors import TensorSpec
 
@@ -192,7 +192,9 @@ def compile(  # the public name the API promises
             confidence,
         )
     elif exits is not None:
-        raise ConfigError(f"{words.name('exits')} need {words.name('training')} inputs to train their heads on")
+        raise ConfigError(
+            f"{words.name('exits')} need {words.name('training')} inputs to train their heads on"
+        )
     if profile:
         _add_profile(bundle, profile if isinstance(profile, str) else "host", progress)
     if verbose:
@@ -406,15 +408,17 @@ def _add_exits(
     if held_out is None:
         if len(training) < 8:
             raise ConfigError(
-                f"{words.name('training')}: {len(training)} input(s) without evaluation or calibration inputs; "
-                "give at least 8 (every fourth is held out to calibrate the exits' thresholds) or evaluation inputs"
+                f"{words.name('training')}: {len(training)} input(s) without evaluation or calibration "
+                "inputs; give at least 8 (every fourth is held out to calibrate the exits' thresholds) "
+                f"or {words.name('evaluation')} inputs"
             )
         held_out = training[3::4]
         training = [t for i, t in enumerate(training) if i % 4 != 3]
     entries, heads = train_exits(bundle, training, held_out, held_out_from, cuts, options, budget, confidence)
     for k, head in heads.items():
         frontier = tuple(
-            torch.zeros((_EXPORT_BATCH, *t.shape[1:]), dtype=getattr(torch, t.dtype)) for t in bundle.cut(k).tensors
+            torch.zeros((_EXPORT_BATCH, *(int(d or 1) for d in t.shape[1:])), dtype=getattr(torch, t.dtype))
+            for t in bundle.cut(k).tensors
         )
         program = _export(head.eval(), frontier, f"the exit head at cut {k}")
         bundle._exit_programs[k] = program

@@ -144,7 +144,9 @@ def _check_cuts(manifest: Manifest, cuts: Sequence[int]) -> None:
     last = manifest.last_cut
     for k in cuts:
         if not isinstance(k, int) or isinstance(k, bool) or not 0 < k < last:
-            raise ConfigError(f"exits are placed at cuts 1..{last - 1} (between the input and the output), got {k!r}")
+            raise ConfigError(
+                f"exits are placed at cuts 1..{last - 1} (between the input and the output), got {k!r}"
+            )
         reason = frontier_refusal(manifest.cut(k))
         if reason:
             raise ConfigError(f"no exit at cut {k} ({manifest.cut(k).name}): {reason}")
@@ -174,9 +176,13 @@ def train_exits(
     else:
         chosen = pick_exits(bundle)
     if not chosen:
-        log.warning("no early exits for %r: no cut's frontier is one N x C x H x W or N x C tensor", bundle.name)
+        log.warning(
+            "no early exits for %r: no cut's frontier is one N x C x H x W or N x C tensor", bundle.name
+        )
         return [], {}
-    (*pooled, logits), views = teacher_views(training, _pooled_runner(bundle, chosen), options, label="exit views")
+    (*pooled, logits), views = teacher_views(
+        training, _pooled_runner(bundle, chosen), options, label="exit views"
+    )
     classes = int(logits.shape[1])
     heads = nn.ModuleDict({str(k): ExitHead(int(p.shape[1]), classes) for k, p in zip(chosen, pooled)})
     target = torch.log_softmax(logits.float(), dim=1)
@@ -184,7 +190,7 @@ def train_exits(
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(())
         for k, p in zip(chosen, pooled):
-            out = torch.log_softmax(heads[str(k)].from_pooled(p[idx].float()), dim=1)
+            out = torch.log_softmax(_head(heads, k).from_pooled(p[idx].float()), dim=1)
             total = total + nn.functional.kl_div(out, target[idx], log_target=True, reduction="batchmean")
         return total
 
@@ -196,7 +202,7 @@ def train_exits(
     entries = []
     with torch.no_grad():
         for k, p in zip(chosen, held_pooled):
-            probs = torch.softmax(heads[str(k)].from_pooled(p.float()), dim=1)
+            probs = torch.softmax(_head(heads, k).from_pooled(p.float()), dim=1)
             conf, top = probs.max(dim=1)
             agree = (top == want).tolist()
             threshold, exited, agreeing = calibrate_threshold(conf.tolist(), agree, budget, confidence)
@@ -226,9 +232,19 @@ def train_exits(
                 log.warning(
                     "exit at cut %d: no threshold shows agreement >= %g at confidence %g on %d held-out "
                     "input(s) (the head agrees on %.1f%% of them); it is recorded and never answers",
-                    k, budget, confidence, n, 100 * sum(agree) / n,
+                    k,
+                    budget,
+                    confidence,
+                    n,
+                    100 * sum(agree) / n,
                 )
-    return entries, {k: heads[str(k)] for k, e in zip(chosen, entries) if e["threshold"] is not None}
+    return entries, {k: _head(heads, k) for k, e in zip(chosen, entries) if e["threshold"] is not None}
+
+
+def _head(heads: nn.ModuleDict, k: int) -> ExitHead:
+    head = heads[str(k)]
+    assert isinstance(head, ExitHead)
+    return head
 
 
 def _pooled_runner(bundle: Any, cuts: Sequence[int]) -> Any:

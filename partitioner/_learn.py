@@ -69,7 +69,12 @@ class Training:
 
 def image_like(inputs: Sequence[torch.Tensor]) -> bool:
     """Whether the model takes one float image batch ``N x 3 x H x W`` (augmentation applies)."""
-    return len(inputs) == 1 and inputs[0].is_floating_point() and inputs[0].dim() == 4 and inputs[0].shape[1] == 3
+    return (
+        len(inputs) == 1
+        and inputs[0].is_floating_point()
+        and inputs[0].dim() == 4
+        and inputs[0].shape[1] == 3
+    )
 
 
 def augment_images(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -133,7 +138,12 @@ def teacher_views(
             if options.seconds is not None and time.perf_counter() - started > options.seconds:
                 break
     columns = [torch.cat([k[j] for k in kept]) for j in range(len(kept[0]))]
-    record = {"inputs": n, "views": done, "augmented": augment, "seconds": round(time.perf_counter() - started, 2)}
+    record = {
+        "inputs": n,
+        "views": done,
+        "augmented": augment,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
     return columns, record
 
 

@@ -220,9 +220,11 @@ class Bundle(Manifest):
         as_numpy = not isinstance(frontier[0], torch.Tensor)
         x = torch.from_numpy(frontier[0]) if as_numpy else frontier[0]
         with torch.no_grad():
-            out = self.exit_heads[k](x)
+            out: Any = self.exit_heads[k](x)
             logits = out[0] if isinstance(out, tuple | list) else out
-            confident = (torch.softmax(logits.float(), dim=1).max(dim=1).values >= entry["threshold"]).tolist()
+            confident = (
+                torch.softmax(logits.float(), dim=1).max(dim=1).values >= entry["threshold"]
+            ).tolist()
         return (logits.numpy() if as_numpy else logits,), confident
 
     def check_frontier(self, k: int, frontier: Sequence[torch.Tensor]) -> None:
