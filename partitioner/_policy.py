@@ -39,6 +39,7 @@ for a thousand candidates).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -95,6 +96,11 @@ class Decision:
     energy_j: float = math.nan
     explored: bool = False
     finish_s: float = math.nan
+    #: The early exit the edge tries on the way (docs/learning.md): its cut (None: none) and
+    #: the share of requests it answers. ``stages`` and ``predicted_s`` are the path that goes
+    #: on; the policy chose on the expected cost that mixes the two.
+    exit_cut: int | None = None
+    exit_rate: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -337,6 +343,16 @@ class TablePolicy:
         return winner
 
     def _decision(self, i: int, est: Estimates, *, explored: bool) -> Decision:
+        """The decision for allowed row number ``i`` (same numbers as CostModel.stages), with
+        the early exit on its way, if any."""
+        decision = self._plain_decision(i, est, explored=explored)
+        row = int(self._rows[i])
+        exit_cut = int(self.model.exit_cut[row])
+        if exit_cut < 0:
+            return decision
+        return dataclasses.replace(decision, exit_cut=exit_cut, exit_rate=float(self.model.exit_rate[row]))
+
+    def _plain_decision(self, i: int, est: Estimates, *, explored: bool) -> Decision:
         """The decision for allowed row number ``i`` (same numbers as CostModel.stages)."""
         cut, codec, sent, head, encode, decode, tail, bits, finish = self._info[i]
         e = self.energy
