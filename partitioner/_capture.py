@@ -17,6 +17,7 @@ from torch.utils import _pytree as pytree
 
 from splitinfer.bundle import Bundle, Cut, fast_module, frontier_nbytes
 from splitinfer.errors import CaptureError, ConfigError
+from splitinfer.manifest import exit_file
 from splitinfer.partitioner import _words as words
 from splitinfer.partitioner._fidelity import measure
 from splitinfer.partitioner._graph import Cuttable, SegmentError, batch_symbol
@@ -423,7 +424,25 @@ def _add_exits(
         program = _export(head.eval(), frontier, f"the exit head at cut {k}")
         bundle._exit_programs[k] = program
         bundle.exit_heads[k] = fast_module(program)
+        if bundle.onnx.get("file"):  # the torch-free edge runs the exits too
+            bundle._exit_onnx[k] = _exit_onnx(program, frontier)
+    for entry in entries:
+        if entry["cut"] in bundle._exit_onnx:
+            entry["onnx"] = exit_file(entry["cut"]).replace(".pt2", ".onnx")
     bundle.exits = entries
+
+
+def _exit_onnx(program: torch.export.ExportedProgram, args: tuple[torch.Tensor, ...]) -> bytes:
+    """The exit head's program as an ONNX model (bytes); CaptureError naming the operator."""
+    from splitinfer.partitioner._onnx import _quiet
+
+    try:
+        with _quiet():
+            onnx_program = torch.onnx.export(program, args, dynamo=True, verbose=False)
+        assert onnx_program is not None
+        return bytes(onnx_program.model_proto.SerializeToString())
+    except Exception as exc:  # the exporter raises many types
+        raise CaptureError(f"ONNX cannot export an exit head: {type(exc).__name__}: {exc}") from exc
 
 
 def _check_image_codecs(bundle: Bundle, chosen: list[str], *, explicit: bool) -> None:

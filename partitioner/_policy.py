@@ -160,6 +160,13 @@ class Explanation:
         if top is not None and len(allowed) > top:
             lines.append(f"      ... {len(allowed) - top} more allowed candidates")
         lines.append(self.reason)
+        d = self.decision
+        if d.exit_cut is not None:
+            lines.append(
+                f"early exit at cut {d.exit_cut} on the way: it answers {100 * d.exit_rate:.1f}% of requests "
+                "on the device (measured on held-out inputs); totals above are expected times that mix "
+                "answering there with going on"
+            )
         return "\n".join(lines)
 
 
@@ -433,6 +440,8 @@ class TablePolicy:
             stages=winner.stages,
             energy_j=winner.energy_j,
             finish_s=finish if model.sent[w_row] else 0.0,
+            exit_cut=None if model.exit_cut[w_row] < 0 else int(model.exit_cut[w_row]),
+            exit_rate=float(model.exit_rate[w_row]),
         )
         reason = self._reason(candidates)
         if model.sent[w_row]:

@@ -46,7 +46,14 @@ from splitinfer.manifest import (
     sha256_of,
     update_manifest,
 )
-from splitinfer.runtime import ONNX_FILE, OnnxGraph, OnnxRunner, choose_runtime, load_onnx
+from splitinfer.runtime import (
+    ONNX_FILE,
+    OnnxGraph,
+    OnnxRunner,
+    choose_runtime,
+    load_onnx,
+    load_onnx_head,
+)
 from splitinfer.tensors import TensorSpec
 
 if TYPE_CHECKING:
@@ -90,6 +97,7 @@ class Bundle(Manifest):
     #: programs kept after compile for :meth:`save`.
     exit_heads: dict[int, Segment] = field(default_factory=dict, repr=False, compare=False, kw_only=True)
     _exit_programs: dict[int, Any] = field(default_factory=dict, repr=False, compare=False, kw_only=True)
+    _exit_onnx: dict[int, bytes] = field(default_factory=dict, repr=False, compare=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if len(self.segments) != self.n_segments:
@@ -215,17 +223,30 @@ class Bundle(Manifest):
         entry = self.exit_at(k)
         if entry is None:
             raise CutNotLoadedError(f"bundle {self.name!r} has no early exit loaded at cut {k}")
-        import torch
+        import numpy as np
 
-        as_numpy = not isinstance(frontier[0], torch.Tensor)
-        x = torch.from_numpy(frontier[0]) if as_numpy else frontier[0]
-        with torch.no_grad():
-            out: Any = self.exit_heads[k](x)
+        x = frontier[0]
+        as_numpy = type(x).__module__ == "numpy"
+        if self.onnx_runner is not None:  # the head on ONNX Runtime: numpy in and out
+            scores = self.exit_heads[k](x if as_numpy else x.detach().cpu().numpy())[0]
+            logits: Any = scores
+            if not as_numpy:
+                import torch
+
+                logits = torch.from_numpy(scores)
+        else:
+            import torch
+
+            with torch.no_grad():
+                out: Any = self.exit_heads[k](torch.from_numpy(x) if as_numpy else x)
             logits = out[0] if isinstance(out, tuple | list) else out
-            confident = (
-                torch.softmax(logits.float(), dim=1).max(dim=1).values >= entry["threshold"]
-            ).tolist()
-        return (logits.numpy() if as_numpy else logits,), confident
+            scores = logits.detach().cpu().float().numpy()
+            if as_numpy:
+                logits = scores
+        scores = np.asarray(scores, dtype=np.float64)
+        z = np.exp(scores - scores.max(axis=1, keepdims=True))
+        top = z.max(axis=1) / z.sum(axis=1)
+        return (logits,), (top >= float(entry["threshold"])).tolist()
 
     def check_frontier(self, k: int, frontier: Sequence[torch.Tensor]) -> None:
         """Raise ConfigError unless ``frontier`` fits cut ``k`` (count, dtypes, shapes)."""
@@ -260,6 +281,10 @@ class Bundle(Manifest):
             for k, program in self._exit_programs.items():
                 path = tmp / exit_file(k)
                 torch.export.save(program, path)
+                files[path.name] = sha256_of(path)
+            for k, data in self._exit_onnx.items():
+                path = tmp / exit_file(k).replace(".pt2", ".onnx")
+                path.write_bytes(data)
                 files[path.name] = sha256_of(path)
             if self._onnx_graph is not None:
                 path = tmp / ONNX_FILE
@@ -329,6 +354,11 @@ class Bundle(Manifest):
             bundle = cls.from_manifest(meta, segments)
             bundle.onnx_runner = load_onnx(root, doc, threads=threads, device=device)
             bundle._onnx_range = (lo, hi)
+            for entry in meta.exits:  # heads exported to ONNX run there too
+                if entry.get("onnx") and 0 < int(entry["cut"]) <= hi and lo == 0:
+                    bundle.exit_heads[int(entry["cut"])] = load_onnx_head(
+                        root, str(entry["onnx"]), doc["files"], threads
+                    )
             return bundle
         for i, name in enumerate(doc["segments"]):
             if lo <= i < hi:

@@ -143,3 +143,7 @@ def test_the_policy_prices_an_exit_by_its_rate(bundle):
     decision = make_policy("local", b).decide(LINK)
     assert decision.exit_cut == e and decision.exit_rate == rate
     assert make_policy("local", plain).decide(LINK).exit_cut is None
+    assert (
+        f"early exit at cut {e} on the way: it answers 50.0%"
+        in make_policy("local", b).explain(LINK).format()
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -185,3 +186,33 @@ def test_augmentation_is_seeded_and_keeps_the_shape():
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
     with pytest.raises(ConfigError, match="train_steps"):
         Training(steps=0)
+
+
+def test_exit_heads_are_exported_to_onnx_and_run_without_torch_modules(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model, inputs = mlp()
+    bundle = si.compile(
+        model,
+        inputs,
+        name="mlp",
+        runtimes=("torch", "onnxruntime"),
+        training=_rows(64, 4, (20,)),
+        exits=[2],
+        fidelity_budget=0.5,
+        confidence=0.75,
+        train_steps=60,
+    )
+    (entry,) = bundle.exits
+    if entry["threshold"] is None:
+        pytest.skip("the tiny head found no threshold")
+    out = bundle.save(tmp_path / "b")
+    assert (out / entry["onnx"]).is_file()
+    x = torch.randn(5, 20, generator=torch.Generator().manual_seed(7))
+    on_torch = si.Bundle.load(out)
+    on_ort = si.Bundle.load(out, runtime="onnxruntime")
+    frontier = on_torch.head(2, x)
+    (want,), want_confident = on_torch.run_exit(2, [frontier[0].numpy()])
+    (got,), confident = on_ort.run_exit(2, [frontier[0].numpy()])
+    assert type(got).__module__ == "numpy" and got.shape == (5, 5)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert confident == want_confident
