@@ -228,7 +228,7 @@ class Bundle(Manifest):
         x = frontier[0]
         as_numpy = type(x).__module__ == "numpy"
         if self.onnx_runner is not None:  # the head on ONNX Runtime: numpy in and out
-            scores = self.exit_heads[k](x if as_numpy else x.detach().cpu().numpy())[0]
+            scores: Any = self.exit_heads[k](x if as_numpy else x.detach().cpu().numpy())[0]
             logits: Any = scores
             if not as_numpy:
                 import torch
@@ -243,8 +243,8 @@ class Bundle(Manifest):
             scores = logits.detach().cpu().float().numpy()
             if as_numpy:
                 logits = scores
-        scores = np.asarray(scores, dtype=np.float64)
-        z = np.exp(scores - scores.max(axis=1, keepdims=True))
+        values = np.asarray(scores, dtype=np.float64)
+        z = np.exp(values - values.max(axis=1, keepdims=True))
         top = z.max(axis=1) / z.sum(axis=1)
         return (logits,), (top >= float(entry["threshold"])).tolist()
 
