@@ -416,7 +416,10 @@ def _add_exits(
         held_out = training[3::4]
         training = [t for i, t in enumerate(training) if i % 4 != 3]
     entries, heads = train_exits(bundle, training, held_out, held_out_from, cuts, options, budget, confidence)
+    offered = {e["cut"] for e in entries if e["threshold"] is not None}
     for k, head in heads.items():
+        if k not in offered:
+            continue
         frontier = tuple(
             torch.zeros((_EXPORT_BATCH, *(int(d or 1) for d in t.shape[1:])), dtype=getattr(torch, t.dtype))
             for t in bundle.cut(k).tensors

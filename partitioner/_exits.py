@@ -163,7 +163,8 @@ def train_exits(
     confidence: float,
 ) -> tuple[list[dict[str, Any]], dict[int, ExitHead]]:
     """Exit heads at ``cuts`` (None: :func:`pick_exits`) trained on ``training`` and calibrated
-    on ``held_out``: the manifest's ``exits`` entries and the trained heads by cut."""
+    on ``held_out``: the manifest's ``exits`` entries and the trained heads by cut (every one;
+    compile keeps those with a threshold)."""
     reason = output_refusal(bundle)
     if reason:
         if cuts:
@@ -225,7 +226,12 @@ def train_exits(
                     "budget": budget,
                     "confidence": confidence,
                     "held_out_from": held_out_from,
-                    "training": {**views, **record, "seed": options.seed},
+                    "training": {
+                        **views,
+                        **record,
+                        "seconds": round(views["teacher_seconds"] + record["fit_seconds"], 2),
+                        "seed": options.seed,
+                    },
                 }
             )
             if threshold is None:
@@ -238,7 +244,7 @@ def train_exits(
                     n,
                     100 * sum(agree) / n,
                 )
-    return entries, {k: _head(heads, k) for k, e in zip(chosen, entries) if e["threshold"] is not None}
+    return entries, {k: _head(heads, k) for k in chosen}
 
 
 def _head(heads: nn.ModuleDict, k: int) -> ExitHead:

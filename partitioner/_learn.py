@@ -142,7 +142,7 @@ def teacher_views(
         "inputs": n,
         "views": done,
         "augmented": augment,
-        "seconds": round(time.perf_counter() - started, 2),
+        "teacher_seconds": round(time.perf_counter() - started, 2),
     }
     return columns, record
 
@@ -180,4 +180,4 @@ def fit(
                 log.info("%s step %d/%d loss %.4f", label, step + 1, options.steps, value)
             bar.step(note=f"loss {value:.4f}")
     students.eval()
-    return {"steps": options.steps, "seconds": round(time.perf_counter() - started, 2), "loss": losses}
+    return {"steps": options.steps, "fit_seconds": round(time.perf_counter() - started, 2), "loss": losses}
