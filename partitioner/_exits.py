@@ -112,8 +112,9 @@ def _head_costs(manifest: Manifest) -> list[float]:
     times: list[float] | None = None
     for profile in manifest.profiles.values():
         segs = profile.get("segments") if isinstance(profile, dict) else None
-        if isinstance(segs, list) and len(segs) == manifest.n_segments:
-            times = [float(s.get("ms", s) if isinstance(s, dict) else s) for s in segs]
+        medians = (segs.get("1") or {}).get("median_s") if isinstance(segs, dict) else None
+        if isinstance(medians, list) and len(medians) == manifest.n_segments:
+            times = [float(t) for t in medians]
             break
     per = times or [1.0] * manifest.n_segments
     out = [0.0]
