@@ -34,6 +34,7 @@ log = logging.getLogger("splitinfer.partitioner")
 __all__ = [
     "ExitHead",
     "calibrate_threshold",
+    "exit_confidence",
     "exit_file",
     "frontier_refusal",
     "output_refusal",
@@ -48,21 +49,55 @@ PICKED = 2
 
 
 class ExitHead(nn.Module):
-    """Pooling, LayerNorm and a two-layer classifier: frontier ``N x C (x H x W)`` to logits ``N x K``."""
+    """Pooling, LayerNorm and a two-layer classifier: frontier ``N x C (x H x W)`` to logits ``N x K``.
 
-    def __init__(self, channels: int, classes: int):
+    With ``tail`` (the model's own frozen segments from a feature cut, a ``N x D`` frontier
+    such as the pooled features before the classifier, to the output), the two layers map to
+    those ``D`` features and the model's own classifier gives the logits: the head then learns
+    a regression that carries over to classes its training inputs never showed, which a
+    ``K``-way classifier trained on a few hundred photos of some classes cannot.
+    """
+
+    def __init__(self, channels: int, classes: int, tail: Sequence[nn.Module] = (), features: int = 0):
         super().__init__()
         hidden = min(HIDDEN, max(32, channels))
         self.norm = nn.LayerNorm(channels)
-        self.classifier = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+        out = features if tail else classes
+        self.classifier = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, out))
+        self.tail = nn.ModuleList(tail)
+        for p in self.tail.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> ExitHead:
+        """Train mode for the head's own layers; the model's segments stay as exported."""
+        self.training = mode
+        self.norm.train(mode)
+        self.classifier.train(mode)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
             x = x.mean(dim=(2, 3))
-        return self.classifier(self.norm(x))
+        return self.from_pooled(x)
 
     def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.norm(pooled))
+        y = self.classifier(self.norm(pooled))
+        if len(self.tail):
+            frontier: Any = (y,)
+            for segment in self.tail:
+                frontier = tuple(segment(*frontier))
+            y = frontier[0]
+        return y
+
+
+def feature_cut(manifest: Manifest, after: int) -> int | None:
+    """The last cut after ``after`` (and before the output) whose frontier is one float ``N x D``
+    tensor: where an exit hands over to the model's own classifier; None if there is none."""
+    found = None
+    for c in manifest.cuts[after + 1 : manifest.last_cut]:
+        if len(c.tensors) == 1 and len(c.tensors[0].shape) == 2 and c.tensors[0].dtype.startswith("float"):
+            found = c.index
+    return found
 
 
 def output_refusal(manifest: Manifest) -> str | None:
@@ -128,7 +163,9 @@ def calibrate_threshold(
 ) -> tuple[float | None, int, int]:
     """The lowest confidence threshold at which the inputs that exit (confidence >= threshold)
     agree with the full model at a Wilson lower bound >= ``budget``: (threshold, exited,
-    agreeing); (None, 0, 0) when no threshold shows it."""
+    agreeing); (None, 0, 0) when no threshold shows it. The threshold lies midway between the
+    last input that exits and the next below it, so that rounding at run time cannot move an
+    input across it."""
     order = sorted(range(len(confidences)), key=lambda i: -confidences[i])
     best: tuple[float | None, int, int] = (None, 0, 0)
     agreeing = 0
@@ -137,8 +174,19 @@ def calibrate_threshold(
         if rank < len(order) and confidences[order[rank]] == confidences[i]:
             continue  # ties exit together
         if wilson(agreeing / rank, rank, confidence)[0] >= budget:
-            best = (float(confidences[i]), rank, agreeing)
+            below = confidences[order[rank]] if rank < len(order) else max(0.0, confidences[i] - 1e-6)
+            best = ((float(confidences[i]) + float(below)) / 2, rank, agreeing)
     return best
+
+
+def exit_confidence(logits: Any) -> Any:
+    """The largest softmax probability per row of ``logits`` (numpy, float64): what a threshold is
+    compared with, at calibration and at run time alike."""
+    import numpy as np
+
+    values = np.asarray(logits, dtype=np.float64)
+    z = np.exp(values - values.max(axis=1, keepdims=True))
+    return z.max(axis=1) / z.sum(axis=1)
 
 
 def _check_cuts(manifest: Manifest, cuts: Sequence[int]) -> None:
@@ -186,7 +234,9 @@ def train_exits(
         training, _pooled_runner(bundle, chosen), options, label="exit views"
     )
     classes = int(logits.shape[1])
-    heads = nn.ModuleDict({str(k): ExitHead(int(p.shape[1]), classes) for k, p in zip(chosen, pooled)})
+    heads = nn.ModuleDict(
+        {str(k): _new_head(bundle, k, int(p.shape[1]), classes) for k, p in zip(chosen, pooled)}
+    )
     target = torch.log_softmax(logits.float(), dim=1)
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
@@ -204,9 +254,9 @@ def train_exits(
     entries = []
     with torch.no_grad():
         for k, p in zip(chosen, held_pooled):
-            probs = torch.softmax(_head(heads, k).from_pooled(p.float()), dim=1)
-            conf, top = probs.max(dim=1)
-            agree = (top == want).tolist()
+            logits_k = _head(heads, k).from_pooled(p.float())
+            conf = exit_confidence(logits_k.numpy())
+            agree = (logits_k.argmax(dim=1) == want).tolist()
             threshold, exited, agreeing = calibrate_threshold(conf.tolist(), agree, budget, confidence)
             n = len(agree)
             lo, hi = wilson(agreeing / exited, exited, confidence) if exited else (0.0, 1.0)
@@ -246,6 +296,16 @@ def train_exits(
                     100 * sum(agree) / n,
                 )
     return entries, {k: _head(heads, k) for k in chosen}
+
+
+def _new_head(bundle: Any, k: int, channels: int, classes: int) -> ExitHead:
+    """The head at cut ``k``: onto the model's own classifier where a feature cut follows."""
+    at = feature_cut(bundle, k)
+    if at is None:
+        return ExitHead(channels, classes)
+    tail = [bundle.segments[i] for i in range(at, bundle.n_segments)]
+    features = int(bundle.cut(at).tensors[0].shape[1] or 0)
+    return ExitHead(channels, classes, tail, features)
 
 
 def _head(heads: nn.ModuleDict, k: int) -> ExitHead:

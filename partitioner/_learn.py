@@ -161,7 +161,7 @@ def fit(
     torch.manual_seed(options.seed)
     gen = torch.Generator().manual_seed(options.seed + 1)
     students.train()
-    optimizer = torch.optim.Adam(students.parameters(), lr=options.lr)
+    optimizer = torch.optim.Adam([p for p in students.parameters() if p.requires_grad], lr=options.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, options.steps)
     losses: list[list[float]] = []
     every = max(1, options.steps // 10)

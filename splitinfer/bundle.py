@@ -243,6 +243,7 @@ class Bundle(Manifest):
             scores = logits.detach().cpu().float().numpy()
             if as_numpy:
                 logits = scores
+        # the same formula as partitioner._exits.exit_confidence, which calibrated the threshold
         values = np.asarray(scores, dtype=np.float64)
         z = np.exp(values - values.max(axis=1, keepdims=True))
         top = z.max(axis=1) / z.sum(axis=1)
