@@ -36,6 +36,7 @@ __all__ = [
     "calibrate_threshold",
     "exit_confidence",
     "exit_file",
+    "feature_cut",
     "frontier_refusal",
     "output_refusal",
     "pick_exits",

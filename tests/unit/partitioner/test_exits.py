@@ -12,7 +12,13 @@ from torch import nn
 
 import splitinfer as si
 from splitinfer.errors import BundleError, ConfigError
-from splitinfer.partitioner._exits import calibrate_threshold, frontier_refusal, pick_exits
+from splitinfer.partitioner._exits import (
+    ExitHead,
+    calibrate_threshold,
+    feature_cut,
+    frontier_refusal,
+    pick_exits,
+)
 from splitinfer.partitioner._intervals import wilson
 from splitinfer.partitioner._learn import Training, augment_images
 from tests.support.zoo import mlp, multi_io, resnet
@@ -216,3 +222,11 @@ def test_exit_heads_are_exported_to_onnx_and_run_without_torch_modules(tmp_path)
     assert type(got).__module__ == "numpy" and got.shape == (5, 5)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert confident == want_confident
+
+
+def test_a_head_classifies_directly_where_no_feature_cut_follows(with_exits):
+    _, _, bundle = with_exits
+    last_vector = max(c.index for c in bundle.cuts[:-1] if len(c.tensors[0].shape) == 2)
+    assert feature_cut(bundle, 1) == last_vector and feature_cut(bundle, last_vector) is None
+    head = ExitHead(16, 6)
+    assert head(torch.randn(3, 16, 4, 4)).shape == (3, 6) and not len(head.tail)
