@@ -108,7 +108,12 @@ def _bottleneck_section(
     from splitinfer.partitioner._learn import Training
 
     train_i, _, eval_i = split
-    k = next((c.index for c in bundle.cuts if c.name == args.bottleneck), None)
+    named = [c.index for c in bundle.cuts if c.name == args.bottleneck] or [
+        c.index
+        for c in bundle.cuts
+        if args.bottleneck in c.name and len(c.tensors) == 1 and len(c.tensors[0].shape) == 4
+    ]
+    k = named[-1] if named else None
     if k is None:
         raise SystemExit(f"no cut named {args.bottleneck!r}")
     ev = torch.cat([batch[i : i + 1] for i in eval_i])
