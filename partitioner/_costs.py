@@ -61,6 +61,7 @@ __all__ = [
     "CostModel",
     "EnergyModel",
     "energy_weights",
+    "exit_mix",
     "is_lossless",
     "latency_weights",
 ]
@@ -241,22 +242,37 @@ class CostModel:
         self.head = _frozen(head_k[self.cut])
         self.tail = _frozen(np.where(sent, tail_k[self.cut], 0.0))
         self.cloud_batch = cloud_batch
+        #: Per row, the early exit the edge tries on the way (the deepest offered at or before
+        #: its cut; -1 for none), the share of requests it answers (measured on held-out
+        #: inputs) and the head's time to it: the expected cost mixes answering there with
+        #: going on (:func:`exit_mix`; docs/learning.md). All zero without exits.
+        self.exit_cut, self.exit_rate, self.exit_head = exit_mix(bundle, self.cut, head_k)
         #: One row per candidate, columns :data:`FEATURES` (NaN bytes count as 0 here: such a
         #: candidate is never feasible, see :meth:`feasible`).
         self.features = self._features()
 
     def _features(self) -> np.ndarray:
-        return _frozen(
-            np.column_stack(
-                [
-                    self.head + self.encode,
-                    self.decode + self.tail,
-                    np.nan_to_num(self.bytes) * 8.0,
-                    self.sent,
-                    self.sent * self.response_bytes * 8.0,
-                ]
-            )
+        features = np.column_stack(
+            [
+                self.head + self.encode,
+                self.decode + self.tail,
+                np.nan_to_num(self.bytes) * 8.0,
+                self.sent,
+                self.sent * self.response_bytes * 8.0,
+            ]
         )
+        return _frozen(self._mixed(features, 0))
+
+    def _mixed(self, columns: np.ndarray, device: int) -> np.ndarray:
+        """``columns`` (one row per candidate, linear in the estimates) priced with the rows'
+        early exits: ``rate * (head to the exit)`` in column ``device`` plus ``(1 - rate)`` of
+        going on. Unchanged where a row has no exit."""
+        rate = getattr(self, "exit_rate", None)
+        if rate is None or not rate.any():
+            return columns
+        mixed = columns * (1.0 - rate)[:, None]
+        mixed[:, device] += rate * self.exit_head
+        return mixed
 
     def for_tasks(self, others: Sequence[Manifest], shared_cut: int) -> CostModel:
         """A new cost model, over this one's rows, pricing one upload answered by this model
@@ -288,6 +304,8 @@ class CostModel:
         by_cut[self.n] += extra_local  # the all-on-device "head" runs every model (as head[local])
         model.head_by_cut = _frozen(by_cut)
         model.response_bytes = self.response_bytes + sum(m.response_bytes for m in priced)
+        none = _frozen(np.zeros(len(self)))  # an exit answers for one model, not for tasks
+        model.exit_cut, model.exit_rate, model.exit_head = _frozen(np.full(len(self), -1)), none, none
         model.features = model._features()
         return model
 
@@ -447,9 +465,10 @@ class CostModel:
         }
 
     def stage_matrix(self, est: Estimates) -> np.ndarray:
-        """Predicted seconds of every row (rows) and stage (columns, :data:`STAGES`)."""
+        """Predicted seconds of every row (rows) and stage (columns, :data:`STAGES`); with early
+        exits, expected seconds (an exited request spends only the head to its exit)."""
         sent = self.sent
-        return np.column_stack(
+        matrix = np.column_stack(
             [
                 self.device_heads(est)[self.cut],
                 self.encode * est.device_slowdown,
@@ -461,6 +480,29 @@ class CostModel:
                 sent * self.response_bytes * 8.0 / est.downlink_bps,
             ]
         )
+        if self.exit_rate.any():
+            matrix = self._mixed(matrix, 0)
+            matrix[:, 0] += self.exit_rate * self.exit_head * (est.device_slowdown - 1.0)
+        return matrix
+
+
+def exit_mix(bundle: Manifest, cuts: np.ndarray, head_k: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per row (at ``cuts``): the cut of the deepest offered early exit at or before it (-1:
+    none), its exit rate and the profiled head time to it (0 where none or unprofiled)."""
+    offered = sorted(
+        (int(e["cut"]), float(e.get("exit_rate") or 0.0))
+        for e in getattr(bundle, "exits", None) or []
+        if e.get("threshold") is not None and e.get("file")
+    )
+    exit_cut = np.full(len(cuts), -1, dtype=np.int64)
+    rate = np.zeros(len(cuts))
+    head = np.zeros(len(cuts))
+    for e, r in offered:
+        at = cuts >= e
+        exit_cut[at] = e
+        rate[at] = r
+        head[at] = head_k[e] if math.isfinite(head_k[e]) else 0.0
+    return _frozen(exit_cut), _frozen(rate), _frozen(head)
 
 
 def latency_weights(est: Estimates) -> np.ndarray:
