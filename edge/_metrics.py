@@ -58,6 +58,12 @@ class EdgeMetrics:
             ["model", "reason"],
             registry=registry,
         )
+        self.exits = Counter(
+            "splitinfer_edge_exits",
+            "Requests that reached an early exit, by its cut and whether it answered (exited) or went on.",
+            ["model", "cut", "outcome"],
+            registry=registry,
+        )
         self.probes = Counter(
             "splitinfer_edge_link_probes",
             "Link probes sent because the estimates were stale, by part (rtt, upload) and outcome.",

@@ -85,10 +85,13 @@ class Observer:
         m.latency.labels(model=model).observe(trace.stages["total"])
         if trace.fallback:
             m.fallbacks.labels(model=model, reason=trace.fallback).inc()
-        elif trace.cut != self.last_cut and decision.predicted_s > 0:
+        elif trace.cut != self.last_cut and decision.predicted_s > 0 and not trace.exited:
             m.prediction_error.labels(model=model).observe(trace.stages["total"] / decision.predicted_s)
         if trace.retried:
             m.retries.labels(model=model, reason="stale_connection").inc()
+        if trace.exit_cut is not None:
+            outcome = "exited" if trace.exited else "went_on"
+            m.exits.labels(model=model, cut=str(trace.exit_cut), outcome=outcome).inc()
         est = estimates()
         m.uplink.labels(model=model).set(est.uplink_bps / 8)
         m.rtt.labels(model=model).set(est.rtt_s)

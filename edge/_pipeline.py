@@ -97,12 +97,18 @@ class Pipeline:
         k = last if local_reason else decision.cut
         self.prober.maybe_probe(sending=k != last)
         trace = TraceBuilder(uuid.uuid4().hex, decision, local_reason)
-        if k == last:
+        flat: Flat | None = None
+        frontier: tuple[Any, ...] | None = None
+        exit_cut = _exit_on_the_way(target, k)
+        if exit_cut is not None:
+            flat, frontier = await self._exit(target, exit_cut, k, inputs, trace)
+        if flat is None and frontier is None and k == last:
             flat = await self._all_local(target, inputs, trace)
-        else:
-            frontier, trace.stages["head"] = await self.device.head(
-                target.bundle, k, inputs, target.profiled_head(k, inputs)
-            )
+        elif flat is None:
+            if frontier is None:
+                frontier, trace.stages["head"] = await self.device.head(
+                    target.bundle, k, inputs, target.profiled_head(k, inputs)
+                )
             try:
                 flat = await self._remote(target, decision, est, frontier, trace, started)
             except AuthError:
@@ -110,9 +116,31 @@ class Pipeline:
             except (CloudError, ProtocolError, CodecError) as exc:
                 flat = await self._fall_back(target, decision, est, frontier, trace, exc)
         trace.stages["total"] = time.perf_counter() - started
+        assert flat is not None
         done = trace.build()
         self.observer.record(done, decision, self.estimator.estimates)
         return target.result(flat), done
+
+    async def _exit(
+        self, target: Target, e: int, k: int, inputs: Sequence[Any], trace: TraceBuilder
+    ) -> tuple[Flat | None, tuple[Any, ...] | None]:
+        """The head to the early exit at cut ``e`` and the exit's head: its answer where it is
+        confident for every row ((outputs, None)); otherwise the request goes on to cut ``k``:
+        (None, the frontier at ``k``), or (outputs, None) finished on the device at the last cut."""
+        bundle = target.bundle
+        frontier, trace.stages["head"] = await self.device.head(
+            bundle, e, inputs, target.profiled_head(e, inputs)
+        )
+        (logits, confident), trace.stages["exit"] = await self.device.run(bundle.run_exit, e, frontier)
+        trace.exit_cut = e
+        if all(confident):
+            trace.exited = True
+            return [logits], None
+        rest = await self.device.run(bundle.run_segments, e, k, frontier)
+        trace.stages["head"] += rest[1]
+        if k == bundle.last_cut:
+            return [rest[0]], None
+        return None, rest[0]
 
     async def _all_local(self, target: Target, inputs: Sequence[Any], trace: TraceBuilder) -> Flat:
         """Every model on the device; one model's time is the device's head at the last cut."""
@@ -142,11 +170,14 @@ class Pipeline:
             codec.encode, list(frontier), profiled_s=decision.stages.get("encode", 0.0) / est.device_slowdown
         )
         # The device's work is the head and the encode (at cut 0, the encode alone): its profiled
-        # time is the decision's prediction without the slowdown that went into it.
-        predicted = decision.stages.get("head", 0.0) + decision.stages.get("encode", 0.0)
-        self.estimator.observe_device(
-            predicted / est.device_slowdown, trace.stages["head"] + trace.stages["encode"]
-        )
+        # time is the decision's prediction without the slowdowns that went into it (the head's
+        # own, where the estimates correct it per cut). The head alone corrects its cut's price.
+        factors, k = est.head_slowdown, decision.cut
+        head_factor = factors[k] if len(factors) == bundle.last_cut + 1 else est.device_slowdown
+        profiled = decision.stages.get("head", 0.0) / head_factor
+        profiled += decision.stages.get("encode", 0.0) / est.device_slowdown
+        self.estimator.observe_device(profiled, trace.stages["head"] + trace.stages["encode"])
+        self.estimator.observe_head(k, trace.stages["head"], device=False)
         if self.deadline_s is None:
             return payload, None
         remaining = self.deadline_s - (time.perf_counter() - started)
@@ -249,6 +280,16 @@ class Pipeline:
             raise exc from None
         trace.fallback = reason
         return flat
+
+
+def _exit_on_the_way(target: Target, k: int) -> int | None:
+    """The deepest early exit of a one-model target at or before cut ``k`` that this device
+    loaded and that may answer (docs/learning.md), or None."""
+    if getattr(target, "tasks", None):
+        return None
+    bundle = target.bundle
+    cuts = [int(e["cut"]) for e in bundle.exits if int(e["cut"]) <= k and bundle.exit_at(int(e["cut"]))]
+    return max(cuts) if cuts else None
 
 
 def _frame(

@@ -50,6 +50,10 @@ class Trace:
     #: Where the model's tail actually ran: ``"cloud"`` (from ``cut``, with ``codec``) or
     #: ``"device"`` (the decision was the last cut, or the request fell back).
     ran_on: str = "device"
+    #: The early exit the request reached (docs/learning.md): its cut (None: none on its way)
+    #: and whether it answered there (``exited``: nothing was sent, ``ran_on`` is the device).
+    exit_cut: int | None = None
+    exited: bool = False
 
     def compared(self) -> dict[str, tuple[float, float]]:
         """``{stage: (predicted, measured)}`` for every stage both hold (``link``: predicted
@@ -75,6 +79,8 @@ class TraceBuilder:
         self.bytes_down = 0
         self.retried = False
         self.ran_on = "device"
+        self.exit_cut: int | None = None
+        self.exited = False
 
     def build(self) -> Trace:
         return Trace(
@@ -88,4 +94,6 @@ class TraceBuilder:
             self.fallback,
             self.retried,
             self.ran_on,
+            self.exit_cut,
+            self.exited,
         )

@@ -21,12 +21,13 @@ from torch.utils import _pytree as pytree
 
 from splitinfer.bundle import Bundle, Cut, fast_module
 from splitinfer.errors import CaptureError, ConfigError
-from splitinfer.manifest import frontier_nbytes
+from splitinfer.manifest import exit_file, frontier_nbytes
 from splitinfer.partitioner import _words as words
 from splitinfer.partitioner._fidelity import measure
 from splitinfer.partitioner._graph import Cuttable, SegmentError, batch_symbol
-from splitinfer.partitioner._inputs import check_fidelity_inputs
+from splitinfer.partitioner._inputs import check_fidelity_inputs, check_inputs
 from splitinfer.partitioner._intervals import DEFAULT_CONFIDENCE
+from splitinfer.partitioner._learn import Training
 from splitinfer.protocol import valid_model_name
 from splitinfer.tensors import TensorSpec
 
@@ -123,6 +124,12 @@ def compile(  # the public name the API promises
     zstd_dictionaries: bool = False,
     profile: bool | str = False,
     runtimes: Sequence[str] | None = None,
+    training: Iterable[Any] | None = None,
+    exits: Sequence[int] | None = None,
+    fidelity_budget: float = 0.99,
+    seed: int = 0,
+    train_steps: int = 400,
+    train_seconds: float | None = None,
     progress: bool = False,
     verbose: bool = False,
 ) -> Bundle:
@@ -164,10 +171,25 @@ def compile(  # the public name the API promises
 
     ``verbose=True`` prints the number of cuts, the total time and each step's time: capture
     and cuts, ONNX export and check, calibration and fidelity table, profile.
+
+    ``training`` (unlabelled inputs like production traffic, in the form of ``calibration``)
+    trains early exits (docs/learning.md) at the cuts ``exits`` names, or at cuts picked by
+    cost: small heads distilled from the model's own output (images augmented; ``seed``,
+    ``train_steps`` optimizer steps, ``train_seconds`` a budget for the teacher's passes), their
+    confidence thresholds calibrated on held-out inputs (``evaluation``, else ``calibration``,
+    else every fourth training input) so that the answers they give agree with the model at a
+    lower bound (at ``confidence``) of at least ``fidelity_budget``. Without ``training`` the
+    bundle is what it is without this paragraph.
     """
     laps = _Laps()
     _check_arguments(model, example_inputs, name)
     calibration, evaluation = check_fidelity_inputs(example_inputs, calibration, evaluation, labels, codecs)
+    if training is not None:  # checked before the slow steps, as the other inputs are
+        training = check_inputs("training", training, example_inputs)
+    elif exits is not None:
+        raise ConfigError(
+            f"{words.name('exits')} need {words.name('training')} inputs to train their heads on"
+        )
     model = model.eval()
     args = tuple(_batched(t) for t in example_inputs)
     with torch.no_grad():
@@ -201,6 +223,18 @@ def compile(  # the public name the API promises
         },
     )
     laps.mark("calibration and fidelity table" if calibration is not None else "fidelity table (lossless)")
+    if training is not None:
+        _add_exits(
+            bundle,
+            training,
+            evaluation or calibration,
+            "evaluation" if evaluation else "calibration" if calibration else "training",
+            exits,
+            Training(steps=train_steps, seconds=train_seconds, seed=seed, progress=progress),
+            fidelity_budget,
+            confidence,
+        )
+        laps.mark("early exits trained and calibrated")
     if profile:
         _add_profile(bundle, profile if isinstance(profile, str) else "host", progress)
         laps.mark("profile")
@@ -432,6 +466,65 @@ def _add_fidelity(
     bundle.calibration = ranges
     bundle.dictionaries = dictionaries
     bundle.projections = projections
+
+
+def _add_exits(
+    bundle: Bundle,
+    training: list[tuple[Any, ...]] | None,
+    held_out: list[tuple[Any, ...]] | None,
+    held_out_from: str,
+    cuts: Sequence[int] | None,
+    options: Any,
+    budget: float,
+    confidence: float,
+) -> None:
+    """Train and calibrate ``bundle``'s early exits (``_exits.train_exits``) and keep their
+    heads as exported programs (saved like segments: hashed, no pickles)."""
+    from splitinfer._checks import check_number
+    from splitinfer.partitioner._exits import train_exits
+
+    check_number("fidelity_budget (agreement, 0..1)", budget, lo=0.0, hi=1.0)
+    assert training is not None
+    if held_out is None:
+        if len(training) < 8:
+            raise ConfigError(
+                f"{words.name('training')}: {len(training)} input(s) without evaluation or calibration "
+                "inputs; give at least 8 (every fourth is held out to calibrate the exits' thresholds) "
+                f"or {words.name('evaluation')} inputs"
+            )
+        held_out = training[3::4]
+        training = [t for i, t in enumerate(training) if i % 4 != 3]
+    entries, heads = train_exits(bundle, training, held_out, held_out_from, cuts, options, budget, confidence)
+    offered = {e["cut"] for e in entries if e["threshold"] is not None}
+    for k, head in heads.items():
+        if k not in offered:
+            continue
+        frontier = tuple(
+            torch.zeros((_EXPORT_BATCH, *(int(d or 1) for d in t.shape[1:])), dtype=getattr(torch, t.dtype))
+            for t in bundle.cut(k).tensors
+        )
+        program = _export(head.eval(), frontier, f"the exit head at cut {k}")
+        bundle._exit_programs[k] = program
+        bundle.exit_heads[k] = fast_module(program)
+        if bundle.onnx.get("file"):  # the torch-free edge runs the exits too
+            bundle._exit_onnx[k] = _exit_onnx(program, frontier)
+    for entry in entries:
+        if entry["cut"] in bundle._exit_onnx:
+            entry["onnx"] = exit_file(entry["cut"]).replace(".pt2", ".onnx")
+    bundle.exits = entries
+
+
+def _exit_onnx(program: torch.export.ExportedProgram, args: tuple[torch.Tensor, ...]) -> bytes:
+    """The exit head's program as an ONNX model (bytes); CaptureError naming the operator."""
+    from splitinfer.partitioner._onnx import _quiet
+
+    try:
+        with _quiet():
+            onnx_program = torch.onnx.export(program, args, dynamo=True, verbose=False)
+        assert onnx_program is not None
+        return bytes(onnx_program.model_proto.SerializeToString())
+    except Exception as exc:  # the exporter raises many types
+        raise CaptureError(f"ONNX cannot export an exit head: {type(exc).__name__}: {exc}") from exc
 
 
 def _check_image_codecs(bundle: Bundle, chosen: list[str], *, explicit: bool) -> None:

@@ -73,6 +73,26 @@ def add_compile_parser(
         "labelled images add top-1 accuracy and its drop to the table",
     )
     p.add_argument(
+        "--train",
+        metavar="FILE|DIR",
+        help="unlabelled inputs like production traffic (same forms as --calibration) to train early "
+        "exits on (docs/learning.md); images are augmented. Their thresholds are calibrated on "
+        "--evaluation, else --calibration, else every fourth of these",
+    )
+    p.add_argument(
+        "--exits",
+        metavar="CUT,CUT",
+        help="cuts to put early exits at (with --train; default: two cuts picked by cost)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the training's augmentation and batches")
+    p.add_argument("--train-steps", type=int, default=400, metavar="N", help="optimizer steps (default 400)")
+    p.add_argument(
+        "--train-seconds",
+        type=float,
+        metavar="S",
+        help="time budget for the teacher's passes over the (augmented) training inputs",
+    )
+    p.add_argument(
         "--image-size",
         type=int,
         metavar="N",
@@ -190,7 +210,8 @@ def _fidelity_inputs(
     args: argparse.Namespace, inputs: list[Any]
 ) -> tuple[list[Any] | None, list[Any] | None, list[int] | None]:
     """--calibration and --evaluation read and checked against the example inputs, and the
-    labels of the evaluation (or, without it, of the calibration) where the images have them."""
+    labels of the evaluation (or, without it, of the calibration) where the images have them;
+    --train's rows (unlabelled) are left in ``args.training_rows``."""
     from splitinfer.partitioner._inputs import read_inputs
 
     def read(flag: str, path: str | None) -> tuple[list[Any] | None, list[int] | None]:
@@ -207,13 +228,42 @@ def _fidelity_inputs(
         return rows, labels
 
     if args.image_size is not None and not any(
-        p is not None and Path(p).is_dir() for p in (args.calibration, args.evaluation)
+        p is not None and Path(p).is_dir()
+        for p in (args.calibration, args.evaluation, getattr(args, "train", None))
     ):
         raise ConfigError("--image-size applies to a folder of images given to --calibration or --evaluation")
     calibration, cal_labels = read("--calibration", args.calibration)
     evaluation, ev_labels = read("--evaluation", args.evaluation)
+    args.training_rows = read("--train", getattr(args, "train", None))[0]
     labels = ev_labels if evaluation is not None else cal_labels
     return calibration, evaluation, labels
+
+
+def _training_keywords(args: argparse.Namespace, budget: float, drop: float | None) -> dict[str, Any]:
+    """compile's keywords for --train, --exits, --seed, --train-steps and --train-seconds."""
+    rows = getattr(args, "training_rows", None)
+    if rows is None:
+        if args.exits is not None:
+            raise ConfigError("--exits needs --train inputs to train the exits' heads on")
+        return {}
+    if drop is not None:
+        raise ConfigError("early exits are calibrated to an agreement (--budget), not --accuracy-drop")
+    exits = None
+    if args.exits is not None:
+        try:
+            exits = [int(c) for c in args.exits.split(",") if c.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"--exits takes comma-separated cut indices such as 3,6, got {args.exits!r}"
+            ) from None
+    return {
+        "training": rows,
+        "exits": exits,
+        "fidelity_budget": budget,
+        "seed": args.seed,
+        "train_steps": args.train_steps,
+        "train_seconds": args.train_seconds,
+    }
 
 
 def _check_rows(flag: str, path: str, row: tuple[Any, ...], inputs: list[Any]) -> None:
@@ -295,6 +345,7 @@ def _compile_here(args: argparse.Namespace) -> int:
             codecs=codecs,
             fidelity_all_cuts=True if args.fidelity_all_cuts else None,
             profile=bool(args.profile),
+            **_training_keywords(args, budget, drop),
             verbose=True,
         )
     _check_out(args.out, args.force)  # nobody wrote one meanwhile
@@ -416,6 +467,7 @@ def _inspect(args: argparse.Namespace) -> int:
             "verified": None if bad is None else not bad,
             "damaged": bad or [],
             **fidelity_json(fidelity, budget, drop, confidence),
+            "exits": exits_json(manifest.get("exits") or []),
         }
         print(json.dumps(doc, indent=1))
         return 1 if bad else 0
@@ -477,6 +529,8 @@ def _inspect(args: argparse.Namespace) -> int:
             print(f"    cut {k}: {row['codec']} {kib:.1f} KiB ({_fidelity_text(row)}): {more}")
     if fidelity.get("table"):
         print(_provenance(fidelity, confidence))
+    for line in _exit_lines(manifest.get("exits") or []):
+        print(line)
     if bad:
         print(
             f"warning: bundle {root} is damaged ({len(bad)} file(s)): recompile or copy it again",
@@ -484,6 +538,45 @@ def _inspect(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def exits_json(exits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The early exits for scripts (``inspect --json``): per exit its cut, threshold, exit rate
+    and the agreement of the answers it gives with their n and interval (docs/learning.md)."""
+    keys: tuple[str, ...] = ("cut", "name", "threshold", "exit_rate", "agreement", "n", "lo", "hi")
+    keys += ("samples", "confidence", "budget", "held_out_from", "head_agreement")
+    out = []
+    for e in exits:
+        row = {k: e.get(k) for k in keys}
+        training = e.get("training") or {}
+        row["training"] = {
+            k: training.get(k) for k in ("inputs", "views", "augmented", "steps", "seconds", "seed")
+        }
+        row["offered"] = e.get("threshold") is not None
+        out.append(row)
+    return out
+
+
+def _exit_lines(exits: list[dict[str, Any]]) -> list[str]:
+    """inspect's lines about the early exits (none without them)."""
+    if not exits:
+        return []
+    lines = [f"exits    {len(exits)} early exit(s): answered on the device where the head is confident"]
+    for e in exits:
+        where = f"    cut {e['cut']} ({e.get('name', '?')})"
+        if e.get("threshold") is None:
+            agrees = 100 * (e.get("head_agreement") or 0)
+            lines.append(
+                f"{where}: never answers (no threshold shows agreement >= {e.get('budget')} on "
+                f"{e.get('samples')} held-out inputs; the head agrees on {agrees:.1f}%)"
+            )
+            continue
+        lines.append(
+            f"{where}: exits {100 * e['exit_rate']:.1f}% of {e.get('samples')} held-out inputs at "
+            f"confidence >= {e['threshold']:.3f}; those answers agree {e['agreement']:.3f} "
+            f"[{e['lo']:.2f}-{e['hi']:.2f}] n={e['n']} (bound at {e.get('confidence')})"
+        )
+    return lines
 
 
 def _provenance(fidelity: dict[str, Any], confidence: float) -> str:

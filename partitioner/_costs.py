@@ -4,14 +4,18 @@ Contract: :class:`CostModel` needs only a bundle's ``cuts``, ``codecs``, ``fidel
 ``profiles`` (no segment is loaded or run). For each candidate it holds the profiled times
 (seconds on the profiled machine) and the bytes sent, so that under :class:`Estimates` ``e``::
 
-    latency(k, c) = (head(k) + encode(k, c)) * e.device_slowdown
+    latency(k, c) = head(k) * e.head_slowdown[k] + encode(k, c) * e.device_slowdown
                   + (decode(k, c) + tail(k)) * e.cloud_slowdown
                   + 8 * bytes(k, c) / e.uplink_bps
                   + sent * (e.rtt_s + e.cloud_queue_s + 8 * response_bytes / e.downlink_bps)
 
-where ``sent`` is 0 for the last cut (everything on the device, nothing sent) and 1 elsewhere.
-That is a dot product of a fixed row of :data:`FEATURES` with a weight vector built from the
-estimates, which is what makes a decision over a thousand candidates take microseconds.
+where ``sent`` is 0 for the last cut (everything on the device, nothing sent) and 1 elsewhere,
+and ``e.head_slowdown[k]`` is ``e.device_slowdown`` where the estimates have no per-cut
+correction (``Estimator.head_slowdowns``; an ``Estimates`` whose ``head_slowdown`` does not
+have one factor per cut of this bundle, from another bundle, is priced with the scalar).
+With the scalar alone that is a dot product of a fixed row of :data:`FEATURES` with a weight
+vector built from the estimates, which is what makes a decision over a thousand candidates take
+microseconds (a per-cut correction adds one vector to it).
 
 Where numbers come from:
 
@@ -57,6 +61,7 @@ __all__ = [
     "CostModel",
     "EnergyModel",
     "energy_weights",
+    "exit_mix",
     "is_lossless",
     "latency_weights",
 ]
@@ -232,25 +237,42 @@ class CostModel:
         self.decode = _frozen(np.array(dec))
         sent = self.cut < n
         self.sent = _frozen(sent.astype(np.float64))
+        #: Per cut ``0..n``, the profiled head (seconds).
+        self.head_by_cut = _frozen(head_k)
         self.head = _frozen(head_k[self.cut])
         self.tail = _frozen(np.where(sent, tail_k[self.cut], 0.0))
         self.cloud_batch = cloud_batch
+        #: Per row, the early exit the edge tries on the way (the deepest offered at or before
+        #: its cut; -1 for none), the share of requests it answers (measured on held-out
+        #: inputs) and the head's time to it: the expected cost mixes answering there with
+        #: going on (:func:`exit_mix`; docs/learning.md). All zero without exits.
+        self.exit_cut, self.exit_rate, self.exit_head = exit_mix(bundle, self.cut, head_k)
         #: One row per candidate, columns :data:`FEATURES` (NaN bytes count as 0 here: such a
         #: candidate is never feasible, see :meth:`feasible`).
         self.features = self._features()
 
     def _features(self) -> np.ndarray:
-        return _frozen(
-            np.column_stack(
-                [
-                    self.head + self.encode,
-                    self.decode + self.tail,
-                    np.nan_to_num(self.bytes) * 8.0,
-                    self.sent,
-                    self.sent * self.response_bytes * 8.0,
-                ]
-            )
+        features = np.column_stack(
+            [
+                self.head + self.encode,
+                self.decode + self.tail,
+                np.nan_to_num(self.bytes) * 8.0,
+                self.sent,
+                self.sent * self.response_bytes * 8.0,
+            ]
         )
+        return _frozen(self._mixed(features, 0))
+
+    def _mixed(self, columns: np.ndarray, device: int) -> np.ndarray:
+        """``columns`` (one row per candidate, linear in the estimates) priced with the rows'
+        early exits: ``rate * (head to the exit)`` in column ``device`` plus ``(1 - rate)`` of
+        going on. Unchanged where a row has no exit."""
+        rate = getattr(self, "exit_rate", None)
+        if rate is None or not rate.any():
+            return columns
+        mixed = columns * (1.0 - rate)[:, None]
+        mixed[:, device] += rate * self.exit_head
+        return mixed
 
     def for_tasks(self, others: Sequence[Manifest], shared_cut: int) -> CostModel:
         """A new cost model, over this one's rows, pricing one upload answered by this model
@@ -278,7 +300,12 @@ class CostModel:
         model = copy.copy(self)
         model.tail = _frozen(np.where(shared, self.tail + extra_tail, self.tail))
         model.head, model.fidelity = _frozen(head), _frozen(fidelity)
+        by_cut = self.head_by_cut.copy()
+        by_cut[self.n] += extra_local  # the all-on-device "head" runs every model (as head[local])
+        model.head_by_cut = _frozen(by_cut)
         model.response_bytes = self.response_bytes + sum(m.response_bytes for m in priced)
+        none = _frozen(np.zeros(len(self)))  # an exit answers for one model, not for tasks
+        model.exit_cut, model.exit_rate, model.exit_head = _frozen(np.full(len(self), -1)), none, none
         model.features = model._features()
         return model
 
@@ -409,12 +436,25 @@ class CostModel:
         reasons = self.exclusions(budget, privacy_floor, confidence=confidence, accuracy_drop=accuracy_drop)
         return np.array([not r for r in reasons])
 
+    def head_factors(self, est: Estimates) -> np.ndarray | None:
+        """Per cut ``0..n``, the slowdown the head of that cut is priced at under ``est``; None
+        where ``est`` has no per-cut correction for this bundle (``device_slowdown`` for all)."""
+        if len(est.head_slowdown) != self.n + 1:
+            return None
+        return np.asarray(est.head_slowdown, dtype=np.float64)
+
+    def device_heads(self, est: Estimates) -> np.ndarray:
+        """Per cut ``0..n``, the predicted seconds of its head on the device under ``est``."""
+        factors = self.head_factors(est)
+        return self.head_by_cut * (est.device_slowdown if factors is None else factors)
+
     def stages(self, row: int, est: Estimates) -> dict[str, float]:
         """Predicted seconds per stage (:data:`STAGES`) of candidate ``row`` under ``est``."""
+        head = float(self.device_heads(est)[self.cut[row]])
         if not self.sent[row]:
-            return {"head": float(self.head[row]) * est.device_slowdown}
+            return {"head": head}
         return {
-            "head": float(self.head[row]) * est.device_slowdown,
+            "head": head,
             "encode": float(self.encode[row]) * est.device_slowdown,
             "rtt": est.rtt_s,
             "uplink": float(self.bytes[row]) * 8.0 / est.uplink_bps,
@@ -425,11 +465,12 @@ class CostModel:
         }
 
     def stage_matrix(self, est: Estimates) -> np.ndarray:
-        """Predicted seconds of every row (rows) and stage (columns, :data:`STAGES`)."""
+        """Predicted seconds of every row (rows) and stage (columns, :data:`STAGES`); with early
+        exits, expected seconds (an exited request spends only the head to its exit)."""
         sent = self.sent
-        return np.column_stack(
+        matrix = np.column_stack(
             [
-                self.head * est.device_slowdown,
+                self.device_heads(est)[self.cut],
                 self.encode * est.device_slowdown,
                 sent * est.rtt_s,
                 np.nan_to_num(self.bytes) * 8.0 / est.uplink_bps,
@@ -439,6 +480,29 @@ class CostModel:
                 sent * self.response_bytes * 8.0 / est.downlink_bps,
             ]
         )
+        if self.exit_rate.any():
+            matrix = self._mixed(matrix, 0)
+            matrix[:, 0] += self.exit_rate * self.exit_head * (est.device_slowdown - 1.0)
+        return matrix
+
+
+def exit_mix(bundle: Manifest, cuts: np.ndarray, head_k: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per row (at ``cuts``): the cut of the deepest offered early exit at or before it (-1:
+    none), its exit rate and the profiled head time to it (0 where none or unprofiled)."""
+    offered = sorted(
+        (int(e["cut"]), float(e.get("exit_rate") or 0.0))
+        for e in getattr(bundle, "exits", None) or []
+        if e.get("threshold") is not None and e.get("file")
+    )
+    exit_cut = np.full(len(cuts), -1, dtype=np.int64)
+    rate = np.zeros(len(cuts))
+    head = np.zeros(len(cuts))
+    for e, r in offered:
+        at = cuts >= e
+        exit_cut[at] = e
+        rate[at] = r
+        head[at] = head_k[e] if math.isfinite(head_k[e]) else 0.0
+    return _frozen(exit_cut), _frozen(rate), _frozen(head)
 
 
 def latency_weights(est: Estimates) -> np.ndarray:

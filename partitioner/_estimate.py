@@ -12,7 +12,8 @@ asks for a probe (:meth:`Estimator.needs_probe`):
   the downlink rate, the cloud's queueing and the cloud's speed (its compute time against the
   profiled tail at that cut);
 - ``observe_head`` (measured head time at a cut) and ``observe_device`` (any device work, such
-  as an encode, with its profiled time) yield the device's speed against the profile;
+  as an encode, with its profiled time) yield the device's speed against the profile; head
+  times also correct the profile per cut (below);
 - ``observe_upload`` / ``observe_download`` / ``observe_rtt`` take a probe's direct measurements.
 
 The request's wait for its first answer byte is ``rtt + up_bytes / uplink + server``, with the
@@ -47,12 +48,45 @@ the link comes back. :meth:`Estimator.needs_rtt_probe` says when the round trip 
 younger than ``rtt_probe_after_s``: requests whose upload dominates their wait never yield one,
 and without a measured round trip every uplink sample absorbs the prior's error (a prior 30 ms
 short made 15 KB uploads on a 2 Mbit/s link look 0.6x as fast as they were).
+Per-cut head correction (issue 28): a profile taken on a busy machine can be wrong per segment,
+10-100x both ways, and one device scalar cannot fix that: the head of cut 3 may be priced 3x
+too high while cut 5's is 3x too low, and the scalar only learns their mixture, so the policy
+keeps choosing the cut whose head the profile underprices. Each cut therefore keeps its own
+correction, a running mean of ``log(observed / profiled)`` with a count (the first samples
+averaged, later ones an exponentially weighted mean with weight ``head_alpha``, a sample more
+than twice or half the mean clipped to that once the cut has three samples, so one paused
+thread cannot swing it). A cut seen ``n`` times is priced at ``exp((n * mean + n0 * log(device))
+/ (n + n0))`` times its profiled head (``n0 = head_prior_n``): a cut seen once is half trusted,
+a cut seen a dozen times almost fully, and the device scalar is the prior. A cut never seen
+borrows from its nearest observed neighbours: its corrected head is interpolated linearly over
+the cumulative profiled time between the corrected heads of the observed cut before it (cut
+0, whose head is nothing, always counts as one) and the one after it; past the last observed
+cut, the profile's further segments are priced at the device scalar. Heads are cumulative, so
+a cut between two observed ones shares most of its segments with them: interpolation is
+exact where the profile's error is the same on the segments between them (the warm-up at the
+last cut makes every cut "between" two observed ones from the start).
+
+Cuts never tried: interpolation cannot see an error that alternates between two observed
+cuts (a segment 3x overpriced followed by one 3x underpriced), and a cut priced too high is
+never chosen, so never observed, so never corrected; the adaptive policy's exploration
+(``explore``: 5 % of requests, among candidates within 10 % of the winner) finds it only
+slowly (in a unit test, after 6 to over 60 requests). So a cut never observed is priced
+optimistically: the segments since the observed cut before it at ``1 - head_optimism`` (half,
+by default) of the interpolated rate, never below that cut's head (heads are cumulative, so
+that is a hard lower bound). A cut whose optimistic price beats the winner is tried once and
+priced from what it took from then on: at most one request per cut near the winner, paid
+early. A cut priced above the winner even so is never tried, which costs nothing while the
+winner is right.
+:meth:`Estimator.estimates` reports the corrections as ``Estimates.head_slowdown`` (per cut);
+the cost model prices head ``k`` at ``head_slowdown[k]`` and encodes at ``device_slowdown``.
+
 Everything is thread-unsafe and clock-agnostic: pass times from one clock
 (``time.monotonic`` by default, or ``now=`` for a simulation).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 import time
@@ -88,10 +122,15 @@ class Estimates:
     device_slowdown: float = 1.0
     cloud_slowdown: float = 1.0
     uplink_sd: float = 0.0
+    #: Per cut ``0..n``, the slowdown the head of that cut is priced at (its measured time over
+    #: its profiled time, :meth:`Estimator.head_slowdowns`); empty: ``device_slowdown`` for all.
+    head_slowdown: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("uplink_bps", "downlink_bps", "device_slowdown", "cloud_slowdown"):
             check_number(f"Estimates.{name}", getattr(self, name), lo=0.0, lo_open=True)
+        for k, factor in enumerate(self.head_slowdown):
+            check_number(f"Estimates.head_slowdown[{k}]", factor, lo=0.0, lo_open=True)
         check_number("Estimates.uplink_sd", self.uplink_sd, lo=0.0)
         for name in ("rtt_s", "cloud_queue_s"):
             check_number(f"Estimates.{name}", getattr(self, name), lo=0.0, unit="seconds")
@@ -223,7 +262,10 @@ class Estimator:
     ``jump_after`` the rates' change detection (:class:`LogEwma`: after that many consecutive
     samples beyond the outlier clip on one side, the estimate follows unclipped at a quarter of
     ``tau_s`` until a sample falls on the other side; 0, the default until the replay has
-    measured it, turns it off).
+    measured it, turns it off). ``head_alpha`` is the weight of a new head time in its cut's
+    correction once the cut has ``1 / head_alpha`` samples, ``head_prior_n`` how many samples
+    the device scalar counts as in a cut's correction, ``head_optimism`` how much cheaper
+    than its observed neighbours suggest a cut never observed is priced (module docstring).
 
     The edge should call :meth:`observe_head` once at start-up with a warm-up inference at the
     last cut, so that the device's speed is known before the first decision.
@@ -241,8 +283,14 @@ class Estimator:
         rtt_probe_after_s: float = 30.0,
         window: int = 15,
         jump_after: int = 0,
+        head_alpha: float = 0.25,
+        head_prior_n: float = 1.0,
+        head_optimism: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ):
+        check_number("head_alpha", head_alpha, lo=0.0, lo_open=True, hi=1.0)
+        check_number("head_prior_n", head_prior_n, lo=0.0)
+        check_number("head_optimism", head_optimism, lo=0.0, hi=1.0, hi_open=True)
         if probe_after_s <= 0 or rtt_probe_after_s <= 0:
             raise ConfigError(
                 f"probe_after_s and rtt_probe_after_s must be > 0 seconds, got {probe_after_s}, "
@@ -266,6 +314,11 @@ class Estimator:
         self._head_s: list[float] | None = None
         self._tail_s: list[float] | None = None
         self._response_bytes = 0.0
+        self.head_alpha = head_alpha
+        self.head_prior_n = head_prior_n
+        self.head_optimism = head_optimism
+        #: Per observed cut: the running mean of log(observed / profiled head), and its count.
+        self.cut_heads: dict[int, tuple[float, int]] = {}
         if bundle is not None:
             picked, times = pick_profile(bundle, profile), chain_times(bundle, profile)
             if picked is not None and times is not None:
@@ -292,11 +345,63 @@ class Estimator:
         if seconds >= 0:
             self.rtt.update(seconds, self._now(now))
 
-    def observe_head(self, cut: int, seconds: float, *, now: float | None = None) -> None:
-        """The device took ``seconds`` to run the head of ``cut`` (the whole model at the last cut)."""
+    def observe_head(
+        self, cut: int, seconds: float, *, now: float | None = None, device: bool = True
+    ) -> None:
+        """The device took ``seconds`` to run the head of ``cut`` (the whole model at the last cut).
+
+        Corrects that cut's head (module docstring) and, with ``device=True``, the device's
+        speed; ``device=False`` for a caller that feeds the device's speed otherwise
+        (:meth:`observe_device` with the head and the encode together)."""
         if self._head_s is None or not 0 <= cut < len(self._head_s):
             return
-        self.observe_device(self._head_s[cut], seconds, now=now)
+        profiled = self._head_s[cut]
+        if profiled > 1e-5 and seconds > 0 and math.isfinite(seconds):
+            y = math.log(seconds / profiled)
+            mean, count = self.cut_heads.get(cut, (y, 0))
+            count += 1
+            residual = y - mean
+            if count > 3:
+                residual = max(-math.log(2.0), min(math.log(2.0), residual))
+            mean += max(1.0 / count, self.head_alpha) * residual
+            self.cut_heads[cut] = (mean, count)
+        if device:
+            self.observe_device(profiled, seconds, now=now)
+
+    def head_slowdowns(self, device_slowdown: float | None = None) -> tuple[float, ...]:
+        """Per cut ``0..n``, the factor its profiled head is priced at (module docstring); empty
+        before any head was observed (then ``device_slowdown`` prices every head).
+        ``device_slowdown``: the scalar to shrink toward, by default the current estimate."""
+        heads = self._head_s
+        if heads is None or not self.cut_heads:
+            return ()
+        ds = self.device.value(self.prior.device_slowdown) if device_slowdown is None else device_slowdown
+        log_ds, n0 = math.log(ds), self.head_prior_n
+        # anchors: (profiled, corrected) cumulative head at each observed cut; cut 0 is free
+        anchors: dict[int, tuple[float, float]] = {0: (0.0, 0.0)}
+        for cut, (mean, count) in self.cut_heads.items():
+            shrunk = (count * mean + n0 * log_ds) / (count + n0)
+            anchors[cut] = (heads[cut], heads[cut] * math.exp(shrunk))
+        observed = sorted(anchors)
+        factors = []
+        for k, profiled in enumerate(heads):
+            if profiled <= 1e-12:
+                factors.append(ds)
+                continue
+            if k in anchors:
+                factors.append(anchors[k][1] / profiled)
+                continue
+            i = bisect.bisect_left(observed, k)  # observed[i - 1] < k < observed[i]
+            p0, c0 = anchors[observed[i - 1]]
+            if i < len(observed):
+                p1, c1 = anchors[observed[i]]
+                rate = (c1 - c0) / (p1 - p0) if p1 > p0 else ds
+                rate = max(0.0, rate) * (1.0 - self.head_optimism)  # never tried: optimistic (docstring)
+            else:
+                rate = ds
+            corrected = c0 + (profiled - p0) * rate
+            factors.append(corrected / profiled if corrected > 0 else ds)
+        return tuple(factors)
 
     def observe_device(self, profiled_s: float, seconds: float, *, now: float | None = None) -> None:
         """The device took ``seconds`` for work the profile times at ``profiled_s`` (an encode,
@@ -427,6 +532,7 @@ class Estimator:
             device_slowdown=self.device.value(p.device_slowdown),
             cloud_slowdown=self.cloud.value(p.cloud_slowdown),
             uplink_sd=self._uplink_sd(t),
+            head_slowdown=self.head_slowdowns() or p.head_slowdown,
         )
 
     def _uplink_sd(self, now: float) -> float:
@@ -477,6 +583,7 @@ class Estimator:
             "rtt_samples": len(self.rtt.samples),
             "queue_samples": len(self.queue.samples),
             "device_samples": self.device.count,
+            "cuts_observed": len(self.cut_heads),
             "cloud_samples": self.cloud.count,
         }
 

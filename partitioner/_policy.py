@@ -39,6 +39,7 @@ for a thousand candidates).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -102,6 +103,11 @@ class Decision:
     energy_j: float = math.nan
     explored: bool = False
     finish_s: float = math.nan
+    #: The early exit the edge tries on the way (docs/learning.md): its cut (None: none) and
+    #: the share of requests it answers. ``stages`` and ``predicted_s`` are the path that goes
+    #: on; the policy chose on the expected cost that mixes the two.
+    exit_cut: int | None = None
+    exit_rate: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -146,7 +152,8 @@ class Explanation:
         lines = [
             f"policy {self.policy}: uplink {_rate(e.uplink_bps)}, downlink {_rate(e.downlink_bps)}, "
             f"rtt {e.rtt_s * 1000:.0f} ms, queue {e.cloud_queue_s * 1000:.0f} ms, "
-            f"device x{e.device_slowdown:g}, cloud x{e.cloud_slowdown:g}",
+            f"device x{e.device_slowdown:g}, cloud x{e.cloud_slowdown:g}"
+            + (", heads corrected per cut" if e.head_slowdown else ""),
             f"{'rank':>4}  {'cut':>4}  {'codec':<12} {'KiB':>8} {'fidelity':>8} {'total ms':>9}  "
             + "  ".join(f"{s:>8}" for s in STAGES),
         ]
@@ -161,6 +168,13 @@ class Explanation:
         if top is not None and len(allowed) > top:
             lines.append(f"      ... {len(allowed) - top} more allowed candidates")
         lines.append(self.reason)
+        d = self.decision
+        if d.exit_cut is not None:
+            lines.append(
+                f"early exit at cut {d.exit_cut} on the way: it answers {100 * d.exit_rate:.1f}% of requests "
+                "on the device (measured on held-out inputs); totals above are expected times that mix "
+                "answering there with going on"
+            )
         return "\n".join(lines)
 
 
@@ -248,6 +262,10 @@ class TablePolicy:
             for i in rows.tolist()
         ]
         self._features_t = np.ascontiguousarray(model.features[rows].T)
+        # per allowed row, its cut and profiled head: a per-cut head correction is added to the
+        # dot product (which prices every head at device_slowdown) as one more vector
+        self._row_cuts = model.cut[rows]
+        self._row_heads = np.nan_to_num(model.head[rows])
         self._seed = seed
         self._rng = random.Random(seed)
 
@@ -308,7 +326,15 @@ class TablePolicy:
         """The allowed candidate of least predicted objective (or, rarely, a near-optimal one)."""
         if len(self._info) == 1:
             return self._decision(0, est, explored=False)
-        objective = self._weights(est) @ self._features_t
+        w = self._weights(est)
+        objective = w @ self._features_t
+        factors = self.model.head_factors(est)
+        if factors is not None:  # w[0] is the device's price per profiled second times its slowdown
+            objective += (
+                (w[0] / est.device_slowdown)
+                * self._row_heads
+                * (factors[self._row_cuts] - est.device_slowdown)
+            )
         best = int(objective.argmin())
         if self.hedged:
             best = self._hedged_best(objective, best, est)
@@ -329,29 +355,46 @@ class TablePolicy:
         near = np.flatnonzero(objective <= limit)
         if near.size <= 1:
             return best
-        sd, ds, cs = est.uplink_sd, est.device_slowdown, est.cloud_slowdown
+        sd, cs = est.uplink_sd, est.cloud_slowdown
+        heads = self.model.device_heads(est)
         fixed = est.rtt_s + est.cloud_queue_s + self.model.response_bytes * 8.0 / est.downlink_bps
         winner, least = best, math.inf
         for i in near.tolist():
             cost = float(objective[i])
-            _, _, sent, _, _, decode, tail, bits, finish = self._info[i]
+            cut, _, sent, _, _, decode, tail, bits, _ = self._info[i]
             if sent:
                 up = bits / est.uplink_bps
                 cloud = fixed + up + (decode + tail) * cs
-                cost -= cloud - expected_hedged(cloud, up, finish * ds, sd)
+                cost -= cloud - expected_hedged(cloud, up, float(heads[-1] - heads[cut]), sd)
             if cost < least:
                 winner, least = i, cost
         return winner
 
     def _decision(self, i: int, est: Estimates, *, explored: bool) -> Decision:
+        """The decision for allowed row number ``i`` (same numbers as CostModel.stages), with
+        the early exit on its way, if any."""
+        decision = self._plain_decision(i, est, explored=explored)
+        row = int(self._rows[i])
+        exit_cut = int(self.model.exit_cut[row])
+        if exit_cut < 0:
+            return decision
+        return dataclasses.replace(decision, exit_cut=exit_cut, exit_rate=float(self.model.exit_rate[row]))
+
+    def _plain_decision(self, i: int, est: Estimates, *, explored: bool) -> Decision:
         """The decision for allowed row number ``i`` (same numbers as CostModel.stages)."""
         cut, codec, sent, head, encode, decode, tail, bits, finish = self._info[i]
         e = self.energy
-        device = (head + encode) * est.device_slowdown
+        factors = self.model.head_factors(est)
+        if factors is None:
+            head_s, finish_s = head * est.device_slowdown, finish * est.device_slowdown
+        else:
+            head_s = head * float(factors[cut])
+            finish_s = (head + finish) * float(factors[-1]) - head_s
+        device = head_s + encode * est.device_slowdown
         if not sent:
             return Decision(cut, codec, device, {"head": device}, e.compute_w * device, explored, 0.0)
         stages = {
-            "head": head * est.device_slowdown,
+            "head": head_s,
             "encode": encode * est.device_slowdown,
             "rtt": est.rtt_s,
             "uplink": bits / est.uplink_bps,
@@ -366,7 +409,6 @@ class TablePolicy:
             + e.rx_w * stages["downlink"]
             + e.idle_w * (est.rtt_s + est.cloud_queue_s + stages["decode"] + stages["tail"])
         )
-        finish_s = finish * est.device_slowdown
         return Decision(cut, codec, sum(stages.values()), stages, energy, explored, finish_s)
 
     def explain(self, est: Estimates) -> Explanation:
@@ -375,11 +417,16 @@ class TablePolicy:
         matrix = model.stage_matrix(est)
         latency = matrix.sum(axis=1)
         energy = model.features @ energy_weights(est, self.energy)
+        if model.head_factors(est) is not None:  # the heads' energy at their corrected times
+            energy = energy + self.energy.compute_w * (
+                matrix[:, 0] - np.nan_to_num(model.head) * est.device_slowdown
+            )
         objective = latency + self.energy_weight * energy
         if self._z and est.uplink_sd:  # the upload at the uplink's quantile (as in decide)
             objective = objective + matrix[:, STAGES.index("uplink")] * math.expm1(self._z * est.uplink_sd)
         if self.hedged:  # a sent request costs its expected time with the hedge (as in decide)
-            finish = (model.head[model.local] - model.head) * est.device_slowdown
+            heads = model.device_heads(est)
+            finish = heads[-1] - heads[model.cut]
             up = matrix[:, STAGES.index("uplink")]
             cloud = matrix[:, 2:].sum(axis=1)
             objective = objective - np.array(
@@ -416,7 +463,8 @@ class TablePolicy:
                 )
             )
         winner, w_row = candidates[0], order[0]
-        finish = float(model.head[model.local] - model.head[w_row]) * est.device_slowdown
+        heads = model.device_heads(est)
+        finish = float(heads[-1] - heads[model.cut[w_row]])
         decision = Decision(
             cut=winner.cut,
             codec=winner.codec,
@@ -424,6 +472,8 @@ class TablePolicy:
             stages=winner.stages,
             energy_j=winner.energy_j,
             finish_s=finish if model.sent[w_row] else 0.0,
+            exit_cut=None if model.exit_cut[w_row] < 0 else int(model.exit_cut[w_row]),
+            exit_rate=float(model.exit_rate[w_row]),
         )
         reason = self._reason(candidates)
         if model.sent[w_row]:

@@ -28,6 +28,8 @@ _NAMES = {
     "fidelity_budget": ("fidelity_budget", "--budget"),
     "accuracy_drop": ("accuracy_drop", "--accuracy-drop"),
     "confidence": ("confidence", "--confidence"),
+    "training": ("training", "--train"),
+    "exits": ("exits", "--exits"),
 }
 #: key -> (Python example, CLI example)
 _EXAMPLES = {

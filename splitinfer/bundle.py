@@ -36,6 +36,7 @@ from splitinfer.manifest import (
     Cut,
     Manifest,
     dict_file,
+    exit_file,
     load_dictionaries,
     load_projections,
     projection_file,
@@ -43,7 +44,14 @@ from splitinfer.manifest import (
     segment_file,
     sha256_of,
 )
-from splitinfer.runtime import ONNX_FILE, OnnxGraph, OnnxRunner, choose_runtime, load_onnx
+from splitinfer.runtime import (
+    ONNX_FILE,
+    OnnxGraph,
+    OnnxRunner,
+    choose_runtime,
+    load_onnx,
+    load_onnx_head,
+)
 from splitinfer.tensors import TensorSpec
 
 if TYPE_CHECKING:
@@ -80,6 +88,11 @@ class Bundle(Manifest):
     _onnx_range: tuple[int, int] = field(default=(0, 0), repr=False, compare=False, kw_only=True)
     #: The ONNX graph in pieces, kept after compile so that :meth:`save` can write it.
     _onnx_graph: OnnxGraph | None = field(default=None, repr=False, compare=False, kw_only=True)
+    #: Loaded early-exit heads by cut (``exits`` in the manifest; torch runtime), and their
+    #: programs kept after compile for :meth:`save`.
+    exit_heads: dict[int, Segment] = field(default_factory=dict, repr=False, compare=False, kw_only=True)
+    _exit_programs: dict[int, Any] = field(default_factory=dict, repr=False, compare=False, kw_only=True)
+    _exit_onnx: dict[int, bytes] = field(default_factory=dict, repr=False, compare=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if len(self.segments) != self.n_segments:
@@ -190,6 +203,47 @@ class Bundle(Manifest):
 
         return pytree.tree_unflatten(list(leaves), pytree.treespec_loads(self.out_spec))
 
+    def exit_at(self, k: int) -> dict[str, Any] | None:
+        """The manifest's entry of the early exit at cut ``k`` whose head this process loaded
+        and that has a threshold (it may answer), or None."""
+        for entry in self.exits:
+            if entry.get("cut") == k and entry.get("threshold") is not None and k in self.exit_heads:
+                return entry
+        return None
+
+    def run_exit(self, k: int, frontier: Sequence[Any]) -> tuple[Any, list[bool]]:
+        """The exit head at cut ``k`` on ``frontier`` (batch first): its logits (the model's
+        flattened outputs, a 1-tuple) and, per row, whether it is confident enough to answer
+        (its largest softmax probability at least the exit's threshold). Numpy in, numpy out."""
+        entry = self.exit_at(k)
+        if entry is None:
+            raise CutNotLoadedError(f"bundle {self.name!r} has no early exit loaded at cut {k}")
+        import numpy as np
+
+        x = frontier[0]
+        as_numpy = type(x).__module__ == "numpy"
+        if self.onnx_runner is not None:  # the head on ONNX Runtime: numpy in and out
+            scores: Any = self.exit_heads[k](x if as_numpy else x.detach().cpu().numpy())[0]
+            logits: Any = scores
+            if not as_numpy:
+                import torch
+
+                logits = torch.from_numpy(scores)
+        else:
+            import torch
+
+            with torch.no_grad():
+                out: Any = self.exit_heads[k](torch.from_numpy(x) if as_numpy else x)
+            logits = out[0] if isinstance(out, tuple | list) else out
+            scores = logits.detach().cpu().float().numpy()
+            if as_numpy:
+                logits = scores
+        # the same formula as partitioner._exits.exit_confidence, which calibrated the threshold
+        values = np.asarray(scores, dtype=np.float64)
+        z = np.exp(values - values.max(axis=1, keepdims=True))
+        top = z.max(axis=1) / z.sum(axis=1)
+        return (logits,), (top >= float(entry["threshold"])).tolist()
+
     def check_frontier(self, k: int, frontier: Sequence[torch.Tensor]) -> None:
         """Raise ConfigError unless ``frontier`` fits cut ``k`` (count, dtypes, shapes)."""
         cut = self.cuts[k]
@@ -220,6 +274,14 @@ class Bundle(Manifest):
                 seg = tmp / segment_file(i)
                 torch.export.save(program, seg)
                 files[seg.name] = sha256_of(seg)
+            for k, program in self._exit_programs.items():
+                path = tmp / exit_file(k)
+                torch.export.save(program, path)
+                files[path.name] = sha256_of(path)
+            for k, data in self._exit_onnx.items():
+                path = tmp / exit_file(k).replace(".pt2", ".onnx")
+                path.write_bytes(data)
+                files[path.name] = sha256_of(path)
             if self._onnx_graph is not None:
                 path = tmp / ONNX_FILE
                 path.write_bytes(self._onnx_graph.to_bytes())
@@ -293,11 +355,22 @@ class Bundle(Manifest):
             bundle = cls.from_manifest(meta, segments)
             bundle.onnx_runner = load_onnx(root, doc, threads=threads, device=device)
             bundle._onnx_range = (lo, hi)
+            for entry in meta.exits:  # heads exported to ONNX run there too
+                if entry.get("onnx") and 0 < int(entry["cut"]) <= hi and lo == 0:
+                    bundle.exit_heads[int(entry["cut"])] = load_onnx_head(
+                        root, str(entry["onnx"]), doc["files"], threads
+                    )
             return bundle
         for i, name in enumerate(doc["segments"]):
             if lo <= i < hi:
                 segments[i] = _load_segment(root, name, doc["files"], device, shared)
-        return cls.from_manifest(meta, segments)
+        bundle = cls.from_manifest(meta, segments)
+        for entry in meta.exits:  # an exit's head runs where its cut's head does
+            if entry.get("file") and 0 < int(entry["cut"]) <= hi and lo == 0:
+                bundle.exit_heads[int(entry["cut"])] = _load_segment(
+                    root, str(entry["file"]), doc["files"], device, shared
+                )
+        return bundle
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, segments: list[Segment | None]) -> Bundle:

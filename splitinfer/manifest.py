@@ -93,6 +93,11 @@ def segment_file(i: int) -> str:
     return f"segment_{i:03d}.pt2"
 
 
+def exit_file(cut: int) -> str:
+    """The file name of the early-exit head at ``cut`` in a bundle directory (issue 32)."""
+    return f"exit_{int(cut):03d}.pt2"
+
+
 def projection_file(cut: str) -> str:
     """The file name of the channel projection of ``cut`` (the pca codecs) in a bundle directory."""
     return f"proj_{int(cut):03d}.bin"
@@ -135,6 +140,9 @@ class Manifest:
     #: chain's ``max_abs_error`` against torch per cut; or ``refused``, why ONNX could not
     #: export the model. Empty for older bundles and ``runtimes=("torch",)``.
     onnx: dict[str, Any] = field(default_factory=dict)
+    #: Early exits (docs/learning.md): per exit its cut, head file, confidence threshold, exit
+    #: rate and the agreement of its answers with their n and interval; empty without training.
+    exits: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def runtimes(self) -> tuple[str, ...]:
@@ -243,6 +251,7 @@ class Manifest:
                 else {}
             ),
             **({"onnx": self.onnx} if self.onnx else {}),
+            **({"exits": self.exits} if self.exits else {}),
             "files": dict(files or {}),
         }
 
@@ -272,6 +281,7 @@ class Manifest:
                 dictionaries=dictionaries or {},
                 projections=projections or {},
                 onnx=dict(obj.get("onnx") or {}),
+                exits=[dict(e) for e in obj.get("exits") or []],
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"bundle {obj.get('name', '?')!r}: manifest field is invalid ({exc})") from None

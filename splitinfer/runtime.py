@@ -202,6 +202,24 @@ def read_verified(root: Path, name: str, files: Mapping[str, str]) -> bytes:
     return data
 
 
+def load_onnx_head(root: Path, name: str, files: Mapping[str, str], threads: int | None = None) -> Any:
+    """An ONNX model of one input and output in the bundle (an early-exit head: docs/learning.md)
+    as a function ``f(array) -> (array,)`` on ONNX Runtime, its file verified first."""
+    import onnxruntime as ort
+
+    data = read_verified(root, name, files)
+    try:
+        session = ort.InferenceSession(data, session_options(threads), providers=providers_for(None))
+    except Exception as exc:  # onnxruntime raises its own types
+        raise BundleError(f"cannot load {root / name}: {exc}") from None
+    first = session.get_inputs()[0].name
+
+    def run(x: Any) -> tuple[Any, ...]:
+        return tuple(session.run(None, {first: x}))
+
+    return run
+
+
 def _field(number: int, data: bytes) -> bytes:
     """A length-delimited protobuf field."""
     return _varint(number << 3 | 2) + _varint(len(data)) + data

@@ -7,6 +7,7 @@ import asyncio
 import copy
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -23,7 +24,7 @@ from splitinfer.edge._device import Device, MeasuredEmulation
 from splitinfer.edge._targets import make_tasks
 from splitinfer.errors import CloudUnavailableError, ConfigError
 from splitinfer.lab._demo import demo_model
-from splitinfer.partitioner import Decision, Estimates, Explanation, make_policy
+from splitinfer.partitioner import CostModel, Decision, Estimates, Explanation, make_policy
 
 FAST_LINK = Estimates(uplink_bps=1e9, downlink_bps=1e9, rtt_s=0.0005)
 X = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -212,6 +213,24 @@ async def test_a_cut_0_request_on_a_slow_device_takes_no_emulated_head_time(bund
         _, trace = await client.ainfer(X, return_trace=True)
     # the input check alone takes 0.2-1.5 ms here: scaled by 5000 that was 1-7 s of "head"
     assert trace.compared()["head"][1] < 0.25
+
+
+async def test_each_sent_head_corrects_its_own_cut_and_feeds_the_device_once(bundle):
+    """Issue 28 item 5: the head time of a request sent at cut 2 corrects cut 2's price; the
+    device's speed is fed once per request (head and encode together), not twice."""
+    transport = InProcessTransport(cloud(bundle))
+    async with EdgeClient(
+        "http://cloud", bundle=bundle, transport=transport, policy="static", cut=2, codec="f32", hedge=False
+    ) as client:
+        heads = [(await client.ainfer(X, return_trace=True))[1].stages["head"] for _ in range(3)]
+        est = client.estimator
+        profiled = float(CostModel(bundle).head_by_cut[2])
+        mean, count = est.cut_heads[2]
+        assert count == 3 and list(est.cut_heads) == [2]
+        ratios = [math.log(h / profiled) for h in heads]
+        assert min(ratios) - 1e-9 <= mean <= max(ratios) + 1e-9
+        assert est.summary()["device_samples"] == 3
+        assert len(est.estimates().head_slowdown) == bundle.last_cut + 1
 
 
 # -- a set of tasks, priced through the partitioner's public operations --------------------

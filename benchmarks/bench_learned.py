@@ -1,0 +1,291 @@
+"""Early exits learned from unlabelled photos (issue 32), on EfficientNet-Lite0.
+
+Writes benchmarks/results/learned.md. Run:
+`.venv/bin/python benchmarks/bench_learned.py --images ../shared/imagenet-samples [--seconds S]`.
+
+The photos are split by class (the integer each file name starts with): two fifths of the
+classes train the exit heads (no labels used), two fifths calibrate their thresholds, one fifth
+evaluates them, so every figure is on photos of classes neither training nor calibration saw.
+Without --images the shipped sample photos are cut into random crops (unlabelled; no accuracy).
+
+Per exit: the threshold compile would store (the Wilson lower bound of the exited answers'
+agreement at --confidence meets --budget on the calibration photos), and for comparison the
+threshold at which the calibration's point estimate meets the budget; for each, on the
+evaluation photos: the exit rate, the agreement of exited answers with the full model, the
+whole stream's agreement and, with labels, top-1 accuracy against the full model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS, efficientnet_lite0, machine
+
+
+def _load(images: str | None, limit: int | None) -> tuple[torch.Tensor, list[int] | None]:
+    if images is None:
+        from splitinfer.lab._images import photo_batch
+
+        return photo_batch(limit or 160, seed=3, jitter=True), None
+    from splitinfer.partitioner._inputs import load_images
+
+    batch, labels = load_images(Path(images), 224)
+    if limit:
+        batch, labels = batch[:limit], None if labels is None else labels[:limit]
+    return batch, labels
+
+
+def _split(n: int, labels: list[int] | None) -> tuple[list[int], list[int], list[int]]:
+    """Indices of training, calibration and evaluation photos: by class with labels (2:2:1 of
+    the classes), else by position."""
+    keys = labels if labels is not None else list(range(n))
+    parts: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for i, key in enumerate(keys):
+        fifth = key % 5
+        parts[0 if fifth < 2 else 1 if fifth < 4 else 2].append(i)
+    return parts
+
+
+def _point_threshold(conf: list[float], agree: list[bool], budget: float) -> float | None:
+    """The lowest threshold at which the exited inputs' agreement (point estimate) meets ``budget``."""
+    order = sorted(range(len(conf)), key=lambda i: -conf[i])
+    best, agreeing = None, 0
+    for rank, i in enumerate(order, start=1):
+        agreeing += bool(agree[i])
+        if agreeing / rank >= budget:
+            best = conf[i]
+    return best
+
+
+def _evaluate(
+    probs: torch.Tensor, want: torch.Tensor, labels: torch.Tensor | None, threshold: float | None
+) -> dict[str, Any]:
+    n = int(want.shape[0])
+    if threshold is None:
+        return {"rate": 0.0, "exited": 0, "agree": None, "stream": 1.0, "acc": None}
+    conf, top = probs.max(dim=1)
+    mask = conf >= threshold
+    exited = int(mask.sum())
+    agree = int((top[mask] == want[mask]).sum())
+    answers = torch.where(mask, top, want)
+    out: dict[str, Any] = {
+        "rate": exited / n,
+        "exited": exited,
+        "agree": agree / exited if exited else None,
+        "stream": float((answers == want).float().mean()),
+        "acc": None,
+    }
+    if labels is not None:
+        out["acc"] = float((answers == labels).float().mean())
+    return out
+
+
+def _t(entries: list[dict[str, Any]], key: str) -> str:
+    value = entries[0]["training"].get(key) if entries else None
+    return "-" if value is None else f"{value:.0f}" if isinstance(value, float) else str(value)
+
+
+def _bottleneck_section(
+    args: argparse.Namespace,
+    bundle: Any,
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    labels: list[int] | None,
+    split: tuple[list[int], list[int], list[int]],
+) -> list[str]:
+    """Bottlenecks at one cut against the scalar codecs there: bytes, agreement, accuracy."""
+    from splitinfer.compression import get_codec
+    from splitinfer.partitioner._bottleneck import latent_bytes, train_bottleneck
+    from splitinfer.partitioner._learn import Training
+
+    train_i, _, eval_i = split
+    named = [c.index for c in bundle.cuts if c.name == args.bottleneck] or [
+        c.index
+        for c in bundle.cuts
+        if args.bottleneck in c.name and len(c.tensors) == 1 and len(c.tensors[0].shape) == 4
+    ]
+    k = named[-1] if named else None
+    if k is None:
+        raise SystemExit(f"no cut named {args.bottleneck!r}")
+    ev = torch.cat([batch[i : i + 1] for i in eval_i])
+    ev_labels = None if labels is None else torch.tensor([labels[i] for i in eval_i])
+    with torch.no_grad():
+        frontier = torch.cat([bundle.head(k, c)[0] for c in ev.split(16)])
+        want = torch.cat([model(c) for c in ev.split(16)]).argmax(dim=1)
+
+    def judged(rebuilt: torch.Tensor) -> tuple[float, str]:
+        with torch.no_grad():
+            got = torch.cat([bundle.tail(k, [r]) for r in rebuilt.split(16)]).argmax(dim=1)
+        acc = "-" if ev_labels is None else f"{float((got == ev_labels).float().mean()):.3f}"
+        return float((got == want).float().mean()), acc
+
+    f32 = bundle.cut(k).nbytes
+    out = [
+        "",
+        f"## Bottleneck at cut {k} ({args.bottleneck}, float32 {f32 / 1024:.1f} KiB)",
+        "",
+        f"Trained on the {len(train_i)} training photos ({args.views} view(s), {args.train_steps} steps, "
+        "model frozen, no labels); judged on the evaluation photos. Scalar codecs at the same cut "
+        "with ranges per blob (no calibration) for comparison.",
+    ]
+    if ev_labels is not None:
+        out.append(f"Full model top-1 on them: {float((want == ev_labels).float().mean()):.3f}.")
+    out += [
+        "",
+        "| codec | bytes (mean) | x smaller than f32 | agreement | top-1 | training s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for spec in ("q8+zstd1", "q4c+zstd1", "q2c+zstd1"):
+        codec = get_codec(spec)
+        blobs = [codec.encode([f.unsqueeze(0)]) for f in frontier]
+        rebuilt = torch.cat([codec.decode(b, max_nbytes=1 << 26)[0] for b in blobs])
+        agree, acc = judged(rebuilt)
+        mean = sum(map(len, blobs)) / len(blobs)
+        out.append(f"| {spec} | {mean:.0f} | {f32 / mean:.1f} | {agree:.3f} | {acc} | - |")
+    rows = [(batch[i : i + 1],) for i in train_i]
+    for config in args.configs.split(","):
+        latent, bits = (int(v) for v in config.split("x"))
+        options = Training(steps=args.train_steps, views=args.views, seconds=args.seconds, seed=0, batch=16)
+        module, record = train_bottleneck(bundle, k, rows, options, latent=latent, bits=bits)
+        module.eval()
+        with torch.no_grad():
+            codes = torch.cat([module.encode(f) for f in frontier.split(16)])
+            rebuilt = torch.cat([module.decode(c) for c in codes.split(16)])
+        sizes = latent_bytes(codes)
+        mean = sum(sizes) / len(sizes)
+        agree, acc = judged(rebuilt)
+        out.append(
+            f"| bottleneck {latent} ch x {bits} bit + zstd3 | {mean:.0f} | {f32 / mean:.1f} | {agree:.3f} "
+            f"| {acc} | {record['seconds']:.0f} |"
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", help="a folder of labelled photos (default: the shipped sample photos)")
+    p.add_argument("--limit", type=int, help="use only the first N photos")
+    p.add_argument("--exits", default=None, help="cuts, e.g. 20,40 (default: picked by cost)")
+    p.add_argument("--budget", type=float, default=0.99)
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--train-steps", type=int, default=400)
+    p.add_argument("--views", type=int, default=2, help="views per training photo (1 plain + augmented)")
+    p.add_argument("--seconds", type=float, default=None, help="time budget for the teacher's passes")
+    p.add_argument("--out", default=str(RESULTS / "learned.md"))
+    p.add_argument("--no-exits", action="store_true", help="skip the exits (with --bottleneck)")
+    p.add_argument(
+        "--bottleneck", metavar="CUT_NAME", help="train bottlenecks at this cut, e.g. 'after _blocks.5'"
+    )
+    p.add_argument("--configs", default="16x4,8x2", help="bottlenecks as LATENTxBITS, comma-separated")
+    p.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
+    args = p.parse_args(argv)
+
+    import splitinfer as si
+    from splitinfer.partitioner._exits import pick_exits, train_exits
+    from splitinfer.partitioner._learn import Training
+
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
+    started = time.perf_counter()
+    batch, labels = _load(args.images, args.limit)
+    train_i, cal_i, eval_i = _split(batch.shape[0], labels)
+    rows = [(batch[i : i + 1],) for i in range(batch.shape[0])]
+    model = efficientnet_lite0()
+    t0 = time.perf_counter()
+    bundle = si.compile(model, (batch[:1],), name="effnet", codecs=["f32"], runtimes=("torch",))
+    compile_s = time.perf_counter() - t0
+    if args.no_exits:
+        lines: list[str] = []
+    else:
+        cuts = [int(c) for c in args.exits.split(",")] if args.exits else pick_exits(bundle)
+        options = Training(steps=args.train_steps, views=args.views, seconds=args.seconds, seed=0)
+        t0 = time.perf_counter()
+        entries, heads = train_exits(
+            bundle,
+            [rows[i] for i in train_i],
+            [rows[i] for i in cal_i],
+            "calibration",
+            cuts,
+            options,
+            args.budget,
+            args.confidence,
+        )
+        train_s = time.perf_counter() - t0
+        ev = torch.cat([batch[i : i + 1] for i in eval_i])
+        ev_labels = None if labels is None else torch.tensor([labels[i] for i in eval_i])
+        cal = torch.cat([batch[i : i + 1] for i in cal_i])
+        with torch.no_grad():
+            want = torch.cat([model(c) for c in ev.split(16)]).argmax(dim=1)
+            cal_want = torch.cat([model(c) for c in cal.split(16)]).argmax(dim=1)
+        float_acc = None if ev_labels is None else float((want == ev_labels).float().mean())
+        lines = [
+            "# Early exits learned from unlabelled photos (issue 32)",
+            "",
+            f"`benchmarks/bench_learned.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+            f"on {machine()};",
+            f"load average at start {' '.join(load)} (2 cores shared with other work), "
+            f"{os.cpu_count()} cores.",
+            f"Photos: {args.images or 'shipped sample photos (random crops, unlabelled)'}, "
+            f"{batch.shape[0]} in all:",
+            f"{len(train_i)} train the exit heads (labels unused; {args.views} view(s) each, augmented), "
+            f"{len(cal_i)} calibrate the thresholds, {len(eval_i)} evaluate, "
+            + ("split by class (no class in two sets)." if labels is not None else "split by position."),
+            f"Budget: agreement >= {args.budget} with the full model, the bound at one-sided "
+            f"confidence {args.confidence}.",
+            f"Compile (capture, {len(bundle.cuts)} cuts): {compile_s:.0f} s; exits trained and calibrated in "
+            f"{train_s:.0f} s (teacher passes over the training photos {_t(entries, 'teacher_seconds')} s, "
+            f"{_t(entries, 'views')} view(s); fit {args.train_steps} steps {_t(entries, 'fit_seconds')} s; "
+            "the rest: the calibration photos through the model and the heads).",
+        ]
+        if float_acc is not None:
+            lines.append(f"Full model's top-1 accuracy on the evaluation photos: {float_acc:.3f}.")
+        lines += [
+            "",
+            "| exit cut | name | head agrees (cal) | threshold rule | threshold | exit rate (eval) "
+            "| exited agree (eval) | stream agree | stream top-1 |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for entry in entries:
+            k = entry["cut"]
+            head = heads[k]
+            with torch.no_grad():
+                feats = [bundle.head(k, c)[0] for c in ev.split(16)]
+                probs = torch.softmax(torch.cat([head(f) for f in feats]), dim=1)
+                cal_feats = [bundle.head(k, c)[0] for c in cal.split(16)]
+                cal_probs = torch.softmax(torch.cat([head(f) for f in cal_feats]), dim=1)
+            conf, top = cal_probs.max(dim=1)
+            point = _point_threshold(conf.tolist(), (top == cal_want).tolist(), args.budget)
+            for rule, threshold in (("bound (compile)", entry["threshold"]), ("point estimate", point)):
+                r = _evaluate(probs, want, ev_labels, threshold)
+                agree = "-" if r["agree"] is None else f"{r['agree']:.3f} (n={r['exited']})"
+                acc = "-" if r["acc"] is None else f"{r['acc']:.3f}"
+                th = "none" if threshold is None else f"{threshold:.3f}"
+                lines.append(
+                    f"| {k} | {entry['name']} | {entry['head_agreement']:.3f} | {rule} | {th} "
+                    f"| {100 * r['rate']:.1f}% | {agree} | {r['stream']:.3f} | {acc} |"
+                )
+    if args.bottleneck:
+        lines += _bottleneck_section(args, bundle, model, batch, labels, (train_i, cal_i, eval_i))
+    lines += [
+        "",
+        f"Total wall time {time.perf_counter() - started:.0f} s.",
+        "",
+    ]
+    text = "\n".join(lines) + "\n"
+    if args.append and Path(args.out).exists():
+        text = Path(args.out).read_text() + "\n" + text
+    Path(args.out).write_text(text)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
