@@ -21,7 +21,6 @@ _NAMES = {
     "calibration": ("calibration", "--calibration"),
     "evaluation": ("evaluation", "--evaluation"),
     "labels": ("labels", "the labels (image file names)"),
-    "training": ("training", "--training"),
     "example_inputs": ("example_inputs", "--example-inputs/--input-shape"),
     "fidelity_all_cuts": ("fidelity_all_cuts=True", "--fidelity-all-cuts"),
     "codecs": ("codecs", "--codecs"),
