@@ -33,10 +33,10 @@ from _common import RESULTS, efficientnet_lite0, machine
 
 def _load(images: str | None, limit: int | None) -> tuple[torch.Tensor, list[int] | None]:
     if images is None:
-        from splitinfer.lab._images import photo_batch
+        from splitinfer.lab import photo_batch
 
         return photo_batch(limit or 160, seed=3, jitter=True), None
-    from splitinfer.partitioner._inputs import load_images
+    from splitinfer.partitioner.learning import load_images
 
     batch, labels = load_images(Path(images), 224)
     if limit:
@@ -104,8 +104,7 @@ def _bottleneck_section(
 ) -> list[str]:
     """Bottlenecks at one cut against the scalar codecs there: bytes, agreement, accuracy."""
     from splitinfer.compression import get_codec
-    from splitinfer.partitioner._bottleneck import latent_bytes, train_bottleneck
-    from splitinfer.partitioner._learn import Training
+    from splitinfer.partitioner.learning import Training, latent_bytes, train_bottleneck
 
     train_i, _, eval_i = split
     named = [c.index for c in bundle.cuts if c.name == args.bottleneck] or [
@@ -190,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import splitinfer as si
-    from splitinfer.partitioner._exits import pick_exits, train_exits
-    from splitinfer.partitioner._learn import Training
+    from splitinfer.partitioner.learning import Training, pick_exits, train_exits
 
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
     started = time.perf_counter()
