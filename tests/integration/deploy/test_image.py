@@ -52,14 +52,15 @@ def _image(eng: str, variant: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def models(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The test bundle repository, readable by the image's user (uid 10001)."""
-    return readable_copy(repository, tmp_path_factory.mktemp("image") / "models")
+def models(onnx_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test bundle repository (with its ONNX graph: the default image runs ONNX Runtime
+    tails), readable by the image's user (uid 10001)."""
+    return readable_copy(onnx_repository, tmp_path_factory.mktemp("image") / "models")
 
 
 @pytest.fixture(scope="module")
-def bundle(repository: Path) -> Bundle:
-    return Bundle.load(repository / "democnn")
+def bundle(onnx_repository: Path) -> Bundle:
+    return Bundle.load(onnx_repository / "democnn")
 
 
 def _cases(model: torch.nn.Module, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
