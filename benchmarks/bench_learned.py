@@ -25,9 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from _common import RESULTS, efficientnet_lite0, machine
 
 

@@ -352,6 +352,12 @@ def test_private_imports_are_recognised():
     assert ("splitinfer.cloud._cli", 16) not in crossing_private_imports("cli.py", "core")
 
 
+@pytest.mark.parametrize("rel", tool_files())
+def test_tools_put_nothing_on_sys_path(rel):
+    # a script's own folder is on sys.path already; the package is installed
+    assert "sys.path.insert" not in (REPOSITORY / rel).read_text(), rel
+
+
 def test_the_repository_root_is_not_on_sys_path():
     """Its folders would import as top-level packages: ``import compression`` would find ours,
     shadowing the standard library's on Python 3.14 (pyproject's ``--import-mode=importlib`` and

@@ -209,8 +209,8 @@ def test_exit_heads_are_exported_to_onnx_and_run_without_torch_modules(tmp_path)
         train_steps=60,
     )
     (entry,) = bundle.exits
-    if entry["threshold"] is None:
-        pytest.skip("the tiny head found no threshold")
+    # seeded: the head distils well enough that a threshold meets the lenient budget
+    assert entry["threshold"] is not None, entry
     out = bundle.save(tmp_path / "b")
     assert (out / entry["onnx"]).is_file()
     x = torch.randn(5, 20, generator=torch.Generator().manual_seed(7))
