@@ -155,3 +155,15 @@ def deploy_script(relative: str) -> ModuleType:
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def write_section(out: Path, heading: str, text: str) -> None:
+    """Write ``text`` (a section starting with the line ``heading``) into the results file
+    ``out``: in place of the section with that heading, else appended; other sections kept."""
+    old = out.read_text() if out.exists() else ""
+    start = old.find(heading)
+    if start < 0:
+        out.write_text(old.rstrip("\n") + "\n\n" + text)
+    else:
+        end = old.find("\n## ", start + len(heading))
+        out.write_text(old[:start] + text + ("" if end < 0 else old[end:]))

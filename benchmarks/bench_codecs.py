@@ -35,6 +35,7 @@ import _demo_cuts as demo_cuts  # benchmarks/ is on the path when this file runs
 import numpy as np
 import torch
 import zstandard
+from _common import write_section
 from PIL import Image
 
 from splitinfer.compression import ClipRanges, available_codecs, calibrate, get_codec, payload_of
@@ -1053,13 +1054,7 @@ def _labelled_only(args: argparse.Namespace) -> int:
     if args.quick and args.out is None:
         return 0
     out = args.out or RESULTS
-    old = out.read_text() if out.exists() else ""
-    start = old.find(lines[0])
-    if start < 0:
-        out.write_text(old.rstrip("\n") + "\n\n" + text)
-    else:
-        end = old.find("\n## ", start + len(lines[0]))
-        out.write_text(old[:start] + text + ("" if end < 0 else old[end:]))
+    write_section(out, lines[0], text)
     print(f"wrote {out}")
     return 0
 
@@ -1200,13 +1195,7 @@ def _demo_cuts_only(args: argparse.Namespace) -> int:
     if args.quick and args.out is None:
         return 0
     out = args.out or RESULTS
-    old = out.read_text() if out.exists() else ""
-    start = old.find(lines[0])
-    if start < 0:
-        out.write_text(old.rstrip("\n") + "\n\n" + text)
-    else:
-        end = old.find("\n## ", start + len(lines[0]))
-        out.write_text(old[:start] + text + ("" if end < 0 else old[end:]))
+    write_section(out, lines[0], text)
     print(f"wrote {out}")
     return 0
 
