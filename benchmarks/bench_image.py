@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -27,14 +26,12 @@ import splitinfer as si
 from splitinfer.lab import demo_model
 
 containers = deploy_script("containers.py")
-scenarios = deploy_script("haproxy/scenarios.py")
 Container, engine, image, readable_copy = (
     containers.Container,
     containers.engine,
     containers.image,
     containers.readable_copy,
 )
-Figures, Traffic, cluster = scenarios.Figures, scenarios.Traffic, scenarios.cluster
 
 
 def du_mib(path: Path) -> float:
@@ -51,38 +48,6 @@ def starts(eng: str, name: str, models: Path, work: Path, n: int) -> list[float]
         if i:  # the first run warms the page cache and the engine's image store
             seconds.append(took)
     return seconds
-
-
-def faults(eng: str, name: str, models: Path, work: Path, bundle: si.Bundle, model: torch.nn.Module, n: int):
-    replicas = [Container(eng, name, models, work, f"si-bench-lb-r{i}") for i in (1, 2, 3)]
-    lb = cluster.HAProxy(replicas, work)  # type: ignore[arg-type]
-    try:
-        for r in replicas:
-            r.start()
-        for r in replicas:
-            r.wait_ready()
-        lb.start_ready()
-        cluster.wait_until(lambda: all(lb.status(f"r{i}") == "UP" for i in (1, 2, 3)), "3 replicas UP")
-        with Traffic(lb.url, bundle, model, clients=3) as traffic:
-            t0 = time.monotonic()
-            traffic.wait_for(n, t0)
-            killed = time.monotonic()
-            replicas[1].signal("SIGKILL")
-            traffic.wait_for(n, killed)
-            drained = time.monotonic()
-            replicas[0].signal("SIGTERM")
-            status = replicas[0].wait(60)
-            traffic.wait_for(n, drained)
-        phases = {
-            "none": Figures.of(traffic.since(t0, killed)),
-            "kill -9 r2": Figures.of(traffic.since(killed, drained)),
-            "SIGTERM r1": Figures.of(traffic.since(drained)),
-        }
-    finally:
-        lb.stop()
-        for r in replicas:
-            r.stop()
-    return phases, status
 
 
 def main() -> int:
@@ -113,7 +78,9 @@ def main() -> int:
             )
         lines += ["", f"size ratio onnxruntime / torch: {sizes['onnxruntime'] / sizes['torch']:.3f}", ""]
         ort = image.image_name("onnxruntime")
-        phases, status = faults(eng, ort, models, work, bundle, model, args.requests)
+        phases, status, _ = containers.faults_behind_haproxy(
+            eng, ort, models, work, bundle, model, args.requests, args.requests
+        )
         head = "| fault (3 ORT containers, HAProxy) | requests | lost | wrong | on device | p50 ms | p99 ms |"
         lines.append(head)
         lines += ["|---|---:|---:|---:|---:|---:|---:|"]

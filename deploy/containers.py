@@ -20,11 +20,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name: str, path: Path) -> ModuleType:
+    """``path`` as module ``name``, once per process (the tests and benchmarks load these files
+    by the same names: ``splitinfer_deploy_<stem>``)."""
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -199,3 +204,45 @@ def run_once(eng: str, image_name: str, repository: Path, timeout: float = 120.0
     cmd += ["-e", "SPLITINFER_HOST=127.0.0.1", image_name]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     return done.returncode, done.stdout + done.stderr
+
+
+def faults_behind_haproxy(
+    eng: str, name: str, models: Path, work: Path, bundle: Any, model: Any, before: int, per_phase: int
+) -> tuple[dict[str, Any], int, str]:
+    """Three containers of image ``name`` behind the shipped HAProxy config under edge traffic
+    (deploy/haproxy/scenarios.py's ``Traffic``): ``before`` requests, then replica 2 killed with
+    kill -9 (once HAProxy marks it DOWN, ``per_phase`` more), then replica 1 sent SIGTERM
+    (``per_phase`` more). Returns each phase's ``Figures`` ("none", "kill -9 r2", "SIGTERM r1"),
+    replica 1's exit status and its output."""
+    scenarios = _load("splitinfer_deploy_scenarios", ROOT / "deploy" / "haproxy" / "scenarios.py")
+    cluster, figures = scenarios.cluster, scenarios.Figures
+    replicas = [Container(eng, name, models, work, f"si-lb-r{i}") for i in (1, 2, 3)]
+    lb = cluster.HAProxy(replicas, work)
+    try:
+        for r in replicas:
+            r.start()
+        for r in replicas:
+            r.wait_ready()
+        lb.start_ready()
+        cluster.wait_until(lambda: all(lb.status(f"r{i}") == "UP" for i in (1, 2, 3)), "3 replicas UP")
+        with scenarios.Traffic(lb.url, bundle, model, clients=3) as traffic:
+            t0 = time.monotonic()
+            traffic.wait_for(before, t0)
+            killed = time.monotonic()
+            replicas[1].signal("SIGKILL")
+            cluster.wait_until(lambda: lb.status("r2") == "DOWN", "r2 DOWN")
+            traffic.wait_for(per_phase, killed)
+            drained = time.monotonic()
+            replicas[0].signal("SIGTERM")
+            status = replicas[0].wait(60)
+            traffic.wait_for(per_phase, drained)
+        phases = {
+            "none": figures.of(traffic.since(t0, killed)),
+            "kill -9 r2": figures.of(traffic.since(killed, drained)),
+            "SIGTERM r1": figures.of(traffic.since(drained)),
+        }
+        return phases, status, replicas[0].output()
+    finally:
+        lb.stop()
+        for r in replicas:
+            r.stop()

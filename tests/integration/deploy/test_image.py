@@ -139,33 +139,12 @@ def test_three_containers_behind_haproxy_lose_nothing_to_kill_9_and_sigterm(
     eng, models, bundle, cnn, tmp_path
 ):
     name = _image(eng, "onnxruntime")
-    replicas = [Container(eng, name, models, tmp_path, f"si-lb-r{i}") for i in (1, 2, 3)]
-    lb = cluster.HAProxy(replicas, tmp_path)  # type: ignore[arg-type]
-    try:
-        for r in replicas:
-            r.start()
-        for r in replicas:
-            r.wait_ready()
-        lb.start_ready()
-        cluster.wait_until(lambda: all(lb.status(f"r{i}") == "UP" for i in (1, 2, 3)), "3 replicas UP")
-        with Traffic(lb.url, bundle, cnn, clients=3) as traffic:
-            traffic.wait_for(30, time.monotonic())
-            killed = time.monotonic()
-            replicas[1].signal("SIGKILL")
-            cluster.wait_until(lambda: lb.status("r2") == "DOWN", "r2 DOWN")
-            traffic.wait_for(60, killed)
-            drained = time.monotonic()
-            replicas[0].signal("SIGTERM")
-            status = replicas[0].wait(60)
-            traffic.wait_for(60, drained)
-        killed_phase = Figures.of(traffic.since(killed, drained))
-        drained_phase = Figures.of(traffic.since(drained))
-    finally:
-        lb.stop()
-        for r in replicas:
-            r.stop()
+    phases, status, output = containers.faults_behind_haproxy(
+        eng, name, models, tmp_path, bundle, cnn, 30, 60
+    )
+    killed_phase, drained_phase = phases["kill -9 r2"], phases["SIGTERM r1"]
     for what, figures in (("kill -9", killed_phase), ("SIGTERM", drained_phase)):
         assert figures.errors == 0, (what, figures.error_samples)
         assert figures.wrong == 0, what
         assert figures.fell_back == 0, (what, figures.fallbacks)  # the balancer answered every one
-    assert status == 0, replicas[0].output()
+    assert status == 0, output
