@@ -127,6 +127,7 @@ def compile(  # the public name the API promises
     training: Iterable[Any] | None = None,
     exits: Sequence[int] | None = None,
     fidelity_budget: float = 0.99,
+    fidelity_early_stop: bool = False,
     seed: int = 0,
     train_steps: int = 400,
     train_seconds: float | None = None,
@@ -159,6 +160,9 @@ def compile(  # the public name the API promises
     32 cuts only (docs/partitioning.md, "Fidelity table"). ``zstd_dictionaries``
     trains a zstd dictionary per cut and ``+zstd`` codec and keeps those that make the payload
     at least 3 % smaller on held-out calibration inputs (docs/bundle-format.md).
+    ``fidelity_early_stop=True`` (a top-1 table without labels) stops measuring a lossy row once
+    the upper end of its interval is below ``fidelity_budget``: a faster table on many
+    evaluation inputs, whose failing rows carry a smaller ``n`` (docs/fidelity.md).
 
     ``profile=True`` (or a profile name; True means ``"host"``) measures segment and codec
     latencies on this machine and stores them in ``bundle.profiles``, as ``splitinfer profile``
@@ -220,6 +224,7 @@ def compile(  # the public name the API promises
             "evaluation": evaluation,
             "labels": labels,
             "confidence": confidence,
+            "stop_below": fidelity_budget if fidelity_early_stop else None,
         },
     )
     laps.mark("calibration and fidelity table" if calibration is not None else "fidelity table (lossless)")

@@ -111,6 +111,12 @@ def add_compile_parser(
         "only where the frontier is no larger than the input)",
     )
     p.add_argument(
+        "--early-stop",
+        action="store_true",
+        help="stop measuring a lossy row once its interval's upper end is below --budget (a faster "
+        "table on many --evaluation inputs; top-1 without labels; docs/fidelity.md)",
+    )
+    p.add_argument(
         "--codecs",
         metavar="SPEC,SPEC",
         help="codecs to offer, e.g. f32,q8+zstd1,q4c+zstd1 (default: f32,f32+zstd1, and the lossy "
@@ -344,8 +350,9 @@ def _compile_here(args: argparse.Namespace) -> int:
             confidence=confidence,
             codecs=codecs,
             fidelity_all_cuts=True if args.fidelity_all_cuts else None,
+            fidelity_early_stop=bool(args.early_stop),
             profile=bool(args.profile),
-            **_training_keywords(args, budget, drop),
+            **{"fidelity_budget": budget, **_training_keywords(args, budget, drop)},
             verbose=True,
         )
     _check_out(args.out, args.force)  # nobody wrote one meanwhile

@@ -152,3 +152,46 @@ class Exploding(nn.Module):
 def test_inputs_are_checked_before_the_model_runs(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         si.compile(Exploding(), (torch.randn(1, 3, 4, 4),), name="x", **kwargs)
+
+
+def test_early_stop_ends_a_row_once_its_interval_cannot_meet_the_budget():
+    """A row that cannot meet the budget stops after a chunk or two; a row that may keeps every
+    evaluation input and equals the row measured without early stop."""
+    from splitinfer.partitioner._fidelity import STOP_CHUNK
+
+    model, example = Tiny().eval(), (torch.randn(1, 3, 4, 4),)
+    calibration, evaluation = _inputs(8, 1), _inputs(4 * STOP_CHUNK, 2)
+    kw = dict(name="tiny", calibration=calibration, evaluation=evaluation, codecs=CODECS)
+    full = _rows(si.compile(model, example, **kw))
+    stopped_bundle = si.compile(model, example, fidelity_budget=0.99, fidelity_early_stop=True, **kw)
+    stopped = _rows(stopped_bundle)
+    assert stopped_bundle.fidelity["stopped_below"] == 0.99
+    n = 4 * STOP_CHUNK
+    cut_rows = [key for key in full if key[0] < stopped_bundle.last_cut]
+    shorter = [key for key in cut_rows if stopped[key]["n"] < n]
+    assert shorter, "q2c on random inputs misses 0.99: it should stop early"
+    for key in cut_rows:
+        row, ref = stopped[key], full[key]
+        assert ref["n"] == n
+        if row["n"] < n:
+            assert row["n"] % STOP_CHUNK == 0 and row["interval"][1] < 0.99
+            assert key[1] != "f32"  # lossless rows are exact, never measured
+        else:
+            assert row == ref
+
+
+def test_early_stop_measures_every_input_where_labels_make_the_budget_an_accuracy():
+    model, example = Tiny().eval(), (torch.randn(1, 3, 4, 4),)
+    calibration, evaluation = _inputs(8, 1), _inputs(64, 2)
+    bundle = si.compile(
+        model,
+        example,
+        name="tiny",
+        calibration=calibration,
+        evaluation=evaluation,
+        labels=[0] * 64,
+        codecs=CODECS,
+        fidelity_early_stop=True,
+    )
+    assert "stopped_below" not in bundle.fidelity
+    assert {r["n"] for r in bundle.fidelity["table"]} == {64}
