@@ -1042,10 +1042,26 @@ def write_report(
     eff_speed: float,
     eff_policy: TablePolicy,
 ) -> None:
-    prof = bundle.profiles["host"]
-    whole = {b: sum(s["median_s"]) * 1000 for b, s in prof["segments"].items()}
-    table = bundle.fidelity.get("table", [])
+    """args.out: the run's inputs, the slowdown sweep, each trace set, the targets, the
+    sensitivity, the uplink estimator and decide()'s speed, one section each."""
     lines = [
+        *report_head(args),
+        *inputs_section(args, bundle, facts, ds),
+        *sweep_section(args, sweep_rows, ds),
+    ]
+    for set_name, res in results.items():
+        lines += trace_set_section(args, bundle, set_name, res, ds)
+    lines += targets_section(args, results)
+    lines += sensitivity_section(sensitivity)
+    lines += estimator_section(accuracy)
+    lines += decide_section(speed, eff_speed, eff_policy)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+
+
+def report_head(args: argparse.Namespace) -> list[str]:
+    """The title, how to reproduce the run and the machine it ran on."""
+    return [
         "# Policy benchmark: EfficientNet-Lite0 over real network traces",
         "",
         "Reproduce: `.venv/bin/python benchmarks/bench_policy.py "
@@ -1054,49 +1070,85 @@ def write_report(
         "How it simulates: docs/decision.md and the script's docstring.",
         f"Machine: {machine()}; load average {args.load_start} when it started, {load_average()} when it "
         "ended (`uptime`; the machine is shared).",
+    ]
+
+
+def inputs_section(args: argparse.Namespace, bundle: Manifest, facts: dict[str, Any], ds: float) -> list[str]:
+    """## Inputs: the bundle, its fidelity table and profile, the world, the labels."""
+    return [
         "",
         "## Inputs",
         "",
         f"- bundle: EfficientNet-Lite0 (ImageNet weights), {len(bundle.cuts)} cuts, "
         f"codecs {', '.join(bundle.codecs)}.",
-        f"- fidelity table: `si.compile(..., calibration=..., evaluation=..., codecs=...)`, "
-        f"{bundle.fidelity.get('metric')} agreement with the uncompressed model on "
-        f"{bundle.fidelity.get('samples')} held-out colour-jittered crops of lab/_images.py's "
-        f"EVALUATION_PHOTOS, clip ranges calibrated on {bundle.fidelity.get('calibration_samples')} real "
-        "photos (10 colour images from skimage.data and sklearn's sample images, 3 crops each, resized to "
-        f"224, ImageNet normalisation; the two sets share photos, not crops); {len(table)} rows. Bytes: mean "
-        "encoded bytes of the held-out crops at batch 1."
-        if bundle.fidelity.get("held_out")
-        else "- fidelity table: `si.compile(..., calibration=..., codecs=...)`, "
-        f"{bundle.fidelity.get('metric')} "
-        f"agreement with the uncompressed model on {bundle.fidelity.get('samples')} real photos "
+        fidelity_line(bundle),
+        profile_line(bundle, facts),
+        f"- world: a request every {INTERVAL_S * 1000:.0f} ms; round trip {RTT_S * 1000:.0f} ms with "
+        f"{RTT_JITTER:.0%} log-normal jitter; cloud queue {QUEUE_S * 1000:.0f} ms; cloud as fast as this "
+        f"machine; device {ds:g}x slower than this machine; uplink and downlink both follow the trace.",
+        labels_line(args),
+        f"- fidelity budget {BUDGET}; adaptive explores 5% of decisions within 10% of the winner (seeded).",
+        "",
+    ]
+
+
+def fidelity_line(bundle: Manifest) -> str:
+    """How the bundle's fidelity table was measured: on held-out crops, or in-sample."""
+    fidelity = bundle.fidelity
+    rows = len(fidelity.get("table", []))
+    if fidelity.get("held_out"):
+        return (
+            f"- fidelity table: `si.compile(..., calibration=..., evaluation=..., codecs=...)`, "
+            f"{fidelity.get('metric')} agreement with the uncompressed model on "
+            f"{fidelity.get('samples')} held-out colour-jittered crops of lab/_images.py's "
+            f"EVALUATION_PHOTOS, clip ranges calibrated on {fidelity.get('calibration_samples')} real "
+            "photos (10 colour images from skimage.data and sklearn's sample images, 3 crops each, "
+            f"resized to 224, ImageNet normalisation; the two sets share photos, not crops); {rows} rows. "
+            "Bytes: mean encoded bytes of the held-out crops at batch 1."
+        )
+    return (
+        "- fidelity table: `si.compile(..., calibration=..., codecs=...)`, "
+        f"{fidelity.get('metric')} "
+        f"agreement with the uncompressed model on {fidelity.get('samples')} real photos "
         "(10 colour images from skimage.data and sklearn's sample images, 3 crops each, resized to 224, "
-        f"ImageNet normalisation); {len(table)} rows. Bytes: mean encoded bytes of those photos at batch 1.",
+        f"ImageNet normalisation); {rows} rows. Bytes: mean encoded bytes of those photos at batch 1."
+    )
+
+
+def profile_line(bundle: Manifest, facts: dict[str, Any]) -> str:
+    """The host profile: whole-model time per batch size, and how long profiling and compiling took."""
+    prof = bundle.profiles["host"]
+    whole = {b: sum(s["median_s"]) * 1000 for b, s in prof["segments"].items()}
+    return (
         f"- profile: `profile_bundle` on this machine ({prof.get('repeats')} repeats; "
         f"{prof.get('machine')}): whole model "
         + ", ".join(f"{ms:.1f} ms at batch {b}" for b, ms in whole.items())
         + (f"; profiling took {facts['profile_s']:.0f} s" if "profile_s" in facts else "")
         + (f" (compile with fidelity: {facts['compile_s'] / 60:.0f} min)" if "compile_s" in facts else "")
-        + ".",
-        f"- world: a request every {INTERVAL_S * 1000:.0f} ms; round trip {RTT_S * 1000:.0f} ms with "
-        f"{RTT_JITTER:.0%} log-normal jitter; cloud queue {QUEUE_S * 1000:.0f} ms; cloud as fast as this "
-        f"machine; device {ds:g}x slower than this machine; uplink and downlink both follow the trace.",
-        (
-            f"- labelled photos (`--images {args.images}`): every row measured on "
-            f"{args.labelled['photos']} photos of `{args.labelled['folder']}/` (float model top-1 "
-            f"{args.labelled['float_accuracy']:.1%}); "
-            + (
-                f"a row is admitted where its accuracy drop is <= {args.accuracy_drop:g} (the budget below "
-                "then reads: admitted or not)"
-                if args.accuracy_drop is not None
-                else "the rows' agreement is theirs"
-            )
-            + "."
-            if args.labelled
-            else "- fidelity rows: the bundle's own (no labels)."
-        ),
-        f"- fidelity budget {BUDGET}; adaptive explores 5% of decisions within 10% of the winner (seeded).",
-        "",
+        + "."
+    )
+
+
+def labels_line(args: argparse.Namespace) -> str:
+    """Where the rows' fidelity came from: labelled photos (and the accuracy-drop rule) or the bundle."""
+    if not args.labelled:
+        return "- fidelity rows: the bundle's own (no labels)."
+    rule = (
+        f"a row is admitted where its accuracy drop is <= {args.accuracy_drop:g} (the budget below "
+        "then reads: admitted or not)"
+        if args.accuracy_drop is not None
+        else "the rows' agreement is theirs"
+    )
+    return (
+        f"- labelled photos (`--images {args.images}`): every row measured on "
+        f"{args.labelled['photos']} photos of `{args.labelled['folder']}/` (float model top-1 "
+        f"{args.labelled['float_accuracy']:.1%}); " + rule + "."
+    )
+
+
+def sweep_section(args: argparse.Namespace, sweep_rows: list[dict[str, Any]], ds: float) -> list[str]:
+    """The oracle and the two fixed ends over device slowdowns, and the slowdown the runs use."""
+    lines = [
         "## Device slowdown: where neither end wins outright",
         "",
         "Hindsight-oracle choices and mean latency of the two fixed ends, on a few traces of each set:",
@@ -1110,107 +1162,133 @@ def write_report(
             f"| {r['ds']:g} | {r['local'] * 1000:.0f} | {r['cloud'] * 1000:.0f} | {r['oracle'] * 1000:.0f} | "
             f"{s['local']:.0%} / {s['split']:.0%} / {s['cloud']:.0%} |"
         )
-    lines += [
+    why = (
+        " (given with --device-slowdown)."
+        if args.device_slowdown
+        else ": the slowdown at which running everything on the device takes as long, on average, as "
+        "sending the input to the cloud (`tie_slowdown`), so neither end wins outright."
+    )
+    return [*lines, "", f"The runs below use **{ds:g}x**" + why, ""]
+
+
+def trace_set_section(
+    args: argparse.Namespace, bundle: Manifest, set_name: str, res: dict[str, Any], ds: float
+) -> list[str]:
+    """One trace set: the statics, every policy's latency against the oracle's and adaptive's, the
+    gap to the oracle split into lag and unpredictability, and the fleet's table."""
+    lat = res["lat"]
+    k, c = res["static"]
+    hk, hc = res["hindsight"]
+    fleet = (
+        f" Fleet: each trace's device {', '.join(f'{x:g}' for x in args.fleet)}x the median device's "
+        f"speed (drawn: {dict(sorted(Counter(res['speeds']).items()))})."
+        if args.fleet
+        else ""
+    )
+    lines = [
+        f"## {set_name}: {res['n_traces']} traces, {len(lat['oracle'])} requests",
         "",
-        f"The runs below use **{ds:g}x**"
-        + (
-            " (given with --device-slowdown)."
-            if args.device_slowdown
-            else ": the slowdown at which running everything on the device takes as long, on average, as "
-            "sending the input to the cloud (`tie_slowdown`), so neither end wins outright."
-        ),
+        f"static = cut {k} ({bundle.cuts[k].name}) with {c}: tuned at deploy time (least mean latency "
+        f"on the traces of {args.static_from.name}/ at the median device). static-hindsight = cut {hk} "
+        f"with {hc}: tuned the same way on this very set (no deployment has it).{fleet} Hedged requests: "
+        + ", ".join(f"{p} {n} ({n / len(lat[p]):.1%})" for p, n in res["hedges"].items())
+        + ".",
+        "",
+        "| policy | mean ms | p95 ms | mean / oracle | adaptive mean / this | adaptive p95 / this | "
+        "local / split / cloud |",
+        "|---|---:|---:|---:|---:|---:|---|",
+        *(policy_row(res, name) for name in (*POLICIES, *REFERENCES)),
+        *gap_lines(res),
+    ]
+    return lines + fleet_table(res, ds) if args.fleet else lines
+
+
+def policy_row(res: dict[str, Any], name: str) -> str:
+    """One policy's mean and p95, against the oracle's mean and adaptive's, and where it ran."""
+    lat, kinds = res["lat"], res["kinds"][name]
+    oracle_mean = statistics.mean(lat["oracle"])
+    a_mean, a_p95 = statistics.mean(lat["adaptive"]), p95(lat["adaptive"])
+    m, q = statistics.mean(lat[name]), p95(lat[name])
+    total = sum(kinds.values())
+    share = " / ".join(f"{kinds[x] / total:.0%}" for x in ("local", "split", "cloud"))
+    return (
+        f"| {name} | {m * 1000:.0f} | {q * 1000:.0f} | {m / oracle_mean:.3f} | {a_mean / m:.3f} | "
+        f"{a_p95 / q:.3f} | {share} |"
+    )
+
+
+def gap_lines(res: dict[str, Any]) -> list[str]:
+    """Adaptive / oracle as lag (adaptive / causal) times unpredictability (causal / oracle), and
+    adaptive's per-trace ratios, probes, exploration and requests at the all-on-device latency."""
+    v = verdict(res)
+    per_trace = res["per_trace"]["adaptive"]
+    return [
+        "",
+        f"The gap to the hindsight oracle, split: adaptive / oracle {v['ratio']:.3f} = adaptive / causal "
+        f"{v['vs_causal']:.3f} (the estimator's lag and error: ours to close) x causal / oracle "
+        f"{v['causal_vs_oracle']:.3f} (the link changing after the decision: nobody's). "
+        f"Causal per trace, mean / oracle: median {statistics.median(res['per_trace']['causal']):.3f}.",
+        "",
+        f"Adaptive per trace, mean / oracle: median {statistics.median(per_trace):.3f}, worst "
+        f"{max(per_trace):.3f}. Probes sent by adaptive's estimator: {res['probes']}; "
+        f"explored decisions: {res['explored']} ({res['explored'] / len(res['lat']['adaptive']):.1%}). "
+        f"Requests at or above the all-on-device latency: adaptive {res['at_local']['adaptive']:.1%}, "
+        f"oracle {res['at_local']['oracle']:.1%}.",
         "",
     ]
-    verdicts = []
+
+
+def targets_section(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> list[str]:
+    """Per trace set, adaptive against the targets, and why a missed one could not be met."""
+    lines = [f"## Targets (fidelity budget {BUDGET}; baselines: {', '.join(BASELINES)})", ""]
     for set_name, res in results.items():
-        lat, kinds = res["lat"], res["kinds"]
-        oracle_mean = statistics.mean(lat["oracle"])
-        a_mean, a_p95 = statistics.mean(lat["adaptive"]), p95(lat["adaptive"])
-        k, c = res["static"]
-        hk, hc = res["hindsight"]
-        fleet = (
-            f" Fleet: each trace's device {', '.join(f'{x:g}' for x in args.fleet)}x the median device's "
-            f"speed (drawn: {dict(sorted(Counter(res['speeds']).items()))})."
+        lines += set_targets(args, set_name, verdict(res), res["at_local"])
+    return lines
+
+
+def set_targets(
+    args: argparse.Namespace, set_name: str, v: dict[str, Any], at_local: dict[str, float]
+) -> list[str]:
+    """One set's verdict line, with the bound on static's gain (fleet) and on the p95 where they bind."""
+    lines = [
+        f"- {set_name}: adaptive mean / oracle = {v['ratio']:.3f} (target <= 1.05: "
+        f"**{'met' if v['ratio'] <= 1.05 else 'missed'}**); adaptive mean / causal reference = "
+        f"{v['vs_causal']:.3f} (target <= 1.05: **{'met' if v['vs_causal'] <= 1.05 else 'missed'}**; "
+        f"causal / oracle {v['causal_vs_oracle']:.3f}); lower mean than every baseline: "
+        f"**{'met' if v['beats_mean'] else 'missed'}** (the closest: {v['worst_mean']:.3f}x adaptive's); "
+        f"p95 no higher (0.5% tie): **{'met' if v['beats_p95'] else 'missed'}** (closest "
+        f"{v['worst_p95']:.3f}x); deploy-time static's mean / adaptive's: {v['vs_static']:.2f}"
+        + (
+            f" (fleet target >= 1.5: **{'met' if v['vs_static'] >= 1.5 else 'missed'}**)"
             if args.fleet
             else ""
         )
-        lines += [
-            f"## {set_name}: {res['n_traces']} traces, {len(lat['oracle'])} requests",
-            "",
-            f"static = cut {k} ({bundle.cuts[k].name}) with {c}: tuned at deploy time (least mean latency "
-            f"on the traces of {args.static_from.name}/ at the median device). static-hindsight = cut {hk} "
-            f"with {hc}: tuned the same way on this very set (no deployment has it).{fleet} Hedged requests: "
-            + ", ".join(f"{p} {n} ({n / len(lat[p]):.1%})" for p, n in res["hedges"].items())
-            + ".",
-            "",
-            "| policy | mean ms | p95 ms | mean / oracle | adaptive mean / this | adaptive p95 / this | "
-            "local / split / cloud |",
-            "|---|---:|---:|---:|---:|---:|---|",
-        ]
-        for name in (*POLICIES, *REFERENCES):
-            xs = lat[name]
-            m, q = statistics.mean(xs), p95(xs)
-            total = sum(kinds[name].values())
-            share = " / ".join(f"{kinds[name][x] / total:.0%}" for x in ("local", "split", "cloud"))
-            lines.append(
-                f"| {name} | {m * 1000:.0f} | {q * 1000:.0f} | {m / oracle_mean:.3f} | {a_mean / m:.3f} | "
-                f"{a_p95 / q:.3f} | {share} |"
-            )
-        verdicts.append((set_name, verdict(res), res["at_local"]))
-        per_trace = res["per_trace"]["adaptive"]
-        v = verdict(res)
-        lines += [
-            "",
-            f"The gap to the hindsight oracle, split: adaptive / oracle {v['ratio']:.3f} = adaptive / causal "
-            f"{v['vs_causal']:.3f} (the estimator's lag and error: ours to close) x causal / oracle "
-            f"{v['causal_vs_oracle']:.3f} (the link changing after the decision: nobody's). "
-            f"Causal per trace, mean / oracle: median {statistics.median(res['per_trace']['causal']):.3f}.",
-            "",
-            f"Adaptive per trace, mean / oracle: median {statistics.median(per_trace):.3f}, worst "
-            f"{max(per_trace):.3f}. Probes sent by adaptive's estimator: {res['probes']}; "
-            f"explored decisions: {res['explored']} ({res['explored'] / len(lat['adaptive']):.1%}). "
-            f"Requests at or above the all-on-device latency: adaptive {res['at_local']['adaptive']:.1%}, "
-            f"oracle {res['at_local']['oracle']:.1%}.",
-            "",
-        ]
-        if args.fleet:
-            lines += fleet_table(res, ds)
-    lines += [f"## Targets (fidelity budget {BUDGET}; baselines: {', '.join(BASELINES)})", ""]
-    for set_name, v, at_local in verdicts:
+        + "."
+    ]
+    if args.fleet and v["vs_static"] < 1.5:
         lines.append(
-            f"- {set_name}: adaptive mean / oracle = {v['ratio']:.3f} (target <= 1.05: "
-            f"**{'met' if v['ratio'] <= 1.05 else 'missed'}**); adaptive mean / causal reference = "
-            f"{v['vs_causal']:.3f} (target <= 1.05: **{'met' if v['vs_causal'] <= 1.05 else 'missed'}**; "
-            f"causal / oracle {v['causal_vs_oracle']:.3f}); lower mean than every baseline: "
-            f"**{'met' if v['beats_mean'] else 'missed'}** (the closest: {v['worst_mean']:.3f}x adaptive's); "
-            f"p95 no higher (0.5% tie): **{'met' if v['beats_p95'] else 'missed'}** (closest "
-            f"{v['worst_p95']:.3f}x); deploy-time static's mean / adaptive's: {v['vs_static']:.2f}"
+            f"  The bound: the hindsight oracle's own mean is {v['oracle_vs_static']:.2f}x better than "
+            f"deploy-time static's on this set, and no policy beats the oracle; adaptive gets "
+            f"{(v['vs_static'] - 1) / max(v['oracle_vs_static'] - 1, 1e-9):.0%} of that headroom"
             + (
-                f" (fleet target >= 1.5: **{'met' if v['vs_static'] >= 1.5 else 'missed'}**)"
-                if args.fleet
-                else ""
+                " (1.5x is out of reach for any policy here: the bound is below it)."
+                if v["oracle_vs_static"] < 1.5
+                else "."
             )
-            + "."
         )
-        if args.fleet and v["vs_static"] < 1.5:
-            lines.append(
-                f"  The bound: the hindsight oracle's own mean is {v['oracle_vs_static']:.2f}x better than "
-                f"deploy-time static's on this set, and no policy beats the oracle; adaptive gets "
-                f"{(v['vs_static'] - 1) / max(v['oracle_vs_static'] - 1, 1e-9):.0%} of that headroom"
-                + (
-                    " (1.5x is out of reach for any policy here: the bound is below it)."
-                    if v["oracle_vs_static"] < 1.5
-                    else "."
-                )
-            )
-        if not v["beats_p95"] and at_local["adaptive"] >= 0.05:
-            lines.append(
-                f"  The p95 of every policy that can keep a request on the device is at most the "
-                f"all-on-device latency; {at_local['adaptive']:.1%} of adaptive's requests end at or above "
-                f"it (the hindsight oracle's: {at_local['oracle']:.1%}), so its p95 equals `local`'s "
-                "rather than beating it."
-            )
-    lines += [
+    if not v["beats_p95"] and at_local["adaptive"] >= 0.05:
+        lines.append(
+            f"  The p95 of every policy that can keep a request on the device is at most the "
+            f"all-on-device latency; {at_local['adaptive']:.1%} of adaptive's requests end at or above "
+            f"it (the hindsight oracle's: {at_local['oracle']:.1%}), so its p95 equals `local`'s "
+            "rather than beating it."
+        )
+    return lines
+
+
+def sensitivity_section(sensitivity: list[dict[str, Any]]) -> list[str]:
+    """The comparison again at half and twice the device slowdown."""
+    return [
         "",
         "Sensitivity: the same comparison at half and twice the device slowdown, on up to 12 traces per set.",
         "",
@@ -1225,6 +1303,12 @@ def write_report(
         "(In parentheses: the best other policy's mean or p95 over adaptive's; above 1 means adaptive "
         "is lower.)",
         "",
+    ]
+
+
+def estimator_section(accuracy: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Adaptive's own observations replayed into estimators of several settings: error, lag, reaction."""
+    lines = [
         "## Uplink estimator on the traces",
         "",
         "The adaptive run's own observations (its transfers and probes, in the order they ended) replayed "
@@ -1249,7 +1333,12 @@ def write_report(
                 f"{r['lag_s']:.1f} | {r['volatile_share']:.0%} | {r['volatile_lag_s']:.1f} | "
                 f"{r['volatile_err']:.2f} | {r['jumps']} | {r['reaction_s']:.2f} |"
             )
-    lines += [
+    return lines
+
+
+def decide_section(speed: dict[str, float], eff_speed: float, eff_policy: TablePolicy) -> list[str]:
+    """decide()'s cost on the synthetic table (and its variants) and on EfficientNet-Lite0's."""
+    return [
         "",
         "## decide() speed",
         "",
@@ -1262,8 +1351,6 @@ def write_report(
         f"budget {BUDGET}): {eff_speed:.1f} us.",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

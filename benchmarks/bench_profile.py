@@ -3,7 +3,7 @@
 Writes benchmarks/results/profile.md. Run: `.venv/bin/python benchmarks/bench_profile.py
 [--pairs 2] [--busy 1] [--repeats 5]`.
 
-EfficientNet-Lite0 is compiled once (no calibration, the demo's frontier limit: 33 cuts), then
+EfficientNet-Lite0 is compiled once (no calibration, the demo's frontier limit: 32 cuts), then
 profiled with ``profile_bundle(..., threads=1)`` as the demo's compile does, in pairs: quiet (no
 process of ours beside it) and busy (``--busy`` CPU-bound Python processes spinning beside it),
 the order alternating between pairs so that drift on the shared machine hits both alike. Each

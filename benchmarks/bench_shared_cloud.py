@@ -3,7 +3,7 @@
 Writes benchmarks/results/shared-cloud.md (+ shared-cloud.json, shared-cloud.png). Run:
 `.venv/bin/python benchmarks/bench_shared_cloud.py [--duration S] [--devices N]`.
 
-EfficientNet-Lite0 (the demo's bundle: 33 cuts, f32 / q8+zstd1 / q4c+zstd1, cached under
+EfficientNet-Lite0 (the demo's bundle: 32 cuts, f32 / q8+zstd1 / q4c+zstd1, cached under
 ~/.cache/splitinfer/demo), one server with one compute thread. Each policy runs in turn on the
 same scenario (lab/_shared.py): N devices, each on its own stretch of one of the shipped traces
 (netem/traces, through its own link emulator, 80 ms round trip) with its own speed (0.25x to 4x

@@ -1,9 +1,11 @@
-"""A zoo of architectures for capture tests: each entry builds a model and its example inputs."""
+"""A zoo of architectures for capture tests (each entry builds a model and its example inputs),
+and the comparison those tests make: a split chain's outputs against the original's."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 
 def _seeded(seed: int = 0) -> None:
@@ -226,3 +228,15 @@ def batched(inputs, batch: int, seed: int = 1):
         else:
             out.append(torch.randn(shape, generator=gen))
     return tuple(out)
+
+
+def assert_same_outputs(got, want):
+    """A split chain's outputs equal the original module's: same structure, shapes and dtypes,
+    values equal or within float32 rounding."""
+    got_leaves, got_spec = pytree.tree_flatten(got)
+    want_leaves, want_spec = pytree.tree_flatten(want)
+    assert got_spec == want_spec
+    for a, b in zip(got_leaves, want_leaves):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        if not torch.equal(a, b):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
