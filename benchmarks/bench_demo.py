@@ -60,6 +60,11 @@ def run_once(
             timeout=timeout_s,
             env=env,
         )
+    except subprocess.TimeoutExpired as exc:  # say what it had printed: which step was slow
+        raise SystemExit(
+            f"splitinfer demo took more than {timeout_s:.0f} s (--timeout); it had printed:\n"
+            + (exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or "")
+        ) from None
     finally:
         for p in spinners:
             p.kill()
@@ -125,7 +130,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="counted runs (default 5)")
     parser.add_argument("--out", type=Path, default=RESULTS / "demo.md")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds one run may take")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one run may take")
     parser.add_argument(
         "--fresh", action="store_true", help="every run compiles in an empty cache, and counts (a first run)"
     )
