@@ -22,15 +22,16 @@ traces counted equally, and each wrong edge's cost over ``correct``. The target:
 costs at most 5 %.
 
 ``--live`` runs the same comparison live instead (its own section of the results file): a real
-``splitinfer serve`` of the bundle's repository on 127.0.0.1 (one compute thread), and per run
-a fresh ``LinkEmulator`` (a fixed rate, ``--live-rate`` Mbit/s, 40 ms each way) and a fresh
+``splitinfer serve`` of the bundle's repository on 127.0.0.1 (one compute thread), and per edge
+and round a fresh ``LinkEmulator`` (a fixed rate, ``--live-rate`` Mbit/s, 40 ms each way) and a fresh
 ``EdgeClient`` (adaptive, hedged) on a device ``--live-slowdown`` times slower than this
 machine, warmed up as the edge is (``awarm_up``), sending ``--live-requests`` real photos one at
 a time (at most one every 200 ms, at most ``--live-seconds`` per run). Two edges: ``correct``
 (the bundle as it is) and ``wrong`` (its profile scaled as above). The device's time is this
 machine's time for the work times the slowdown (``emulate="measured"``, not the profile's: the
-truth must not be the profile either edge is given), so the machine's load enters it; the runs
-alternate (a, b, then b, a, ...) over ``--live-rounds`` rounds so that it enters both alike.
+truth must not be the profile either edge is given), so the machine's load enters it: the two
+edges run side by side (warmed up one at a time), each round with fresh clients, so that the
+load enters both alike.
 Reported: the mean of each run's requests after the first ``--after``, averaged over rounds,
 wrong / correct, per-round ratios, and the cuts each edge chose.
 """
@@ -236,7 +237,7 @@ def write(
         "",
         f"Target (issue 28): the wrong profile costs adaptive <= 5 % of mean latency after {args.after} "
         f"requests, in replay: {verdict} (worst {worst * 100:+.1f} %). "
-        "Live (edge clients on a real link) was not run.",
+        "Live (a real server, link emulator and EdgeClient): `--live`, its own section.",
     ]
     with args.out.open("a") as f:
         f.write("\n".join(lines) + "\n")
@@ -289,9 +290,9 @@ def live_main(args: argparse.Namespace) -> int:
     with ServerProcess(args.bundle.resolve().parent, *options) as server:
         for r in range(args.live_rounds):
             order = LIVE_EDGES if r % 2 == 0 else LIVE_EDGES[::-1]
-            for edge in order:
-                run = asyncio.run(live_run(server.url, edges[edge], edge, r, images, rate, ds, args))
+            for run in asyncio.run(live_round(server.url, edges, order, r, images, rate, ds, args)):
                 runs.append(run)
+                edge = run.edge
                 counted = run.latencies[args.after :]
                 mean = statistics.fmean(counted) * 1000 if counted else math.nan
                 print(
@@ -308,59 +309,72 @@ def live_main(args: argparse.Namespace) -> int:
     return 0
 
 
-async def live_run(
+async def live_round(
     url: str,
-    bundle: Any,
-    edge: str,
+    edges: dict[str, Any],
+    order: tuple[str, ...],
     round_: int,
     images: Any,
     rate: Any,
     ds: float,
     args: argparse.Namespace,
-) -> LiveRun:
-    """One edge's run through a fresh link emulator to the server at ``url``."""
+) -> list[LiveRun]:
+    """One round: per edge a fresh link emulator to the server at ``url`` and a fresh client,
+    warmed up one at a time (in ``order``), then every edge's requests side by side."""
     from splitinfer.edge import EdgeClient
     from splitinfer.netem import LinkEmulator
 
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    emulator = LinkEmulator((host, int(port)), uplink=rate, delay_s=LIVE_DELAY_S)
-    await emulator.start()
+    emulators = {e: LinkEmulator((host, int(port)), uplink=rate, delay_s=LIVE_DELAY_S) for e in order}
+    clients: dict[str, Any] = {}
+    try:
+        for e in order:
+            await emulators[e].start()
+            clients[e] = EdgeClient(
+                f"http://127.0.0.1:{emulators[e].port}",
+                bundle=edges[e],
+                policy="adaptive",
+                device_slowdown=ds,
+                emulate="measured",
+                fidelity_budget=BUDGET,
+                deadline_s=10.0,
+                seed=args.seed + round_,
+            )
+        for e in order:  # one at a time: the device's speed measured without the other's work
+            await clients[e].awarm_up(images[:1])
+        return list(await asyncio.gather(*(drive(clients[e], e, round_, images, args) for e in order)))
+    finally:
+        for client in clients.values():
+            await client.aclose()
+        for em in emulators.values():
+            em.disconnect_all()
+        await asyncio.sleep(0.2)
+        for em in emulators.values():
+            await em.stop()
+
+
+async def drive(client: Any, edge: str, round_: int, images: Any, args: argparse.Namespace) -> LiveRun:
+    """``--live-requests`` requests of ``client``, one at a time, at most one every 200 ms and
+    for at most ``--live-seconds``."""
     lat: list[float] = []
     cuts: list[int] = []
     codecs: list[str] = []
     fallbacks = 0
     t0 = time.monotonic()
-    try:
-        async with EdgeClient(
-            f"http://127.0.0.1:{emulator.port}",
-            bundle=bundle,
-            policy="adaptive",
-            device_slowdown=ds,
-            emulate="measured",
-            fidelity_budget=BUDGET,
-            deadline_s=10.0,
-            seed=args.seed + round_,
-        ) as client:
-            await client.awarm_up(images[:1])
-            t0 = time.monotonic()
-            for i in range(args.live_requests):
-                next_at = t0 + i * INTERVAL_S
-                if (now := time.monotonic()) < next_at:
-                    await asyncio.sleep(next_at - now)
-                if time.monotonic() - t0 >= args.live_seconds:
-                    break
-                j = i % len(images)
-                await client.ainfer(images[j : j + 1])
-                trace = client.last_trace
-                assert trace is not None
-                lat.append(trace.stages["total"])
-                cuts.append(trace.cut)
-                codecs.append(trace.codec)
-                fallbacks += bool(trace.fallback)
-    finally:
-        emulator.disconnect_all()
-        await asyncio.sleep(0.2)
-        await emulator.stop()
+    for i in range(args.live_requests):
+        next_at = t0 + i * INTERVAL_S
+        if (now := time.monotonic()) < next_at:
+            await asyncio.sleep(next_at - now)
+        if time.monotonic() - t0 >= args.live_seconds:
+            break
+        j = i % len(images)
+        await client.ainfer(images[j : j + 1])
+        trace = client.last_trace
+        assert trace is not None
+        lat.append(trace.stages["total"])
+        cuts.append(trace.cut)
+        codecs.append(trace.codec)
+        fallbacks += bool(trace.fallback)
     return LiveRun(edge, round_, lat, cuts, codecs, fallbacks, time.monotonic() - t0)
 
 
@@ -410,10 +424,12 @@ def write_live(
         "",
         "Reproduce: `.venv/bin/python benchmarks/bench_profile_correction.py --live --bundle DIR "
         f"--wrong-profile {x:g} --live-rounds {args.live_rounds} --live-requests {args.live_requests} "
-        f"--live-rate {args.live_rate:g}`, DIR {about}. How: the script's docstring (`--live`). "
+        f"--live-seconds {args.live_seconds:g} --live-rate {args.live_rate:g} --live-slowdown {ds:g}`, "
+        f"DIR {about}. How: the script's docstring (`--live`). "
         f"Link: a fixed {args.live_rate:g} Mbit/s each way, 80 ms round trip (`LinkEmulator`); device "
         f"{ds:g}x slower than this machine (measured, not profiled, time); `splitinfer serve`, one compute "
-        f"thread; runs alternating over {args.live_rounds} rounds; mean latency of the requests after the "
+        "thread; the two edges side by side (each on its own emulator), "
+        f"{args.live_rounds} rounds of fresh clients; mean latency of the requests after the "
         f"first {args.after} of each run, rounds counted equally. {machine()}; load {before} at the start, "
         f"{after} at the end; {wall_s / 60:.1f} min in all.",
         "",
