@@ -162,10 +162,10 @@ def main() -> int:
     )
     live = parser.add_argument_group("live (--live: a real server, link emulator and EdgeClient)")
     live.add_argument("--live", action="store_true", help="run the live comparison instead of the replay")
-    live.add_argument("--live-rounds", type=int, default=3, help="rounds of one run per edge (default 3)")
-    live.add_argument("--live-requests", type=int, default=80, help="requests per run (default 80)")
-    live.add_argument("--live-seconds", type=float, default=60.0, help="at most this long per run")
-    live.add_argument("--live-rate", type=float, default=4.0, help="the link's fixed rate, Mbit/s")
+    live.add_argument("--live-rounds", type=int, default=5, help="rounds of one run per edge (default 5)")
+    live.add_argument("--live-requests", type=int, default=100, help="requests per run (default 100)")
+    live.add_argument("--live-seconds", type=float, default=75.0, help="at most this long per run")
+    live.add_argument("--live-rate", type=float, default=2.0, help="the link's fixed rate, Mbit/s")
     live.add_argument(
         "--live-slowdown",
         type=float,
