@@ -1069,6 +1069,12 @@ def fidelity_line(args: argparse.Namespace, bundle: Manifest, rows: int) -> str:
             f"per row top-1 agreement, accuracy and its drop, each with its interval; {rows} rows. Bytes: "
             "mean encoded bytes of those photos at batch 1."
         )
+    if f.get("labels"):  # a labelled bundle given by --cache
+        return (
+            f"- fidelity table: `si.compile(..., evaluation=..., labels=...)`, measured on {f.get('samples')} "
+            f"labelled inputs (float model top-1 {f.get('float_accuracy', math.nan):.1%}), clip ranges "
+            f"calibrated on {f.get('calibration_samples')} others; {rows} rows."
+        )
     if f.get("held_out"):
         return (
             f"- fidelity table: `si.compile(..., calibration=..., evaluation=..., codecs=...)`, "
