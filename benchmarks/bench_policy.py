@@ -1071,7 +1071,8 @@ def fidelity_line(args: argparse.Namespace, bundle: Manifest, rows: int) -> str:
         )
     if f.get("labels"):  # a labelled bundle given by --cache
         return (
-            f"- fidelity table: `si.compile(..., evaluation=..., labels=...)`, measured on {f.get('samples')} "
+            "- fidelity table: `si.compile(..., evaluation=..., labels=...)`, measured on "
+            f"{f.get('samples')} "
             f"labelled inputs (float model top-1 {f.get('float_accuracy', math.nan):.1%}), clip ranges "
             f"calibrated on {f.get('calibration_samples')} others; {rows} rows."
         )
