@@ -30,6 +30,7 @@ What is simulated (docs/decision.md, "How the policies were evaluated"):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import heapq
 import json
 import math
@@ -105,6 +106,28 @@ HEDGED = ("adaptive", "adaptive-priced", "adaptive-p95")
 #: Not policies a deployment can run: the causal reference (the truth at each decision) and the
 #: hindsight oracle (the truth after it too).
 REFERENCES = ("causal", "oracle")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the policies may send: rows whose agreement meets :data:`BUDGET`, or with
+    ``accuracy_drop``, rows whose accuracy drop does (the table's labelled rows, ``--images``);
+    either at make_policy's default confidence, on the row's interval."""
+
+    accuracy_drop: float | None = None
+
+    def policy(self) -> dict[str, Any]:
+        """make_policy's keywords for the policies that have a budget."""
+        return {"fidelity_budget": BUDGET, "accuracy_drop": self.accuracy_drop}
+
+    def tuning(self) -> dict[str, Any]:
+        """choose_static's and tie_slowdown's keywords."""
+        return {"budget": BUDGET, "accuracy_drop": self.accuracy_drop}
+
+    def words(self) -> str:
+        if self.accuracy_drop is None:
+            return f"fidelity budget {BUDGET}"
+        return f"accuracy-drop budget {self.accuracy_drop:g}"
 
 
 # -- the bundle: compile with calibration on real photos, profile, cache ---------------------------
@@ -223,77 +246,66 @@ def load_bundle(
     return bundle, json.loads(facts_path.read_text()) if facts_path.exists() else {}
 
 
-# -- labelled photos: agreement and accuracy per row (issue 28 item 6) -------------------------------
+# -- labelled photos: the demo's bundle with its table measured on them (issue 28 items 1, 6) ------
 
 
-def labelled_table(
-    cache: Path, images: Path, n_eval: int, seed: int
-) -> tuple[dict[tuple[int, str], dict[str, float]], dict[str, Any]]:
-    """Every row of the bundle's fidelity table measured on labelled photos (``--images``): top-1
-    agreement with the float model, top-1 accuracy and its drop from the float model's, over
-    ``n_eval`` photos of classes other than those that calibrate in bench_codecs' split, each
-    encoded alone with the bundle's own calibrated codec. The seam: once compile takes
-    ``evaluation=`` and ``labels=`` (issue 28 item 1), the bundle's table holds these numbers and
-    this function goes."""
+def labelled_bundle(images: Path, n_eval: int, seed: int, extra: list[str]) -> tuple[Path, dict[str, Any]]:
+    """The demo's bundle (its cuts, codecs and ``extra``, calibrated and profiled as
+    ``make demo`` does) whose fidelity table ``si.compile(evaluation=, labels=)`` measured on
+    ``n_eval`` labelled photos of ``images``, of classes other than the 128 photos that calibrate
+    in bench_codecs' split: agreement, top-1 accuracy and its drop from the float model per row,
+    each with its interval (docs/fidelity.md). Built once, then cached beside the benchmark's
+    own bundle; returns its folder and the build facts."""
+    from dataclasses import replace
+
     import torch
     from bench_codecs import labelled_photos, split_by_class
 
-    import splitinfer as si
+    from splitinfer.lab import compile_on_photos
+    from splitinfer.lab.evaluation import MODELS
+    from splitinfer.partitioner import profile_bundle
 
+    spec = MODELS["efficientnet-lite0"]
+    spec = replace(spec, codecs=(*spec.codecs, *(c for c in extra if c not in spec.codecs)))
+    key = json.dumps([str(images.resolve()), n_eval, seed, spec.codecs, spec.calibration], sort_keys=True)
+    folder = CACHE.parent / f"labelled-{hashlib.sha256(key.encode()).hexdigest()[:12]}" / spec.name
+    facts_path = folder.parent / "facts.json"
+    if (folder / "manifest.json").is_file() and facts_path.is_file():
+        return folder, json.loads(facts_path.read_text())
     photos, labels = labelled_photos(images)
     _, ev = split_by_class(labels, 128, n_eval, seed)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    x, y = (photos[ev] - mean) / std, labels[ev]
-    bundle = si.Bundle.load(cache)
-    n = bundle.n_segments
-    torch.set_num_threads(1)
-    out: dict[tuple[int, str], dict[str, float]] = {}
-    with torch.inference_mode():
-        frontier: tuple[torch.Tensor, ...] = (x,)
-        ref = bundle.run_segments(0, n, frontier)[0].argmax(1)
-        base = float((ref == y).float().mean())
-        rows = {(int(r["cut"]), str(r["codec"])) for r in bundle.fidelity["table"]}
-        for k in range(n):
-            for spec in sorted(c for kk, c in rows if kk == k):
-                if spec == "f32":  # lossless: the float model's own answers
-                    out[(k, spec)] = {"agreement": 1.0, "accuracy": base, "drop": 0.0}
-                    continue
-                codec = bundle.codec_for(k, spec)
-                singles = [[t[i : i + 1] for t in frontier] for i in range(len(x))]
-                decoded = [codec.decode(codec.encode(f)) for f in singles]
-                batch = [torch.cat([d[j] for d in decoded]) for j in range(len(frontier))]
-                top1 = bundle.run_segments(k, n, batch)[0].argmax(1)
-                acc = float((top1 == y).float().mean())
-                out[(k, spec)] = {
-                    "agreement": float((top1 == ref).float().mean()),
-                    "accuracy": acc,
-                    "drop": base - acc,
-                }
-            frontier = bundle.run_segments(k, k + 1, frontier)
-            print(f"labelled: cut {k + 1}/{n}", file=sys.stderr, flush=True)
-    return out, {"photos": len(ev), "folder": images.name, "float_accuracy": base}
-
-
-def admit(
-    bundle: Manifest, measured: dict[tuple[int, str], dict[str, float]], accuracy_drop: float | None
-) -> Manifest:
-    """``bundle`` whose fidelity rows hold what ``measured`` says: their agreement on the labelled
-    photos, or, with ``accuracy_drop``, 1 where the row's accuracy drop is within it and 0 where not
-    (so the policies' agreement budget admits exactly those rows). The seam for
-    ``make_policy(..., accuracy_drop=...)`` once the lead merges issue 28 item 1."""
-    from dataclasses import replace
-
-    table = []
-    for r in bundle.fidelity["table"]:
-        m = measured.get((int(r["cut"]), str(r["codec"])))
-        if m is None:
-            table.append(r)
-        elif accuracy_drop is None:
-            table.append({**r, "fidelity": m["agreement"]})
-        else:
-            table.append({**r, "fidelity": 1.0 if m["drop"] <= accuracy_drop + 1e-12 else 0.0})
-    return replace(bundle, fidelity={**bundle.fidelity, "table": table})
+    x = (photos[ev] - mean) / std
+    t0 = time.perf_counter()
+    bundle = compile_on_photos(
+        spec.factory(),
+        name=spec.name,
+        image_size=spec.image_size,
+        calibration=spec.calibration,
+        evaluation=[(x[i : i + 1],) for i in range(len(ev))],
+        labels=[int(labels[i]) for i in ev],
+        max_frontier_bytes=spec.max_frontier_bytes,
+        calibration_method=spec.calibration_method,
+        codecs=list(spec.codecs),
+    )
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bundle.profiles["host"] = profile_bundle(
+        bundle, batch_sizes=(1,), repeats=spec.profile_repeats, threads=1, progress=True
+    )
+    facts = {
+        "compile_s": compile_s,
+        "profile_s": time.perf_counter() - t0,
+        "folder": images.name,
+        "photos": len(ev),
+        "calibration_inputs": spec.calibration,
+    }
+    if folder.exists():
+        shutil.rmtree(folder)
+    bundle.save(folder)
+    facts_path.write_text(json.dumps(facts))
+    return folder, facts
 
 
 # -- traces ------------------------------------------------------------------------------------------
@@ -367,6 +379,7 @@ def simulate(
     log: list[tuple[float, str, tuple[Any, ...]]] | None = None,
     estimator: dict[str, Any] | None = None,
     hindsight_choice: tuple[int, str] | None = None,
+    budget: Budget = Budget(),
 ) -> tuple[dict[str, Runner], list[float], Counter[str]]:
     """Replay ``link`` for every policy and the oracle; returns runners, oracle latencies and kinds.
 
@@ -381,7 +394,7 @@ def simulate(
 
     def adaptive(**kw: Any) -> Runner:
         return Runner(
-            make_policy("adaptive", bundle, fidelity_budget=BUDGET, seed=seed, **kw),
+            make_policy("adaptive", bundle, seed=seed, **budget.policy(), **kw),
             Estimator(bundle, **settings),
         )
 
@@ -391,14 +404,14 @@ def simulate(
         "adaptive-nohedge": adaptive(),
         "adaptive-p95": adaptive(objective="p95"),
         "neurosurgeon": Runner(make_policy("neurosurgeon", bundle), Estimator(bundle, **settings)),
-        "cloud": Runner(make_policy("cloud", bundle, fidelity_budget=BUDGET), Estimator(bundle, **settings)),
+        "cloud": Runner(make_policy("cloud", bundle, **budget.policy()), Estimator(bundle, **settings)),
         "local": Runner(make_policy("local", bundle), None),
         "static": Runner(make_policy("static", bundle, cut=static_choice[0], codec=static_choice[1]), None),
         "static-hindsight": Runner(make_policy("static", bundle, cut=hindsight[0], codec=hindsight[1]), None),
     }
-    oracle_policy = make_policy("adaptive", bundle, fidelity_budget=BUDGET, explore=0.0)
+    oracle_policy = make_policy("adaptive", bundle, explore=0.0, **budget.policy())
     world = World(oracle_policy, link, ds, rng, queue_s=QUEUE_S)
-    causal = Runner(make_policy("adaptive", bundle, fidelity_budget=BUDGET, explore=0.0), None)
+    causal = Runner(make_policy("adaptive", bundle, explore=0.0, **budget.policy()), None)
     for r in runners.values():  # the edge's warm-up inference at start: the device's speed
         if r.estimator is not None:
             r.estimator.observe_head(bundle.last_cut, float(world.head[world.local]), now=0.0)
@@ -479,10 +492,12 @@ def p95(xs: list[float]) -> float:
 # -- experiments -------------------------------------------------------------------------------------
 
 
-def sweep(bundle: Manifest, links: list[Link], slowdowns: list[float]) -> list[dict[str, Any]]:
+def sweep(
+    bundle: Manifest, links: list[Link], slowdowns: list[float], budget: Budget = Budget()
+) -> list[dict[str, Any]]:
     """Oracle choices and the fixed ends' latency at several device slowdowns."""
-    oracle_policy = make_policy("adaptive", bundle, fidelity_budget=BUDGET, explore=0.0)
-    cloud_policy = make_policy("cloud", bundle, fidelity_budget=BUDGET)
+    oracle_policy = make_policy("adaptive", bundle, explore=0.0, **budget.policy())
+    cloud_policy = make_policy("cloud", bundle, **budget.policy())
     rows = []
     for ds in slowdowns:
         kinds: Counter[str] = Counter()
@@ -772,11 +787,16 @@ def main() -> int:
         "--images",
         type=Path,
         help="folder of labelled photos (the label: the integer a file name starts with, e.g. "
-        "../shared/imagenet-samples): the fidelity rows are measured on them (agreement, and accuracy for "
-        "--accuracy-drop); default: the bundle's own table, measured on the shipped sample photos",
+        "../shared/imagenet-samples): the demo's bundle (with --extra-codecs) compiled with its fidelity "
+        "table measured on them, `si.compile(evaluation=, labels=)`: agreement, and accuracy for "
+        "--accuracy-drop (built once, cached); default: the bundle's own table, measured on the shipped "
+        "sample photos",
     )
     parser.add_argument(
-        "--eval-images", type=int, default=64, help="labelled photos to measure on (default 64)"
+        "--eval-images",
+        type=int,
+        default=320,
+        help="labelled photos to measure on (default 320; all of those of other classes: 600)",
     )
     parser.add_argument(
         "--accuracy-drop",
@@ -797,42 +817,45 @@ def main() -> int:
     limit = 12 if args.quick else None
     sets = trace_links(args.traces, limit)
     tuning = [link for links in trace_links(args.static_from, None).values() for link in links]
-    if args.extra_codecs:
-        args.cache = demo_bundle([c for c in args.extra_codecs.split(",") if c])
-    bundle, facts = load_bundle(args.cache, fresh=args.fresh, reprofile=args.reprofile, repeats=args.repeats)
+    extra = [c for c in (args.extra_codecs or "").split(",") if c]
     args.labelled = None
     if args.images is not None:
-        measured, args.labelled = labelled_table(args.cache, args.images, args.eval_images, args.seed)
-        bundle = admit(bundle, measured, args.accuracy_drop)
+        args.cache, args.labelled = labelled_bundle(args.images, args.eval_images, args.seed, extra)
+    elif extra:
+        args.cache = demo_bundle(extra)
+    bundle, facts = load_bundle(args.cache, fresh=args.fresh, reprofile=args.reprofile, repeats=args.repeats)
+    budget = Budget(args.accuracy_drop)
     if args.codecs:
         bundle = restrict(bundle, [c for c in args.codecs.split(",") if c])
     started = time.perf_counter()
     sweep_links = tuning[:: max(1, len(tuning) // 12)][:12]
-    sweep_rows = sweep(bundle, sweep_links, list(SLOWDOWNS))
-    ds = args.device_slowdown or tie_slowdown(bundle, sweep_links)
+    sweep_rows = sweep(bundle, sweep_links, list(SLOWDOWNS), budget)
+    ds = args.device_slowdown or tie_slowdown(bundle, sweep_links, **budget.tuning())
     if not args.device_slowdown:
-        sweep_rows = sorted([*sweep_rows, *sweep(bundle, sweep_links, [ds])], key=lambda r: r["ds"])
-    deploy_static = choose_static(bundle, tuning, ds)
+        sweep_rows = sorted([*sweep_rows, *sweep(bundle, sweep_links, [ds], budget)], key=lambda r: r["ds"])
+    deploy_static = choose_static(bundle, tuning, ds, **budget.tuning())
     print(f"sweep and deploy-time static done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
     results: dict[str, dict[str, Any]] = {}
     accuracy: dict[str, list[dict[str, Any]]] = {}
     settings = estimator_settings(args)
     for set_name, links in sets.items():
-        results[set_name] = run_set(bundle, links, ds, args.seed, settings, deploy_static, args.fleet)
+        results[set_name] = run_set(bundle, links, ds, args.seed, settings, deploy_static, args.fleet, budget)
         accuracy[set_name] = estimator_accuracy(results[set_name]["logs"], bundle)
         print(f"{set_name} done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     sensitivity = []
     for factor in () if args.no_sensitivity or args.fleet else (0.5, 2.0):
         for set_name, links in sets.items():
             subset = links[:: max(1, len(links) // 12)][:12]
-            res = run_set(bundle, subset, round(ds * factor), args.seed, settings, deploy_static, None)
+            res = run_set(
+                bundle, subset, round(ds * factor), args.seed, settings, deploy_static, None, budget
+            )
             sensitivity.append({"set": set_name, "ds": round(ds * factor), **verdict(res)})
     print(f"sensitivity done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
     speed = decide_speed()
     write_speed(RESULTS / "decide.md", speed)
-    eff_policy = make_policy("adaptive", bundle, fidelity_budget=BUDGET)
+    eff_policy = make_policy("adaptive", bundle, **budget.policy())
     eff_speed = time_decide(eff_policy)
     write_report(
         args, bundle, facts, ds, sweep_rows, results, accuracy, sensitivity, speed, eff_speed, eff_policy
@@ -851,13 +874,14 @@ def run_set(
     settings: dict[str, Any],
     deploy_static: tuple[int, str],
     fleet: list[float] | None = None,
+    budget: Budget = Budget(),
 ) -> dict[str, Any]:
     """Every policy and the oracle over ``links``: latencies, choices, and adaptive's logs.
 
     ``ds`` is the median device's slowdown; with ``fleet``, trace ``i``'s device is
     ``fleet[j]`` times as fast, ``j`` drawn uniformly (seeded by ``seed``).
     """
-    hindsight = choose_static(bundle, links, ds)
+    hindsight = choose_static(bundle, links, ds, **budget.tuning())
     speeds = fleet_speeds(fleet, len(links), seed)
     lat: dict[str, list[float]] = {p: [] for p in (*POLICIES, *REFERENCES)}
     kinds: dict[str, Counter[str]] = {p: Counter() for p in (*POLICIES, *REFERENCES)}
@@ -872,7 +896,7 @@ def run_set(
         log: list[tuple[float, str, tuple[Any, ...]]] = []
         trace_ds = ds / speeds[i]
         runners, oracle, oracle_kinds = simulate(
-            bundle, link, trace_ds, deploy_static, seed + i, log, settings, hindsight
+            bundle, link, trace_ds, deploy_static, seed + i, log, settings, hindsight, budget
         )
         logs.append((link, log))
         lat["oracle"] += oracle
@@ -942,6 +966,8 @@ def write_json(
         "static_from": str(args.static_from),
         "traces": str(args.traces),
         "fidelity_budget": BUDGET,
+        "accuracy_drop": args.accuracy_drop,
+        "labelled": args.labelled,
         "load_average": load_average(),
         "sets": {},
     }
@@ -1029,6 +1055,44 @@ def fleet_table(res: dict[str, Any], ds: float) -> list[str]:
     return [*lines, ""]
 
 
+def fidelity_line(args: argparse.Namespace, bundle: Manifest, rows: int) -> str:
+    """The report's line on how the fidelity table was measured."""
+    f = bundle.fidelity
+    if args.labelled:
+        return (
+            f"- fidelity table: `si.compile(..., calibration=..., evaluation=..., labels=..., codecs=...)` "
+            f"(the demo's cuts and calibration: {f.get('calibration_samples')} crops of lab/_images.py's "
+            f"CALIBRATION_PHOTOS), measured on {f.get('samples')} labelled photos of "
+            f"`{args.labelled['folder']}/` (`--images {args.images}`; classes other than the 128 photos "
+            "that calibrate in bench_codecs' split; float model top-1 "
+            f"{f.get('float_accuracy', math.nan):.1%}): "
+            f"per row top-1 agreement, accuracy and its drop, each with its interval; {rows} rows. Bytes: "
+            "mean encoded bytes of those photos at batch 1."
+        )
+    if f.get("labels"):  # a labelled bundle given by --cache
+        return (
+            "- fidelity table: `si.compile(..., evaluation=..., labels=...)`, measured on "
+            f"{f.get('samples')} "
+            f"labelled inputs (float model top-1 {f.get('float_accuracy', math.nan):.1%}), clip ranges "
+            f"calibrated on {f.get('calibration_samples')} others; {rows} rows."
+        )
+    if f.get("held_out"):
+        return (
+            f"- fidelity table: `si.compile(..., calibration=..., evaluation=..., codecs=...)`, "
+            f"{f.get('metric')} agreement with the uncompressed model on {f.get('samples')} held-out "
+            "colour-jittered crops of lab/_images.py's EVALUATION_PHOTOS, clip ranges calibrated on "
+            f"{f.get('calibration_samples')} real photos (10 colour images from skimage.data and sklearn's "
+            "sample images, 3 crops each, resized to 224, ImageNet normalisation; the two sets share "
+            f"photos, not crops); {rows} rows. Bytes: mean encoded bytes of the held-out crops at batch 1."
+        )
+    return (
+        f"- fidelity table: `si.compile(..., calibration=..., codecs=...)`, {f.get('metric')} agreement "
+        f"with the uncompressed model on {f.get('samples')} real photos (10 colour images from "
+        "skimage.data and sklearn's sample images, 3 crops each, resized to 224, ImageNet normalisation); "
+        f"{rows} rows. Bytes: mean encoded bytes of those photos at batch 1."
+    )
+
+
 def write_report(
     args: argparse.Namespace,
     bundle: Manifest,
@@ -1054,7 +1118,7 @@ def write_report(
     lines += targets_section(args, results)
     lines += sensitivity_section(sensitivity)
     lines += estimator_section(accuracy)
-    lines += decide_section(speed, eff_speed, eff_policy)
+    lines += decide_section(args, speed, eff_speed, eff_policy)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
 
@@ -1081,38 +1145,15 @@ def inputs_section(args: argparse.Namespace, bundle: Manifest, facts: dict[str, 
         "",
         f"- bundle: EfficientNet-Lite0 (ImageNet weights), {len(bundle.cuts)} cuts, "
         f"codecs {', '.join(bundle.codecs)}.",
-        fidelity_line(bundle),
+        fidelity_line(args, bundle, len(bundle.fidelity.get("table", []))),
         profile_line(bundle, facts),
         f"- world: a request every {INTERVAL_S * 1000:.0f} ms; round trip {RTT_S * 1000:.0f} ms with "
         f"{RTT_JITTER:.0%} log-normal jitter; cloud queue {QUEUE_S * 1000:.0f} ms; cloud as fast as this "
         f"machine; device {ds:g}x slower than this machine; uplink and downlink both follow the trace.",
-        labels_line(args),
-        f"- fidelity budget {BUDGET}; adaptive explores 5% of decisions within 10% of the winner (seeded).",
+        f"- {Budget(args.accuracy_drop).words()} (a row admitted where its interval at make_policy's default "
+        "confidence supports it); adaptive explores 5% of decisions within 10% of the winner (seeded).",
         "",
     ]
-
-
-def fidelity_line(bundle: Manifest) -> str:
-    """How the bundle's fidelity table was measured: on held-out crops, or in-sample."""
-    fidelity = bundle.fidelity
-    rows = len(fidelity.get("table", []))
-    if fidelity.get("held_out"):
-        return (
-            f"- fidelity table: `si.compile(..., calibration=..., evaluation=..., codecs=...)`, "
-            f"{fidelity.get('metric')} agreement with the uncompressed model on "
-            f"{fidelity.get('samples')} held-out colour-jittered crops of lab/_images.py's "
-            f"EVALUATION_PHOTOS, clip ranges calibrated on {fidelity.get('calibration_samples')} real "
-            "photos (10 colour images from skimage.data and sklearn's sample images, 3 crops each, "
-            f"resized to 224, ImageNet normalisation; the two sets share photos, not crops); {rows} rows. "
-            "Bytes: mean encoded bytes of the held-out crops at batch 1."
-        )
-    return (
-        "- fidelity table: `si.compile(..., calibration=..., codecs=...)`, "
-        f"{fidelity.get('metric')} "
-        f"agreement with the uncompressed model on {fidelity.get('samples')} real photos "
-        "(10 colour images from skimage.data and sklearn's sample images, 3 crops each, resized to 224, "
-        f"ImageNet normalisation); {rows} rows. Bytes: mean encoded bytes of those photos at batch 1."
-    )
 
 
 def profile_line(bundle: Manifest, facts: dict[str, Any]) -> str:
@@ -1126,23 +1167,6 @@ def profile_line(bundle: Manifest, facts: dict[str, Any]) -> str:
         + (f"; profiling took {facts['profile_s']:.0f} s" if "profile_s" in facts else "")
         + (f" (compile with fidelity: {facts['compile_s'] / 60:.0f} min)" if "compile_s" in facts else "")
         + "."
-    )
-
-
-def labels_line(args: argparse.Namespace) -> str:
-    """Where the rows' fidelity came from: labelled photos (and the accuracy-drop rule) or the bundle."""
-    if not args.labelled:
-        return "- fidelity rows: the bundle's own (no labels)."
-    rule = (
-        f"a row is admitted where its accuracy drop is <= {args.accuracy_drop:g} (the budget below "
-        "then reads: admitted or not)"
-        if args.accuracy_drop is not None
-        else "the rows' agreement is theirs"
-    )
-    return (
-        f"- labelled photos (`--images {args.images}`): every row measured on "
-        f"{args.labelled['photos']} photos of `{args.labelled['folder']}/` (float model top-1 "
-        f"{args.labelled['float_accuracy']:.1%}); " + rule + "."
     )
 
 
@@ -1240,7 +1264,7 @@ def gap_lines(res: dict[str, Any]) -> list[str]:
 
 def targets_section(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> list[str]:
     """Per trace set, adaptive against the targets, and why a missed one could not be met."""
-    lines = [f"## Targets (fidelity budget {BUDGET}; baselines: {', '.join(BASELINES)})", ""]
+    lines = [f"## Targets ({Budget(args.accuracy_drop).words()}; baselines: {', '.join(BASELINES)})", ""]
     for set_name, res in results.items():
         lines += set_targets(args, set_name, verdict(res), res["at_local"])
     return lines
@@ -1336,7 +1360,9 @@ def estimator_section(accuracy: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def decide_section(speed: dict[str, float], eff_speed: float, eff_policy: TablePolicy) -> list[str]:
+def decide_section(
+    args: argparse.Namespace, speed: dict[str, float], eff_speed: float, eff_policy: TablePolicy
+) -> list[str]:
     """decide()'s cost on the synthetic table (and its variants) and on EfficientNet-Lite0's."""
     return [
         "",
@@ -1348,7 +1374,7 @@ def decide_section(speed: dict[str, float], eff_speed: float, eff_policy: TableP
         + ", ".join(f"{name}: {us:.1f} us" for name, us in speed["variants"].items())
         + " (decide.md).",
         f"- EfficientNet-Lite0 ({len(eff_policy.model)} candidates, {len(eff_policy.rows)} feasible at "
-        f"budget {BUDGET}): {eff_speed:.1f} us.",
+        f"{Budget(args.accuracy_drop).words()}): {eff_speed:.1f} us.",
         "",
     ]
 

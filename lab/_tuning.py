@@ -50,6 +50,7 @@ def choose_static(
     *,
     rtt_s: float = RTT_S,
     budget: float = BUDGET,
+    accuracy_drop: float | None = None,
     interval_s: float = 0.2,
     limit: int | None = 24,
 ) -> tuple[int, str]:
@@ -57,8 +58,9 @@ def choose_static(
     ``interval_s`` of each link's span; at most ``limit`` links, evenly spaced) on a device ``ds``
     times slower than the profile: a static configuration tuned before deployment, for a
     population of links, never on the run it is scored on unless that is the point
-    (``static-hindsight``)."""
-    policy = make_policy("adaptive", bundle, fidelity_budget=budget, explore=0.0)
+    (``static-hindsight``). ``budget``, or ``accuracy_drop`` where given: the rows allowed
+    (make_policy's)."""
+    policy = make_policy("adaptive", bundle, fidelity_budget=budget, accuracy_drop=accuracy_drop, explore=0.0)
     allowed = policy.rows
     total = np.zeros(len(allowed))
     for i, (link, span) in enumerate(_spans(links, limit)):
@@ -76,6 +78,7 @@ def tie_slowdown(
     duration_s: float | None = None,
     rtt_s: float = RTT_S,
     budget: float = BUDGET,
+    accuracy_drop: float | None = None,
     interval_s: float = 0.2,
     steps: int = 3,
 ) -> float:
@@ -84,13 +87,14 @@ def tie_slowdown(
 
     Local latency is ``head(n) * ds``; the cloud's barely depends on ``ds`` (only its encode runs
     on the device), so a few fixed-point steps suffice. Rounded to an integer, at least 1.
+    The cloud sends what ``budget`` (or ``accuracy_drop`` where given) admits.
     """
     if isinstance(links, BandwidthTrace):
         if duration_s is None:
             raise ConfigError("tie_slowdown on a trace needs duration_s: the seconds of it that count")
         links = [(Link.from_trace(links, duration_s + 60), duration_s, links.name)]
     spans = _spans(links, None)
-    cloud = make_policy("cloud", bundle, fidelity_budget=budget)
+    cloud = make_policy("cloud", bundle, fidelity_budget=budget, accuracy_drop=accuracy_drop)
     head_n = float(make_policy("local", bundle).model.head[-1])
     ds = 32.0
     for _ in range(steps):

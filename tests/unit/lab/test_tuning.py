@@ -81,3 +81,32 @@ def test_at_the_tie_slowdown_neither_end_wins():
 def test_a_trace_without_its_duration_is_refused():
     with pytest.raises(ConfigError, match="duration_s"):
         tie_slowdown(bundle(), BandwidthTrace.constant(1e6))
+
+
+def labelled_bundle() -> Manifest:
+    """:func:`bundle` with labels and a small ``q8+zstd1`` upload at the input that agrees with
+    the model on every input but loses 10 points of accuracy (40 of 400 inputs)."""
+    b = bundle()
+    row = {"cut": 0, "codec": "q8+zstd1", "fidelity": 1.0, "n": 400, "bytes": 2_000}
+    row |= {"accuracy": 0.6, "accuracy_drop": 0.1, "lost": 40, "gained": 0}
+    table = [
+        {**r, "n": 400, "accuracy": 0.7, "accuracy_drop": 0.0, "lost": 0, "gained": 0}
+        for r in b.fidelity["table"]
+    ]
+    b.codecs = ["f32", "q8+zstd1"]
+    b.fidelity = {**b.fidelity, "samples": 400, "labels": 400, "table": [*table, row]}
+    codec = {"cut": 0, "codec": "q8+zstd1", "encode_s": 1e-4, "decode_s": 1e-4, "bytes": 2_000}
+    b.profiles["host"]["codecs"].append(codec)
+    return b
+
+
+def test_an_accuracy_drop_budget_rules_out_what_the_agreement_budget_admits():
+    b, slow = labelled_bundle(), [link(1e5)]
+    assert choose_static(b, slow, ds=50.0) == (0, "q8+zstd1")
+    assert choose_static(b, slow, ds=50.0, accuracy_drop=0.01) != (0, "q8+zstd1")
+    # the cloud's upload is the 200 kB input then, so the device ties with it only when slower
+    assert tie_slowdown(b, slow, accuracy_drop=0.01) > tie_slowdown(b, slow)
+    with pytest.raises(ConfigError, match="labels"):
+        choose_static(bundle(), slow, ds=50.0, accuracy_drop=0.01)
+    with pytest.raises(ConfigError, match="labels"):
+        tie_slowdown(bundle(), slow, accuracy_drop=0.01)
