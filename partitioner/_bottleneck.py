@@ -1,15 +1,17 @@
 """A trained bottleneck at a cut (issue 32, item 3): an encoder on the device and a decoder in
 the cloud around a few-channel, low-bit latent, trained with the model frozen.
 
-Experimental: trained and measured by ``benchmarks/bench_learned.py`` (bytes against agreement
-and accuracy); not yet a codec a bundle offers (no spec name, fidelity rows, profile or
-fuzzing: docs/learning.md says what is missing).
+It is the codec ``bn<latent>q<bits>[+zstd<level>|+ans]`` (``compression/_bottleneck.py``):
+``compile(..., training=..., bottleneck_cuts=[k], codecs=[..., "bn8q2+zstd3"])`` trains one
+per cut and codec base (:func:`train_bottleneck`) and stores its encoder and decoder as
+torch.export programs, and ONNX models where the bundle has ONNX (:func:`export_bottleneck`);
+the fidelity table, the profile and the policies treat it like any codec (docs/learning.md).
 
 - encoder: 3x3 conv, ReLU, 1x1 conv to ``latent`` channels, a sigmoid scaled to the ``bits``
   levels and rounded (straight-through in training): the codes are integers in
   ``0..2**bits - 1``, ``latent x H x W`` per input;
-- entropy stage: the codes as bytes through zstd (level 3), which spends few bits on the
-  skewed code distributions the training produces;
+- entropy stage: the codec's (packed codes, ``+zstd<level>`` or ``+ans``); :func:`latent_bytes`
+  measures the codes as bytes through zstd (level 3), as ``benchmarks/bench_learned.py`` does;
 - decoder: 1x1 conv back to the frontier's channels, ReLU, 3x3 conv;
 - loss: the frontier's reconstruction (MSE over its variance) plus the KL divergence of the
   frozen tail's output from the teacher's (no labels), on the ``training=`` inputs' frontiers.
@@ -25,10 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from splitinfer.compression import TrainedBottleneck
 from splitinfer.errors import ConfigError
 from splitinfer.partitioner._learn import Training, fit, teacher_views
 
-__all__ = ["Bottleneck", "latent_bytes", "train_bottleneck"]
+__all__ = ["Bottleneck", "BottleneckPart", "bottleneck_id", "latent_bytes", "train_bottleneck", "trained"]
 
 
 class Bottleneck(nn.Module):
@@ -56,6 +59,55 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
+
+
+class BottleneckPart(nn.Module):
+    """One side of a trained bottleneck as the module exported into the bundle: the encoder
+    (frontier to rounded codes) or the decoder (codes, as floats, to the frontier)."""
+
+    def __init__(self, bottleneck: Bottleneck, part: str):
+        super().__init__()
+        if part not in ("encoder", "decoder"):
+            raise ConfigError(f"a bottleneck's part is 'encoder' or 'decoder', got {part!r}")
+        self.bottleneck = bottleneck
+        self.part = part
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.part == "encoder":
+            return torch.round(torch.sigmoid(self.bottleneck.encoder(x)) * self.bottleneck.levels)
+        return self.bottleneck.decode(x)
+
+
+def bottleneck_id(module: Bottleneck, frontier: Sequence[int], code: Sequence[int], bits: int) -> str:
+    """8 hex digits naming a trained bottleneck: the sha256 of its shapes and parameters (the
+    blobs carry it, so a cloud holding another bottleneck refuses them)."""
+    import hashlib
+
+    h = hashlib.sha256(f"bn {list(frontier)} {list(code)} {bits}".encode())
+    for name, value in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:8]
+
+
+def trained(module: Bottleneck, frontier: Sequence[int], bits: int) -> TrainedBottleneck:
+    """``module`` as the compression room's :class:`TrainedBottleneck` (numpy functions of its
+    eager encoder and decoder; a bundle binds the exported ones instead)."""
+    module.eval()
+    encoder, decoder = BottleneckPart(module, "encoder"), BottleneckPart(module, "decoder")
+    with torch.no_grad():
+        code = tuple(int(d) for d in encoder(torch.zeros(1, *frontier)).shape[1:])
+
+    def run(part: nn.Module) -> Any:
+        def call(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return part(torch.from_numpy(x)).numpy()
+
+        return call
+
+    return TrainedBottleneck(
+        bottleneck_id(module, frontier, code, bits), tuple(frontier), code, bits, run(encoder), run(decoder)
+    )
 
 
 def latent_bytes(codes: torch.Tensor) -> list[int]:
