@@ -1,13 +1,19 @@
-"""The trained bottleneck (issue 32, item 3; experimental): a few-channel low-bit latent at a
-cut, trained with the model frozen, smaller than the float frontier."""
+"""The trained bottleneck (issue 32, item 3): a few-channel low-bit latent at a cut, trained with
+the model frozen, smaller than the float frontier; the ``bn<latent>q<bits>`` codec compile
+trains at ``bottleneck_cuts``, stores in the bundle, measures in the fidelity table and profiles."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
 import splitinfer as si
-from splitinfer.errors import ConfigError
+from splitinfer.compression import get_codec
+from splitinfer.errors import CodecError, ConfigError
+from splitinfer.manifest import _bottleneck_of
 from splitinfer.partitioner._bottleneck import Bottleneck, latent_bytes, train_bottleneck
 from splitinfer.partitioner._learn import Training
 from tests.unit.partitioner.test_exits import TinyClassifier, _rows
@@ -34,3 +40,153 @@ def test_a_bottleneck_trains_with_the_model_frozen_and_sends_few_bytes():
     assert len(sizes) == 8 and max(sizes) < bundle.cut(k).nbytes / 4
     with pytest.raises(ConfigError, match="bits"):
         Bottleneck(16, 2, 9)
+
+
+# ---------------------------------------------------------------- the bn codec in a bundle
+
+CODECS = ["f32", "q4c+zstd1", "bn4q2", "bn4q2+zstd3", "bn2q1+zstd1"]
+
+
+def _cut16(bundle) -> int:
+    """The first cut whose frontier is N x 16 x 4 x 4 (TinyClassifier's second conv)."""
+    return next(c.index for c in bundle.cuts if len(c.tensors) == 1 and c.tensors[0].shape[1:] == (16, 4, 4))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    model = TinyClassifier().eval()
+    probe = si.compile(model, (torch.randn(1, 3, 8, 8),), name="tiny", runtimes=("torch",))
+    k = _cut16(probe)
+    bundle = si.compile(
+        model,
+        (torch.randn(1, 3, 8, 8),),
+        name="tiny",
+        training=_rows(48, 1),
+        bottleneck_cuts=[k],
+        exits=[],
+        calibration=_rows(16, 2),
+        evaluation=_rows(24, 3),
+        labels=[i % 6 for i in range(24)],
+        codecs=CODECS,
+        train_steps=30,
+    )
+    return bundle, k, probe
+
+
+def test_compile_trains_a_bottleneck_per_codec_base_and_leaves_the_model_alone(compiled):
+    bundle, k, probe = compiled
+    assert bundle.graph_hash == probe.graph_hash and not bundle.exits  # exits=[] trains none
+    entries = bundle.bottlenecks[str(k)]
+    assert sorted(entries) == ["bn2q1", "bn4q2"]
+    e = entries["bn4q2"]
+    assert (e["latent"], e["bits"], e["frontier"], e["code"]) == (4, 2, [16, 4, 4], [4, 4, 4])
+    assert e["encoder"] == f"bn_{k:03d}_bn4q2_encoder.pt2" and e["training"]["steps"] == 30
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.equal(
+        bundle.run_segments(0, bundle.n_segments, (x,))[0], probe.run_segments(0, probe.n_segments, (x,))[0]
+    )
+
+
+def test_the_fidelity_table_has_bottleneck_rows_at_its_cut_only(compiled):
+    bundle, k, _ = compiled
+    rows = {(r["cut"], r["codec"]): r for r in bundle.fidelity["table"]}
+    for spec in ("bn4q2", "bn4q2+zstd3", "bn2q1+zstd1"):
+        row = rows[(k, spec)]
+        assert row["n"] == 24 and row["interval"][0] <= row["fidelity"] <= row["interval"][1]
+        assert "accuracy" in row and "drop_interval" in row
+        assert 0 < row["bytes"] < bundle.cut(k).nbytes / 8  # 64 codes of 2 bits against 256 floats
+        assert [c for c, s in rows if s == spec] == [k, bundle.last_cut]
+    assert (
+        rows[(k, "bn4q2")]["fidelity"] == rows[(k, "bn4q2+zstd3")]["fidelity"]
+    )  # one bottleneck, two stages
+
+
+def test_edge_encodes_and_cloud_decodes_from_the_saved_bundle(compiled, tmp_path):
+    bundle, k, _ = compiled
+    bundle.save(tmp_path / "b")
+    doc = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    entry = doc["bottlenecks"][str(k)]["bn4q2"]
+    for part in ("encoder", "decoder"):
+        assert entry[part] in doc["files"]
+    edge = si.Bundle.load(tmp_path / "b", upto_cut=k)
+    cloud = si.Bundle.load(tmp_path / "b", from_cut=k)
+    x = torch.randn(2, 3, 8, 8)
+    frontier = edge.head(k, x)
+    blob = edge.codec_for(k, "bn4q2+zstd3").encode(list(frontier))
+    got = cloud.tail(k, cloud.decoder_for(k, "bn4q2+zstd3").decode(blob))
+    codec = bundle.codec_for(k, "bn4q2+zstd3")  # the compiled bundle's own networks: the same answer
+    assert torch.allclose(got, bundle.tail(k, codec.decode(codec.encode(list(frontier)))), atol=1e-5)
+    with pytest.raises(CodecError, match="no encoder"):
+        cloud.codec_for(k, "bn4q2").encode(list(frontier))
+    with pytest.raises(CodecError, match="no decoder"):
+        edge.decoder_for(k, "bn4q2").decode(blob)
+    with pytest.raises(CodecError, match="blob was encoded with codec 'bn4q2\\+zstd3'"):
+        cloud.decoder_for(k, "bn2q1+zstd1").decode(blob)
+    other = dict(doc["bottlenecks"][str(k)]["bn2q1"], id="ffffffff")
+    hostile = get_codec(
+        "bn2q1+zstd1", bottleneck=_bottleneck_of(other, edge.bottleneck_at(k, "bn2q1").encoder)
+    )
+    with pytest.raises(CodecError, match="bottleneck 'ffffffff'"):
+        cloud.decoder_for(k, "bn2q1+zstd1").decode(hostile.encode(list(frontier)))
+
+
+def test_a_torch_free_edge_encodes_on_onnx_runtime(compiled, tmp_path):
+    pytest.importorskip("onnxruntime")
+    bundle, k, _ = compiled
+    if not bundle.onnx.get("file"):
+        pytest.skip("this install exports no ONNX")
+    bundle.save(tmp_path / "b")
+    edge = si.Bundle.load(tmp_path / "b", upto_cut=k, runtime="onnxruntime")
+    cloud = si.Bundle.load(tmp_path / "b", from_cut=k)
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    frontier = edge.head(k, x)
+    blob = edge.codec_for(k, "bn4q2").encode(list(frontier))
+    torch_blob = (
+        cloud.__class__.load(tmp_path / "b").codec_for(k, "bn4q2").encode([torch.from_numpy(frontier[0])])
+    )
+    assert blob == torch_blob  # the same codes from either runtime's encoder
+    assert cloud.tail(k, cloud.decoder_for(k, "bn4q2").decode(blob)).shape == (2, 6)
+
+
+def test_the_profile_times_its_encode_and_decode(compiled):
+    from splitinfer.partitioner import profile_bundle
+
+    bundle, k, _ = compiled
+    rows = {
+        (r["cut"], r["codec"]): r
+        for r in profile_bundle(bundle, batch_sizes=(1,), repeats=2, warmup=0, progress=False)["codecs"]
+    }
+    assert (k, "bn4q2") in rows and (k - 1, "bn4q2") not in rows
+    assert rows[(k, "bn4q2")]["encode_s"] > 0 and rows[(k, "bn4q2")]["decode_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"codecs": ["f32", "bn4q2"]}, "trained bottlenecks: pass training inputs"),
+        (
+            {"codecs": ["f32", "bn4q2"], "training": True},
+            "name the cuts to train them at with bottleneck_cuts",
+        ),
+        ({"codecs": ["f32", "q8"], "training": True, "bottleneck_cuts": [3]}, "name one, such as 'bn8q2"),
+        ({"codecs": ["f32", "bn4q2"], "training": True, "bottleneck_cuts": [0]}, "cuts 1..8"),
+        (
+            {"codecs": ["f32", "bn4q2"], "training": True, "bottleneck_cuts": [7]},
+            "one N x C x H x W frontier",
+        ),
+    ],
+)
+def test_a_bottleneck_without_what_it_needs_is_a_config_error_saying_what_to_pass(kwargs, message):
+    if kwargs.pop("training", None):
+        kwargs["training"] = _rows(8, 1)
+    with pytest.raises(ConfigError, match=message):
+        si.compile(
+            TinyClassifier().eval(),
+            (torch.randn(1, 3, 8, 8),),
+            name="tiny",
+            runtimes=("torch",),
+            calibration=_rows(8, 2),
+            exits=[] if "training" in kwargs else None,
+            train_steps=2,
+            **kwargs,
+        )
