@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import splitinfer as si
-from splitinfer.compression import get_codec
+from splitinfer.compression import TrainedBottleneck, get_codec
 from splitinfer.errors import CodecError, ConfigError
-from splitinfer.manifest import _bottleneck_of
 from splitinfer.partitioner._bottleneck import Bottleneck, latent_bytes, train_bottleneck
 from splitinfer.partitioner._learn import Training
 from tests.unit.partitioner.test_exits import TinyClassifier, _rows
@@ -122,10 +121,12 @@ def test_edge_encodes_and_cloud_decodes_from_the_saved_bundle(compiled, tmp_path
         edge.decoder_for(k, "bn4q2").decode(blob)
     with pytest.raises(CodecError, match="blob was encoded with codec 'bn4q2\\+zstd3'"):
         cloud.decoder_for(k, "bn2q1+zstd1").decode(blob)
-    other = dict(doc["bottlenecks"][str(k)]["bn2q1"], id="ffffffff")
-    hostile = get_codec(
-        "bn2q1+zstd1", bottleneck=_bottleneck_of(other, edge.bottleneck_at(k, "bn2q1").encoder)
-    )
+    mine = edge.bottleneck_at(k, "bn2q1")
+    assert mine is not None and mine.decoder is None
+    other = TrainedBottleneck(
+        "ffffffff", mine.frontier, mine.code, mine.bits, mine.encoder
+    )  # another compile's
+    hostile = get_codec("bn2q1+zstd1", bottleneck=other)
     with pytest.raises(CodecError, match="bottleneck 'ffffffff'"):
         cloud.decoder_for(k, "bn2q1+zstd1").decode(hostile.encode(list(frontier)))
 
