@@ -4,7 +4,8 @@ other inputs (benchmarks/bench_learned.py); docs/learning.md describes both.
 - :class:`Training`: the budget and seed of a distillation (steps, seconds, augmentation);
 - :func:`pick_exits`, :func:`train_exits`: early-exit heads, picked by cost and distilled from
   the model's own output;
-- :func:`train_bottleneck`, :func:`latent_bytes`: the experimental trained bottleneck;
+- :func:`train_bottleneck`, :func:`latent_bytes`: the trained bottleneck of the ``bn<latent>q<bits>``
+  codecs, trained again on other inputs;
 - :func:`load_images`: a folder of images as compile's ``--calibration/--evaluation/--train``
   read it (labels from the leading integer of each file name).
 
