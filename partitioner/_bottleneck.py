@@ -13,6 +13,10 @@ the fidelity table, the profile and the policies treat it like any codec (docs/l
 - entropy stage: the codec's (packed codes, ``+zstd<level>`` or ``+ans``); :func:`latent_bytes`
   measures the codes as bytes through zstd (level 3), as ``benchmarks/bench_learned.py`` does;
 - decoder: 1x1 conv back to the frontier's channels, ReLU, 3x3 conv;
+- start (:func:`principal_start`): the encoder's codes begin as the frontier's first ``latent``
+  principal components (of its channel vectors, over the training frontiers), each spread over
+  the levels by its standard deviation, and the decoder as their inverse, so that the first
+  steps refine a PCA codec instead of learning from random weights;
 - loss: the frontier's reconstruction (MSE over its variance) plus the KL divergence of the
   frozen tail's output from the teacher's (no labels), on the ``training=`` inputs' frontiers.
 """
@@ -49,6 +53,10 @@ class Bottleneck(nn.Module):
             nn.Conv2d(latent, channels, 1), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
         )
 
+    @property
+    def latent(self) -> int:
+        return int(self.encoder[2].out_channels)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The codes (float tensor of integers in ``0..levels``), straight-through when training."""
         z = torch.sigmoid(self.encoder(x)) * self.levels
@@ -59,6 +67,47 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
+
+
+#: Most channel vectors :func:`principal_start` reads (evenly spaced beyond that).
+_START_VECTORS = 1 << 16
+#: The codes' logits span +-SPREAD standard deviations of a component per unit (sigmoid(1.5) = 0.82).
+_SPREAD = 2.0
+
+
+def principal_start(module: Bottleneck, frontiers: torch.Tensor) -> None:
+    """Set ``module``'s weights so that it is, up to the sigmoid's curve, a PCA codec of
+    ``frontiers`` (``N x C x H x W``): the encoder's 3x3 conv the identity shifted by each
+    channel's minimum (so the ReLU passes everything), its 1x1 conv the first ``latent``
+    principal components scaled by ``1 / (SPREAD * sd)``; the decoder the inverse of the
+    sigmoid's linear part, the components' transpose, and the shift back."""
+    c, latent = int(frontiers.shape[1]), module.latent
+    x = frontiers.detach().permute(0, 2, 3, 1).reshape(-1, c).double()
+    if x.shape[0] > _START_VECTORS:
+        x = x[torch.linspace(0, x.shape[0] - 1, _START_VECTORS).long()]
+    mean, lo = x.mean(0), x.min(0).values
+    centred = x - mean
+    values, vectors = torch.linalg.eigh(centred.T @ centred / max(1, x.shape[0] - 1))
+    order = torch.argsort(values, descending=True)[: min(latent, c)]
+    w = torch.zeros(latent, c, dtype=torch.float64)
+    w[: len(order)] = vectors[:, order].T
+    sd = torch.ones(latent, dtype=torch.float64)
+    sd[: len(order)] = values[order].clamp(min=1e-12).sqrt()
+    scale = 1 / (_SPREAD * sd)
+    gain = 4 * _SPREAD * sd  # sigmoid(z) ~ 1/2 + z/4
+    identity = torch.zeros(c, c, 3, 3, dtype=torch.float64)
+    identity[range(c), range(c), 1, 1] = 1
+    layers = [
+        (module.encoder[0], identity, -lo),
+        (module.encoder[2], (w * scale[:, None])[:, :, None, None], -(w @ (mean - lo)) * scale),
+        (module.decoder[0], (w.T * gain[None, :])[:, :, None, None], mean - lo - w.T @ (gain / 2)),
+        (module.decoder[2], identity, lo),
+    ]
+    with torch.no_grad():
+        for conv, weight, bias in layers:
+            assert isinstance(conv, nn.Conv2d) and conv.bias is not None
+            conv.weight.copy_(weight.to(conv.weight.dtype))
+            conv.bias.copy_(bias.to(conv.bias.dtype))
 
 
 class BottleneckPart(nn.Module):
@@ -128,9 +177,13 @@ def train_bottleneck(
     latent: int,
     bits: int,
     weight: float = 1.0,
+    start: str = "principal",
 ) -> tuple[Bottleneck, dict[str, Any]]:
     """A bottleneck at cut ``k`` trained on ``training`` (the frontier there and the teacher's
-    logits per view) with the bundle's segments frozen; the record of its training."""
+    logits per view) with the bundle's segments frozen; the record of its training. ``start``:
+    ``"principal"`` (:func:`principal_start`) or ``"random"`` (PyTorch's initialisation)."""
+    if start not in ("principal", "random"):
+        raise ConfigError(f"a bottleneck starts 'principal' or 'random', got {start!r}")
     cut = bundle.cut(k)
     if len(cut.tensors) != 1 or len(cut.tensors[0].shape) != 4:
         raise ConfigError(
@@ -146,7 +199,10 @@ def train_bottleneck(
     (frontiers, logits), views = teacher_views(training, run, options, label="bottleneck views")
     scale = float(frontiers.var()) or 1.0
     target = torch.log_softmax(logits, dim=1)
+    torch.manual_seed(options.seed)
     module = Bottleneck(int(frontiers.shape[1]), latent, bits)
+    if start == "principal":
+        principal_start(module, frontiers)
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
         x = frontiers[idx]
@@ -158,5 +214,7 @@ def train_bottleneck(
         return nn.functional.mse_loss(rebuilt, x) / scale + weight * kl
 
     record = fit(module, loss_of, int(frontiers.shape[0]), options, label="bottleneck")
-    record.update(views, latent=latent, bits=bits, seconds=round(time.perf_counter() - started, 2))
+    record.update(
+        views, latent=latent, bits=bits, start=start, seconds=round(time.perf_counter() - started, 2)
+    )
     return module, record

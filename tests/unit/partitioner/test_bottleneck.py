@@ -191,3 +191,24 @@ def test_a_bottleneck_without_what_it_needs_is_a_config_error_saying_what_to_pas
             train_steps=2,
             **kwargs,
         )
+
+
+def test_the_principal_start_is_a_pca_codec_that_training_refines():
+    model = TinyClassifier().eval()
+    bundle = si.compile(model, (torch.randn(1, 3, 8, 8),), name="tiny", runtimes=("torch",))
+    k = _cut16(bundle)
+    frontier = bundle.head(k, torch.cat([r[0] for r in _rows(32, 5)]))[0]
+
+    def error(start: str, steps: int) -> tuple[float, list]:
+        module, record = train_bottleneck(
+            bundle, k, _rows(48, 1), Training(steps=steps, views=2), latent=4, bits=3, start=start
+        )
+        with torch.no_grad():
+            return float(((module(frontier) - frontier) ** 2).mean() / frontier.var()), record["loss"]
+
+    principal, losses = error("principal", 20)
+    random, random_losses = error("random", 20)
+    assert principal < 0.8 * random  # 4 of 16 components, 8 levels: far nearer than random weights
+    assert losses[0][1] < 0.6 * random_losses[0][1]  # from the first step on
+    with pytest.raises(ConfigError, match="'principal' or 'random'"):
+        train_bottleneck(bundle, k, _rows(8, 1), Training(steps=1), latent=4, bits=3, start="zeros")
