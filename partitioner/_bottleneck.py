@@ -55,7 +55,10 @@ class Bottleneck(nn.Module):
 
     @property
     def latent(self) -> int:
-        return int(self.encoder[2].out_channels)
+        """Channels of the code."""
+        conv = self.encoder[2]
+        assert isinstance(conv, nn.Conv2d)
+        return conv.out_channels
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The codes (float tensor of integers in ``0..levels``), straight-through when training."""
