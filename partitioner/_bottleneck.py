@@ -18,7 +18,8 @@ the fidelity table, the profile and the policies treat it like any codec (docs/l
   the levels by its standard deviation, and the decoder as their inverse, so that the first
   steps refine a PCA codec instead of learning from random weights;
 - loss: the frontier's reconstruction (MSE over its variance) plus the KL divergence of the
-  frozen tail's output from the teacher's (no labels), on the ``training=`` inputs' frontiers.
+  frozen tail's output from the teacher's (no labels), on the ``training=`` inputs' frontiers,
+  and optionally (``rate > 0``) the codes' estimated bits per code (:func:`soft_entropy`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,16 @@ from splitinfer.compression import TrainedBottleneck
 from splitinfer.errors import ConfigError
 from splitinfer.partitioner._learn import Training, fit, teacher_views
 
-__all__ = ["Bottleneck", "BottleneckPart", "bottleneck_id", "latent_bytes", "train_bottleneck", "trained"]
+__all__ = [
+    "Bottleneck",
+    "BottleneckPart",
+    "bottleneck_id",
+    "latent_bytes",
+    "principal_start",
+    "soft_entropy",
+    "train_bottleneck",
+    "trained",
+]
 
 
 class Bottleneck(nn.Module):
@@ -59,6 +69,10 @@ class Bottleneck(nn.Module):
         conv = self.encoder[2]
         assert isinstance(conv, nn.Conv2d)
         return conv.out_channels
+
+    def soft_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The codes before rounding (floats in ``0..levels``): what the rate term prices."""
+        return torch.sigmoid(self.encoder(x)) * self.levels
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The codes (float tensor of integers in ``0..levels``), straight-through when training."""
@@ -181,17 +195,29 @@ def train_bottleneck(
     bits: int,
     weight: float = 1.0,
     start: str = "principal",
+    rate: float = 0.0,
 ) -> tuple[Bottleneck, dict[str, Any]]:
     """A bottleneck at cut ``k`` trained on ``training`` (the frontier there and the teacher's
-    logits per view) with the bundle's segments frozen; the record of its training. ``start``:
-    ``"principal"`` (:func:`principal_start`) or ``"random"`` (PyTorch's initialisation)."""
+    logits per view) with the bundle's segments frozen; the record of its training.
+
+    The loss is the frontier's reconstruction (MSE over its variance), ``weight`` times the KL
+    divergence of the frozen tail's output from the teacher's (gradients flow through the
+    tail's segments, which stay as they are), and ``rate`` times the codes' estimated bits per
+    code in the batch (:func:`soft_entropy`; 0: no rate term, the rate is then set by ``latent``
+    and ``bits``).
+    ``start``: ``"principal"`` (:func:`principal_start`) or ``"random"`` (PyTorch's init)."""
     if start not in ("principal", "random"):
         raise ConfigError(f"a bottleneck starts 'principal' or 'random', got {start!r}")
+    if not rate >= 0 or not weight >= 0:
+        raise ConfigError(
+            f"a bottleneck's loss weights are numbers >= 0, got weight={weight!r}, rate={rate!r}"
+        )
     cut = bundle.cut(k)
     if len(cut.tensors) != 1 or len(cut.tensors[0].shape) != 4:
         raise ConfigError(
             f"a bottleneck reads one N x C x H x W frontier; cut {k} has {list(map(str, cut.tensors))}"
         )
+    tail = _frozen_tail(bundle, k)
 
     def run(inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         frontier = bundle.run_segments(0, k, bundle.flatten_inputs(inputs))
@@ -206,18 +232,66 @@ def train_bottleneck(
     module = Bottleneck(int(frontiers.shape[1]), latent, bits)
     if start == "principal":
         principal_start(module, frontiers)
+    estimated: list[float] = []
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
         x = frontiers[idx]
         rebuilt = module(x)
-        out = bundle.run_segments(k, bundle.n_segments, (rebuilt,))[0]
-        kl = nn.functional.kl_div(
-            torch.log_softmax(out, dim=1), target[idx], log_target=True, reduction="batchmean"
-        )
-        return nn.functional.mse_loss(rebuilt, x) / scale + weight * kl
+        loss = nn.functional.mse_loss(rebuilt, x) / scale
+        if weight > 0:
+            out = tail(rebuilt)
+            kl = nn.functional.kl_div(
+                torch.log_softmax(out, dim=1), target[idx], log_target=True, reduction="batchmean"
+            )
+            loss = loss + weight * kl
+        if rate > 0:
+            bits_per_code = soft_entropy(module.soft_codes(x), module.levels + 1)
+            estimated.append(float(bits_per_code.detach()))
+            loss = loss + rate * bits_per_code
+        return loss
 
     record = fit(module, loss_of, int(frontiers.shape[0]), options, label="bottleneck")
     record.update(
         views, latent=latent, bits=bits, start=start, seconds=round(time.perf_counter() - started, 2)
     )
+    if rate > 0:
+        record.update(rate=rate, bits_per_code=round(estimated[-1], 4))
     return module, record
+
+
+#: Width of the soft assignment of a continuous code to the levels (in levels squared).
+TEMPERATURE = 0.5
+
+
+def soft_entropy(z: torch.Tensor, levels: int) -> torch.Tensor:
+    """The estimated bits per code of continuous codes ``z`` (``N x latent x h x w``, floats in
+    ``0..levels - 1``): each code softly assigned to the levels (``softmax(-(z - s)**2 /
+    TEMPERATURE)``), the assignments averaged per code channel over the batch into a
+    distribution, and its entropy averaged over the channels. Differentiable: minimising it
+    moves each channel's codes onto few levels, which the entropy stage then codes in few bits
+    (``+ans`` codes each channel under its own table)."""
+    grid = torch.arange(levels, dtype=z.dtype, device=z.device)
+    soft = torch.softmax(-((z.unsqueeze(-1) - grid) ** 2) / TEMPERATURE, dim=-1)
+    p = soft.transpose(0, 1).reshape(z.shape[1], -1, levels).mean(dim=1)
+    return -(p * torch.log2(p.clamp(min=1e-12))).sum(dim=1).mean()
+
+
+def _frozen_tail(bundle: Any, k: int) -> Any:
+    """The bundle's segments from cut ``k`` as a function that autograd sees through (the
+    bundle's own ``run_segments`` runs in inference mode); their parameters are not trained."""
+    segments = [bundle.segments[i] for i in range(k, bundle.n_segments)]
+    if any(s is None or not isinstance(s, nn.Module) for s in segments):
+        raise ConfigError(
+            f"a bottleneck trains on torch segments from cut {k} on: compile's bundle, or a full load"
+        )
+    for segment in segments:
+        for p in segment.parameters():
+            p.requires_grad_(False)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        frontier: Any = (x,)
+        for segment in segments:
+            frontier = tuple(segment(*frontier))
+        return frontier[0]
+
+    return run

@@ -13,7 +13,13 @@ import torch
 import splitinfer as si
 from splitinfer.compression import TrainedBottleneck, get_codec
 from splitinfer.errors import CodecError, ConfigError
-from splitinfer.partitioner._bottleneck import Bottleneck, latent_bytes, train_bottleneck
+from splitinfer.partitioner._bottleneck import (
+    Bottleneck,
+    _frozen_tail,
+    latent_bytes,
+    soft_entropy,
+    train_bottleneck,
+)
 from splitinfer.partitioner._learn import Training
 from tests.unit.partitioner.test_exits import TinyClassifier, _rows
 
@@ -212,3 +218,28 @@ def test_the_principal_start_is_a_pca_codec_that_training_refines():
     assert losses[0][1] < 0.6 * random_losses[0][1]  # from the first step on
     with pytest.raises(ConfigError, match="'principal' or 'random'"):
         train_bottleneck(bundle, k, _rows(8, 1), Training(steps=1), latent=4, bits=3, start="zeros")
+
+
+def test_the_tail_teaches_through_its_gradients_and_a_rate_term_spends_fewer_bits():
+    model = TinyClassifier().eval()
+    bundle = si.compile(model, (torch.randn(1, 3, 8, 8),), name="tiny", runtimes=("torch",))
+    k = _cut16(bundle)
+    frontier = bundle.head(k, torch.cat([r[0] for r in _rows(32, 5)]))[0]
+
+    def trained_codes(**kwargs) -> tuple[torch.Tensor, dict]:
+        module, record = train_bottleneck(
+            bundle, k, _rows(48, 1), Training(steps=30, views=2), latent=4, bits=3, **kwargs
+        )
+        with torch.no_grad():
+            return module.encode(frontier), record
+
+    plain, _ = trained_codes()
+    priced, record = trained_codes(rate=0.5)
+    assert record["rate"] == 0.5 and 0 < record["bits_per_code"] < 3
+    assert soft_entropy(priced, 8) < 0.8 * soft_entropy(plain, 8)  # fewer levels in use per channel
+    assert sum(latent_bytes(priced)) < sum(latent_bytes(plain))
+    x = torch.randn(2, 16, 4, 4, requires_grad=True)  # the KL term reaches the decoder through the tail
+    _frozen_tail(bundle, k)(x).sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    with pytest.raises(ConfigError, match=">= 0"):
+        train_bottleneck(bundle, k, _rows(8, 1), Training(steps=1), latent=4, bits=3, rate=-1.0)
