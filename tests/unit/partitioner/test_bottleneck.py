@@ -12,7 +12,7 @@ import torch
 
 import splitinfer as si
 from splitinfer.compression import TrainedBottleneck, get_codec
-from splitinfer.errors import CodecError, ConfigError
+from splitinfer.errors import BundleError, CodecError, ConfigError
 from splitinfer.partitioner._bottleneck import (
     Bottleneck,
     _frozen_tail,
@@ -233,8 +233,8 @@ def test_the_tail_teaches_through_its_gradients_and_a_rate_term_spends_fewer_bit
         with torch.no_grad():
             return module.encode(frontier), record
 
-    plain, _ = trained_codes()
-    priced, record = trained_codes(rate=0.5)
+    plain, _ = trained_codes(start="random")
+    priced, record = trained_codes(rate=0.5, start="random")
     assert record["rate"] == 0.5 and 0 < record["bits_per_code"] < 3
     assert soft_entropy(priced, 8) < 0.8 * soft_entropy(plain, 8)  # fewer levels in use per channel
     assert sum(latent_bytes(priced)) < sum(latent_bytes(plain))
@@ -243,3 +243,31 @@ def test_the_tail_teaches_through_its_gradients_and_a_rate_term_spends_fewer_bit
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
     with pytest.raises(ConfigError, match=">= 0"):
         train_bottleneck(bundle, k, _rows(8, 1), Training(steps=1), latent=4, bits=3, rate=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda e: e.update(id="not-hex"), "8 hex digits"),
+        (lambda e: e.update(code=[5, 4, 4]), "not a bn<latent>q<bits> of its shapes"),
+        (lambda e: e.update(encoder="../segment_000.pt2"), "invalid file"),
+    ],
+)
+def test_a_tampered_bottleneck_entry_is_refused_when_the_bundle_loads(compiled, tmp_path, edit, message):
+    bundle, k, _ = compiled
+    bundle.save(tmp_path / "b")
+    path = tmp_path / "b" / "manifest.json"
+    doc = json.loads(path.read_text())
+    edit(doc["bottlenecks"][str(k)]["bn4q2"])
+    path.write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match=message):
+        si.Bundle.load(tmp_path / "b")
+
+
+def test_a_modified_bottleneck_file_is_refused_by_its_sha256(compiled, tmp_path):
+    bundle, k, _ = compiled
+    bundle.save(tmp_path / "b")
+    (tmp_path / "b" / f"bn_{k:03d}_bn4q2_decoder.pt2").write_bytes(b"PK\0\0 not the trained decoder")
+    si.Bundle.load(tmp_path / "b", upto_cut=k)  # an edge loads no decoder
+    with pytest.raises(BundleError, match="sha256"):
+        si.Bundle.load(tmp_path / "b", from_cut=k)
