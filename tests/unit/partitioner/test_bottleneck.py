@@ -30,7 +30,9 @@ def test_a_bottleneck_trains_with_the_model_frozen_and_sends_few_bytes():
     k = next(c.index for c in bundle.cuts if len(c.tensors) == 1 and c.tensors[0].shape[1] == 16)
     x = torch.cat([r[0] for r in _rows(8, 5)])
     before = bundle.run_segments(0, bundle.n_segments, (x,))[0]
-    module, record = train_bottleneck(bundle, k, _rows(48, 1), Training(steps=40, views=2), latent=2, bits=2)
+    module, record = train_bottleneck(
+        bundle, k, _rows(48, 1), Training(steps=40, views=2), latent=2, bits=2, start="random"
+    )
     after = bundle.run_segments(0, bundle.n_segments, (x,))[0]
     assert torch.equal(before, after)  # the model is frozen
     assert record["loss"][-1][1] < record["loss"][0][1]
@@ -213,6 +215,7 @@ def test_the_principal_start_is_a_pca_codec_that_training_refines():
             return float(((module(frontier) - frontier) ** 2).mean() / frontier.var()), record["loss"]
 
     principal, losses = error("principal", 20)
+    assert error("principal", 1)[0] < 0.8 * error("random", 1)[0]  # the start itself is the gain
     random, random_losses = error("random", 20)
     assert principal < 0.8 * random  # 4 of 16 components, 8 levels: far nearer than random weights
     assert losses[0][1] < 0.6 * random_losses[0][1]  # from the first step on
