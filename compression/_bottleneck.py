@@ -225,7 +225,9 @@ class BottleneckCore:
             else:
                 tables = _ans.check_ranged(fields[3], b.latent, b.levels)
             wire = 4 * words
-        check_size(wire, raw_nbytes, 4 * math.prod(shape) + 4 * numel, max_nbytes)
+        # the limit is the decoded frontier's (what a server allows a request): the codes'
+        # float32 copy for the decoder must fit it too, on its own
+        check_size(wire, raw_nbytes, max(4 * math.prod(shape), 4 * numel), max_nbytes)
         data = read_data(view[offset:], wire, self.zstd_level is not None)
         if n == 0:
             return [(name, "float32", np.empty(shape, np.float32))]
