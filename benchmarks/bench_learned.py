@@ -101,7 +101,7 @@ def _bottleneck_section(
 ) -> list[str]:
     """Bottlenecks at one cut against the scalar codecs there: bytes, agreement, accuracy."""
     from splitinfer.compression import get_codec
-    from splitinfer.partitioner.learning import Training, latent_bytes, train_bottleneck
+    from splitinfer.partitioner.learning import Training, train_bottleneck, trained
 
     train_i, _, eval_i = split
     named = [c.index for c in bundle.cuts if c.name == args.bottleneck] or [
@@ -148,21 +148,22 @@ def _bottleneck_section(
         mean = sum(map(len, blobs)) / len(blobs)
         out.append(f"| {spec} | {mean:.0f} | {f32 / mean:.1f} | {agree:.3f} | {acc} | - |")
     rows = [(batch[i : i + 1],) for i in train_i]
+    shape = tuple(int(d) for d in frontier.shape[1:])
     for config in args.configs.split(","):
         latent, bits = (int(v) for v in config.split("x"))
         options = Training(steps=args.train_steps, views=args.views, seconds=args.seconds, seed=0, batch=16)
-        module, record = train_bottleneck(bundle, k, rows, options, latent=latent, bits=bits)
-        module.eval()
-        with torch.no_grad():
-            codes = torch.cat([module.encode(f) for f in frontier.split(16)])
-            rebuilt = torch.cat([module.decode(c) for c in codes.split(16)])
-        sizes = latent_bytes(codes)
-        mean = sum(sizes) / len(sizes)
-        agree, acc = judged(rebuilt)
-        out.append(
-            f"| bottleneck {latent} ch x {bits} bit + zstd3 | {mean:.0f} | {f32 / mean:.1f} | {agree:.3f} "
-            f"| {acc} | {record['seconds']:.0f} |"
-        )
+        module, record = train_bottleneck(bundle, k, rows, options, latent=latent, bits=bits, rate=args.rate)
+        bound = trained(module, shape, bits)  # the codec a bundle would offer: real blobs, header included
+        for stage in ("+zstd3", "+ans"):
+            codec = get_codec(f"bn{latent}q{bits}{stage}", bottleneck=bound)
+            blobs = [codec.encode([f.unsqueeze(0)]) for f in frontier]
+            rebuilt = torch.cat([codec.decode(b)[0] for b in blobs])
+            mean = sum(map(len, blobs)) / len(blobs)
+            agree, acc = judged(rebuilt)
+            out.append(
+                f"| bn{latent}q{bits}{stage} (rate {args.rate:g}) | {mean:.0f} | {f32 / mean:.1f} "
+                f"| {agree:.3f} | {acc} | {record['seconds']:.0f} |"
+            )
     return out
 
 
@@ -182,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         "--bottleneck", metavar="CUT_NAME", help="train bottlenecks at this cut, e.g. 'after _blocks.5'"
     )
     p.add_argument("--configs", default="16x4,8x2", help="bottlenecks as LATENTxBITS, comma-separated")
+    p.add_argument(
+        "--rate", type=float, default=0.0, help="weight of the bottleneck's rate term (bits per code)"
+    )
     p.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     args = p.parse_args(argv)
 

@@ -30,6 +30,12 @@ to the projection fitted on the cut's calibration frontier
 (``get_codec(spec, projection=fit(samples))``; bundles do it in ``codec_for`` and
 ``decoder_for``), on both sides.
 
+Trained bottleneck: ``bn<latent>q<bits>[+ans|+zstd<level>]`` sends the integer codes of an
+encoder network trained at compile time for one cut (``latent`` channels of ``bits`` bits), and
+the cloud's decoder network turns them back into the frontier (``_bottleneck.py``). It must be
+bound to that cut's :class:`TrainedBottleneck` (the encoder and decoder as numpy functions,
+``get_codec(spec, bottleneck=...)``; bundles do it in ``codec_for`` and ``decoder_for``).
+
 Ranges: a quantized codec uses each tensor's (or channel's) min/max at encode time, or the
 ranges it is bound to with ``get_codec(spec, clip=calibrate(samples, spec, "mse"))``; see
 :class:`ClipRanges` for their JSON form.
@@ -64,6 +70,7 @@ allocates; the adapters give it torch and numpy in and out, and, unless it decla
 from spoiling the finite values (``_quant.sanitize`` measures ranges without them).
 """
 
+from splitinfer.compression._bottleneck import TrainedBottleneck
 from splitinfer.compression._calibrate import CALIBRATION_METHODS, ClipRanges, calibrate, calibrate_all
 from splitinfer.compression._codec import DEFAULT_MAX_NBYTES, Codec, available_codecs, get_codec, payload_of
 from splitinfer.compression._dictionary import MAX_SIZE as MAX_DICTIONARY_BYTES
@@ -83,6 +90,7 @@ __all__ = [
     "ClipRanges",
     "Codec",
     "Spec",
+    "TrainedBottleneck",
     "ZstdDictionary",
     "available_codecs",
     "calibrate",

@@ -22,6 +22,9 @@ q<b>[c]+ans ``[dtype, shape, lo, scale, weights, words]``    ``4 * words`` bytes
             uint32 count; both empty for an empty tensor)
 pca<r>q<b>  ``[dtype, shape, proj_id, start, delta]``         the ``(N, r, R)`` coefficient codes,
             (``+ans``: ``tables, words`` too)                packed or rANS-coded (``_projection.py``)
+bn<l>q<b>   ``[dtype, shape, bottleneck_id, code_shape,      the trained encoder's ``(N, l, h, w)``
+            bits]`` (``+ans``: ``tables, words`` too)        codes, packed or rANS-coded
+                                                             (``_bottleneck.py``)
 jpeg<q>     ``[dtype, shape, lo, scale, sizes]``: shape      ``N`` JPEG files (``sizes`` bytes each)
             ``(N, 3, H, W)``, ``lo``/``scale`` 3 float32s,
             ``sizes`` bin of ``N`` uint32 (none if empty)
@@ -63,6 +66,7 @@ from splitinfer.compression._blob import (
     u32_field,
     write_blob,
 )
+from splitinfer.compression._bottleneck import BottleneckCore, TrainedBottleneck
 from splitinfer.compression._calibrate import ClipRanges
 from splitinfer.compression._dictionary import ZstdDictionary
 from splitinfer.compression._floats import FLOATS
@@ -81,6 +85,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_NBYTES",
+    "BottleneckCodec",
     "CastCodec",
     "Codec",
     "JpegCodec",
@@ -490,12 +495,19 @@ class ProjectionCodec(ProjectionCore, _Adapters):
     or rANS-coded (``_projection.py``); encoding and decoding need its cut's ``projection``."""
 
 
+@dataclass(frozen=True)
+class BottleneckCodec(BottleneckCore, _Adapters):
+    """A trained bottleneck: its encoder's integer codes packed, zstd-ed or rANS-coded, and its
+    decoder on the other side (``_bottleneck.py``); both need its cut's ``bottleneck``."""
+
+
 def get_codec(
     spec: str,
     *,
     clip: ClipRanges | None = None,
     dictionary: ZstdDictionary | None = None,
     projection: ChannelProjection | None = None,
+    bottleneck: TrainedBottleneck | None = None,
 ) -> Codec:
     """The codec named by ``spec``; an unknown or malformed spec lists the valid forms.
 
@@ -507,8 +519,27 @@ def get_codec(
     ``projection`` binds a ``pca<r>q<bits>`` codec to its cut's calibrated channel projection
     (``_projection.fit``); both encoding and decoding need it, and a decoder bound to another
     projection refuses the blob.
+    ``bottleneck`` binds a ``bn<latent>q<bits>`` codec to the encoder and decoder trained for its
+    cut (a bundle's: ``Bundle.codec_for``); a decoder bound to another bottleneck refuses the blob.
     """
     parsed = parse_spec(spec)
+    if bottleneck is not None and not isinstance(bottleneck, TrainedBottleneck):
+        raise CodecError(f"bottleneck must be a TrainedBottleneck, got {type(bottleneck).__name__}")
+    if parsed.kind == "bn":
+        if clip is not None or dictionary is not None or projection is not None:
+            raise CodecError(
+                f"codec {spec!r} is bound to its trained bottleneck only: no clip ranges, dictionary "
+                "or projection"
+            )
+        if parsed.ans:
+            _ans.require(parsed.text)
+        return BottleneckCodec(
+            parsed.text, parsed.latent, parsed.bits, parsed.zstd_level, parsed.ans, bottleneck
+        )
+    if bottleneck is not None:
+        raise CodecError(
+            f"codec {spec!r} is not a trained bottleneck: only bn<latent>q<bits> codecs take one"
+        )
     if projection is not None and not isinstance(projection, ChannelProjection):
         raise CodecError(f"projection must be a ChannelProjection, got {type(projection).__name__}")
     if parsed.kind == "pca":
@@ -554,7 +585,8 @@ def available_codecs() -> list[str]:
 
     The ``jpeg`` specs encode only float image batches ``N x 3 x H x W``; the ``+ans`` specs are
     listed when the constriction package (the ``entropy`` extra) is installed. The
-    ``pca<r>q<bits>`` codecs are not listed: they work only bound to a cut's projection.
+    ``pca<r>q<bits>`` and ``bn<latent>q<bits>`` codecs are not listed: they work only bound to a
+    cut's projection or trained bottleneck.
     """
     ans = ["q8c+ans", "q6c+ans", "q5c+ans", "q4c+ans", "q4+ans", "q3c+ans"] if _ans.available() else []
     return [

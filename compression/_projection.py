@@ -347,7 +347,9 @@ class ProjectionCore:
             else:
                 tables = _ans.check_ranged(fields[3], r, levels)
             wire = 4 * words
-        check_size(wire, raw_nbytes, 4 * math.prod(shape) + 4 * numel, max_nbytes)
+        # the limit is the decoded frontier's (what a server allows a request, its frontier's
+        # bytes): the coefficients' float32 copy must fit it too, on its own
+        check_size(wire, raw_nbytes, max(4 * math.prod(shape), 4 * numel), max_nbytes)
         data = read_data(view[offset:], wire, self.zstd_level is not None)
         if math.prod(shape) == 0:
             return [(name, "float32", np.empty(shape, np.float32))]

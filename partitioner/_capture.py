@@ -19,7 +19,7 @@ from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.utils import _pytree as pytree
 
-from splitinfer.bundle import Bundle, Cut, fast_module
+from splitinfer.bundle import Bundle, Cut, fast_module, numpy_net
 from splitinfer.errors import CaptureError, ConfigError
 from splitinfer.manifest import exit_file, frontier_nbytes
 from splitinfer.partitioner import _words as words
@@ -126,6 +126,7 @@ def compile(  # the public name the API promises
     runtimes: Sequence[str] | None = None,
     training: Iterable[Any] | None = None,
     exits: Sequence[int] | None = None,
+    bottleneck_cuts: Sequence[int] | None = None,
     fidelity_budget: float = 0.99,
     fidelity_early_stop: bool = False,
     seed: int = 0,
@@ -182,8 +183,14 @@ def compile(  # the public name the API promises
     ``train_steps`` optimizer steps, ``train_seconds`` a budget for the teacher's passes), their
     confidence thresholds calibrated on held-out inputs (``evaluation``, else ``calibration``,
     else every fourth training input) so that the answers they give agree with the model at a
-    lower bound (at ``confidence``) of at least ``fidelity_budget``. Without ``training`` the
-    bundle is what it is without this paragraph.
+    lower bound (at ``confidence``) of at least ``fidelity_budget``; ``exits=[]`` trains none.
+    Without ``training`` the bundle is what it is without this paragraph.
+
+    A trained bottleneck codec ``bn<latent>q<bits>[+zstd<level>|+ans]`` named in ``codecs`` is
+    trained on ``training`` (with the same budget) at each of ``bottleneck_cuts`` (cuts whose
+    frontier is one float ``N x C x H x W`` tensor), before the fidelity table, which measures
+    it there like any codec (docs/learning.md); it needs ``training``, ``bottleneck_cuts`` and
+    ``calibration`` inputs.
     """
     laps = _Laps()
     _check_arguments(model, example_inputs, name)
@@ -194,6 +201,7 @@ def compile(  # the public name the API promises
         raise ConfigError(
             f"{words.name('exits')} need {words.name('training')} inputs to train their heads on"
         )
+    bottlenecks = _check_bottlenecks(codecs, training, bottleneck_cuts)
     model = model.eval()
     args = tuple(_batched(t) for t in example_inputs)
     with torch.no_grad():
@@ -210,6 +218,11 @@ def compile(  # the public name the API promises
     if _wants_onnx(runtimes):
         _add_onnx(bundle, args)
         laps.mark("ONNX export and check")
+    if bottlenecks:
+        assert training is not None and bottleneck_cuts is not None
+        options = Training(steps=train_steps, seconds=train_seconds, seed=seed, progress=progress)
+        _add_bottlenecks(bundle, training, bottleneck_cuts, bottlenecks, options)
+        laps.mark("bottlenecks trained")
     _add_fidelity(
         bundle,
         example_inputs,
@@ -228,7 +241,7 @@ def compile(  # the public name the API promises
         },
     )
     laps.mark("calibration and fidelity table" if calibration is not None else "fidelity table (lossless)")
-    if training is not None:
+    if training is not None and (exits is None or len(exits) > 0):
         _add_exits(
             bundle,
             training,
@@ -519,8 +532,95 @@ def _add_exits(
     bundle.exits = entries
 
 
-def _exit_onnx(program: torch.export.ExportedProgram, args: tuple[torch.Tensor, ...]) -> bytes:
-    """The exit head's program as an ONNX model (bytes); CaptureError naming the operator."""
+def _check_bottlenecks(
+    codecs: Sequence[str] | None, training: list[Any] | None, cuts: Sequence[int] | None
+) -> list[str]:
+    """The bases (``bn8q2``) of the trained bottleneck codecs in ``codecs``; ConfigError, saying
+    what to pass, where ``training`` or ``cuts`` are missing for them (or named without them)."""
+    from splitinfer.compression import parse_spec
+
+    bases = sorted({parse_spec(c).base for c in codecs or () if parse_spec(c).kind == "bn"})
+    named = [c for c in codecs or () if parse_spec(c).kind == "bn"]
+    if bases and training is None:
+        raise ConfigError(
+            f"codecs {named} are trained bottlenecks: pass {words.name('training')} inputs (unlabelled, "
+            f"like production traffic) to train them on, and {words.name('bottleneck_cuts')} (the cuts "
+            "to train them at)"
+        )
+    if bases and not cuts:
+        raise ConfigError(
+            f"codecs {named} are trained bottlenecks: name the cuts to train them at with "
+            f"{words.name('bottleneck_cuts')} (cuts whose frontier is one float N x C x H x W tensor)"
+        )
+    if cuts and not bases:
+        raise ConfigError(
+            f"{words.name('bottleneck_cuts')} train the bottleneck codecs named in {words.name('codecs')}; "
+            "name one, such as 'bn8q2+zstd3' (8 latent channels of 2 bits, then zstd level 3)"
+        )
+    return bases
+
+
+def _add_bottlenecks(
+    bundle: Bundle,
+    training: list[tuple[Any, ...]],
+    cuts: Sequence[int],
+    bases: Sequence[str],
+    options: Training,
+) -> None:
+    """Train a bottleneck at each of ``cuts`` for each codec base (``bn8q2``) and keep its encoder
+    and decoder as exported programs (and ONNX models where the bundle has ONNX), saved like
+    segments; ``bundle.bottlenecks`` records them (docs/learning.md)."""
+    from splitinfer.compression import parse_spec
+    from splitinfer.manifest import bottleneck_file
+    from splitinfer.partitioner._bottleneck import BottleneckPart, train_bottleneck, trained
+
+    last = bundle.last_cut
+    for k in sorted(set(cuts)):
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 < k < last:
+            raise ConfigError(
+                f"{words.name('bottleneck_cuts')} are cuts 1..{last - 1} (between the input and the output), "
+                f"got {k!r}"
+            )
+        for base in bases:
+            spec = parse_spec(base)
+            module, record = train_bottleneck(
+                bundle, k, training, options, latent=spec.latent, bits=spec.bits
+            )
+            frontier = tuple(int(d or 1) for d in bundle.cut(k).tensors[0].shape[1:])
+            bound = trained(module, frontier, spec.bits)
+            entry: dict[str, Any] = {
+                "id": bound.id,
+                "latent": spec.latent,
+                "bits": spec.bits,
+                "frontier": list(frontier),
+                "code": list(bound.code),
+            }
+            programs, models = [], []
+            for part in ("encoder", "decoder"):
+                shape = frontier if part == "encoder" else bound.code
+                args = (torch.zeros(_EXPORT_BATCH, *shape),)
+                program = _export(
+                    BottleneckPart(module, part).eval(), args, f"the bottleneck's {part} at cut {k}"
+                )
+                programs.append(program)
+                entry[part] = bottleneck_file(k, base, part)
+                if bundle.onnx.get("file"):  # the torch-free edge encodes, the torch-free cloud decodes
+                    models.append(_exit_onnx(program, args, f"a bottleneck's {part}"))
+                    entry[f"{part}_onnx"] = bottleneck_file(k, base, part, ".onnx")
+            entry["training"] = {**record, "seed": options.seed}
+            bundle._bottleneck_programs[(k, base)] = (programs[0], programs[1])
+            if models:
+                bundle._bottleneck_onnx[(k, base)] = (models[0], models[1])
+            bundle.bottleneck_nets[(k, base)] = tuple(  # type: ignore[assignment]
+                numpy_net(fast_module(p)) for p in programs
+            )
+            bundle.bottlenecks.setdefault(str(k), {})[base] = entry
+
+
+def _exit_onnx(
+    program: torch.export.ExportedProgram, args: tuple[torch.Tensor, ...], what: str = "an exit head"
+) -> bytes:
+    """The exit head's (or ``what``'s) program as an ONNX model (bytes); CaptureError naming the operator."""
     from splitinfer.partitioner._onnx import _quiet
 
     try:
@@ -529,7 +629,7 @@ def _exit_onnx(program: torch.export.ExportedProgram, args: tuple[torch.Tensor, 
         assert onnx_program is not None
         return bytes(onnx_program.model_proto.SerializeToString())
     except Exception as exc:  # the exporter raises many types
-        raise CaptureError(f"ONNX cannot export an exit head: {type(exc).__name__}: {exc}") from exc
+        raise CaptureError(f"ONNX cannot export {what}: {type(exc).__name__}: {exc}") from exc
 
 
 def _check_image_codecs(bundle: Bundle, chosen: list[str], *, explicit: bool) -> None:

@@ -82,7 +82,13 @@ def add_compile_parser(
     p.add_argument(
         "--exits",
         metavar="CUT,CUT",
-        help="cuts to put early exits at (with --train; default: two cuts picked by cost)",
+        help="cuts to put early exits at (with --train; default: two cuts picked by cost; '' for none)",
+    )
+    p.add_argument(
+        "--bottleneck-cuts",
+        metavar="CUT,CUT",
+        help="cuts to train the bottleneck codecs named in --codecs at (bn<latent>q<bits>, e.g. "
+        "bn8q2+zstd3; with --train; docs/learning.md)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the training's augmentation and batches")
     p.add_argument("--train-steps", type=int, default=400, metavar="N", help="optimizer steps (default 400)")
@@ -246,12 +252,14 @@ def _fidelity_inputs(
 
 
 def _training_keywords(args: argparse.Namespace, budget: float, drop: float | None) -> dict[str, Any]:
-    """compile's keywords for --train, --exits, --seed, --train-steps and --train-seconds."""
+    """compile's keywords for --train, --exits, --bottleneck-cuts, --seed, --train-steps and
+    --train-seconds."""
     rows = getattr(args, "training_rows", None)
+    cuts = _cut_list("--bottleneck-cuts", getattr(args, "bottleneck_cuts", None))
     if rows is None:
         if args.exits is not None:
             raise ConfigError("--exits needs --train inputs to train the exits' heads on")
-        return {}
+        return {} if cuts is None else {"bottleneck_cuts": cuts}
     if drop is not None:
         raise ConfigError("early exits are calibrated to an agreement (--budget), not --accuracy-drop")
     exits = None
@@ -265,11 +273,22 @@ def _training_keywords(args: argparse.Namespace, budget: float, drop: float | No
     return {
         "training": rows,
         "exits": exits,
+        "bottleneck_cuts": cuts,
         "fidelity_budget": budget,
         "seed": args.seed,
         "train_steps": args.train_steps,
         "train_seconds": args.train_seconds,
     }
+
+
+def _cut_list(flag: str, text: str | None) -> list[int] | None:
+    """The cut indices of a comma-separated ``flag`` value, or None where it was not given."""
+    if text is None:
+        return None
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated cut indices such as 3,6, got {text!r}") from None
 
 
 def _check_rows(flag: str, path: str, row: tuple[Any, ...], inputs: list[Any]) -> None:

@@ -20,6 +20,9 @@ inputs it was measured on:
 - channel projections: at each cut where a ``pca<r>q<bits>`` codec applies (a frontier of one
   floating tensor), one projection fitted on the calibration frontier (``compression.fit_projection``),
   shared by every pca codec of the cut (each keeps its first ``r`` components);
+- trained bottlenecks (``bn<latent>q<bits>`` codecs): measured at the cuts where the bundle has
+  one (compile trains them first, ``bottleneck_cuts``), whatever the frontier's size; elsewhere
+  they have no row;
 - zstd dictionaries (``dictionaries=True``): for each cut and ``+zstd`` codec, a dictionary
   trained on the calibration frontiers, tried only where the payload is at most
   :data:`DICT_MAX_BYTES` and kept only where it makes the payload measurably smaller
@@ -71,6 +74,7 @@ from splitinfer.compression import (
     CALIBRATION_METHODS,
     ChannelProjection,
     ClipRanges,
+    TrainedBottleneck,
     ZstdDictionary,
     calibrate_all,
     get_codec,
@@ -193,11 +197,13 @@ def interval(metric: str, values: torch.Tensor) -> tuple[float, float]:
     return (max(-1.0, mean - half), min(1.0, mean + half))
 
 
-def _applies(spec: str, frontier: Sequence[torch.Tensor], cut: int) -> bool:
+def _applies(spec: str, frontier: Sequence[torch.Tensor], cut: int, bundle: Bundle | None = None) -> bool:
     """JPEG only fits image batches at cut 0; a channel projection (pca) only a frontier of one
-    floating tensor ``N x C x ...`` of at most MAX_CHANNELS channels; other codecs fit every
-    frontier."""
+    floating tensor ``N x C x ...`` of at most MAX_CHANNELS channels; a trained bottleneck (bn)
+    only the cuts ``bundle`` has one at; other codecs fit every frontier."""
     kind = parse_spec(spec).kind
+    if kind == "bn":
+        return bundle is not None and bundle.bottleneck_at(cut, spec) is not None
     if kind == "pca":
         return _projectable(frontier)
     if kind != "jpeg":
@@ -246,16 +252,30 @@ class _Variant:
     method: str  # "-" for casts and projections
     clip: ClipRanges | None
     projection: ChannelProjection | None = None
+    bottleneck: TrainedBottleneck | None = None
 
 
-def _codec(spec: str, clip: ClipRanges | None, projection: ChannelProjection | None) -> Any:
-    if parse_spec(spec).kind == "pca":
+def _codec(
+    spec: str,
+    clip: ClipRanges | None,
+    projection: ChannelProjection | None,
+    bottleneck: TrainedBottleneck | None = None,
+) -> Any:
+    kind = parse_spec(spec).kind
+    if kind == "pca":
         return get_codec(spec, projection=projection)
+    if kind == "bn":
+        return get_codec(spec, bottleneck=bottleneck)
     return get_codec(spec, clip=clip)
 
 
+def _trained(bundle: Bundle, k: int, spec: str) -> TrainedBottleneck | None:
+    """The trained bottleneck a bn codec is bound to at cut ``k`` (None for other codecs)."""
+    return bundle.bottleneck_at(k, spec) if parse_spec(spec).kind == "bn" else None
+
+
 def _decode(bundle: Bundle, k: int, v: _Variant, frontier: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    codec = _codec(v.base, v.clip, v.projection)
+    codec = _codec(v.base, v.clip, v.projection, v.bottleneck)
     try:
         return codec.decode(codec.encode(list(frontier)))
     except CodecError as exc:
@@ -404,7 +424,11 @@ def measure(
     with Progress(n, "fidelity", enabled=progress) as bar, torch.inference_mode():
         for k in range(n):
             lossy_here = all_cuts or k == 0 or bundle.cuts[k].nbytes <= limit
-            bases = [b for b in lossy_bases if lossy_here and _applies(b, frontier, k)]
+            bases = [
+                b
+                for b in lossy_bases
+                if (lossy_here or parse_spec(b).kind == "bn") and _applies(b, frontier, k, bundle)
+            ]
             calibration = _rows(frontier, 0, n_cal)
             evaluated = _rows(frontier, first, total)
             clips = _choose_ranges(bundle, k, bases, methods, calibration, reference, metric, probe)
@@ -419,16 +443,24 @@ def measure(
                     unfit.append((k, calibration[0].shape[1], vectors))
                     bases = [b for b in bases if parse_spec(b).kind != "pca"]
             variants = [
-                _Variant(b, "-" if b not in clips else clips[b].method, clips.get(b), projection)
+                _Variant(
+                    b,
+                    "-" if b not in clips else clips[b].method,
+                    clips.get(b),
+                    projection,
+                    _trained(bundle, k, b),
+                )
                 for b in bases
             ]
             scores = _score(bundle, k, variants, evaluated, want, target, metric, stop_below, confidence)
             samples = [_rows(frontier, i, i + 1) for i in range(first, total)]
             trained_on = [_rows(frontier, i, i + 1) for i in range(n_cal)] if held_out else None
             for spec in codecs:
-                if not _applies(spec, frontier, k) or not (_is_lossless(spec) or _base(spec) in scores):
+                if not _applies(spec, frontier, k, bundle) or not (
+                    _is_lossless(spec) or _base(spec) in scores
+                ):
                     continue
-                codec = _codec(spec, clips.get(_base(spec)), projection)
+                codec = _codec(spec, clips.get(_base(spec)), projection, _trained(bundle, k, spec))
                 nbytes = _mean_bytes(codec, samples[:bytes_samples])
                 measured = _Scores.exact(target, want) if _is_lossless(spec) else scores[_base(spec)]
                 row = {
@@ -440,7 +472,7 @@ def measure(
                 if (
                     dictionaries
                     and parse_spec(spec).zstd_level is not None
-                    and parse_spec(spec).kind != "pca"
+                    and parse_spec(spec).kind not in ("pca", "bn")
                     and nbytes <= DICT_MAX_BYTES
                 ):
                     training = trained_on if trained_on is not None else samples[bytes_samples:]

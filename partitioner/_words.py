@@ -29,6 +29,7 @@ _NAMES = {
     "confidence": ("confidence", "--confidence"),
     "training": ("training", "--train"),
     "exits": ("exits", "--exits"),
+    "bottleneck_cuts": ("bottleneck_cuts", "--bottleneck-cuts"),
 }
 #: key -> (Python example, CLI example)
 _EXAMPLES = {

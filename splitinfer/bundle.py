@@ -35,6 +35,7 @@ from splitinfer.manifest import (
     MANIFEST,
     Cut,
     Manifest,
+    bottleneck_file,
     dict_file,
     exit_file,
     load_dictionaries,
@@ -93,6 +94,19 @@ class Bundle(Manifest):
     exit_heads: dict[int, Segment] = field(default_factory=dict, repr=False, compare=False, kw_only=True)
     _exit_programs: dict[int, Any] = field(default_factory=dict, repr=False, compare=False, kw_only=True)
     _exit_onnx: dict[int, bytes] = field(default_factory=dict, repr=False, compare=False, kw_only=True)
+    #: Loaded networks of the trained bottlenecks (``bottlenecks`` in the manifest) by cut and
+    #: codec base: ``(encoder, decoder)`` as numpy functions, None where not loaded (an edge loads
+    #: the encoders of the cuts its head reaches, a cloud the decoders of its tails); their
+    #: programs and ONNX models kept after compile for :meth:`save`.
+    bottleneck_nets: dict[tuple[int, str], tuple[Any, Any]] = field(
+        default_factory=dict, repr=False, compare=False, kw_only=True
+    )
+    _bottleneck_programs: dict[tuple[int, str], tuple[Any, Any]] = field(
+        default_factory=dict, repr=False, compare=False, kw_only=True
+    )
+    _bottleneck_onnx: dict[tuple[int, str], tuple[bytes, bytes]] = field(
+        default_factory=dict, repr=False, compare=False, kw_only=True
+    )
 
     def __post_init__(self) -> None:
         if len(self.segments) != self.n_segments:
@@ -244,6 +258,9 @@ class Bundle(Manifest):
         top = z.max(axis=1) / z.sum(axis=1)
         return (logits,), (top >= float(entry["threshold"])).tolist()
 
+    def _bottleneck_nets(self, k: int, base: str) -> tuple[Any, Any]:
+        return self.bottleneck_nets.get((k, base), (None, None))
+
     def check_frontier(self, k: int, frontier: Sequence[torch.Tensor]) -> None:
         """Raise ConfigError unless ``frontier`` fits cut ``k`` (count, dtypes, shapes)."""
         cut = self.cuts[k]
@@ -282,6 +299,16 @@ class Bundle(Manifest):
                 path = tmp / exit_file(k).replace(".pt2", ".onnx")
                 path.write_bytes(data)
                 files[path.name] = sha256_of(path)
+            for (k, base), pair in self._bottleneck_programs.items():
+                for part, program in zip(("encoder", "decoder"), pair):
+                    path = tmp / bottleneck_file(k, base, part)
+                    torch.export.save(program, path)
+                    files[path.name] = sha256_of(path)
+            for (k, base), models in self._bottleneck_onnx.items():
+                for part, data in zip(("encoder", "decoder"), models):
+                    path = tmp / bottleneck_file(k, base, part, ".onnx")
+                    path.write_bytes(data)
+                    files[path.name] = sha256_of(path)
             if self._onnx_graph is not None:
                 path = tmp / ONNX_FILE
                 path.write_bytes(self._onnx_graph.to_bytes())
@@ -360,6 +387,12 @@ class Bundle(Manifest):
                     bundle.exit_heads[int(entry["cut"])] = load_onnx_head(
                         root, str(entry["onnx"]), doc["files"], threads
                     )
+            bundle.bottleneck_nets = _load_bottlenecks(
+                meta,
+                (lo, hi),
+                lambda name: _first(load_onnx_head(root, name, doc["files"], threads)),
+                "_onnx",
+            )
             return bundle
         for i, name in enumerate(doc["segments"]):
             if lo <= i < hi:
@@ -370,6 +403,12 @@ class Bundle(Manifest):
                 bundle.exit_heads[int(entry["cut"])] = _load_segment(
                     root, str(entry["file"]), doc["files"], device, shared
                 )
+        bundle.bottleneck_nets = _load_bottlenecks(
+            meta,
+            (lo, hi),
+            lambda name: numpy_net(_load_segment(root, name, doc["files"], device, shared), device),
+            "",
+        )
         return bundle
 
     @classmethod
@@ -378,6 +417,51 @@ class Bundle(Manifest):
         return cls(
             **{name: getattr(manifest, name) for name in Manifest.__dataclass_fields__}, segments=segments
         )
+
+
+def _load_bottlenecks(
+    meta: Manifest, loaded: tuple[int, int], load: Callable[[str], Any], suffix: str
+) -> dict[tuple[int, str], tuple[Any, Any]]:
+    """The networks of ``meta``'s trained bottlenecks that a process holding segments
+    ``loaded = (lo, hi)`` runs: the encoder of a cut its head reaches (``lo == 0``, cut <= hi),
+    the decoder of a cut its tail starts from (``hi == n``, cut >= lo); ``load`` makes a numpy
+    function of a file listed under ``encoder<suffix>`` / ``decoder<suffix>`` (a runtime's
+    file: none, when the bundle has no ONNX of it)."""
+    lo, hi = loaded
+    nets: dict[tuple[int, str], tuple[Any, Any]] = {}
+    for cut, by_base in meta.bottlenecks.items():
+        k = int(cut)
+        for base, entry in by_base.items():
+            encoder = decoder = None
+            if lo == 0 and k <= hi and entry.get(f"encoder{suffix}"):
+                encoder = load(str(entry[f"encoder{suffix}"]))
+            if hi == meta.n_segments and k >= lo and entry.get(f"decoder{suffix}"):
+                decoder = load(str(entry[f"decoder{suffix}"]))
+            if encoder is not None or decoder is not None:
+                nets[(k, base)] = (encoder, decoder)
+    return nets
+
+
+def numpy_net(segment: Segment, device: str | torch.device | None = None) -> Callable[[Any], Any]:
+    """A one-input, one-output torch program (a loaded bottleneck encoder or decoder) as a numpy
+    function: float32 array in, float32 array out (what ``compression.TrainedBottleneck`` takes);
+    its input goes to ``device`` first, where the program's weights are."""
+
+    def run(x: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            t_in = torch.from_numpy(x)
+            out: Any = segment(t_in if device is None else t_in.to(device))
+        t = out[0] if isinstance(out, tuple | list) else out
+        return t.detach().cpu().float().numpy()
+
+    return run
+
+
+def _first(run: Callable[[Any], tuple[Any, ...]]) -> Callable[[Any], Any]:
+    """A function returning one output of ``run`` (ONNX Runtime returns them all)."""
+    return lambda x: run(x)[0]
 
 
 def _run_onnx(runner: OnnxRunner, start: int, stop: int, frontier: Sequence[Any]) -> tuple[Any, ...]:

@@ -27,11 +27,12 @@ from splitinfer.compression import (
     ChannelProjection,
     ClipRanges,
     Codec,
+    TrainedBottleneck,
     ZstdDictionary,
     get_codec,
     parse_spec,
 )
-from splitinfer.errors import BundleError, ConfigError
+from splitinfer.errors import BundleError, CodecError, ConfigError
 from splitinfer.tensors import TensorSpec
 
 __all__ = ["Cut", "Manifest", "read_manifest", "update_manifest"]
@@ -103,6 +104,12 @@ def projection_file(cut: str) -> str:
     return f"proj_{int(cut):03d}.bin"
 
 
+def bottleneck_file(cut: int, base: str, part: str, suffix: str = ".pt2") -> str:
+    """The file name of the trained bottleneck ``base`` (``bn8q2``) at ``cut``: its ``part``
+    (``encoder`` or ``decoder``) as a torch.export program (``.pt2``) or ONNX model (``.onnx``)."""
+    return f"bn_{int(cut):03d}_{base}_{part}{suffix}"
+
+
 def dict_file(cut: str, spec: str) -> str:
     """The file name of the zstd dictionary of ``spec`` at ``cut`` in a bundle directory."""
     return f"dict_{int(cut):03d}_{spec.replace('+', '-')}.zstd"
@@ -143,6 +150,9 @@ class Manifest:
     #: Early exits (docs/learning.md): per exit its cut, head file, confidence threshold, exit
     #: rate and the agreement of its answers with their n and interval; empty without training.
     exits: list[dict[str, Any]] = field(default_factory=list)
+    #: Trained bottlenecks of the ``bn<latent>q<bits>`` codecs (docs/learning.md) by cut index (as
+    #: a string) and codec base (``bn8q2``): their id, files, shapes and training record.
+    bottlenecks: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def runtimes(self) -> tuple[str, ...]:
@@ -189,7 +199,7 @@ class Manifest:
         self.cut(k)
         if spec not in self.codecs:
             raise ConfigError(f"bundle {self.name!r} offers codecs {', '.join(self.codecs)}; not {spec!r}")
-        if parse_spec(spec).kind == "pca":
+        if parse_spec(spec).kind in ("pca", "bn"):
             return self.decoder_for(k, spec)
         ranges = self.calibration.get(str(k), {}).get(spec.split("+", 1)[0])
         return get_codec(
@@ -201,15 +211,34 @@ class Manifest:
     def decoder_for(self, k: int, spec: str) -> Codec:
         """The codec that decodes what :meth:`codec_for` encodes at cut ``k`` (its dictionary and
         calibrated ranges, which its blobs name instead of carrying, or for a pca codec its
-        projection); it decodes blobs that carry their own ranges too."""
-        if parse_spec(spec).kind == "pca":
+        projection, for a bn codec its trained bottleneck); it decodes blobs that carry their own
+        ranges too."""
+        kind = parse_spec(spec).kind
+        if kind == "pca":
             return get_codec(spec, projection=self.projections.get(str(k)))
+        if kind == "bn":
+            return get_codec(spec, bottleneck=self.bottleneck_at(k, spec))
         ranges = self.calibration.get(str(k), {}).get(spec.split("+", 1)[0])
         return get_codec(
             spec,
             clip=None if ranges is None else ClipRanges.from_json(ranges),
             dictionary=self.dictionaries.get(str(k), {}).get(spec),
         )
+
+    def bottleneck_at(self, k: int, spec: str) -> TrainedBottleneck | None:
+        """The trained bottleneck a ``bn<latent>q<bits>`` codec ``spec`` is bound to at cut ``k``,
+        with the networks this process loaded (a bare manifest loads none: :class:`splitinfer.Bundle`
+        does), or None where the bundle has none there."""
+        base = parse_spec(spec).base
+        entry = self.bottlenecks.get(str(k), {}).get(base)
+        if entry is None:
+            return None
+        encoder, decoder = self._bottleneck_nets(k, base)
+        return _bottleneck_of(entry, encoder, decoder)
+
+    def _bottleneck_nets(self, k: int, base: str) -> tuple[Any, Any]:
+        """The encoder and decoder of the bottleneck ``base`` at cut ``k`` this process loaded."""
+        return None, None
 
     # -- storage -------------------------------------------------------------------------
 
@@ -252,6 +281,7 @@ class Manifest:
             ),
             **({"onnx": self.onnx} if self.onnx else {}),
             **({"exits": self.exits} if self.exits else {}),
+            **({"bottlenecks": self.bottlenecks} if self.bottlenecks else {}),
             "files": dict(files or {}),
         }
 
@@ -282,8 +312,9 @@ class Manifest:
                 projections=projections or {},
                 onnx=dict(obj.get("onnx") or {}),
                 exits=[dict(e) for e in obj.get("exits") or []],
+                bottlenecks=_checked_bottlenecks(obj.get("bottlenecks") or {}),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, CodecError) as exc:
             raise BundleError(f"bundle {obj.get('name', '?')!r}: manifest field is invalid ({exc})") from None
 
     @classmethod
@@ -298,6 +329,31 @@ class Manifest:
         return cls.from_json(
             doc, dictionaries=load_dictionaries(root, doc), projections=load_projections(root, doc)
         )
+
+
+def _bottleneck_of(entry: Mapping[str, Any], encoder: Any = None, decoder: Any = None) -> TrainedBottleneck:
+    return TrainedBottleneck(
+        entry["id"], tuple(entry["frontier"]), tuple(entry["code"]), entry["bits"], encoder, decoder
+    )
+
+
+def _checked_bottlenecks(obj: Any) -> dict[str, dict[str, dict[str, Any]]]:
+    """The manifest's ``bottlenecks``, each entry checked (ids, shapes, bits, file names)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for cut, by_base in dict(obj).items():
+        for base, entry in dict(by_base).items():
+            spec = parse_spec(base)
+            b = _bottleneck_of(entry)
+            if spec.kind != "bn" or spec.base != base or (b.latent, b.bits) != (spec.latent, spec.bits):
+                raise ValueError(f"bottleneck {base!r} at cut {cut} is not a bn<latent>q<bits> of its shapes")
+            for part in ("encoder", "decoder"):
+                for key, suffix in ((part, ".pt2"), (f"{part}_onnx", ".onnx")):
+                    if entry.get(key) not in (None, bottleneck_file(int(cut), base, part, suffix)):
+                        raise ValueError(
+                            f"bottleneck {base!r} at cut {cut} names an invalid file {entry[key]!r}"
+                        )
+            out.setdefault(str(int(cut)), {})[base] = dict(entry)
+    return out
 
 
 def read_manifest(root: Path) -> dict[str, Any]:

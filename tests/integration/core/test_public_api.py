@@ -15,6 +15,7 @@ PUBLIC = {
         "ClipRanges",
         "Codec",
         "Spec",
+        "TrainedBottleneck",
         "ZstdDictionary",
         "available_codecs",
         "calibrate",

@@ -186,3 +186,9 @@ def test_hostile_blobs_are_refused_before_allocating(projection):
     )
     with pytest.raises(CodecError, match="finite float32"):
         get_codec("pca4q6", projection=projection).decode(overflow + b"\0" * 3)
+
+
+def test_a_blob_decodes_within_the_limit_of_its_frontiers_bytes(projection):
+    x = _correlated(2)  # what a server allows a request: its frontier's float32 bytes
+    codec = get_codec("pca4q6", projection=projection)
+    assert codec.decode_numpy(codec.encode([x]), max_nbytes=x.nbytes)[0].shape == x.shape

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from splitinfer.compression import ClipRanges, get_codec
 from splitinfer.compression._projection import fit
 from splitinfer.errors import CodecError
+from tests.unit.codec.test_codecs_bottleneck import linear_bottleneck
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LARGE = (2, 64, 48, 48)  # 295k values, 1.2 MB as float32
@@ -175,22 +176,39 @@ def test_frontiers_of_several_tensors_keep_order_shapes_and_dtypes(tensors, spec
 PROJECTION = fit([torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(3))])
 
 
+BOTTLENECK = linear_bottleneck()  # frontiers N x 5 x 6, codes N x 2 x 6 of 3 bits
+
+
 def _codec(spec: str):
+    if spec.startswith("bn"):
+        return get_codec(spec, bottleneck=BOTTLENECK)
     return get_codec(spec, projection=PROJECTION) if spec.startswith("pca") else get_codec(spec)
 
 
 def _some_blob(spec: str) -> bytes:
     g = torch.Generator().manual_seed(0)
-    if spec.startswith("pca"):
+    if spec.startswith(("pca", "bn")):
         return _codec(spec).encode([torch.randn(2, 5, 6, generator=g)])
     if spec.startswith("jpeg"):
         return get_codec(spec).encode([torch.rand(1, 3, 16, 16, generator=g)])
     return get_codec(spec).encode([torch.randn(2, 5, 6, generator=g), torch.arange(4), torch.tensor(1.0)])
 
 
-FUZZ_SPECS = ["f32", "f16+zstd1", "q8", "q4c+zstd1", "q3+zstd3", "q7c", "jpeg80", "jpeg80+zstd1", "pca3q5"]
+FUZZ_SPECS = [
+    "f32",
+    "f16+zstd1",
+    "q8",
+    "q4c+zstd1",
+    "q3+zstd3",
+    "q7c",
+    "jpeg80",
+    "jpeg80+zstd1",
+    "pca3q5",
+    "bn2q3",
+    "bn2q3+zstd1",
+]
 if importlib.util.find_spec("constriction") is not None:
-    FUZZ_SPECS += ["pca4q6+ans", "q5c+ans"]
+    FUZZ_SPECS += ["pca4q6+ans", "q5c+ans", "bn2q3+ans"]
 BLOBS = {spec: _some_blob(spec) for spec in FUZZ_SPECS}
 
 

@@ -203,3 +203,18 @@ def test_plan_takes_the_budget_flags(project, capsys):
     assert main(["plan", "b", "--uplink", "1Mbit", "--accuracy-drop", "0.01"]) == 2
     assert "labels" in capsys.readouterr().err
     assert main(["plan", "b", "--uplink", "1Mbit", "--confidence", "1.5"]) == 2
+
+
+def test_bottleneck_cuts_train_the_named_bn_codec_and_its_absence_names_the_flags(project, capsys):
+    cal, train = project / "cal.pt", project / "train.pt"
+    torch.save((torch.randn(8, 3, 16, 16),), cal)
+    torch.save((torch.randn(16, 3, 16, 16),), train)
+    common = ("--calibration", str(cal), "--codecs", "f32,bn2q2+zstd1")
+    assert _compile(*common, "--out", "o") == 2
+    err = capsys.readouterr().err
+    assert "pass --train inputs" in err and "--bottleneck-cuts" in err
+    extra = ("--train", str(train), "--bottleneck-cuts", "1", "--exits", "", "--train-steps", "3")
+    assert _compile(*common, *extra, "--out", "b") == 0
+    doc = json.loads((project / "b" / "manifest.json").read_text())
+    assert list(doc["bottlenecks"]["1"]) == ["bn2q2"] and "exits" not in doc
+    assert any(r["cut"] == 1 and r["codec"] == "bn2q2+zstd1" for r in doc["fidelity"]["table"])
