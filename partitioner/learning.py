@@ -2,8 +2,8 @@
 other inputs (benchmarks/bench_learned.py); docs/learning.md describes both.
 
 - :class:`Training`: the budget and seed of a distillation (steps, seconds, augmentation);
-- :func:`pick_exits`, :func:`train_exits`: early-exit heads, picked by cost and distilled from
-  the model's own output;
+- :func:`pick_exits`, :func:`train_exits`, :func:`calibrate_threshold`: early-exit heads,
+  picked by cost, distilled from the model's own output, their thresholds calibrated;
 - :func:`train_bottleneck`, :func:`latent_bytes`: the experimental trained bottleneck;
 - :func:`load_images`: a folder of images as compile's ``--calibration/--evaluation/--train``
   read it (labels from the leading integer of each file name).
@@ -12,8 +12,16 @@ Importing it imports torch.
 """
 
 from splitinfer.partitioner._bottleneck import latent_bytes, train_bottleneck
-from splitinfer.partitioner._exits import pick_exits, train_exits
+from splitinfer.partitioner._exits import calibrate_threshold, pick_exits, train_exits
 from splitinfer.partitioner._inputs import load_images
 from splitinfer.partitioner._learn import Training
 
-__all__ = ["Training", "latent_bytes", "load_images", "pick_exits", "train_bottleneck", "train_exits"]
+__all__ = [
+    "Training",
+    "calibrate_threshold",
+    "latent_bytes",
+    "load_images",
+    "pick_exits",
+    "train_bottleneck",
+    "train_exits",
+]
