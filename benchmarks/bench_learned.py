@@ -329,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-replay", action="store_true", help="skip the policy replay")
     p.add_argument("--seed", type=int, default=0, help="the replay's seed")
+    p.add_argument(
+        "--feature-weight",
+        type=float,
+        default=0.0,
+        help="an experiment: also match the teacher's features at the feature cut (0: as compile)",
+    )
     args = p.parse_args(argv)
 
     import splitinfer as si
@@ -358,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             options,
             args.budget,
             args.confidence,
+            feature_weight=args.feature_weight,
         )
         train_s = time.perf_counter() - t0
         ev = torch.cat([batch[i : i + 1] for i in eval_i])
@@ -380,7 +387,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(cal_i)} calibrate the thresholds, {len(eval_i)} evaluate, "
             + ("split by class (no class in two sets)." if labels is not None else "split by position."),
             f"Budget: agreement >= {args.budget} with the full model, the bound at one-sided "
-            f"confidence {args.confidence}.",
+            f"confidence {args.confidence}."
+            + (
+                f" Experiment: the heads also match the teacher's features at the feature cut "
+                f"(weight {args.feature_weight}; compile does not)."
+                if args.feature_weight
+                else ""
+            ),
             f"Compile (capture, {len(bundle.cuts)} cuts): {compile_s:.0f} s; exits trained and calibrated in "
             f"{train_s:.0f} s (teacher passes over the training photos {_t(entries, 'teacher_seconds')} s, "
             f"{_t(entries, 'views')} view(s); fit {args.train_steps} steps {_t(entries, 'fit_seconds')} s; "
