@@ -24,7 +24,10 @@ What is simulated (docs/decision.md, "How the policies were evaluated"):
 - the causal reference (``World.causal``) is adaptive told the truth at the instant of each
   decision and nothing after it (the trace's rate then, the round trip, the device's speed),
   hedged like adaptive: adaptive / causal is what the estimator's lag and error cost,
-  causal / oracle what nobody can know when deciding (the link changing during the transfer).
+  causal / oracle what nobody can know when deciding (the link changing during the transfer);
+- a bundle with early exits (docs/learning.md) has each request whose decision passes an exit
+  answered there on the device when its exit answers it (``World.exits``; the same requests
+  for every policy and the oracle), counted as exited; the demo's bundle has none.
 """
 
 from __future__ import annotations
