@@ -180,6 +180,15 @@ def _replay_section(
     variants += [
         (f"{name} ({_rule_budget(args, name)})", rule) for name, rule in rules.items() if name != POINT
     ]
+    if args.what_if:  # not measured: what the target exit rate would be worth
+        cuts = [e["cut"] for e in entries]
+        variants.append(
+            (
+                f"what-if: each exit answers {args.what_if:.0%} (seeded draws, not photos: no exit here "
+                "shows it)",
+                RuleExits(dict.fromkeys(cuts, 0.5), dict.fromkeys(cuts, args.what_if), {}),
+            )
+        )
     for set_name, links in sets.items():
         base = None
         for label, rule in variants:
@@ -329,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-replay", action="store_true", help="skip the policy replay")
     p.add_argument("--seed", type=int, default=0, help="the replay's seed")
+    p.add_argument(
+        "--what-if",
+        type=float,
+        default=0.0,
+        help="also replay every exit answering this share of requests (seeded draws; labelled what-if)",
+    )
     p.add_argument(
         "--feature-weight",
         type=float,
