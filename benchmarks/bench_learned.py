@@ -9,23 +9,34 @@ evaluates them, so every figure is on photos of classes neither training nor cal
 Without --images the shipped sample photos are cut into random crops (unlabelled; no accuracy).
 
 Per exit: the threshold compile would store (the Wilson lower bound of the exited answers'
-agreement at --confidence meets --budget on the calibration photos), and for comparison the
-threshold at which the calibration's point estimate meets the budget; for each, on the
-evaluation photos: the exit rate, the agreement of exited answers with the full model, the
+agreement at --confidence meets --budget on the calibration photos), for comparison the
+threshold at which the calibration's point estimate meets the budget, and the bound's at a
+lower budget the photos can show (--low-budget at --low-confidence, labelled so); for each, on
+the evaluation photos: the exit rate, the agreement of exited answers with the full model, the
 whole stream's agreement and, with labels, top-1 accuracy against the full model's.
+
+Then the policy replay (bench_policy.simulate over --traces, default the shipped traces) with
+the exits offered against without: the bundle profiled here (its exit heads too, one thread),
+the device slowdown at which all-on-device ties with all-in-the-cloud (without exits), f32 at
+every cut; each exit priced at its calibration photos' exit rate, and each replayed request
+answered at an exit exactly when the evaluation photo it stands for (request j: photo j mod n)
+exits there. Without --budget's exits qualifying, the replay at the lower budget shows what an
+exit is worth.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS, efficientnet_lite0, machine
+from _common import DEFAULT_TRACES, RESULTS, efficientnet_lite0, machine
 
 
 def _load(images: str | None, limit: int | None) -> tuple[torch.Tensor, list[int] | None]:
@@ -84,6 +95,140 @@ def _evaluate(
     if labels is not None:
         out["acc"] = float((answers == labels).float().mean())
     return out
+
+
+#: Threshold rules of the exits table; the replay offers the exits of the two rules compile can
+#: store (the bound at --budget, the bound at --low-budget), not the point estimate's.
+BOUND, POINT, LOW = "bound (compile)", "point estimate", "bound at the lower budget"
+
+
+@dataclass(frozen=True)
+class RuleExits:
+    """The exits of one threshold rule: per exit cut its threshold (None: never answers), the
+    share of the calibration photos it answers (what the cost model prices) and, per evaluation
+    photo, whether it answers it (what the replay replays)."""
+
+    thresholds: dict[int, float | None]
+    rates: dict[int, float]
+    outcomes: dict[int, list[bool]]
+
+
+def _replay_section(
+    args: argparse.Namespace,
+    bundle: Any,
+    entries: list[dict[str, Any]],
+    heads: dict[int, Any],
+    rules: dict[str, RuleExits],
+) -> list[str]:
+    """The policy replay with each rule's exits offered against without (module docstring)."""
+    import copy
+
+    from bench_policy import INTERVAL_S, p95, simulate, trace_links
+
+    from splitinfer.lab.evaluation import tie_slowdown
+    from splitinfer.manifest import exit_file
+    from splitinfer.partitioner import profile_bundle
+
+    t0 = time.perf_counter()
+    bundle.exit_heads.update(heads)  # every head timed, whether its rule lets it answer or not
+    bundle.exits = [dict(e, threshold=1.0, file=exit_file(e["cut"])) for e in entries]
+    bundle.profiles["host"] = profile_bundle(
+        bundle, batch_sizes=(1,), codecs=["f32"], threads=1, progress=False
+    )
+    profile_s = time.perf_counter() - t0
+    exit_s = bundle.profiles["host"].get("exits", {}).get("1", {})
+
+    def offered(rule: RuleExits | None) -> Any:
+        variant = copy.copy(bundle)
+        variant.exits = [
+            dict(
+                e,
+                threshold=rule.thresholds[e["cut"]],
+                exit_rate=rule.rates[e["cut"]],
+                file=exit_file(e["cut"]) if rule.thresholds[e["cut"]] is not None else None,
+            )
+            for e in (entries if rule is not None else [])
+        ]
+        return variant
+
+    plain = offered(None)
+    sets = trace_links(Path(args.traces), args.replay_traces)
+    every = [link for links in sets.values() for link in links]
+    ds = tie_slowdown(plain, every[:: max(1, len(every) // 12)][:12])
+    head_n = sum(plain.profiles["host"]["segments"]["1"]["median_s"])
+    out = [
+        "",
+        "## The policy replay with exits offered against without",
+        "",
+        f"`bench_policy.simulate` over {args.traces} ("
+        + ", ".join(f"{k}: {len(v)} traces" for k, v in sets.items())
+        + f"; a request every {INTERVAL_S:g} s), EfficientNet-Lite0 profiled here on one thread in "
+        f"{profile_s:.0f} s "
+        f"(head to the last cut {head_n * 1000:.1f} ms; exit heads "
+        + ", ".join(f"cut {k} {float(v) * 1000:.2f} ms" for k, v in exit_s.items())
+        + f"), device slowdown {ds:g}x (all-on-device ties with all-in-the-cloud without exits), f32 at "
+        "every cut. An exit is priced at the share of the calibration photos it answers; request j is "
+        "answered there exactly when evaluation photo j mod n exits there (per trace from photo 0). "
+        "`adaptive`: the product's policy with its own estimator, hedged; `oracle`: the hindsight "
+        "oracle over the same candidates (it knows which requests exit).",
+        "",
+        "| trace set | exits offered | exit rate priced | adaptive mean ms | adaptive p95 ms "
+        "| answered at an exit | local mean ms | oracle mean ms | adaptive mean / without exits |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    variants: list[tuple[str, RuleExits | None]] = [("none", None)]
+    variants += [
+        (f"{name} ({_rule_budget(args, name)})", rule) for name, rule in rules.items() if name != POINT
+    ]
+    if args.what_if:  # not measured: what the issue's target exit rate would be worth
+        cuts = [e["cut"] for e in entries]
+        variants.append(
+            (
+                f"what-if: each exit answers {args.what_if:.0%} (seeded draws, not photos: no exit here "
+                "shows it)",
+                RuleExits(dict.fromkeys(cuts, 0.5), dict.fromkeys(cuts, args.what_if), {}),
+            )
+        )
+    for set_name, links in sets.items():
+        base = None
+        for label, rule in variants:
+            b = offered(rule)
+            lat: dict[str, list[float]] = {"adaptive": [], "local": [], "oracle": []}
+            exited = 0
+            for i, link in enumerate(links):
+                runners, oracle, _ = simulate(
+                    b,
+                    link,
+                    ds,
+                    (b.last_cut, "f32"),
+                    args.seed + i,
+                    exit_outcomes=None if rule is None else rule.outcomes,
+                )
+                lat["adaptive"] += runners["adaptive"].latencies
+                lat["local"] += runners["local"].latencies
+                lat["oracle"] += oracle
+                exited += runners["adaptive"].exited
+            mean = statistics.mean(lat["adaptive"])
+            base = mean if base is None else base
+            rates = (
+                "-" if rule is None else ", ".join(f"cut {k} {100 * r:.1f}%" for k, r in rule.rates.items())
+            )
+            out.append(
+                f"| {set_name} | {label} | {rates} | {mean * 1000:.0f} | {p95(lat['adaptive']) * 1000:.0f} "
+                f"| {exited / len(lat['adaptive']):.1%} | {statistics.mean(lat['local']) * 1000:.0f} "
+                f"| {statistics.mean(lat['oracle']) * 1000:.0f} | {mean / base:.3f} |"
+            )
+    out += ["", f"Replay {time.perf_counter() - t0:.0f} s (the profile included)."]
+    return out
+
+
+def _rule_budget(args: argparse.Namespace, rule: str) -> str:
+    if rule == LOW:
+        return (
+            f"agreement >= {args.low_budget} at confidence {args.low_confidence}: a lower budget, "
+            "not the product's"
+        )
+    return f"agreement >= {args.budget} at confidence {args.confidence}"
 
 
 def _t(entries: list[dict[str, Any]], key: str) -> str:
@@ -187,10 +332,32 @@ def main(argv: list[str] | None = None) -> int:
         "--rate", type=float, default=0.0, help="weight of the bottleneck's rate term (bits per code)"
     )
     p.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
+    p.add_argument(
+        "--low-budget", type=float, default=0.9, help="the lower budget the exits are also shown at"
+    )
+    p.add_argument("--low-confidence", type=float, default=0.9, help="its one-sided confidence")
+    p.add_argument("--traces", default=str(DEFAULT_TRACES), help="trace sets the replay runs over")
+    p.add_argument(
+        "--replay-traces", type=int, default=24, help="traces per set in the replay (evenly spaced)"
+    )
+    p.add_argument("--no-replay", action="store_true", help="skip the policy replay")
+    p.add_argument("--seed", type=int, default=0, help="the replay's seed")
+    p.add_argument(
+        "--what-if",
+        type=float,
+        default=0.0,
+        help="also replay every exit answering this share of requests (seeded draws; labelled what-if)",
+    )
+    p.add_argument(
+        "--feature-weight",
+        type=float,
+        default=0.0,
+        help="an experiment: also match the teacher's features at the feature cut (0: as compile)",
+    )
     args = p.parse_args(argv)
 
     import splitinfer as si
-    from splitinfer.partitioner.learning import Training, pick_exits, train_exits
+    from splitinfer.partitioner.learning import Training, calibrate_threshold, pick_exits, train_exits
 
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
     started = time.perf_counter()
@@ -216,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             options,
             args.budget,
             args.confidence,
+            feature_weight=args.feature_weight,
         )
         train_s = time.perf_counter() - t0
         ev = torch.cat([batch[i : i + 1] for i in eval_i])
@@ -238,7 +406,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(cal_i)} calibrate the thresholds, {len(eval_i)} evaluate, "
             + ("split by class (no class in two sets)." if labels is not None else "split by position."),
             f"Budget: agreement >= {args.budget} with the full model, the bound at one-sided "
-            f"confidence {args.confidence}.",
+            f"confidence {args.confidence}."
+            + (
+                f" Experiment: the heads also match the teacher's features at the feature cut "
+                f"(weight {args.feature_weight}; compile does not)."
+                if args.feature_weight
+                else ""
+            ),
             f"Compile (capture, {len(bundle.cuts)} cuts): {compile_s:.0f} s; exits trained and calibrated in "
             f"{train_s:.0f} s (teacher passes over the training photos {_t(entries, 'teacher_seconds')} s, "
             f"{_t(entries, 'views')} view(s); fit {args.train_steps} steps {_t(entries, 'fit_seconds')} s; "
@@ -246,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if float_acc is not None:
             lines.append(f"Full model's top-1 accuracy on the evaluation photos: {float_acc:.3f}.")
+        rules: dict[str, RuleExits] = {}
         lines += [
             "",
             "| exit cut | name | head agrees (cal) | threshold rule | threshold | exit rate (eval) "
@@ -261,8 +436,19 @@ def main(argv: list[str] | None = None) -> int:
                 cal_feats = [bundle.head(k, c)[0] for c in cal.split(16)]
                 cal_probs = torch.softmax(torch.cat([head(f) for f in cal_feats]), dim=1)
             conf, top = cal_probs.max(dim=1)
-            point = _point_threshold(conf.tolist(), (top == cal_want).tolist(), args.budget)
-            for rule, threshold in (("bound (compile)", entry["threshold"]), ("point estimate", point)):
+            cal_agree = (top == cal_want).tolist()
+            point = _point_threshold(conf.tolist(), cal_agree, args.budget)
+            low = calibrate_threshold(conf.tolist(), cal_agree, args.low_budget, args.low_confidence)[0]
+            for rule, threshold in ((BOUND, entry["threshold"]), (POINT, point), (LOW, low)):
+                rule_exits = rules.setdefault(rule, RuleExits({}, {}, {}))
+                rule_exits.thresholds[k] = threshold
+                answers = [False] * len(conf) if threshold is None else (conf >= threshold).tolist()
+                rule_exits.rates[k] = sum(answers) / len(answers)
+                rule_exits.outcomes[k] = (
+                    [False] * len(probs)
+                    if threshold is None
+                    else (probs.max(dim=1).values >= threshold).tolist()
+                )
                 r = _evaluate(probs, want, ev_labels, threshold)
                 agree = "-" if r["agree"] is None else f"{r['agree']:.3f} (n={r['exited']})"
                 acc = "-" if r["acc"] is None else f"{r['acc']:.3f}"
@@ -271,6 +457,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {k} | {entry['name']} | {entry['head_agreement']:.3f} | {rule} | {th} "
                     f"| {100 * r['rate']:.1f}% | {agree} | {r['stream']:.3f} | {acc} |"
                 )
+        lines += [
+            "",
+            f"Threshold rules: `{BOUND}`: {_rule_budget(args, BOUND)} (the Wilson lower bound of the "
+            f"calibration photos' exited answers); `{POINT}`: the point estimate at {args.budget} (for "
+            f"comparison, not offered); `{LOW}`: {_rule_budget(args, LOW)}.",
+        ]
+        if not args.no_replay:
+            lines += _replay_section(args, bundle, entries, heads, rules)
     if args.bottleneck:
         lines += _bottleneck_section(args, bundle, model, batch, labels, (train_i, cal_i, eval_i))
     lines += [

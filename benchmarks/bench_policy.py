@@ -24,7 +24,10 @@ What is simulated (docs/decision.md, "How the policies were evaluated"):
 - the causal reference (``World.causal``) is adaptive told the truth at the instant of each
   decision and nothing after it (the trace's rate then, the round trip, the device's speed),
   hedged like adaptive: adaptive / causal is what the estimator's lag and error cost,
-  causal / oracle what nobody can know when deciding (the link changing during the transfer).
+  causal / oracle what nobody can know when deciding (the link changing during the transfer);
+- a bundle with early exits (docs/learning.md) has each request whose decision passes an exit
+  answered there on the device when its exit answers it (``World.exits``; the same requests
+  for every policy and the oracle), counted as exited; the demo's bundle has none.
 """
 
 from __future__ import annotations
@@ -332,6 +335,8 @@ class Runner:
     kinds: Counter[str] = field(default_factory=Counter)
     probes: int = 0
     explored: int = 0
+    #: Requests answered by an early exit on the device (docs/learning.md).
+    exited: int = 0
     seq: int = 0
 
     def push(self, t: float, kind: str, args: tuple[Any, ...]) -> None:
@@ -380,6 +385,7 @@ def simulate(
     estimator: dict[str, Any] | None = None,
     hindsight_choice: tuple[int, str] | None = None,
     budget: Budget = Budget(),
+    exit_outcomes: dict[int, list[bool]] | None = None,
 ) -> tuple[dict[str, Runner], list[float], Counter[str]]:
     """Replay ``link`` for every policy and the oracle; returns runners, oracle latencies and kinds.
 
@@ -387,6 +393,10 @@ def simulate(
     ``static_choice``: the deploy-time static's (cut, codec); ``hindsight_choice``: the static
     tuned on the evaluated traces (default: the same). A hedged policy's sent request ends at
     the first of the cloud's answer and ``device work + hedge_after + the device's tail``.
+    Where the bundle has early exits, a request whose decision has one on its way is answered
+    there when its exit answers it (``World.exits``: ``exit_outcomes``, per exit cut real
+    held-out inputs' outcomes, replayed in turn, else a seeded draw at the exit's rate; the
+    same requests for every policy), and counted in ``Runner.exited``.
     """
     settings = estimator or {}
     rng = np.random.default_rng(seed)
@@ -410,7 +420,7 @@ def simulate(
         "static-hindsight": Runner(make_policy("static", bundle, cut=hindsight[0], codec=hindsight[1]), None),
     }
     oracle_policy = make_policy("adaptive", bundle, explore=0.0, **budget.policy())
-    world = World(oracle_policy, link, ds, rng, queue_s=QUEUE_S)
+    world = World(oracle_policy, link, ds, rng, queue_s=QUEUE_S, exit_outcomes=exit_outcomes, exit_seed=seed)
     causal = Runner(make_policy("adaptive", bundle, explore=0.0, **budget.policy()), None)
     for r in runners.values():  # the edge's warm-up inference at start: the device's speed
         if r.estimator is not None:
@@ -419,17 +429,16 @@ def simulate(
     oracle: list[float] = []
     oracle_kinds: Counter[str] = Counter()
     n = bundle.last_cut
-    for t in np.arange(0.0, link.duration, INTERVAL_S):
-        t = float(t)
+    for request, t in enumerate(np.arange(0.0, link.duration, INTERVAL_S).tolist()):
         rtt = RTT_S * math.exp(RTT_JITTER * rng.standard_normal())
-        _, _, ends = world.realize(allowed, t, rtt)
-        realized = np.where(allowed == world.local, world.device_s[world.local], ends - t)
+        realized = world.latencies(allowed, t, rtt, request)
         best = int(np.argmin(realized))
         oracle.append(float(realized[best]))
         oracle_kinds[kind_of(int(world.model.cut[allowed[best]]), n)] += 1
-        latency, row = world.causal(causal.policy, t, rtt, hedged=True)
+        latency, row = world.causal(causal.policy, t, rtt, hedged=True, request=request)
         causal.latencies.append(latency)
         causal.kinds[kind_of(int(world.model.cut[row]), n)] += 1
+        causal.exited += world.exited(request, row)
         for name, r in runners.items():
             r.catch_up(t, log if name == "adaptive" else None)
             est = r.estimator.estimates(now=t) if r.estimator is not None else DUMMY
@@ -437,7 +446,10 @@ def simulate(
             r.explored += d.explored
             row = world.row(d.cut, d.codec)
             r.kinds[kind_of(d.cut, n)] += 1
-            if d.cut == n:
+            if world.exited(request, row):  # answered on the device: nothing sent, nothing observed
+                r.latencies.append(float(world.exit_s[row]))
+                r.exited += 1
+            elif d.cut == n:
                 r.latencies.append(float(world.device_s[row]))
                 if r.estimator is not None:
                     r.push(t + float(world.device_s[row]), "head", (n, float(world.device_s[row])))
@@ -887,6 +899,7 @@ def run_set(
     kinds: dict[str, Counter[str]] = {p: Counter() for p in (*POLICIES, *REFERENCES)}
     ratios: dict[str, list[float]] = {p: [] for p in (*POLICIES, "causal")}
     hedges: dict[str, int] = {p: 0 for p in HEDGED}
+    exited: Counter[str] = Counter()
     probes = explored = 0
     logs = []
     at_local: dict[str, list[bool]] = {"adaptive": [], "oracle": []}
@@ -908,6 +921,7 @@ def run_set(
         for name, r in runners.items():
             lat[name] += r.latencies
             kinds[name] += r.kinds
+            exited[name] += r.exited
             ratios[name].append(statistics.mean(r.latencies) / statistics.mean(oracle))
         for name in HEDGED:
             hedges[name] += runners[name].hedges
@@ -924,6 +938,8 @@ def run_set(
         "kinds": kinds,
         "per_trace": ratios,
         "hedges": hedges,
+        #: Per policy, the share of its requests an early exit answered (0 without exits).
+        "exited": {name: exited[name] / len(lat[name]) for name in exited},
         "probes": probes,
         "explored": explored,
         "n_traces": len(links),
@@ -1216,7 +1232,14 @@ def trace_set_section(
         f"on the traces of {args.static_from.name}/ at the median device). static-hindsight = cut {hk} "
         f"with {hc}: tuned the same way on this very set (no deployment has it).{fleet} Hedged requests: "
         + ", ".join(f"{p} {n} ({n / len(lat[p]):.1%})" for p, n in res["hedges"].items())
-        + ".",
+        + "."
+        + (
+            " Answered by an early exit on the device: "
+            + ", ".join(f"{p} {x:.1%}" for p, x in res["exited"].items())
+            + "."
+            if any(res["exited"].values())
+            else ""
+        ),
         "",
         "| policy | mean ms | p95 ms | mean / oracle | adaptive mean / this | adaptive p95 / this | "
         "local / split / cloud |",

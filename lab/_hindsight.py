@@ -22,16 +22,28 @@ A transfer of ``B`` bits started at ``t`` ends when the trace's cumulative capac
 reaches ``B`` (uplink and downlink alike, as :class:`splitinfer.netem.LinkEmulator` with one
 trace shapes them); device work is the profile's head and encode times the slowdown, cloud work
 the profile's decode and tail times ``cloud_slowdown``, plus ``queue_s`` of queueing.
+
+*Early exits* (docs/learning.md). A candidate whose cut has an exit on its way (the cost
+model's ``exit_cut``) runs, as the edge does, the head to the exit and the exit's head; request
+number ``request`` is then answered there, on the device, at ``(head(exit) + exit head) *
+slowdown``, or goes on, paying the exit head beside the candidate's own path. Whether it
+answers is the request's own, the same for every policy: with ``exit_outcomes`` (per exit cut,
+whether each of a set of real held-out inputs exits), request ``j`` replays input ``j mod n``;
+otherwise a uniform draw per request (seeded by ``exit_seed``) falls below the exit's rate. The
+methods that take ``request`` price that; without it (or without exits) they price the path
+that goes on, as before.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from splitinfer.errors import ConfigError
 from splitinfer.netem import BandwidthTrace
 from splitinfer.partitioner import Estimates, TablePolicy, hedge_after
 
@@ -112,6 +124,8 @@ class World:
         *,
         queue_s: float = 0.002,
         cloud_slowdown: float = 1.0,
+        exit_outcomes: Mapping[int, Sequence[bool]] | None = None,
+        exit_seed: int = 0,
     ):
         m = policy.model
         self.model = m
@@ -120,16 +134,52 @@ class World:
         self.rng = rng
         self.queue_s = queue_s
         self.cloud_slowdown = cloud_slowdown
-        self.device_s = m.features[:, 0] * ds
-        self.cloud_s = m.features[:, 1] * cloud_slowdown
+        #: Per row, the device's seconds on the path that goes on (the exit head tried on the way
+        #: included) and the cloud's: not the cost model's features, which mix in the exits.
+        self.device_s = (m.head + m.encode + m.exit_time) * ds
+        self.cloud_s = (m.decode + m.tail) * cloud_slowdown
         self.bits = np.nan_to_num(m.bytes) * 8
         self.response_bits = m.response_bytes * 8
         self.rows = {(int(m.cut[i]), m.codec(i)): i for i in range(len(m))}
         self.local = m.local
         self.head = m.head * ds
+        #: Per row, its exit's cut (-1: none) and the seconds of a request answered there.
+        self.exit_cut = m.exit_cut
+        self.exit_s = (m.exit_head + m.exit_time) * ds
+        self._rates = {int(e): float(r) for e, r in zip(m.exit_cut, m.exit_rate) if e >= 0}
+        self._outcomes = {int(k): np.asarray(v, dtype=bool) for k, v in (exit_outcomes or {}).items()}
+        for k, v in self._outcomes.items():
+            if v.ndim != 1 or not v.size:
+                raise ConfigError(f"exit_outcomes[{k}] must be a non-empty sequence of booleans")
+        self._exit_rng = np.random.default_rng(exit_seed)
+        self._draws = np.empty(0)
 
     def row(self, cut: int, codec: str) -> int:
         return self.local if cut == self.model.n else self.rows[(cut, codec)]
+
+    def exited(self, request: int, row: int) -> bool:
+        """Whether request number ``request`` is answered by the early exit on candidate
+        ``row``'s way (False where the row has none)."""
+        return bool(self.exits(request, np.array([row]))[0])
+
+    def exits(self, request: int, rows: np.ndarray) -> np.ndarray:
+        """Per row of ``rows``, whether request number ``request`` is answered by its early exit."""
+        cuts = self.exit_cut[rows]
+        out = np.zeros(len(cuts), dtype=bool)
+        for e in np.unique(cuts[cuts >= 0]).tolist():
+            outcomes = self._outcomes.get(e)
+            if outcomes is not None:
+                answers = bool(outcomes[request % len(outcomes)])
+            else:
+                answers = bool(self._draw(request) < self._rates[e])
+            out[cuts == e] = answers
+        return out
+
+    def _draw(self, request: int) -> float:
+        """Request ``request``'s uniform draw: the same whichever order requests are asked for."""
+        while request >= len(self._draws):
+            self._draws = np.append(self._draws, self._exit_rng.random(max(1024, len(self._draws))))
+        return float(self._draws[request])
 
     def realize(self, row: int | np.ndarray, t: float, rtt: float) -> tuple[Any, Any, Any]:
         """(start of upload, first answer byte, end) of candidate(s) ``row`` arriving at ``t``."""
@@ -139,10 +189,14 @@ class World:
         end = self.link.done(first, self.response_bits)
         return start, first, end
 
-    def latencies(self, rows: np.ndarray, t: float, rtt: float) -> np.ndarray:
-        """Realized latency of each candidate in ``rows`` for a request arriving at ``t``."""
+    def latencies(self, rows: np.ndarray, t: float, rtt: float, request: int | None = None) -> np.ndarray:
+        """Realized latency of each candidate in ``rows`` for a request arriving at ``t`` (request
+        number ``request``: answered at an exit where its exit answers it)."""
         _, _, ends = self.realize(rows, t, rtt)
-        return np.where(rows == self.local, self.device_s[self.local], ends - t)
+        went_on = np.where(rows == self.local, self.device_s[self.local], ends - t)
+        if request is None or not self._rates:
+            return went_on
+        return np.where(self.exits(request, rows), self.exit_s[rows], went_on)
 
     def truth(self, t: float, rtt: float) -> Estimates:
         """What is true at ``t`` and known then: the link's rate now (both ways), the round trip,
@@ -157,13 +211,18 @@ class World:
             cloud_slowdown=self.cloud_slowdown,
         )
 
-    def causal(self, policy: TablePolicy, t: float, rtt: float, *, hedged: bool = False) -> tuple[float, int]:
+    def causal(
+        self, policy: TablePolicy, t: float, rtt: float, *, hedged: bool = False, request: int | None = None
+    ) -> tuple[float, int]:
         """The causal reference: ``policy`` deciding on :meth:`truth` at ``t`` (build it with
         ``explore=0``), and the realized latency of its choice, and its row. ``hedged``: the
-        request finishes on the device once overdue, as a hedging edge's does."""
+        request finishes on the device once overdue, as a hedging edge's does; ``request``: its
+        number, answered at the exit on the way where that exit answers it."""
         est = self.truth(t, rtt)
         d = policy.decide(est)
         row = self.row(d.cut, d.codec)
+        if request is not None and self.exited(request, row):
+            return float(self.exit_s[row]), row
         if row == self.local:
             return float(self.device_s[row]), row
         _, _, end = self.realize(row, t, rtt)
@@ -177,9 +236,12 @@ class World:
             latency = min(latency, local)
         return latency, row
 
-    def oracle(self, allowed: np.ndarray, t: float, rtt: float) -> tuple[float, int]:
-        """The least realized latency among ``allowed`` rows at ``t``, and its row."""
-        realized = self.latencies(allowed, t, rtt)
+    def oracle(
+        self, allowed: np.ndarray, t: float, rtt: float, request: int | None = None
+    ) -> tuple[float, int]:
+        """The least realized latency among ``allowed`` rows at ``t`` (of request number
+        ``request``, see :meth:`latencies`), and its row."""
+        realized = self.latencies(allowed, t, rtt, request)
         best = int(np.argmin(realized))
         return float(realized[best]), int(allowed[best])
 

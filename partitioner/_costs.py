@@ -53,7 +53,7 @@ from splitinfer.errors import ConfigError
 from splitinfer.manifest import Manifest
 from splitinfer.partitioner._estimate import Estimates
 from splitinfer.partitioner._intervals import DEFAULT_CONFIDENCE, drop_interval, row_bounds
-from splitinfer.partitioner._profiles import pick_profile, runtime_of, segment_medians
+from splitinfer.partitioner._profiles import exit_times, pick_profile, runtime_of, segment_medians
 
 __all__ = [
     "FEATURES",
@@ -244,9 +244,12 @@ class CostModel:
         self.cloud_batch = cloud_batch
         #: Per row, the early exit the edge tries on the way (the deepest offered at or before
         #: its cut; -1 for none), the share of requests it answers (measured on held-out
-        #: inputs) and the head's time to it: the expected cost mixes answering there with
-        #: going on (:func:`exit_mix`; docs/learning.md). All zero without exits.
-        self.exit_cut, self.exit_rate, self.exit_head = exit_mix(bundle, self.cut, head_k)
+        #: inputs), the head's time to it and the exit head's own time (the profile's, 0 where
+        #: it has none): the expected cost mixes answering there with going on, and both pay
+        #: the exit head (:func:`exit_mix`; docs/learning.md). All zero without exits.
+        self.exit_cut, self.exit_rate, self.exit_head, self.exit_time = exit_mix(
+            bundle, self.cut, head_k, {} if picked is None else exit_times(bundle, picked[0], prof)
+        )
         #: One row per candidate, columns :data:`FEATURES` (NaN bytes count as 0 here: such a
         #: candidate is never feasible, see :meth:`feasible`).
         self.features = self._features()
@@ -266,13 +269,19 @@ class CostModel:
     def _mixed(self, columns: np.ndarray, device: int) -> np.ndarray:
         """``columns`` (one row per candidate, linear in the estimates) priced with the rows'
         early exits: ``rate * (head to the exit)`` in column ``device`` plus ``(1 - rate)`` of
-        going on. Unchanged where a row has no exit."""
+        going on, plus the exit head's own time (run whether it answers or not). Unchanged
+        where a row has no exit."""
         rate = getattr(self, "exit_rate", None)
-        if rate is None or not rate.any():
+        if rate is None or not (rate.any() or self.exit_time.any()):
             return columns
         mixed = columns * (1.0 - rate)[:, None]
-        mixed[:, device] += rate * self.exit_head
+        mixed[:, device] += self._exit_device()
         return mixed
+
+    def _exit_device(self) -> np.ndarray:
+        """Per row, the device seconds (profiled) its exit adds to the mix beside ``(1 - rate)``
+        of going on: ``rate * head(exit) + exit head`` (0 where the row has no exit)."""
+        return self.exit_rate * self.exit_head + self.exit_time
 
     def for_tasks(self, others: Sequence[Manifest], shared_cut: int) -> CostModel:
         """A new cost model, over this one's rows, pricing one upload answered by this model
@@ -305,7 +314,8 @@ class CostModel:
         model.head_by_cut = _frozen(by_cut)
         model.response_bytes = self.response_bytes + sum(m.response_bytes for m in priced)
         none = _frozen(np.zeros(len(self)))  # an exit answers for one model, not for tasks
-        model.exit_cut, model.exit_rate, model.exit_head = _frozen(np.full(len(self), -1)), none, none
+        model.exit_cut, model.exit_rate = _frozen(np.full(len(self), -1)), none
+        model.exit_head, model.exit_time = none, none
         model.features = model._features()
         return model
 
@@ -480,15 +490,18 @@ class CostModel:
                 sent * self.response_bytes * 8.0 / est.downlink_bps,
             ]
         )
-        if self.exit_rate.any():
+        if self.exit_rate.any() or self.exit_time.any():
             matrix = self._mixed(matrix, 0)
-            matrix[:, 0] += self.exit_rate * self.exit_head * (est.device_slowdown - 1.0)
+            matrix[:, 0] += self._exit_device() * (est.device_slowdown - 1.0)
         return matrix
 
 
-def exit_mix(bundle: Manifest, cuts: np.ndarray, head_k: np.ndarray) -> tuple[np.ndarray, ...]:
+def exit_mix(
+    bundle: Manifest, cuts: np.ndarray, head_k: np.ndarray, times: Mapping[int, float] | None = None
+) -> tuple[np.ndarray, ...]:
     """Per row (at ``cuts``): the cut of the deepest offered early exit at or before it (-1:
-    none), its exit rate and the profiled head time to it (0 where none or unprofiled)."""
+    none), its exit rate, the profiled head time to it and the exit head's own time (``times``
+    by cut, a profile's :func:`~._profiles.exit_times`; 0 where none or unprofiled)."""
     offered = sorted(
         (int(e["cut"]), float(e.get("exit_rate") or 0.0))
         for e in getattr(bundle, "exits", None) or []
@@ -497,12 +510,14 @@ def exit_mix(bundle: Manifest, cuts: np.ndarray, head_k: np.ndarray) -> tuple[np
     exit_cut = np.full(len(cuts), -1, dtype=np.int64)
     rate = np.zeros(len(cuts))
     head = np.zeros(len(cuts))
+    own = np.zeros(len(cuts))
     for e, r in offered:
         at = cuts >= e
         exit_cut[at] = e
         rate[at] = r
         head[at] = head_k[e] if math.isfinite(head_k[e]) else 0.0
-    return _frozen(exit_cut), _frozen(rate), _frozen(head)
+        own[at] = float((times or {}).get(e, 0.0))
+    return _frozen(exit_cut), _frozen(rate), _frozen(head), _frozen(own)
 
 
 def latency_weights(est: Estimates) -> np.ndarray:

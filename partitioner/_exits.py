@@ -82,7 +82,10 @@ class ExitHead(nn.Module):
         return self.from_pooled(x)
 
     def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
-        y = self.classifier(self.norm(pooled))
+        return self.from_features(self.classifier(self.norm(pooled)))
+
+    def from_features(self, y: torch.Tensor) -> torch.Tensor:
+        """The logits from the two layers' output: through the model's own segments, if any."""
         if len(self.tail):
             frontier: Any = (y,)
             for segment in self.tail:
@@ -211,10 +214,17 @@ def train_exits(
     options: Training,
     budget: float,
     confidence: float,
+    *,
+    feature_weight: float = 0.0,
 ) -> tuple[list[dict[str, Any]], dict[int, ExitHead]]:
     """Exit heads at ``cuts`` (None: :func:`pick_exits`) trained on ``training`` and calibrated
     on ``held_out``: the manifest's ``exits`` entries and the trained heads by cut (every one;
-    compile keeps those with a threshold)."""
+    compile keeps those with a threshold).
+
+    ``feature_weight`` > 0 (an experiment, measured by ``benchmarks/bench_learned.py
+    --feature-weight``; compile leaves it 0) adds, for heads that hand over to the model's own
+    classifier at a feature cut, the mean squared error of their features against the
+    teacher's there (over the teacher features' variance) times that weight to the loss."""
     reason = output_refusal(bundle)
     if reason:
         if cuts:
@@ -231,20 +241,28 @@ def train_exits(
             "no early exits for %r: no cut's frontier is one N x C x H x W or N x C tensor", bundle.name
         )
         return [], {}
+    at = feature_cut(bundle, min(chosen)) if feature_weight > 0 else None
     (*pooled, logits), views = teacher_views(
-        training, _pooled_runner(bundle, chosen), options, label="exit views"
+        training, _pooled_runner(bundle, chosen, at), options, label="exit views"
     )
+    features = pooled.pop() if at is not None else None
     classes = int(logits.shape[1])
     heads = nn.ModuleDict(
         {str(k): _new_head(bundle, k, int(p.shape[1]), classes) for k, p in zip(chosen, pooled)}
     )
     target = torch.log_softmax(logits.float(), dim=1)
+    scale = float(features.var()) if features is not None else 1.0
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(())
         for k, p in zip(chosen, pooled):
-            out = torch.log_softmax(_head(heads, k).from_pooled(p[idx].float()), dim=1)
+            head = _head(heads, k)
+            y = head.classifier(head.norm(p[idx].float()))
+            out = torch.log_softmax(head.from_features(y), dim=1)
             total = total + nn.functional.kl_div(out, target[idx], log_target=True, reduction="batchmean")
+            if features is not None and len(head.tail) and feature_cut(bundle, k) == at:
+                mse = nn.functional.mse_loss(y, features[idx])
+                total = total + feature_weight * mse / max(scale, 1e-12)
         return total
 
     record = fit(heads, loss_of, int(logits.shape[0]), options, label="exit heads")
@@ -315,18 +333,21 @@ def _head(heads: nn.ModuleDict, k: int) -> ExitHead:
     return head
 
 
-def _pooled_runner(bundle: Any, cuts: Sequence[int]) -> Any:
-    """A function of a batch of inputs: the pooled frontier at each of ``cuts`` and the logits."""
+def _pooled_runner(bundle: Any, cuts: Sequence[int], features_at: int | None = None) -> Any:
+    """A function of a batch of inputs: the pooled frontier at each of ``cuts``, the frontier at
+    ``features_at`` (when given) and the logits."""
     wanted = set(cuts)
 
     def run(inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         frontier: tuple[torch.Tensor, ...] = bundle.flatten_inputs(inputs)
-        kept = []
+        kept, features = [], []
         for i, segment in enumerate(bundle.segments):
             if i in wanted:
                 t = frontier[0]
                 kept.append(t.float().mean(dim=(2, 3)) if t.dim() == 4 else t.float())
+            if i == features_at:
+                features.append(frontier[0].float())
             frontier = tuple(segment(*frontier))
-        return [*kept, frontier[0].float()]
+        return [*kept, *features, frontier[0].float()]
 
     return run

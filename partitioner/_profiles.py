@@ -20,7 +20,7 @@ import numpy as np
 from splitinfer.errors import ConfigError
 from splitinfer.manifest import Manifest
 
-__all__ = ["chain_times", "pick_profile", "runtime_of", "segment_medians"]
+__all__ = ["chain_times", "exit_times", "pick_profile", "runtime_of", "segment_medians"]
 
 
 def pick_profile(bundle: Manifest, name: str | None) -> tuple[str, dict[str, Any]] | None:
@@ -71,6 +71,29 @@ def segment_medians(
             f"profile the bundle again"
         )
     return times
+
+
+def exit_times(bundle: Manifest, name: str, profile: Mapping[str, Any], batch: int = 1) -> dict[int, float]:
+    """Profile ``name``'s time of each early exit's head at ``batch`` (seconds, by cut; torch's:
+    the exit heads are timed on torch). Empty for a profile without them (taken before the exit
+    heads were profiled, or of a bundle without exits): such exits are priced at 0 s, the head's
+    time to the exit alone. ConfigError if malformed."""
+    times = (profile.get("exits") or {}).get(str(batch)) or {}
+    if not isinstance(times, Mapping):
+        raise ConfigError(
+            f"profile {name!r} of bundle {bundle.name!r} has malformed exit times at batch {batch}; "
+            "profile the bundle again"
+        )
+    out = {}
+    for cut, seconds in times.items():
+        value = float(seconds) if isinstance(seconds, int | float) else float("nan")
+        if not np.isfinite(value) or value < 0:
+            raise ConfigError(
+                f"profile {name!r} of bundle {bundle.name!r} must give a finite, non-negative time "
+                f"for the exit at cut {cut}, got {seconds!r}; profile the bundle again"
+            )
+        out[int(cut)] = value
+    return out
 
 
 def chain_times(

@@ -9,6 +9,7 @@ transformer's cost; integer inputs are zeros) and returns one profile in the man
      "segments": {"1": {"median_s": [...], "p90_s": [...]}, "8": {...}},
      "codecs": [{"cut": k, "codec": spec, "encode_s": s, "decode_s": s, "bytes": float}, ...],
      "response_bytes": float,
+     "exits": {"1": {"<cut>": s, ...}, "8": {...}},
      "runtimes": {"onnxruntime": {"threads": int | None, "segments": {"1": {...}, "8": {...}}}}}
 
 ``segments`` are torch's times (the bundle's fused fx chain in eager). When the bundle has an
@@ -50,7 +51,12 @@ measure. Codec rows: median encode and decode seconds, bound to the bundle's cal
 bytes, measured on real inputs, take precedence in the cost model). A spec that
 :func:`~splitinfer.compression.get_codec` refuses is skipped with a warning; a codec that does
 not apply at a cut (``jpeg`` beyond cut 0) is skipped silently. ``response_bytes`` is the
-model's outputs encoded with ``f32`` at batch 1.
+model's outputs encoded with ``f32`` at batch 1. ``exits`` (only where the bundle has early
+exits that may answer, loaded) is each exit head's time at every batch size, by cut: the call
+the edge makes (``Bundle.run_exit``: the head on the frontier at its cut and its confidence),
+timed in the same rounds as the segments, on torch (the cost model prices the ONNX Runtime
+edge's exits with these too). A profile without ``exits`` (taken before issue 32's exits were
+profiled) prices each exit head at 0 s.
 
 A busy machine makes a profile lie (a model that runs in 0.7 ms profiled at 98 ms; a 71 us
 convolution stored as 0.94 us, a 165 us one as 1575 us): the profile records ``spread``
@@ -260,6 +266,8 @@ def _measure(
     spread = 1.0
     notes: list[Suspect] = []
     rounds: dict[str, int] = {}
+    exit_cuts = [int(e["cut"]) for e in bundle.exits if bundle.exit_at(int(e["cut"])) is not None]
+    exits: dict[str, dict[str, float]] = {}
     clock_name, clock = clock_for(torch.get_num_threads())
     with Progress(len(sizes), f"profile {bundle.name}", enabled=progress) as bar, torch.inference_mode():
         for batch in sizes:
@@ -269,9 +277,17 @@ def _measure(
                 frontiers.append(bundle.run_segments(i, i + 1, frontiers[i]))
             seg_fns = [partial(bundle.run_segments, i, i + 1, frontiers[i]) for i in range(n)]
             codec_fns, nbytes = _codec_fns(bundle, frontiers[:n], specs) if batch == 1 else ({}, {})
+            exit_fns = {(EXIT, k): partial(bundle.run_exit, k, frontiers[k]) for k in exit_cuts}
             timing = _time_chain(
-                partial(bundle.run_segments, 0, n, x), seg_fns, codec_fns, repeats, warmup, clock
+                partial(bundle.run_segments, 0, n, x),
+                seg_fns,
+                {**codec_fns, **exit_fns},
+                repeats,
+                warmup,
+                clock,
             )
+            if exit_cuts:
+                exits[str(batch)] = {str(k): typical(timing.extra[(EXIT, k)]) for k in exit_cuts}
             rounds[str(batch)] = timing.rounds
             if batch == sizes[0]:
                 spread = max(timing.chain) / max(min(timing.chain), 1e-9)
@@ -303,7 +319,12 @@ def _measure(
         "segments": segments,
         "codecs": rows,
         "response_bytes": response_bytes,
+        **({"exits": exits} if exits else {}),
     }
+
+
+#: The key of an early exit's head among the calls timed beside the chain.
+EXIT = "exit"
 
 
 def _names(bundle: Bundle) -> list[str]:

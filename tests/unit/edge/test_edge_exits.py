@@ -14,8 +14,9 @@ from torch import nn
 
 import splitinfer as si
 from splitinfer.edge import EdgeClient, InProcessTransport
+from splitinfer.errors import ConfigError
 from splitinfer.partitioner import Estimates, make_policy
-from splitinfer.partitioner._costs import CostModel
+from splitinfer.partitioner._costs import CostModel, latency_weights
 from tests.unit.edge.test_pipeline import cloud, infers
 
 LINK = Estimates(uplink_bps=1e8, downlink_bps=1e8, rtt_s=0.001)
@@ -134,10 +135,14 @@ def test_the_policy_prices_an_exit_by_its_rate(bundle):
     assert (base.exit_cut == -1).all() and not base.exit_rate.any()
     local = priced.local
     head_e = float(base.head[int(np.flatnonzero(base.cut == e)[0])])
+    own = float(b.profiles["host"]["exits"]["1"][str(e)])  # the exit head's profiled time
+    assert priced.exit_time[local] == own > 0
     slow = Estimates(uplink_bps=1e8, downlink_bps=1e8, rtt_s=0.001, device_slowdown=3.0)
     for est in (LINK, slow):
-        want = rate * head_e * est.device_slowdown + (1 - rate) * float(base.stage_matrix(est)[local].sum())
+        going_on = float(base.stage_matrix(est)[local].sum())
+        want = (rate * head_e + own) * est.device_slowdown + (1 - rate) * going_on
         assert float(priced.stage_matrix(est)[local].sum()) == pytest.approx(want)
+        assert float(priced.features[local] @ latency_weights(est)) == pytest.approx(want)
     early = np.flatnonzero(priced.cut < e)
     assert (priced.stage_matrix(LINK)[early] == base.stage_matrix(LINK)[early]).all()
     decision = make_policy("local", b).decide(LINK)
@@ -147,3 +152,24 @@ def test_the_policy_prices_an_exit_by_its_rate(bundle):
         f"early exit at cut {e} on the way: it answers 50.0%"
         in make_policy("local", b).explain(LINK).format()
     )
+
+
+def test_the_profile_times_each_exit_head_and_old_profiles_still_load(bundle):
+    answering = [e["cut"] for e in bundle.exits if e["threshold"] is not None]
+    times = bundle.profiles["host"]["exits"]
+    assert set(times) == {"1", "8"}  # the batch sizes the segments are timed at
+    for batch in times.values():
+        assert sorted(int(k) for k in batch) == sorted(answering) and all(t > 0 for t in batch.values())
+    b = _with_threshold(bundle, 0.5)
+    old = copy.copy(b)
+    old.profiles = {"host": {k: v for k, v in b.profiles["host"].items() if k != "exits"}}
+    before, now = CostModel(old), CostModel(b)
+    assert not before.exit_time.any() and before.exit_rate.any()  # priced at 0 s, as before issue 32
+    assert (now.exit_time[now.exit_cut >= 0] > 0).all()
+    assert float(now.stage_matrix(LINK)[now.local].sum()) > float(
+        before.stage_matrix(LINK)[before.local].sum()
+    )
+    bad = copy.copy(b)
+    bad.profiles = {"host": {**b.profiles["host"], "exits": {"1": {str(b.exits[0]["cut"]): -1.0}}}}
+    with pytest.raises(ConfigError, match="exit at cut"):
+        CostModel(bad)

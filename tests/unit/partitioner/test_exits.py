@@ -230,3 +230,27 @@ def test_a_head_classifies_directly_where_no_feature_cut_follows(with_exits):
     assert feature_cut(bundle, 1) == last_vector and feature_cut(bundle, last_vector) is None
     head = ExitHead(16, 6)
     assert head(torch.randn(3, 16, 4, 4)).shape == (3, 6) and not len(head.tail)
+
+
+def test_matching_the_teachers_features_brings_the_heads_features_nearer(with_exits):
+    from splitinfer.partitioner._exits import _pooled_runner, train_exits
+
+    _, _, bundle = with_exits
+    k = bundle.exits[0]["cut"]
+    at = feature_cut(bundle, k)
+    assert at is not None
+    training, held = _rows(96, 1), _rows(32, 2)
+    batch = torch.cat([r[0] for r in held])
+    with torch.no_grad():
+        pooled, teacher, _ = _pooled_runner(bundle, [k], at)((batch,))
+
+    def error(weight: float) -> float:
+        options = Training(steps=150, views=1, seed=3)
+        _, heads = train_exits(
+            bundle, training, held, "calibration", [k], options, 0.6, 0.8, feature_weight=weight
+        )
+        with torch.no_grad():
+            got = heads[k].classifier(heads[k].norm(pooled))
+        return float(((got - teacher) ** 2).mean())
+
+    assert error(1.0) < error(0.0)
