@@ -145,7 +145,10 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--bundle", type=Path, required=True, help="a profiled bundle's folder (its manifest)"
+        "--bundle",
+        type=Path,
+        help="a profiled bundle's folder (its manifest); default: the demo's EfficientNet-Lite0 "
+        "bundle, compiled and profiled once (cached as `make demo` caches it)",
     )
     parser.add_argument("--traces", type=Path, default=DEFAULT_TRACES, help="a folder of trace sets")
     parser.add_argument("--limit", type=int, default=12, help="traces per set")
@@ -174,6 +177,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.wrong_profile <= 0:
         parser.error("--wrong-profile must be > 0")
+    if args.bundle is None:  # `make bench` runs every benchmark without arguments
+        from bench_policy import demo_bundle
+
+        args.bundle = demo_bundle([])
     if args.live:
         if args.live_requests <= args.after:
             parser.error(f"--live-requests must be above --after ({args.after}): those are not counted")
