@@ -37,11 +37,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from splitinfer.compression import _ans
 from splitinfer.compression._blob import check_entry, check_size, read_data, read_header, write_blob
+from splitinfer.compression._codes import decode_codes, encode_codes, wire_of_codes
 from splitinfer.compression._floats import FLOATS
 from splitinfer.compression._frontier import Decoded
-from splitinfer.compression._pack import pack_bits, packed_nbytes, unpack_bits
 from splitinfer.errors import CodecError
 
 __all__ = ["BottleneckCore", "TrainedBottleneck"]
@@ -157,17 +156,9 @@ class BottleneckCore:
                 raise CodecError(f"bottleneck {b.id}'s encoder gave {raw.shape}, expected {code_shape}")
             with np.errstate(invalid="ignore"):
                 codes = np.clip(np.nan_to_num(np.rint(raw)), 0, b.levels - 1).astype(np.uint8)
-        entry: list[object] = [name, list(a.shape), b.id, list(code_shape), self.bits]
-        chunks: list[bytes | np.ndarray] = []
-        if not self.ans:
-            chunks.append(pack_bits(codes.reshape(-1), self.bits))
-        elif codes.size == 0:
-            entry += [b"", 0]
-        else:
-            groups = codes.reshape(n, b.latent, -1).transpose(1, 0, 2).reshape(b.latent, -1)
-            tables, words = _ans.encode_ranged(groups, self.spec)
-            entry += [tables, int(words.size)]
-            chunks.append(words)
+        groups = codes.reshape(n, b.latent, math.prod(b.code[1:]))
+        fields, chunks = encode_codes(groups, self.bits, self.ans, self.spec)
+        entry = [name, list(a.shape), b.id, list(code_shape), self.bits, *fields]
         return write_blob(self.spec, [entry], chunks, self.zstd_level)
 
     def _check(
@@ -212,30 +203,15 @@ class BottleneckCore:
         name, shape, fields, raw_nbytes, offset = self._check(view, max_nbytes)
         n = shape[0]
         numel = n * math.prod(b.code)
-        tables = None
-        if not self.ans:
-            wire = packed_nbytes(numel, self.bits)
-        else:
-            words = fields[4]
-            if not isinstance(words, int) or isinstance(words, bool) or words < 0:
-                raise CodecError("ans words must be a count >= 0")
-            if numel == 0:
-                if fields[3] != b"" or words:
-                    raise CodecError("an empty tensor has no ans tables and no words")
-            else:
-                tables = _ans.check_ranged(fields[3], b.latent, b.levels)
-            wire = 4 * words
+        groups = (n, b.latent, math.prod(b.code[1:]))
+        wire, tables = wire_of_codes(fields[3:], groups, self.bits, self.ans)
         # the limit is the decoded frontier's (what a server allows a request): the codes'
         # float32 copy for the decoder must fit it too, on its own
         check_size(wire, raw_nbytes, max(4 * math.prod(shape), 4 * numel), max_nbytes)
         data = read_data(view[offset:], wire, self.zstd_level is not None)
         if n == 0:
             return [(name, "float32", np.empty(shape, np.float32))]
-        if tables is not None:
-            groups = _ans.decode_ranged(tables, data, numel // b.latent, self.spec)
-            codes = groups.reshape(b.latent, n, -1).transpose(1, 0, 2)
-        else:
-            codes = unpack_bits(data, self.bits, numel)
+        codes = decode_codes(data, tables, groups, self.bits, self.spec)
         x = np.ascontiguousarray(codes.reshape(n, *b.code), np.float32)
         out = np.asarray(decoder(x))
         if out.shape != shape:

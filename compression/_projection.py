@@ -63,7 +63,6 @@ from typing import Any
 
 import numpy as np
 
-from splitinfer.compression import _ans
 from splitinfer.compression._blob import (
     check_entry,
     check_size,
@@ -72,9 +71,9 @@ from splitinfer.compression._blob import (
     read_header,
     write_blob,
 )
+from splitinfer.compression._codes import decode_codes, encode_codes, wire_of_codes
 from splitinfer.compression._floats import FLOATS
 from splitinfer.compression._frontier import Decoded, array_of, f32_floats
-from splitinfer.compression._pack import pack_bits, packed_nbytes, unpack_bits
 from splitinfer.compression._quant import quantize
 from splitinfer.errors import CodecError
 
@@ -296,16 +295,8 @@ class ProjectionCore:
             if coeffs.size and not math.isfinite(float(coeffs.sum(dtype=np.float64))):
                 coeffs = np.nan_to_num(coeffs, nan=0.0, posinf=_F32_MAX, neginf=-_F32_MAX)
         codes = quantize(coeffs, start, np.full(r, delta, np.float32), levels)
-        entry: list[object] = [name, list(a.shape), p.id, start.astype("<f4").tobytes(), delta.tobytes()]
-        chunks: list[bytes | np.ndarray] = []
-        if not self.ans:
-            chunks.append(pack_bits(codes.reshape(-1), self.bits))
-        elif codes.size == 0:
-            entry += [b"", 0]
-        else:
-            tables, words = _ans.encode_ranged(codes.transpose(1, 0, 2).reshape(r, -1), self.spec)
-            entry += [tables, int(words.size)]
-            chunks.append(words)
+        fields, chunks = encode_codes(codes, self.bits, self.ans, self.spec)
+        entry = [name, list(a.shape), p.id, start.astype("<f4").tobytes(), delta.tobytes(), *fields]
         return write_blob(self.spec, [entry], chunks, self.zstd_level)
 
     def _decode(self, view: memoryview, max_nbytes: int) -> list[Decoded]:
@@ -333,31 +324,14 @@ class ProjectionCore:
         if not delta >= 0 or r * top + float(np.abs(p.mean).max()) > _DECODE_LIMIT:
             raise CodecError("delta must be >= 0 and every decoded value a finite float32")
         n, rest = shape[0], math.prod(shape[2:])
-        numel = n * r * rest
-        tables = None
-        if not self.ans:
-            wire = packed_nbytes(numel, self.bits)
-        else:
-            words = fields[4]
-            if not isinstance(words, int) or isinstance(words, bool) or words < 0:
-                raise CodecError("ans words must be a count >= 0")
-            if numel == 0:
-                if fields[3] != b"" or words:
-                    raise CodecError("an empty tensor has no ans tables and no words")
-            else:
-                tables = _ans.check_ranged(fields[3], r, levels)
-            wire = 4 * words
+        wire, tables = wire_of_codes(fields[3:], (n, r, rest), self.bits, self.ans)
         # the limit is the decoded frontier's (what a server allows a request, its frontier's
         # bytes): the coefficients' float32 copy must fit it too, on its own
-        check_size(wire, raw_nbytes, max(4 * math.prod(shape), 4 * numel), max_nbytes)
+        check_size(wire, raw_nbytes, max(4 * math.prod(shape), 4 * n * r * rest), max_nbytes)
         data = read_data(view[offset:], wire, self.zstd_level is not None)
         if math.prod(shape) == 0:
             return [(name, "float32", np.empty(shape, np.float32))]
-        if tables is not None:
-            codes = _ans.decode_ranged(tables, data, n * rest, self.spec)
-            codes3 = codes.reshape(r, n, rest).transpose(1, 0, 2)
-        else:
-            codes3 = unpack_bits(data, self.bits, numel).reshape(n, r, rest)
+        codes3 = decode_codes(data, tables, (n, r, rest), self.bits, self.spec)
         coeffs = np.multiply(codes3, delta, dtype=np.float32)
         coeffs += start.reshape(1, -1, 1)
         out = _matmul(p.components[:r].T, coeffs)  # (N, C, R)

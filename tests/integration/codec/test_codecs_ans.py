@@ -124,7 +124,8 @@ def test_hostile_ans_blobs_are_refused():
 
 def test_ans_is_refused_on_codecs_that_do_not_quantize():
     for spec in ("f16+ans", "jpeg90+ans", "f32+ans"):
-        with pytest.raises(CodecError, match=r"only q<bits>\[c\] and pca<r>q<bits> codecs take it"):
+        only = r"only q<bits>\[c\], pca<r>q<bits> and bn<latent>q<bits> codecs take it"
+        with pytest.raises(CodecError, match=only):
             get_codec(spec)
     with pytest.raises(CodecError, match="valid forms"):
         get_codec("q4c+ans+zstd1")
