@@ -306,4 +306,6 @@ def _assert_dashboard_and_adapter_queries_answer(prom: Prometheus) -> None:
     (rule,) = adapter_rules()
     promql = adapter_query(rule, "splitinfer_inflight_requests", 'job="splitinfer",instance!=""', "instance")
     (value,) = prom.series(promql)
-    assert float(value["value"][1]) == 0
+    # the minute's average of the in-flight gauge: 0 unless a scrape caught one of the requests
+    # in flight, and never above 1 (one edge client, one request at a time)
+    assert 0 <= float(value["value"][1]) <= 1, value
