@@ -213,6 +213,34 @@ ZOO = {
 }
 
 
+class TinyClassifier(nn.Module):
+    """Six classes over 3 x 8 x 8 images: untrained, yet its answers vary with the input (tanh
+    keeps the features centred; the logits scaled so that its softmax is confident). The early
+    exits' and the trained bottleneck's tests train on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(16, 16, 3, stride=2, padding=1),
+            nn.Tanh(),
+        )
+        self.fc = nn.Linear(16 * 2 * 2, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).flatten(1)) * 8
+
+
+def seeded_rows(n: int, seed: int, shape=(3, 8, 8)):
+    """``n`` seeded random inputs of ``shape``, one input tuple (batch 1) each."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(1, *shape, generator=gen),) for _ in range(n)]
+
+
 def batched(inputs, batch: int, seed: int = 1):
     """Fresh inputs like ``inputs`` at another batch size (token ids and masks stay valid)."""
     gen = torch.Generator().manual_seed(seed)

@@ -12,7 +12,8 @@ from splitinfer import protocol
 from splitinfer.compression import TrainedBottleneck, get_codec
 from splitinfer.tensors import specs_of
 from tests.support.cloud import outputs, post, problem_code, running
-from tests.unit.partitioner.test_exits import TinyClassifier, _rows
+from tests.support.zoo import TinyClassifier
+from tests.support.zoo import seeded_rows as _rows
 
 SPEC = "bn4q2+zstd1"
 

@@ -17,37 +17,16 @@ from splitinfer.edge import EdgeClient, InProcessTransport
 from splitinfer.errors import ConfigError
 from splitinfer.partitioner import Estimates, make_policy
 from splitinfer.partitioner._costs import CostModel, latency_weights
+from tests.support.zoo import TinyClassifier
+from tests.support.zoo import seeded_rows as _rows
 from tests.unit.edge.test_pipeline import cloud, infers
 
 LINK = Estimates(uplink_bps=1e8, downlink_bps=1e8, rtt_s=0.001)
 
 
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1),
-            nn.Tanh(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1),
-            nn.Tanh(),
-            nn.Conv2d(16, 16, 3, stride=2, padding=1),
-            nn.Tanh(),
-        )
-        self.fc = nn.Linear(64, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x).flatten(1)) * 8
-
-
-def _rows(n: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(1, 3, 8, 8, generator=gen),) for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
-    return Tiny().eval()
+    return TinyClassifier().eval()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ trains at ``bottleneck_cuts``, stores in the bundle, measures in the fidelity ta
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ from splitinfer.partitioner._bottleneck import (
     train_bottleneck,
 )
 from splitinfer.partitioner._learn import Training
-from tests.unit.partitioner.test_exits import TinyClassifier, _rows
+from tests.support.zoo import TinyClassifier
+from tests.support.zoo import seeded_rows as _rows
 
 
 def test_a_bottleneck_trains_with_the_model_frozen_and_sends_few_bytes():
@@ -142,8 +144,11 @@ def test_edge_encodes_and_cloud_decodes_from_the_saved_bundle(compiled, tmp_path
 def test_a_torch_free_edge_encodes_on_onnx_runtime(compiled, tmp_path):
     pytest.importorskip("onnxruntime")
     bundle, k, _ = compiled
-    if not bundle.onnx.get("file"):
-        pytest.skip("this install exports no ONNX")
+    if not bundle.onnx.get("file"):  # onnx/onnxscript missing: CI installs them, so it fails there
+        message = "this install exports no ONNX (pip install 'splitinfer[onnx]')"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     bundle.save(tmp_path / "b")
     edge = si.Bundle.load(tmp_path / "b", upto_cut=k, runtime="onnxruntime")
     cloud = si.Bundle.load(tmp_path / "b", from_cut=k)

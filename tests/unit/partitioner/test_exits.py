@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import splitinfer as si
 from splitinfer.errors import BundleError, ConfigError
@@ -21,34 +20,10 @@ from splitinfer.partitioner._exits import (
 )
 from splitinfer.partitioner._intervals import wilson
 from splitinfer.partitioner._learn import Training, augment_images
-from tests.support.zoo import mlp, multi_io, resnet
+from tests.support.zoo import TinyClassifier, mlp, multi_io, resnet
+from tests.support.zoo import seeded_rows as _rows
 
 TORCH_ONLY = ("torch",)
-
-
-class TinyClassifier(nn.Module):
-    """Untrained, yet its answers vary with the input (tanh keeps the features centred)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1),
-            nn.Tanh(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1),
-            nn.Tanh(),
-            nn.Conv2d(16, 16, 3, stride=2, padding=1),
-            nn.Tanh(),
-        )
-        self.fc = nn.Linear(16 * 2 * 2, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x).flatten(1)) * 8
-
-
-def _rows(n: int, seed: int, shape=(3, 8, 8)):
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(1, *shape, generator=gen),) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -140,19 +115,24 @@ def test_a_tampered_exit_head_is_refused(with_exits, tmp_path):
         si.Bundle.load(out)
 
 
-def test_an_exit_on_a_vector_frontier_at_a_named_cut():
+def _mlp_with_an_exit(runtimes):
+    """The zoo's MLP with an exit at cut 2, trained (seeded) to a lenient budget."""
     model, inputs = mlp()
-    bundle = si.compile(
+    return si.compile(
         model,
         inputs,
         name="mlp",
-        runtimes=TORCH_ONLY,
+        runtimes=runtimes,
         training=_rows(64, 4, (20,)),
         exits=[2],
         fidelity_budget=0.5,
         confidence=0.75,
         train_steps=60,
     )
+
+
+def test_an_exit_on_a_vector_frontier_at_a_named_cut():
+    bundle = _mlp_with_an_exit(TORCH_ONLY)
     (entry,) = bundle.exits
     assert entry["cut"] == 2 and entry["held_out_from"] == "training" and entry["samples"] == 16
     assert not entry["training"]["augmented"] and entry["training"]["views"] == 1
@@ -196,18 +176,7 @@ def test_augmentation_is_seeded_and_keeps_the_shape():
 
 def test_exit_heads_are_exported_to_onnx_and_run_without_torch_modules(tmp_path):
     pytest.importorskip("onnxruntime")
-    model, inputs = mlp()
-    bundle = si.compile(
-        model,
-        inputs,
-        name="mlp",
-        runtimes=("torch", "onnxruntime"),
-        training=_rows(64, 4, (20,)),
-        exits=[2],
-        fidelity_budget=0.5,
-        confidence=0.75,
-        train_steps=60,
-    )
+    bundle = _mlp_with_an_exit(("torch", "onnxruntime"))
     (entry,) = bundle.exits
     # seeded: the head distils well enough that a threshold meets the lenient budget
     assert entry["threshold"] is not None, entry
