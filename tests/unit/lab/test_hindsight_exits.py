@@ -14,7 +14,8 @@ import splitinfer as si
 from splitinfer.errors import ConfigError
 from splitinfer.lab._hindsight import Link, World
 from splitinfer.partitioner import make_policy
-from tests.unit.edge.test_edge_exits import Tiny, _rows
+from tests.support.zoo import TinyClassifier
+from tests.support.zoo import seeded_rows as _rows
 
 DS = 4.0
 RTT = 0.02
@@ -28,7 +29,7 @@ SEGMENT_S, EXIT_S = 1e-3, 1e-4
 @pytest.fixture(scope="module")
 def bundle() -> si.Bundle:
     b = si.compile(
-        Tiny().eval(),
+        TinyClassifier().eval(),
         (torch.randn(1, 3, 8, 8),),
         name="tiny",
         codecs=["f32"],
